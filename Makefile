@@ -1,0 +1,38 @@
+# `make demo`: set up from nothing and run a short SpFDE run on Fashion-MNIST.
+# `make test`: set up and run the test suite.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+OUT ?= runs/demo
+
+.PHONY: setup demo test lint bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned, so pip never resolves a multi-GB CUDA build here.
+	$(BIN)/python -m pip install -q "torch==2.13.0" || $(BIN)/python -m pip install -q "torch>=2.2"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+data: $(STAMP)
+	$(BIN)/spfde data fashion_mnist
+
+demo: $(STAMP)
+	$(BIN)/spfde data fashion_mnist
+	$(BIN)/spfde demo --out $(OUT) --force
+
+test: $(STAMP)
+	$(BIN)/spfde data fashion_mnist
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) runs
