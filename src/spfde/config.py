@@ -116,14 +116,14 @@ class FreezingConfig:
 class SievingConfig:
     method: Literal["circular", "random", "static", "none"] = _f("circular")
     ratio: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True, doc="p: fraction of the training set removed")
-    update_ratio: float = _f(0.3, lo=0.0, hi=1.0, lo_open=True, doc="fraction of the removed queue returned each update")
+    update_ratio: float = _f(0.3, lo=0.0, hi=1.0, lo_open=True, doc="share of the removed queue returned per update")
     static_warmup: int | None = _f(None, lo=0, doc="static: epochs before the one-shot removal (default Δτ)")
 
 
 @dataclass
 class AccountingConfig:
     backward: Literal["paper", "exact"] = _f(
-        "paper", doc="paper: backward = 2x forward; exact: drop the input-gradient half where no earlier layer needs it")
+        "paper", doc="paper: backward = 2x forward; exact: no input gradient for the first active layer")
 
 
 @dataclass
@@ -301,6 +301,11 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     return key, value
 
 

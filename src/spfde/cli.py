@@ -1,0 +1,224 @@
+"""The ``spfde`` command line.
+
+Every user error (config, file, model) is printed as one ``error: ...`` line on stderr with a
+non-zero exit code (2 for configuration errors, 1 otherwise); tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from spfde.errors import ConfigError, SpfdeError
+
+DEMO_PRESET = "fmnist-demo"
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", "-c", required=required, help="YAML config file or preset name")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set optim.lr=0.1 (repeatable)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spfde", description="Sparse training with layer freezing and data sieving.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model from a config")
+    _add_config_args(p, required=False)
+    p.add_argument("--out", "-o", help="run directory (config.yaml, metrics.jsonl, summary.json, checkpoints/)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or per-epoch lines")
+
+    p = sub.add_parser("demo", help="a short SpFDE run on Fashion-MNIST, then a report")
+    p.add_argument("--out", "-o", default="runs/demo")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    sub.add_parser("models", help="list the model registry")
+
+    p = sub.add_parser("data", help="make sure a dataset is present (Fashion-MNIST: apt or download)")
+    p.add_argument("name", choices=["fashion_mnist"])
+    p.add_argument("--root", default=None)
+
+    p = sub.add_parser("flops", help="planned training FLOPs of a config, without training")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("plan", help="the layer-freezing plan (Algorithm 1) of a config, without training")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("report", help="write report.md with plots for run directories")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--out", default=None, help="report folder (default: the first run directory)")
+    p.add_argument("--html", action="store_true")
+
+    p = sub.add_parser("compare", help="compare run directories in one table")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("reproduce", help="run the grid behind a paper table and write our numbers beside it")
+    p.add_argument("name")
+    p.add_argument("--preset", choices=["cpu", "paper"], default="cpu")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--out", default="runs/reproduce")
+    p.add_argument("--dry-run", action="store_true", help="list the runs without training")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from spfde.config import load_config
+
+    if args.resume:
+        from spfde.train import resume
+
+        if args.config or args.overrides:
+            raise ConfigError("--resume takes the run's own config.yaml; drop --config/--set")
+        summary = resume(args.resume, quiet=args.quiet)
+        out = args.resume
+    else:
+        if not args.config or not args.out:
+            raise ConfigError("spfde train needs --config FILE and --out DIR (or --resume DIR)")
+        cfg = load_config(args.config, args.overrides)
+        from spfde.train import train
+
+        summary = train(cfg, args.out, force=args.force, quiet=args.quiet)
+        out = args.out
+    _print_summary(summary, out)
+    return 0
+
+
+def _print_summary(summary: dict[str, Any], out: str | Path) -> None:
+    acc = summary.get("final_test_acc")
+    print(f"final test accuracy {100 * acc:.2f}%" if acc is not None else "no evaluation")
+    if summary.get("dense_train_flops"):
+        print(f"training FLOPs {summary['train_flops']:.3e} ({100 * summary['flops_saving']:.1f}% below dense)")
+    print(f"wall-clock {summary['wall_s']:.1f}s; summary: {Path(out) / 'summary.json'}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from spfde.config import load_config
+    from spfde.train import train
+
+    cfg = load_config(DEMO_PRESET, args.overrides)
+    summary = train(cfg, args.out, force=args.force, quiet=args.quiet)
+    _print_summary(summary, args.out)
+    from spfde.report import write_report
+
+    path = write_report([Path(args.out)])
+    print(f"report: {path}")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from spfde.models import list_models, model_info
+
+    rows = [(n, model_info(n)) for n in list_models()]
+    width = max(len(n) for n, _ in rows)
+    for name, info in rows:
+        print(f"{name:<{width}}  {info.get('description', '')}")
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from spfde.data import ensure_fashion_mnist
+
+    path = ensure_fashion_mnist(args.root)
+    print(f"fashion_mnist: {path}")
+    return 0
+
+
+def _cmd_flops(args: argparse.Namespace) -> int:
+    from spfde.config import load_config
+    from spfde.planning import planned_run
+
+    cfg = load_config(args.config, args.overrides)
+    result = planned_run(cfg)["flops"]
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        for key, value in result.items():
+            if isinstance(value, float) and value > 1e6:
+                print(f"{key:<34} {value:.4e}")
+            elif not isinstance(value, (dict, list)):
+                print(f"{key:<34} {value}")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from spfde.config import load_config
+    from spfde.planning import planned_run
+
+    cfg = load_config(args.config, args.overrides)
+    plan = planned_run(cfg)["plan"]
+    if plan is None:
+        raise ConfigError("freezing.target is 0, so there is no freezing plan; set e.g. --set freezing.target=0.2")
+    if args.json:
+        print(json.dumps(plan, indent=2))
+    else:
+        print(f"tfrz {plan['tfrz']}, predicted training-FLOPs reduction {100 * plan['predicted_reduction']:.2f}%")
+        for b in plan["blocks"]:
+            print(f"  {b['name']:<24} freezes at epoch {b['freeze_epoch']}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from spfde.report import write_report
+
+    path = write_report([Path(r) for r in args.runs], Path(args.out) if args.out else None,
+                        fmt="html" if args.html else "md")
+    print(f"report: {path}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from spfde.report import compare_runs, format_compare_table
+
+    rows = compare_runs([Path(r) for r in args.runs])
+    print(json.dumps(rows, indent=2) if args.json else format_compare_table(rows))
+    return 0
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from spfde.reproduce import reproduce
+
+    path = reproduce(args.name, preset=args.preset, seeds=args.seeds, jobs=args.jobs, out=Path(args.out),
+                     dry_run=args.dry_run, overrides=args.overrides)
+    if path is not None:
+        print(f"table: {path}")
+    return 0
+
+
+COMMANDS = {
+    "train": _cmd_train, "demo": _cmd_demo, "models": _cmd_models, "data": _cmd_data,
+    "flops": _cmd_flops, "plan": _cmd_plan, "report": _cmd_report, "compare": _cmd_compare,
+    "reproduce": _cmd_reproduce,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except SpfdeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; resume with `spfde train --resume DIR`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

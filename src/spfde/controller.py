@@ -1,0 +1,357 @@
+"""The loop-agnostic SpFDE controller (paper Section 4, Algorithm 1).
+
+One object that any training loop calls at five points; it owns the three cost-saving
+dimensions and the accounting around them:
+
+* weight sparsity (``spfde.sparsity``): masks, Prune&Grow every Δτ epochs;
+* progressive layer freezing (``spfde.freezing``): block i frozen at Tfrz + i·Δτ, block-wise
+  cosine learning rate;
+* circular data sieving (``spfde.sieving``): the partial training set, served by ``sampler``;
+* the training-FLOPs ledger and the memory model (``spfde.accounting``).
+
+Usage (the built-in trainer does exactly this)::
+
+    ctl = SpFDE(model, optimizer, config, train_size=len(train_set), example_input=x0)
+    loader = DataLoader(train_set, batch_size=128, sampler=ctl.sampler)
+    for epoch in range(config.train.epochs):
+        ctl.start_epoch(epoch)
+        model.train()
+        for x, y, idx in loader:
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            ctl.before_step()
+            optimizer.step()
+            ctl.after_step(logits, y, idx)
+        metrics = ctl.end_epoch()
+
+Order inside ``start_epoch`` follows Algorithm 1: freeze first, then Prune&Grow the layers that
+are still active, then update the training dataset from the interval's sample status.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from spfde.accounting.flops import FlopsLedger, layer_forward_flops
+from spfde.config import Config, from_dict, load_config
+from spfde.errors import SpfdeError
+from spfde.sieving import ForgettingTracker, SieveSampler, build_sieve
+from spfde.sparsity import build_sparsity
+
+BlockSpec = Sequence[str] | Callable[[str, nn.Module], Any] | None
+
+
+def _as_config(config: Config | dict | str | Path) -> Config:
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, dict):
+        return from_dict(config)
+    return load_config(config)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module a DDP/compile wrapper holds, so parameter names match the user's model."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+class SpFDE:
+    """Drives sparsity, freezing and sieving from inside any training loop.
+
+    Args:
+        model: the network (a DDP wrapper is fine; its ``.module`` is used).
+        optimizer: an optimizer over the model's parameters. When freezing with block-wise LR is
+            enabled, its param groups are split per block (before the first step).
+        config: a :class:`~spfde.config.Config`, a dict of sections or a YAML path.
+        train_size: number of samples in the training set (indices are ``0..train_size-1``).
+        example_input: one input batch (its first sample is used) to measure per-layer FLOPs,
+            find the first layer and check the block order.
+        blocks: the model's freezing blocks, overriding ``model.blocks()`` and
+            ``config.freezing.blocks``: module names / prefixes in forward order, or a
+            ``(name, module) -> block id`` function.
+        rank, world_size: for distributed training; decisions are taken identically on every
+            rank from the shared seed, and the sampler splits the partial set across ranks.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: Config | dict | str | Path,
+        train_size: int,
+        example_input: torch.Tensor,
+        blocks: BlockSpec = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.cfg = cfg = _as_config(config)
+        self.model = model
+        self.net = net = _unwrap(model)
+        self.optimizer = optimizer
+        self.train_size = int(train_size)
+        if self.train_size <= 0:
+            raise SpfdeError(f"train_size must be a positive number of samples, got {train_size}")
+        self._check_optimizer(net, optimizer)
+        if not torch.is_tensor(example_input) or example_input.dim() < 2:
+            raise SpfdeError("example_input must be a batched input tensor, e.g. next(iter(loader))[0]")
+        x0 = example_input[:1].detach()
+        self.rank, self.world_size = rank, world_size
+
+        # ---- accounting: per-layer dense forward FLOPs, measured once on the real input shape
+        self.layer_flops = layer_forward_flops(net, x0)
+        self.ledger = FlopsLedger(self.layer_flops, backward=cfg.accounting.backward)
+
+        # ---- weight sparsity
+        self.sparsity = build_sparsity(net, cfg, example_input=x0)
+        self.sparsity.apply_masks()
+
+        # ---- data sieving
+        self.sieve = build_sieve(cfg, self.train_size)
+        self.tracker = ForgettingTracker(self.train_size)
+        self.sampler = self._make_sampler()
+
+        # ---- progressive layer freezing
+        self.blocks = None
+        self.plan = None
+        self.freezer = None
+        self.block_lr = None
+        self._setup_freezing(net, x0, blocks)
+
+        self.grad_norms = None
+        if cfg.analysis.grad_norms:
+            from spfde.analysis import GradNormTracker
+
+            self.grad_norms = GradNormTracker(net)
+
+        self.epoch = -1
+        self._in_epoch = False
+        self._epoch_info: dict[str, Any] = {}
+        self._seen = 0
+        self._seen_indices: torch.Tensor | None = None
+        self.track_seen = False
+        self._bp_saved = 0
+        self._dense_grad_pending = False
+        self._set_lr(0.0)
+
+    # ------------------------------------------------------------------ set-up helpers
+    @staticmethod
+    def _check_optimizer(net: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise SpfdeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [n for n, p in net.named_parameters() if p.requires_grad and id(p) not in held]
+        if missing:
+            raise SpfdeError(
+                f"the optimizer does not hold the model's parameters (e.g. {missing[0]!r}); "
+                "build it from this model's parameters: SGD(model.parameters(), ...)")
+
+    def _make_sampler(self) -> SieveSampler:
+        if self.world_size > 1:
+            from spfde.distributed import DistributedSieveSampler
+
+            return DistributedSieveSampler(self.sieve, self.cfg.seed, self.rank, self.world_size)
+        return SieveSampler(self.sieve, self.cfg.seed)
+
+    def _setup_freezing(self, net: nn.Module, x0: torch.Tensor, blocks: BlockSpec) -> None:
+        from spfde.freezing import BlockLR, Freezer, plan_freezing, resolve_blocks, split_param_groups_by_block
+
+        cfg = self.cfg
+        freezing = cfg.freezing.target > 0
+        spec = blocks if blocks is not None else cfg.freezing.blocks
+        if freezing or spec is not None:
+            self.blocks = resolve_blocks(net, spec, example_input=x0)
+        if freezing:
+            self.plan = plan_freezing(**self.freeze_plan_inputs())
+            if cfg.freezing.block_lr:
+                split_param_groups_by_block(self.optimizer, net, self.blocks)
+            self.freezer = Freezer(net, self.blocks, self.plan, self.optimizer)
+        if cfg.optim.schedule == "cosine":
+            self.block_lr = BlockLR(
+                self.optimizer, self.plan if cfg.freezing.block_lr else None, cfg.train.epochs,
+                cfg.optim.lr, cfg.optim.end_lr, warmup_epochs=cfg.optim.warmup_epochs)
+
+    def freeze_plan_inputs(self) -> dict[str, Any]:
+        """Algorithm 1's inputs: per-block sparse backward FLOPs per epoch and the epoch's total."""
+        cfg = self.cfg
+        density = self.sparsity.layer_density()
+        samples = self.samples_per_epoch()
+        owner = self._module_block()
+        bp = [0.0] * len(self.blocks)
+        fwd = 0.0
+        for name, flops in self.layer_flops.items():
+            d = density.get(name, 1.0)
+            fwd += d * flops
+            if name in owner:
+                bp[owner[name]] += 2.0 * d * flops * samples
+        return dict(
+            block_bp_flops=bp,
+            epoch_train_flops=3.0 * fwd * samples,
+            epochs=cfg.train.epochs,
+            interval=cfg.train.interval,
+            target=cfg.freezing.target,
+            tfrz=cfg.freezing.tfrz,
+            scheme=cfg.freezing.scheme,
+            max_blocks_fraction=cfg.freezing.max_blocks_fraction,
+            freezable=len(self.blocks) - (0 if cfg.freezing.freeze_head else 1),
+            resume_epochs=cfg.freezing.resume_epochs,
+            block_names=[b.name for b in self.blocks],
+        )
+
+    def _module_block(self) -> dict[str, int]:
+        owner: dict[str, int] = {}
+        for i, b in enumerate(self.blocks or []):
+            for m in b.module_names:
+                owner[m] = i
+        return {name: owner[m] for name in self.layer_flops for m in _prefixes(name) if m in owner}
+
+    def samples_per_epoch(self) -> int:
+        return len(self.sieve.active)
+
+    # ------------------------------------------------------------------ the five call points
+    def start_epoch(self, epoch: int) -> dict[str, Any]:
+        """Epoch boundary: freezing, Prune&Grow and the dataset update (Algorithm 1's order)."""
+        if self._in_epoch:
+            raise SpfdeError(f"start_epoch({epoch}) called before end_epoch() of epoch {self.epoch}")
+        info: dict[str, Any] = {}
+        if self.freezer is not None:
+            info.update(self.freezer.apply(epoch) or {})
+        frozen_params = self.freezer.frozen_param_names() if self.freezer else set()
+        info["sparsity_update"] = self.sparsity.update(epoch, frozen_params=frozen_params)
+        self._dense_grad_pending = bool(self.sparsity.needs_dense_grad(epoch))
+        info.update(self.sieve.step_epoch(epoch, self.tracker))
+        self.sampler.set_epoch(epoch)
+        self.epoch = epoch
+        self._in_epoch = True
+        self._seen = 0
+        self._bp_saved = 0
+        self._seen_indices = torch.zeros(self.train_size, dtype=torch.bool) if self.track_seen else None
+        self._epoch_info = info
+        self._set_lr(float(epoch))
+        return info
+
+    def before_step(self) -> None:
+        """After ``loss.backward()``, before ``optimizer.step()``: mask gradients of pruned weights."""
+        self._require_epoch("before_step")
+        if self.grad_norms is not None:
+            self.grad_norms.record()
+        self.sparsity.before_step()
+
+    def after_step(self, logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> None:
+        """After ``optimizer.step()``: re-apply masks, record sample status, charge the ledger."""
+        self._require_epoch("after_step")
+        self.sparsity.after_step(self.optimizer)
+        indices = torch.as_tensor(indices)
+        with torch.no_grad():
+            correct = logits.detach().argmax(dim=1) == targets
+        self.tracker.record(indices.cpu(), correct.cpu())
+        n = int(indices.numel())
+        frozen = self.freezer.frozen_module_names() if self.freezer else set()
+        density = self.sparsity.layer_density()
+        self.ledger.charge(n, density, frozen, dense_grad=self._dense_grad_pending)
+        self._dense_grad_pending = False
+        if frozen:
+            self._bp_saved += n * sum(2.0 * density.get(m, 1.0) * self.layer_flops[m] for m in frozen
+                                      if m in self.layer_flops)
+        self._seen += n
+        if self._seen_indices is not None:
+            self._seen_indices[indices.cpu()] = True
+        self._set_lr(self.epoch + min(self._seen / max(len(self.sampler), 1), 1.0))
+
+    def end_epoch(self) -> dict[str, Any]:
+        """Close the epoch; returns the per-epoch metrics (docs/design.md, "Run outputs")."""
+        self._require_epoch("end_epoch")
+        self._in_epoch = False
+        info = self._epoch_info
+        layer_density = self.sparsity.layer_density()
+        m: dict[str, Any] = {
+            "train_flops": int(self.ledger.end_epoch()),
+            "cum_train_flops": int(self.ledger.total_flops),
+            "density": float(self.sparsity.density()),
+            "layer_density": {k: round(float(v), 6) for k, v in layer_density.items()},
+            "samples_seen": int(self._seen),
+            "active_samples": int(len(self.sieve.active)),
+            "returned": int(info.get("returned", 0)),
+            "removed_this_update": int(info.get("removed_this_update", 0)),
+            "never_seen_count": int(info.get("never_seen_count", 0)),
+            "frozen_blocks": sorted(self.freezer.frozen_block_names) if self.freezer else [],
+            "active_params": self.active_params(),
+            "bp_flops_saved": int(self._bp_saved),
+            "sparsity_updated": bool(info.get("sparsity_update", {}).get("updated", False)),
+        }
+        if "forgetting_histogram" in info:
+            m["forgetting_histogram"] = info["forgetting_histogram"]
+        if self.block_lr is not None:
+            m["block_lr"] = self.block_lr.lrs()
+        if self.grad_norms is not None:
+            m["grad_norms"] = self.grad_norms.epoch_summary()
+        return m
+
+    # ------------------------------------------------------------------ queries
+    def active_params(self) -> int:
+        """Trainable nonzero parameters (frozen blocks and pruned weights excluded)."""
+        total = 0
+        masks = self.sparsity.masks
+        for name, p in self.net.named_parameters():
+            if not p.requires_grad:
+                continue
+            total += int(masks[name].sum()) if name in masks else p.numel()
+        return total
+
+    def seen_indices(self) -> torch.Tensor | None:
+        """Indices passed to ``after_step`` this epoch (set ``track_seen = True`` first)."""
+        return None if self._seen_indices is None else self._seen_indices.nonzero().flatten()
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[-1]["lr"])
+
+    def _set_lr(self, epoch_float: float) -> None:
+        if self.block_lr is not None:
+            self.block_lr.set(epoch_float)
+
+    def _require_epoch(self, what: str) -> None:
+        if not self._in_epoch:
+            raise SpfdeError(f"{what}() called outside an epoch: call start_epoch(epoch) first")
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "sparsity": self.sparsity.state_dict(),
+            "sieve": self.sieve.state_dict(),
+            "tracker": self.tracker.state_dict(),
+            "ledger": self.ledger.state_dict(),
+            "freezer": self.freezer.state_dict() if self.freezer else None,
+            "grad_norms": self.grad_norms.state_dict() if self.grad_norms is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = state["epoch"]
+        self.sparsity.load_state_dict(state["sparsity"])
+        self.sieve.load_state_dict(state["sieve"])
+        self.tracker.load_state_dict(state["tracker"])
+        self.ledger.load_state_dict(state["ledger"])
+        if self.freezer is not None and state.get("freezer") is not None:
+            self.freezer.load_state_dict(state["freezer"])
+        if self.grad_norms is not None and state.get("grad_norms") is not None:
+            self.grad_norms.load_state_dict(state["grad_norms"])
+        self.sparsity.apply_masks()
+        self._in_epoch = False
+
+
+def _prefixes(name: str) -> list[str]:
+    """``"a.b.c"`` -> ``["a.b.c", "a.b", "a"]``: the module and every module that contains it."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
+def count_steps(n_samples: int, batch_size: int, drop_last: bool = False) -> int:
+    return n_samples // batch_size if drop_last else math.ceil(n_samples / batch_size)

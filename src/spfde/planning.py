@@ -1,0 +1,78 @@
+"""What a run will cost, without training it: `spfde flops` and `spfde plan`.
+
+The plan uses the same objects as training (model, controller, FLOPs ledger, freezing planner),
+built on the dataset's shape alone, so CIFAR-100 or ImageNet configs can be planned on a machine
+that does not hold the data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from spfde.config import Config
+from spfde.errors import SpfdeError
+
+
+@dataclass(frozen=True)
+class DataShape:
+    num_classes: int
+    in_channels: int
+    image_size: int
+    train_size: int
+
+
+_KNOWN = {
+    "fashion_mnist": DataShape(10, 1, 28, 60_000),
+    "cifar10": DataShape(10, 3, 32, 50_000),
+    "cifar100": DataShape(100, 3, 32, 50_000),
+    "digits": DataShape(10, 1, 8, 1_500),
+}
+
+
+def data_shape(cfg: Config) -> DataShape:
+    """The dataset's shape after the config's options (padding, channels, subset)."""
+    d = cfg.data
+    if d.name == "synthetic":
+        shape = DataShape(d.synthetic_classes, d.channels or 3, d.image_size, d.synthetic_size)
+    elif d.name in _KNOWN:
+        shape = _KNOWN[d.name]
+        size = 32 if d.pad_to_32 and shape.image_size < 32 else shape.image_size
+        shape = DataShape(shape.num_classes, d.channels or shape.in_channels, size, shape.train_size)
+    else:
+        from spfde.data import load_datasets
+
+        train, _, info = load_datasets(d, seed=cfg.seed)
+        return DataShape(info.num_classes, info.in_channels, info.image_size, len(train))
+    if d.subset is not None:
+        shape = DataShape(shape.num_classes, shape.in_channels, shape.image_size, min(d.subset, shape.train_size))
+    return shape
+
+
+def planned_run(cfg: Config) -> dict[str, Any]:
+    """``{"flops": {...}, "plan": FreezePlan.to_json() or None}`` for a config."""
+    from spfde.accounting.flops import planned_flops
+    from spfde.controller import SpFDE
+    from spfde.models import create_model
+
+    shape = data_shape(cfg)
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model.name, num_classes=shape.num_classes, in_channels=shape.in_channels,
+                         width=cfg.model.width)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+    x = torch.zeros(1, shape.in_channels, shape.image_size, shape.image_size)
+    ctl = SpFDE(model, opt, cfg, train_size=shape.train_size, example_input=x)
+    plan = ctl.plan
+    if plan is not None:
+        owner = ctl._module_block()
+        frozen_fn = lambda e: {m for m, b in owner.items() if b in plan.frozen_at(e)}  # noqa: E731
+    else:
+        frozen_fn = None
+    try:
+        flops = planned_flops(cfg, ctl.layer_flops, shape.train_size, frozen_fn=frozen_fn,
+                              samples_per_epoch=ctl.samples_per_epoch(), engine=ctl.sparsity)
+    except TypeError as e:  # pragma: no cover - signature drift is a bug, not user error
+        raise SpfdeError(f"internal: planned_flops signature mismatch: {e}") from e
+    return {"flops": flops, "plan": plan.to_json() if plan is not None else None}

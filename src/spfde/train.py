@@ -1,0 +1,307 @@
+"""The built-in trainer: a plain loop over the public :class:`~spfde.controller.SpFDE` API.
+
+SGD with momentum and weight decay, cosine learning rate (Table A3; block-wise when freezing),
+label smoothing, evaluation each epoch, channels_last on CPU, AMP on CUDA. Every epoch ends with
+an atomic checkpoint; a killed run resumed with ``resume=True`` ends bit-identical to an
+uninterrupted one on CPU, because every random choice derives from ``(seed, purpose, epoch)``
+and the checkpoint holds the model, optimizer, controller and RNG states.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from spfde.config import Config, dump_config, load_config
+from spfde.controller import SpFDE
+from spfde.errors import SpfdeError
+from spfde.utils import (
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    resolve_device,
+    rng_states,
+    seed_everything,
+    set_rng_states,
+    state_dict_sha256,
+)
+
+CHECKPOINT_FORMAT = "spfde-checkpoint-v1"
+
+
+def _use_channels_last(cfg: Config, device: torch.device) -> bool:
+    if cfg.train.channels_last == "on":
+        return True
+    if cfg.train.channels_last == "off":
+        return False
+    return device.type == "cpu"
+
+
+def _use_amp(cfg: Config, device: torch.device) -> bool:
+    if cfg.train.amp == "on":
+        if device.type != "cuda":
+            raise SpfdeError("train.amp=on needs a CUDA device; use train.amp=auto or off on CPU")
+        return True
+    return cfg.train.amp == "auto" and device.type == "cuda"
+
+
+def prepare_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise SpfdeError(f"--out {str(out)!r} exists and is not a directory")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise SpfdeError(
+                f"output directory {str(out)!r} is not empty; use --resume {out} to continue that run "
+                "or --force to overwrite it")
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise SpfdeError(f"checkpoint {str(path)!r} not found") from None
+    except Exception as e:  # a torn or foreign file: torch raises many different types here
+        raise SpfdeError(
+            f"checkpoint {str(path)!r} is truncated or not a spfde checkpoint ({type(e).__name__}); "
+            "delete it to restart the run from scratch") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise SpfdeError(f"{str(path)!r} is not a spfde checkpoint (format {CHECKPOINT_FORMAT} expected)")
+    return ckpt
+
+
+class Trainer:
+    """Builds data, model, optimizer and controller from a config and runs the epochs."""
+
+    def __init__(self, cfg: Config, out_dir: str | Path, quiet: bool = False) -> None:
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.quiet = quiet
+        self.device = resolve_device(cfg.train.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise SpfdeError("train.device asks for CUDA but no GPU is available; use train.device=cpu")
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.channels_last = _use_channels_last(cfg, self.device)
+        self.amp = _use_amp(cfg, self.device)
+
+        from spfde.data import load_datasets, make_eval_loader, make_train_loader
+        from spfde.models import create_model
+
+        seed_everything(cfg.seed)
+        self.train_set, self.test_set, self.info = load_datasets(cfg.data, seed=cfg.seed)
+        self.model = create_model(cfg.model.name, num_classes=self.info.num_classes,
+                                  in_channels=self.info.in_channels, width=cfg.model.width).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+            weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+        example = self.train_set[0][0].unsqueeze(0).to(self.device)
+        self.ctl = SpFDE(self.model, self.optimizer, cfg, train_size=len(self.train_set), example_input=example)
+        self.train_loader = make_train_loader(cfg.data, self.train_set, self.ctl.sampler, self.device,
+                                              cfg.seed, channels_last=self.channels_last)
+        self.eval_loader = make_eval_loader(cfg.data, self.test_set, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
+        self.metrics: list[dict[str, Any]] = []
+        self.start_epoch = 0
+        self.wall_s = 0.0
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self, epoch: int) -> None:
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "controller": self.ctl.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": rng_states(),
+            "metrics": self.metrics,
+            "wall_s": self.wall_s,
+        }
+        atomic_torch_save(state, self.out / "checkpoints" / "last.pt")
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        # the controller first: it restores frozen blocks and per-block param groups the optimizer
+        # state refers to
+        self.model.load_state_dict(ckpt["model"])
+        self.ctl.load_state_dict(ckpt["controller"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_states(ckpt["rng"])
+        self.metrics = list(ckpt["metrics"])
+        self.wall_s = float(ckpt["wall_s"])
+        self.start_epoch = int(ckpt["epoch"]) + 1
+
+    # ------------------------------------------------------------------ epochs
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        cfg = self.cfg
+        model, opt, ctl = self.model, self.optimizer, self.ctl
+        ctl.start_epoch(epoch)
+        self.train_loader.set_epoch(epoch)
+        model.train()
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        count = 0
+        bar = self._bar(len(self.train_loader), f"epoch {epoch + 1}/{cfg.train.epochs}")
+        for x, y, idx in self.train_loader:
+            with torch.autocast(self.device.type, enabled=self.amp):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=cfg.optim.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(opt)
+                ctl.before_step()
+                self.scaler.step(opt)
+                self.scaler.update()
+            else:
+                loss.backward()
+                ctl.before_step()
+                opt.step()
+            ctl.after_step(logits, y, idx)
+            n = y.numel()
+            loss_sum += loss.detach().double() * n
+            correct += (logits.detach().argmax(1) == y).sum()
+            count += n
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        m = ctl.end_epoch()
+        m["train_loss"] = float(loss_sum / max(count, 1))
+        m["train_acc"] = float(correct) / max(count, 1)
+        return m
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        self.model.eval()
+        loss_sum, correct, count = 0.0, 0, 0
+        for x, y, _ in self.eval_loader:
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, enabled=self.amp):
+                logits = self.model(x)
+            loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+            count += y.numel()
+        return correct / max(count, 1), loss_sum / max(count, 1)
+
+    def _bar(self, total: int, desc: str):
+        if self.quiet or not self.cfg.logging.progress or not sys.stderr.isatty():
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def _log(self, text: str) -> None:
+        if not self.quiet:
+            print(text, flush=True)
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        for epoch in range(self.start_epoch, cfg.train.epochs):
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            t0 = time.perf_counter()
+            m = self.train_epoch(epoch)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            epoch_s = time.perf_counter() - t0
+            self.wall_s += epoch_s
+            test_acc = test_loss = None
+            if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+                test_acc, test_loss = self.evaluate()
+            row = {"epoch": epoch, "lr": self.ctl.current_lr(), "train_loss": m.pop("train_loss"),
+                   "train_acc": m.pop("train_acc"), "test_acc": test_acc, "test_loss": test_loss,
+                   "epoch_s": epoch_s, "wall_s": self.wall_s,
+                   "peak_mem_bytes": (int(torch.cuda.max_memory_allocated(self.device))
+                                      if self.device.type == "cuda" else None)}
+            row.update(m)
+            hist = row.pop("forgetting_histogram", None)
+            if hist is not None:
+                atomic_write_json(self.out / "sieve" / f"forgetting_epoch_{epoch:04d}.json",
+                                  {"epoch": epoch, "histogram": hist})
+            self.metrics.append(row)
+            if cfg.analysis.snapshots and (epoch % cfg.train.interval == 0 or epoch + 1 == cfg.train.epochs):
+                from spfde.analysis import save_snapshot
+
+                save_snapshot(self.out, epoch, self.model, self.ctl.sparsity.masks)
+            self.checkpoint(epoch)
+            atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.metrics))
+            acc = "-" if test_acc is None else f"{100 * test_acc:.2f}%"
+            self._log(f"epoch {epoch + 1:3d}/{cfg.train.epochs}  loss {row['train_loss']:.4f}  "
+                      f"train {100 * row['train_acc']:.2f}%  test {acc}  density {row['density']:.3f}  "
+                      f"frozen {len(row['frozen_blocks'])}  samples {row['samples_seen']}  {epoch_s:.1f}s")
+        return self.finish()
+
+    def finish(self) -> dict[str, Any]:
+        cfg = self.cfg
+        from spfde.accounting.flops import dense_train_flops
+
+        accs = [r["test_acc"] for r in self.metrics if r["test_acc"] is not None]
+        dense = dense_train_flops(self.ctl.layer_flops, len(self.train_set), cfg.train.epochs)
+        total = int(self.ctl.ledger.total_flops)
+        mem = [r["mem_model_bytes"] for r in self.metrics if r.get("mem_model_bytes")]
+        peaks = [r["peak_mem_bytes"] for r in self.metrics if r.get("peak_mem_bytes")]
+        summary = {
+            "final_test_acc": accs[-1] if accs else None,
+            "best_test_acc": max(accs) if accs else None,
+            "epochs": cfg.train.epochs,
+            "wall_s": self.wall_s,
+            "seed": cfg.seed,
+            "weights_sha256": state_dict_sha256(self.model.state_dict()),
+            "train_flops": total,
+            "dense_train_flops": int(dense),
+            "flops_saving": 1.0 - total / dense if dense else 0.0,
+            "method": cfg.sparsity.method if cfg.sparsity.target > 0 else "dense",
+            "sparsity": cfg.sparsity.target,
+            "freeze_target": cfg.freezing.target,
+            "sieve_ratio": cfg.sieving.ratio if cfg.sieving.method != "none" else 0.0,
+            "model": cfg.model.name,
+            "dataset": cfg.data.name,
+            "peak_mem_bytes": max(peaks) if peaks else None,
+            "mem_model_avg_bytes": sum(mem) / len(mem) if mem else None,
+            "mem_model_min_bytes": min(mem) if mem else None,
+        }
+        atomic_write_json(self.out / "summary.json", summary)
+        return summary
+
+
+def train(cfg: Config, out_dir: str | Path, force: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Run a new training run into ``out_dir`` (refused if it is not empty, unless ``force``)."""
+    out = Path(out_dir)
+    prepare_out_dir(out, force)
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    trainer = Trainer(cfg, out, quiet=quiet)
+    return trainer.run()
+
+
+def resume(out_dir: str | Path, quiet: bool = False) -> dict[str, Any]:
+    """Continue the run in ``out_dir`` from its last checkpoint (or from scratch if it has none)."""
+    out = Path(out_dir)
+    cfg_path = out / "config.yaml"
+    if not cfg_path.exists():
+        raise SpfdeError(f"cannot resume {str(out)!r}: no config.yaml there (is it a spfde run directory?)")
+    cfg = load_config(cfg_path)
+    trainer = Trainer(cfg, out, quiet=quiet)
+    ckpt_path = out / "checkpoints" / "last.pt"
+    if ckpt_path.exists():
+        trainer.restore(load_checkpoint(ckpt_path))
+    for stale in (out / "checkpoints").glob(".last.pt.*.tmp") if (out / "checkpoints").exists() else []:
+        os.unlink(stale)
+    if trainer.start_epoch >= cfg.train.epochs and (out / "summary.json").exists():
+        return json.loads((out / "summary.json").read_text())
+    return trainer.run()
