@@ -79,3 +79,12 @@ def test_cli_exits_2_with_one_line(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "optim.momentum" in lines[0] and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_docs_config_md_is_current():
+    from pathlib import Path
+
+    from spfde.config import config_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert doc.read_text() == config_markdown(), "regenerate: python -m spfde.config > docs/config.md"

@@ -378,7 +378,22 @@ def field_docs() -> list[tuple[str, str, str]]:
                 walk(tp, prefix + f.name + ".")
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((prefix + f.name, repr(default), f.metadata.get("doc", "") or _describe(tp)))
+            doc = f.metadata.get("doc", "")
+            rows.append((prefix + f.name, repr(default), f"{doc}; {_describe(tp)}" if doc else _describe(tp)))
 
     walk(Config, "")
     return rows
+
+
+def config_markdown() -> str:
+    """The body of docs/config.md (regenerate with ``python -m spfde.config > docs/config.md``)."""
+    lines = ["# Configuration keys", "",
+             "Generated from `src/spfde/config.py` by `python -m spfde.config > docs/config.md`.",
+             "Set any key in a YAML file or with `--set key=value`.", "",
+             "| key | default | meaning / allowed |", "|---|---|---|"]
+    lines += [f"| `{k}` | `{d}` | {doc} |" for k, d, doc in field_docs()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(config_markdown(), end="")

@@ -1,0 +1,249 @@
+"""`spfde reproduce NAME`: run the grid behind one of the paper's tables, write ours beside theirs.
+
+Presets:
+
+* ``paper``: the paper's exact setting (CIFAR-100, ResNet-32 2x, 160 epochs, Table A3). Needs
+  the data (``--set data.root=...``) and a GPU to be practical.
+* ``cpu``: a scaled setting that runs on a 2-core CPU: Fashion-MNIST (first 10,000 training
+  images, full 10,000-image test set), ResNet-20, 12 epochs. **Scaling rule**: every
+  epoch-valued setting keeps its fraction of training: Δτ = max(1, round(5 · T / 160)) (= 1),
+  ``search_end`` = 3/4 · T (Table A3: 120 of 160), Tfrz from the ``auto`` rule on the Δτ grid
+  (Table A4 lists the paper's values), sieving update ratio 0.3 (Table A2).
+
+Runs live in ``OUT/NAME/<run-id>``; a run whose ``summary.json`` exists is skipped, so an
+interrupted sweep resumes where it stopped (a half-finished run is resumed from its checkpoint).
+The table is written to ``OUT/NAME/table.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spfde.errors import SpfdeError
+
+
+@dataclass
+class RunSpec:
+    run_id: str
+    label: str                      # row label in the table
+    column: str                     # column label in the table
+    overrides: dict[str, Any] = field(default_factory=dict)
+    paper: float | None = None      # the paper's accuracy for this cell (%)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "data.name": "fashion_mnist", "data.subset": 10000, "data.batch_size": 128, "data.augment": False,
+        "model.name": "resnet20", "model.width": 1.0, "optim.lr": 0.1, "optim.end_lr": 0.0,
+        "optim.weight_decay": 5e-4, "train.epochs": 12, "train.interval": 1, "sparsity.search_end": 9,
+        "logging.progress": False,
+    },
+    "paper": {
+        "data.name": "cifar100", "data.batch_size": 32, "data.augment": True, "model.name": "resnet32",
+        "model.width": 2.0, "optim.lr": 0.15, "optim.end_lr": 4e-8, "optim.weight_decay": 1e-4,
+        "train.epochs": 160, "train.interval": 5, "sparsity.search_end": 120, "logging.progress": False,
+    },
+}
+
+_OFF = {"freezing.target": 0.0, "sieving.ratio": 0.0, "sieving.method": "none"}
+
+
+def _spfde(x: float, y: float) -> dict[str, Any]:
+    return {"freezing.target": x, "sieving.method": "circular", "sieving.ratio": y}
+
+
+def _table2(sparsities: tuple[float, ...] = (0.9, 0.95, 0.98)) -> list[RunSpec]:
+    paper = {
+        "MEST": (71.30, 70.36, 67.16), "SpFDE 15%+15%": (71.35, 70.43, 67.04),
+        "SpFDE 20%+20%": (71.25, 70.14, 66.37), "SpFDE 25%+25%": (71.02, 69.48, 65.04),
+        "SET": (69.66, 67.41, 62.25), "static (SNIP)": (68.89, 65.22, 54.81),
+    }
+    rows = {
+        "MEST": {"sparsity.method": "mest", **_OFF},
+        "SpFDE 15%+15%": {"sparsity.method": "mest", **_spfde(0.15, 0.15)},
+        "SpFDE 20%+20%": {"sparsity.method": "mest", **_spfde(0.20, 0.20)},
+        "SpFDE 25%+25%": {"sparsity.method": "mest", **_spfde(0.25, 0.25)},
+        "SET": {"sparsity.method": "set", **_OFF},
+        "static (SNIP)": {"sparsity.method": "static", "sparsity.static_init": "snip", **_OFF},
+    }
+    ids = {"MEST": "mest", "SpFDE 15%+15%": "spfde15", "SpFDE 20%+20%": "spfde20", "SpFDE 25%+25%": "spfde25",
+           "SET": "set", "static (SNIP)": "snip"}
+    all_s = (0.9, 0.95, 0.98)
+    specs = []
+    for label, ov in rows.items():
+        for s in sparsities:
+            specs.append(RunSpec(f"{ids[label]}_s{round(s * 100)}", label, f"{round(s * 100)}%",
+                                 {**ov, "sparsity.target": s}, paper[label][all_s.index(s)]))
+    return specs
+
+
+def _tableA1() -> list[RunSpec]:
+    paper = {"Non-Freeze": 71.28, "single_shot": 71.30, "single_shot_resume": 71.21,
+             "periodic": 70.86, "delayed_periodic": 70.95}
+    specs = [RunSpec("nofreeze", "Non-Freeze", "90%", {"sparsity.target": 0.9, **_OFF}, paper["Non-Freeze"])]
+    for scheme in ("single_shot", "single_shot_resume", "periodic", "delayed_periodic"):
+        specs.append(RunSpec(scheme, scheme, "90%", {"sparsity.target": 0.9, **_OFF, "freezing.target": 0.2,
+                                                     "freezing.scheme": scheme}, paper[scheme]))
+    return specs
+
+
+def _tableA2() -> list[RunSpec]:
+    paper = {0.1: 70.69, 0.2: 71.03, 0.3: 71.25, 0.5: 70.86}
+    return [RunSpec(f"update{int(r * 100)}", "remove 20%", f"{int(r * 100)}%",
+                    {"sparsity.target": 0.9, **_spfde(0.2, 0.2), "sieving.update_ratio": r}, paper[r])
+            for r in (0.1, 0.2, 0.3, 0.5)]
+
+
+def _tableA8_A10() -> list[RunSpec]:
+    a8 = {0.1: 71.33, 0.15: 71.31, 0.2: 71.29, 0.25: 71.18, 0.35: 70.26}
+    a9 = {0.1: 71.36, 0.15: 71.30, 0.2: 71.33, 0.25: 71.11, 0.35: 70.59}
+    specs = [RunSpec("none", "none", "0%", {"sparsity.target": 0.9, **_OFF}, 71.30)]
+    for r, acc in a8.items():
+        specs.append(RunSpec(f"freeze{int(r * 100)}", "freeze only", f"{int(r * 100)}%",
+                             {"sparsity.target": 0.9, **_OFF, "freezing.target": r}, acc))
+    for r, acc in a9.items():
+        specs.append(RunSpec(f"sieve{int(r * 100)}", "sieve only", f"{int(r * 100)}%",
+                             {"sparsity.target": 0.9, **_OFF, "sieving.method": "circular", "sieving.ratio": r}, acc))
+    specs.append(RunSpec("both15", "freeze + sieve", "15%+15%", {"sparsity.target": 0.9, **_spfde(0.15, 0.15)}, 71.35))
+    specs.append(RunSpec("both20", "freeze + sieve", "20%+20%", {"sparsity.target": 0.9, **_spfde(0.2, 0.2)}, 71.25))
+    return specs
+
+
+def _tableA11_A12() -> list[RunSpec]:
+    specs = [RunSpec("baseline", "baseline", "0%", {"sparsity.target": 0.9, **_OFF})]
+    for r in (0.1, 0.15, 0.2, 0.25):
+        specs.append(RunSpec(f"freeze{int(r * 100)}", "freeze", f"{int(r * 100)}%",
+                             {"sparsity.target": 0.9, **_OFF, "freezing.target": r}))
+        specs.append(RunSpec(f"sieve{int(r * 100)}", "sieve", f"{int(r * 100)}%",
+                             {"sparsity.target": 0.9, **_OFF, "sieving.method": "circular", "sieving.ratio": r}))
+    return specs
+
+
+TABLES = {
+    "table2": _table2,
+    "table2-90": lambda: _table2((0.9,)),
+    "tableA1": _tableA1,
+    "tableA2": _tableA2,
+    "tableA8-A10": _tableA8_A10,
+    "tableA11-A12": _tableA11_A12,
+}
+
+
+def grid(name: str, preset: str, seeds: int) -> list[tuple[RunSpec, int, list[str]]]:
+    if name not in TABLES:
+        raise SpfdeError(f"unknown table {name!r}; choose one of: {', '.join(TABLES)}")
+    if preset not in PRESETS:
+        raise SpfdeError(f"unknown preset {preset!r}; choose cpu or paper")
+    if seeds < 1:
+        raise SpfdeError("--seeds must be at least 1")
+    out = []
+    for spec in TABLES[name]():
+        for seed in range(seeds):
+            ov = {**PRESETS[preset], "sparsity.method": "mest", **spec.overrides, "seed": seed}
+            out.append((spec, seed, [f"{k}={json.dumps(v)}" for k, v in ov.items()]))
+    return out
+
+
+def _run_one(run_dir: Path, overrides: list[str], threads: int) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    if (run_dir / "config.yaml").exists():
+        cmd = [sys.executable, "-m", "spfde.cli", "train", "--resume", str(run_dir), "--quiet"]
+    else:
+        cmd = [sys.executable, "-m", "spfde.cli", "train", "--out", str(run_dir), "--quiet", "--force"]
+        for o in overrides:
+            cmd += ["--set", o]
+        cmd += ["--set", f"train.threads={threads}"]
+    log = open(run_dir.parent / f"{run_dir.name}.log", "ab")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def reproduce(name: str, preset: str = "cpu", seeds: int = 3, jobs: int = 1, out: Path = Path("runs/reproduce"),
+              dry_run: bool = False, overrides: list[str] | None = None) -> Path | None:
+    runs = grid(name, preset, seeds)
+    base = out / f"{name}-{preset}"
+    base.mkdir(parents=True, exist_ok=True)
+    extra = list(overrides or [])
+    todo = [(spec, seed, ov + extra) for spec, seed, ov in runs
+            if not (base / f"{spec.run_id}_seed{seed}" / "summary.json").exists()]
+    print(f"{name} ({preset}): {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to go")
+    if dry_run:
+        for spec, seed, ov in todo:
+            print(f"  {spec.run_id}_seed{seed}: {' '.join(ov)}")
+        return None
+    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    running: list[tuple[Path, subprocess.Popen, float]] = []
+    failed = []
+    queue = list(todo)
+    while queue or running:
+        while queue and len(running) < jobs:
+            spec, seed, ov = queue.pop(0)
+            run_dir = base / f"{spec.run_id}_seed{seed}"
+            running.append((run_dir, _run_one(run_dir, ov, threads), time.time()))
+        time.sleep(0.5)
+        for item in list(running):
+            run_dir, proc, t0 = item
+            if proc.poll() is not None:
+                running.remove(item)
+                status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {run_dir}.log)"
+                if proc.returncode != 0:
+                    failed.append(run_dir.name)
+                print(f"  {run_dir.name}: {status} in {time.time() - t0:.0f}s", flush=True)
+    path = write_table(name, preset, seeds, base)
+    if failed:
+        raise SpfdeError(f"{len(failed)} run(s) failed: {', '.join(failed)}; rerun the same command to retry")
+    return path
+
+
+def collect(name: str, preset: str, seeds: int, base: Path) -> list[dict[str, Any]]:
+    import statistics
+
+    rows = []
+    for spec in TABLES[name]():
+        sums = []
+        for seed in range(seeds):
+            p = base / f"{spec.run_id}_seed{seed}" / "summary.json"
+            if p.exists():
+                sums.append(json.loads(p.read_text()))
+        accs = [100 * s["final_test_acc"] for s in sums if s.get("final_test_acc") is not None]
+        rows.append({
+            "label": spec.label, "column": spec.column, "run_id": spec.run_id, "n": len(accs),
+            "acc_mean": statistics.fmean(accs) if accs else None,
+            "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0 if accs else None,
+            "train_flops": statistics.fmean(s["train_flops"] for s in sums) if sums else None,
+            "flops_saving": statistics.fmean(s["flops_saving"] for s in sums) if sums else None,
+            "wall_s": statistics.fmean(s["wall_s"] for s in sums) if sums else None,
+            "paper_acc": spec.paper,
+        })
+    return rows
+
+
+def write_table(name: str, preset: str, seeds: int, base: Path) -> Path:
+    from spfde.utils import atomic_write_text
+
+    rows = collect(name, preset, seeds, base)
+    ref = {r["column"]: r for r in rows if r["label"] in ("MEST", "none", "Non-Freeze", "baseline")}
+    lines = [f"### {name} ({preset} preset, {seeds} seed(s))", "",
+             ("| setting | column | ours: acc (%) | FLOPs (×1e12) | FLOPs saved vs. ref | wall-clock (s) "
+              "| paper acc (%) |"),
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        acc = "—" if r["acc_mean"] is None else f"{r['acc_mean']:.2f} ± {r['acc_std']:.2f} (n={r['n']})"
+        fl = "—" if r["train_flops"] is None else f"{r['train_flops'] / 1e12:.3f}"
+        base_row = ref.get(r["column"]) or (rows[0] if rows else None)
+        rel = "—"
+        if r["train_flops"] and base_row and base_row["train_flops"]:
+            rel = f"{100 * (1 - r['train_flops'] / base_row['train_flops']):+.1f}% saved"
+        wall = "—" if r["wall_s"] is None else f"{r['wall_s']:.0f}"
+        paper = "—" if r["paper_acc"] is None else f"{r['paper_acc']:.2f}"
+        lines.append(f"| {r['label']} | {r['column']} | {acc} | {fl} | {rel} | {wall} | {paper} |")
+    path = base / "table.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write_text(base / "table.json", json.dumps(rows, indent=2))
+    return path

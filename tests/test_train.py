@@ -1,0 +1,150 @@
+"""End-to-end runs of the built-in trainer: outputs, determinism, kill-and-resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from spfde.config import load_config
+from spfde.errors import SpfdeError
+from spfde.train import Trainer, load_checkpoint, resume, train
+
+TINY = [
+    "data.name=synthetic", "data.synthetic_size=256", "data.image_size=16", "data.channels=3",
+    "data.batch_size=32", "data.eval_batch_size=256", "data.augment=true", "model.name=resnet20",
+    "model.width=0.25", "optim.lr=0.05", "train.epochs=4", "train.interval=1", "train.threads=1",
+    "logging.progress=false",
+]
+SPFDE = ["sparsity.method=mest", "sparsity.target=0.8", "sparsity.search_end=3", "freezing.target=0.15",
+         "freezing.tfrz=auto", "sieving.method=circular", "sieving.ratio=0.25"]
+
+
+def tiny_cfg(*extra: str):
+    return load_config(None, TINY + list(extra))
+
+
+def cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spfde.cli", *args], capture_output=True, text=True, **kw)
+
+
+def test_outputs_and_contract_fields(tmp_path):
+    summary = train(tiny_cfg(*SPFDE), tmp_path / "run", quiet=True)
+    run = tmp_path / "run"
+    for name in ["config.yaml", "metrics.jsonl", "summary.json", "checkpoints/last.pt"]:
+        assert (run / name).exists(), name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    for r in rows:
+        for key in ["epoch", "lr", "train_loss", "train_acc", "test_acc", "wall_s", "train_flops", "density",
+                    "frozen_blocks", "active_params", "bp_flops_saved", "active_samples", "returned",
+                    "removed_this_update", "never_seen_count"]:
+            assert key in r, key
+    # the partial set is 75% of the data and only it is trained on
+    assert all(r["active_samples"] == 192 and r["samples_seen"] == 192 for r in rows)
+    assert rows[-1]["frozen_blocks"], "a 15% freezing target freezes at least one block"
+    for key in ["final_test_acc", "best_test_acc", "epochs", "wall_s", "seed", "weights_sha256", "train_flops",
+                "dense_train_flops", "flops_saving"]:
+        assert key in summary
+    assert json.loads((run / "summary.json").read_text()) == summary
+    assert 0.0 < summary["flops_saving"] < 1.0
+    assert summary["train_flops"] == sum(r["train_flops"] for r in rows)
+
+
+def test_same_seed_bit_identical(tmp_path):
+    a = train(tiny_cfg(*SPFDE), tmp_path / "a", quiet=True)
+    b = train(tiny_cfg(*SPFDE), tmp_path / "b", quiet=True)
+    c = train(tiny_cfg(*SPFDE, "seed=1"), tmp_path / "c", quiet=True)
+    assert a["weights_sha256"] == b["weights_sha256"]
+    assert a["weights_sha256"] != c["weights_sha256"]
+
+
+def test_removed_samples_never_reach_the_model(tmp_path):
+    cfg = tiny_cfg(*SPFDE)
+    out = tmp_path / "run"
+    out.mkdir()
+    tr = Trainer(cfg, out, quiet=True)
+    tr.ctl.track_seen = True
+    for epoch in range(cfg.train.epochs):
+        tr.train_epoch(epoch)
+        seen = set(tr.ctl.seen_indices().tolist())
+        assert seen == set(tr.ctl.sieve.active.tolist())
+        assert not seen & set(tr.ctl.sieve.removed.tolist())
+
+
+def test_refuses_non_empty_out_dir(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "x").write_text("keep me")
+    with pytest.raises(SpfdeError, match="--resume"):
+        train(tiny_cfg(), tmp_path / "run", quiet=True)
+    assert (tmp_path / "run" / "x").read_text() == "keep me"
+
+
+def test_truncated_and_foreign_checkpoints(tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(SpfdeError, match="truncated or not a spfde checkpoint"):
+        load_checkpoint(bad)
+    torch.save({"model": {}}, bad)
+    with pytest.raises(SpfdeError, match="not a spfde checkpoint"):
+        load_checkpoint(bad)
+    r = cli("train", "--resume", str(tmp_path / "nothing-here"))
+    assert r.returncode == 1 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_resume_in_process_matches(tmp_path):
+    full = train(tiny_cfg(*SPFDE), tmp_path / "full", quiet=True)
+    cfg = tiny_cfg(*SPFDE)
+    part = tmp_path / "part"
+    part.mkdir()
+    from spfde.config import dump_config
+
+    (part / "config.yaml").write_text(dump_config(cfg))
+    tr = Trainer(cfg, part, quiet=True)
+    # train two epochs, checkpointing like run() does, then abandon the trainer
+    for epoch in range(2):
+        m = tr.train_epoch(epoch)
+        tr.metrics.append({"epoch": epoch, **m, "test_acc": None, "wall_s": 0.0})
+        tr.checkpoint(epoch)
+    resumed = resume(part, quiet=True)
+    assert resumed["weights_sha256"] == full["weights_sha256"]
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_bit_identical(tmp_path):
+    args = [a for kv in TINY + SPFDE + ["train.epochs=6"] for a in ("--set", kv)]
+    ref = cli("train", "--out", str(tmp_path / "ref"), "--quiet", *args)
+    assert ref.returncode == 0, ref.stderr
+    ref_sha = json.loads((tmp_path / "ref" / "summary.json").read_text())["weights_sha256"]
+
+    run = tmp_path / "killed"
+    for kill_after_checkpoints in (1, 3):
+        proc = subprocess.Popen([sys.executable, "-m", "spfde.cli", "train", "--out", str(run), "--quiet", "--force",
+                                 *args] if kill_after_checkpoints == 1 else
+                                [sys.executable, "-m", "spfde.cli", "train", "--resume", str(run), "--quiet"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        target = kill_after_checkpoints
+        while time.time() < deadline and proc.poll() is None:
+            lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
+            if len(lines) >= target:
+                time.sleep(0.05)  # land somewhere inside the next epoch
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (run / "summary.json").exists()
+    r = cli("train", "--resume", str(run), "--quiet")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["weights_sha256"] == ref_sha
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(6))
