@@ -104,6 +104,7 @@ class SpFDE:
         if not torch.is_tensor(example_input) or example_input.dim() < 2:
             raise SpfdeError("example_input must be a batched input tensor, e.g. next(iter(loader))[0]")
         x0 = example_input[:1].detach()
+        self._x0 = x0
         self.rank, self.world_size = rank, world_size
 
         # ---- accounting: per-layer dense forward FLOPs, measured once on the real input shape
@@ -287,6 +288,7 @@ class SpFDE:
             "bp_flops_saved": int(self._bp_saved),
             "sparsity_updated": bool(info.get("sparsity_update", {}).get("updated", False)),
         }
+        m["mem_model_bytes"] = int(self.memory_model()["total"])
         if "forgetting_histogram" in info:
             m["forgetting_histogram"] = info["forgetting_histogram"]
         if self.block_lr is not None:
@@ -305,6 +307,15 @@ class SpFDE:
                 continue
             total += int(masks[name].sum()) if name in masks else p.numel()
         return total
+
+    def memory_model(self, batch_size: int | None = None) -> dict[str, int]:
+        """Training memory of the current state (Section 5.2): weights, activations, grads, optimizer."""
+        from spfde.accounting.memory import memory_model
+
+        fp = self.freezer.frozen_param_names() if self.freezer else set()
+        fm = self.freezer.frozen_module_names() if self.freezer else set()
+        return memory_model(self.net, self._x0, batch_size or self.cfg.data.batch_size, masks=self.sparsity.masks,
+                            frozen_params=fp, frozen_modules=fm)
 
     def seen_indices(self) -> torch.Tensor | None:
         """Indices passed to ``after_step`` this epoch (set ``track_seen = True`` first)."""

@@ -138,6 +138,8 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.ctl.load_state_dict(ckpt["controller"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.ctl.freezer is not None:
+            self.ctl.freezer.drop_optimizer_state()
         if self.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_states(ckpt["rng"])
