@@ -116,6 +116,11 @@ class Trainer:
         self.metrics: list[dict[str, Any]] = []
         self.start_epoch = 0
         self.wall_s = 0.0
+        self.tensorboard = None
+        if cfg.logging.tensorboard:
+            from spfde.report import TensorBoardLogger
+
+            self.tensorboard = TensorBoardLogger(self.out / "tensorboard")
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self, epoch: int) -> None:
@@ -234,9 +239,12 @@ class Trainer:
             row.update(m)
             hist = row.pop("forgetting_histogram", None)
             if hist is not None:
-                atomic_write_json(self.out / "sieve" / f"forgetting_epoch_{epoch:04d}.json",
-                                  {"epoch": epoch, "histogram": hist})
+                from spfde.analysis import save_forgetting_histogram
+
+                save_forgetting_histogram(self.out, epoch, hist)
             self.metrics.append(row)
+            if self.tensorboard is not None:
+                self.tensorboard.log_epoch(row)
             if cfg.analysis.snapshots and (epoch % cfg.train.interval == 0 or epoch + 1 == cfg.train.epochs):
                 from spfde.analysis import save_snapshot
 
@@ -279,6 +287,8 @@ class Trainer:
             "mem_model_min_bytes": min(mem) if mem else None,
         }
         atomic_write_json(self.out / "summary.json", summary)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         return summary
 
 
