@@ -44,7 +44,7 @@ class DataConfig:
     augment: bool = _f(True, doc="random crop with padding + horizontal flip")
     crop_padding: int = _f(4, lo=0)
     flip: bool = _f(True)
-    pad_to_32: bool = _f(False, doc="Fashion-MNIST/digits: zero-pad to 32x32 so CIFAR models run unchanged")
+    pad_to_32: bool = _f(False, doc="to 32x32: Fashion-MNIST zero-pads 28->32, digits upsamples 8->32")
     channels: int | None = _f(None, lo=1, hi=3, doc="repeat grey images to this many channels")
     image_size: int = _f(32, lo=8, doc="imagefolder/synthetic: side length")
     loader: Literal["tensor", "torch"] = _f("tensor", doc="tensor-resident loader or torch DataLoader")
