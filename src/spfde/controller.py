@@ -80,6 +80,7 @@ class SpFDE:
             ``(name, module) -> block id`` function.
         rank, world_size: for distributed training; decisions are taken identically on every
             rank from the shared seed, and the sampler splits the partial set across ranks.
+        snip_batch: one labelled batch ``(x, y)``, needed only by ``sparsity.static_init: snip``.
     """
 
     def __init__(
@@ -92,6 +93,7 @@ class SpFDE:
         blocks: BlockSpec = None,
         rank: int = 0,
         world_size: int = 1,
+        snip_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         self.cfg = cfg = _as_config(config)
         self.model = model
@@ -112,7 +114,7 @@ class SpFDE:
         self.ledger = FlopsLedger(self.layer_flops, backward=cfg.accounting.backward)
 
         # ---- weight sparsity
-        self.sparsity = build_sparsity(net, cfg, example_input=x0)
+        self.sparsity = build_sparsity(net, cfg, example_input=x0, snip_batch=snip_batch)
         self.sparsity.apply_masks()
 
         # ---- data sieving

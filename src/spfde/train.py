@@ -108,7 +108,14 @@ class Trainer:
             self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
             weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
         example = self.train_set[0][0].unsqueeze(0).to(self.device)
-        self.ctl = SpFDE(self.model, self.optimizer, cfg, train_size=len(self.train_set), example_input=example)
+        snip = None
+        if cfg.sparsity.method == "static" and cfg.sparsity.static_init == "snip":
+            n = min(cfg.data.batch_size, len(self.train_set))
+            items = [self.train_set[i] for i in range(n)]
+            snip = (torch.stack([it[0] for it in items]).to(self.device),
+                    torch.tensor([int(it[1]) for it in items], device=self.device))
+        self.ctl = SpFDE(self.model, self.optimizer, cfg, train_size=len(self.train_set), example_input=example,
+                         snip_batch=snip)
         self.train_loader = make_train_loader(cfg.data, self.train_set, self.ctl.sampler, self.device,
                                               cfg.seed, channels_last=self.channels_last)
         self.eval_loader = make_eval_loader(cfg.data, self.test_set, self.device)

@@ -1,0 +1,84 @@
+"""Weight sparsity (paper Sections 2, 4.1, 5; Table A3): masks, distributions and methods.
+
+``build_sparsity(model, cfg, example_input)`` returns a :class:`SparseEngine` for
+``cfg.sparsity.method``:
+
+=========  ==================================================================================
+``mest``   MEST+EM&S (default, the paper's method): |w|+λ|g| prune, random grow, soft bound
+``set``    magnitude prune, random grow, cosine-decayed drop fraction
+``rigl``   magnitude prune, dense-gradient grow (one dense gradient per update)
+``static`` fixed random or SNIP mask
+``dense``  no masks
+=========  ==================================================================================
+
+Prunable layers are conv/linear modules (``sparsity.include`` / ``exclude`` take module names);
+the layer-wise budget comes from :mod:`spfde.sparsity.distribution`; the update schedule from
+:mod:`spfde.sparsity.schedule`. See each method module for its card.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from spfde.config import Config
+from spfde.errors import ConfigError
+from spfde.sparsity.distribution import erk_density, layer_sparsity
+from spfde.sparsity.engine import DenseEngine, SparseEngine
+from spfde.sparsity.masks import PrunableLayer, find_prunable, forward_order, keep_count
+from spfde.sparsity.mest import MESTEngine
+from spfde.sparsity.rigl import RigLEngine
+from spfde.sparsity.schedule import Schedule
+from spfde.sparsity.set import SETEngine
+from spfde.sparsity.static import StaticEngine
+
+__all__ = [
+    "DenseEngine",
+    "MESTEngine",
+    "PrunableLayer",
+    "RigLEngine",
+    "SETEngine",
+    "Schedule",
+    "SparseEngine",
+    "StaticEngine",
+    "build_sparsity",
+    "erk_density",
+    "find_prunable",
+    "forward_order",
+    "keep_count",
+    "layer_sparsity",
+]
+
+
+def build_sparsity(model: nn.Module, cfg: Config, example_input: torch.Tensor | None = None,
+                   snip_batch: Any = None) -> SparseEngine:
+    """The sparse engine for ``cfg.sparsity`` on ``model``.
+
+    ``example_input`` (one batch) finds the first prunable layer in forward order for
+    ``dense_first_layer``; without it ``named_modules`` order is used. ``snip_batch`` is
+    ``(inputs, targets)`` or a callable for ``static_init: snip``. The returned engine's masks
+    are chosen but not yet applied: call ``engine.apply_masks()``.
+    """
+    sp = cfg.sparsity
+    schedule = Schedule.from_config(cfg)
+    layers = find_prunable(model, sp.include, sp.exclude)
+    if sp.method == "dense" or (not layers and sp.target == 0 and not sp.layer_overrides):
+        return DenseEngine(model, layers, {lay.module: 0.0 for lay in layers},
+                           Schedule(method="dense", interval=schedule.interval, search_end=schedule.search_end),
+                           cfg.seed)
+    order = forward_order(model, [lay.module for lay in layers], example_input)
+    by_name = {lay.module: lay for lay in layers}
+    layers = [by_name[m] for m in order]
+    target = layer_sparsity(layers, sp.target, sp.distribution, sp.dense_first_layer,
+                            first_layer=order[0] if order else None, overrides=sp.layer_overrides)
+    if sp.method == "mest":
+        return MESTEngine(model, layers, target, schedule, cfg.seed, mest_lambda=sp.mest_lambda)
+    if sp.method == "set":
+        return SETEngine(model, layers, target, schedule, cfg.seed)
+    if sp.method == "rigl":
+        return RigLEngine(model, layers, target, schedule, cfg.seed)
+    if sp.method == "static":
+        return StaticEngine(model, layers, target, schedule, cfg.seed, init=sp.static_init, snip_batch=snip_batch)
+    raise ConfigError(f"config field 'sparsity.method' = {sp.method!r}; allowed: mest, set, rigl, static, dense")
