@@ -1,0 +1,187 @@
+"""Per-sample forgetting statistics within one Δτ interval (paper Section 4.3, Appendix C.1).
+
+A *forgetting event* is a transition of one training sample from classified correctly to
+misclassified between two consecutive sightings (Toneva et al., the paper's [18]). The circular
+sieve ranks the partial training set by the number of such events counted within the interval
+that just ended; samples with the fewest are the easiest and go to the removed queue.
+
+Choices (documented in the method card of :mod:`spfde.sieving`):
+
+* the statistics are *re-collected per interval* (Section 4.3: "We re-collect this number for
+  each interval to ensure the newly added samples can be treated equally"). :meth:`reset_interval`
+  clears the counts **and** the previous correctness, so the first sighting of a sample in an
+  interval can never be a forgetting event -- a sample returned from the queue and a sample that
+  stayed in the partial set start on equal terms;
+* a sample seen in the interval but never classified correctly is the hardest kind of sample
+  (it was never learnt, so it cannot be forgotten): :meth:`difficulty` maps it to
+  :data:`NEVER_CORRECT`, above any possible count;
+* a sample not seen in the interval has no evidence of being easy: it maps to :data:`UNSEEN`,
+  above :data:`NEVER_CORRECT`, so the sieve keeps it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from spfde.errors import SpfdeError
+
+# Larger than any count a run can reach (one event needs two sightings), so the order is
+# "forgettable samples by count" < "never correct" < "not seen".
+NEVER_CORRECT = 1 << 40
+UNSEEN = 1 << 41
+
+
+def forgetting_update(
+    last_correct: torch.Tensor,
+    indices: torch.Tensor,
+    correct: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forgetting events of one batch of sightings, vectorized (Appendix C.1).
+
+    Args:
+        last_correct: ``(n,)`` bool, correctness at each sample's previous sighting in the
+            interval (False when not yet seen, so a first sighting is never an event).
+        indices: ``(b,)`` int64 sample indices, duplicates allowed.
+        correct: ``(b,)`` bool, whether each sighting was classified correctly.
+
+    Returns:
+        ``(sorted_idx, events, last_idx, last_val)``: ``events[j]`` is 1 where sighting
+        ``sorted_idx[j]`` is a forgetting event (to ``index_add_`` onto the counts);
+        ``last_val`` is the correctness of the last sighting of each distinct ``last_idx``
+        (the new ``last_correct`` of those samples).
+
+    Duplicates are resolved as if the batch's sightings happened one after another in batch
+    order: a stable sort by index keeps each sample's sightings in batch order, and each
+    sighting compares with the one before it (or with ``last_correct`` for the first).
+    """
+    order = torch.argsort(indices, stable=True)
+    si = indices[order]
+    sc = correct[order]
+    first = torch.ones_like(si, dtype=torch.bool)
+    first[1:] = si[1:] != si[:-1]
+    prev = torch.empty_like(sc)
+    prev[1:] = sc[:-1]
+    prev[first] = last_correct[si[first]]
+    events = (prev & ~sc).to(torch.int64)
+    last = torch.ones_like(si, dtype=torch.bool)
+    last[:-1] = first[1:]
+    return si, events, si[last], sc[last]
+
+
+class ForgettingTracker:
+    """Per-sample status within the current interval: last correctness, forgetting count,
+    seen and ever-correct flags (paper Section 4.3, Appendix C.1).
+
+    Args:
+        n: training-set size; indices are ``0..n-1``.
+        device: where the statistics live (keep it with the logits to avoid host syncs).
+    """
+
+    def __init__(self, n: int, device: str | torch.device = "cpu") -> None:
+        if int(n) <= 0:
+            raise SpfdeError(f"ForgettingTracker needs a positive training-set size, got n={n}")
+        self.n = int(n)
+        self.device = torch.device(device)
+        self._count = torch.zeros(self.n, dtype=torch.int64, device=self.device)
+        self._last_correct = torch.zeros(self.n, dtype=torch.bool, device=self.device)
+        self._seen = torch.zeros(self.n, dtype=torch.bool, device=self.device)
+        self._ever_correct = torch.zeros(self.n, dtype=torch.bool, device=self.device)
+
+    # ------------------------------------------------------------------ recording
+    def record(self, indices: torch.Tensor, correct: torch.Tensor) -> None:
+        """Record one batch: ``correct[i]`` is whether sample ``indices[i]`` was classified
+        correctly. Duplicate indices count as consecutive sightings in batch order."""
+        idx = torch.as_tensor(indices).reshape(-1).to(self.device, torch.int64)
+        ok = torch.as_tensor(correct).reshape(-1).to(self.device, torch.bool)
+        if idx.numel() != ok.numel():
+            raise SpfdeError(
+                f"ForgettingTracker.record got {idx.numel()} indices but {ok.numel()} correctness flags; "
+                "pass one flag per sample of the batch")
+        if idx.numel() == 0:
+            return
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self.n:
+            bad = lo if lo < 0 else hi
+            raise SpfdeError(
+                f"sample index {bad} is outside the training set of {self.n} samples; "
+                "pass the dataset's sample indices (0..n-1) and build the tracker with n=len(train_set)")
+        si, events, last_idx, last_val = forgetting_update(self._last_correct, idx, ok)
+        self._count.index_add_(0, si, events)
+        self._last_correct[last_idx] = last_val
+        self._seen[idx] = True
+        self._ever_correct[idx[ok]] = True
+
+    def record_logits(self, indices: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """:meth:`record` with correctness = ``argmax(logits) == target`` (soft / one-hot targets:
+        their argmax)."""
+        with torch.no_grad():
+            tgt = targets.argmax(dim=1) if targets.dim() == 2 else targets
+            self.record(indices, logits.detach().argmax(dim=1) == tgt)
+
+    # ------------------------------------------------------------------ queries
+    def counts(self) -> torch.Tensor:
+        """Forgetting events per sample within the current interval (int64, ``(n,)``)."""
+        return self._count.clone()
+
+    def seen_in_interval(self) -> torch.Tensor:
+        return self._seen.clone()
+
+    def never_correct_in_interval(self) -> torch.Tensor:
+        """Seen in the interval but never classified correctly."""
+        return self._seen & ~self._ever_correct
+
+    def difficulty(self) -> torch.Tensor:
+        """int64 ``(n,)``: the forgetting count; :data:`NEVER_CORRECT` for samples seen but never
+        correct; :data:`UNSEEN` for samples not seen this interval. Higher = harder = kept."""
+        d = self._count.clone()
+        d[self.never_correct_in_interval()] = NEVER_CORRECT
+        d[~self._seen] = UNSEEN
+        return d
+
+    def histogram(self, indices: torch.Tensor | None = None) -> dict[int, int]:
+        """``{forgetting count: samples}`` over ``indices`` (default all) seen this interval;
+        key ``-1`` counts samples never classified correctly."""
+        sel = torch.arange(self.n, device=self.device) if indices is None else torch.as_tensor(indices).to(
+            self.device, torch.int64)
+        seen = self._seen[sel]
+        never = (seen & ~self._ever_correct[sel])
+        learnt = seen & ~never
+        c = self._count[sel][learnt]
+        out: dict[int, int] = {}
+        if bool(never.any()):
+            out[-1] = int(never.sum())
+        if c.numel():
+            for k, v in enumerate(torch.bincount(c).tolist()):
+                if v:
+                    out[k] = int(v)
+        return out
+
+    def reset_interval(self) -> None:
+        """Start a new interval: counts, previous correctness, seen and ever-correct all clear
+        (Section 4.3 re-collects per interval so newly returned samples are treated equally)."""
+        self._count.zero_()
+        self._last_correct.zero_()
+        self._seen.zero_()
+        self._ever_correct.zero_()
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "count": self._count.cpu().clone(),
+            "last_correct": self._last_correct.cpu().clone(),
+            "seen": self._seen.cpu().clone(),
+            "ever_correct": self._ever_correct.cpu().clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["n"]) != self.n:
+            raise SpfdeError(
+                f"forgetting-tracker state is for {state['n']} training samples but this run has {self.n}; "
+                "resume with the same dataset (and data.subset)")
+        self._count = state["count"].to(self.device, torch.int64).clone()
+        self._last_correct = state["last_correct"].to(self.device, torch.bool).clone()
+        self._seen = state["seen"].to(self.device, torch.bool).clone()
+        self._ever_correct = state["ever_correct"].to(self.device, torch.bool).clone()
