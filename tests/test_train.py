@@ -149,3 +149,18 @@ def test_sigkill_and_resume_bit_identical(tmp_path):
     assert summary["weights_sha256"] == ref_sha
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(6))
+
+
+def test_ledger_savings_match_the_freezing_plan(tmp_path):
+    """Issue 8: the FLOPs the ledger saved equal the plan's prediction within one iteration."""
+    cfg = tiny_cfg(*SPFDE)
+    tr = Trainer(cfg, tmp_path, quiet=True)
+    for epoch in range(cfg.train.epochs):
+        tr.train_epoch(epoch)
+    ctl = tr.ctl
+    without = ctl.planned_flops(with_freezing=False)["train_flops"]
+    saved = without - ctl.ledger.total_flops
+    one_iteration = 3 * sum(ctl.layer_flops.values()) * cfg.data.batch_size
+    assert saved > 0
+    assert abs(saved - ctl.plan.predicted_reduction * without) <= one_iteration
+    assert ctl.plan.predicted_reduction >= cfg.freezing.target

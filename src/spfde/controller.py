@@ -121,6 +121,13 @@ class SpFDE:
         self.sieve = build_sieve(cfg, self.train_size)
         self.tracker = ForgettingTracker(self.train_size)
         self.sampler = self._make_sampler()
+        # each rank sees only its share of the samples: the sample status of all ranks is merged
+        # into every rank's tracker at end_epoch, so all ranks take the same sieving decision
+        self._status = None
+        if self.world_size > 1:
+            from spfde.distributed import StatusGatherer
+
+            self._status = StatusGatherer()
 
         # ---- progressive layer freezing
         self.blocks = None
@@ -173,7 +180,7 @@ class SpFDE:
         if freezing or spec is not None:
             self.blocks = resolve_blocks(net, spec, example_input=x0)
         if freezing:
-            self.plan = plan_freezing(**self.freeze_plan_inputs())
+            self.plan = self._plan_to_target(plan_freezing)
             if cfg.freezing.block_lr:
                 split_param_groups_by_block(self.optimizer, net, self.blocks)
             self.freezer = Freezer(net, self.blocks, self.plan, self.optimizer)
@@ -181,6 +188,57 @@ class SpFDE:
             self.block_lr = BlockLR(
                 self.optimizer, self.plan if cfg.freezing.block_lr else None, cfg.train.epochs,
                 cfg.optim.lr, cfg.optim.end_lr, warmup_epochs=cfg.optim.warmup_epochs)
+
+    def _plan_to_target(self, plan_freezing: Callable[..., Any]) -> Any:
+        """Algorithm 1, then checked against the exact ledger replay of the whole run.
+
+        Algorithm 1 prices a block's saving with one per-epoch BpFlops; the real run's densities
+        change over training (MEST trains at s' until ``search_end``, frozen layers keep their
+        mask), so the realized reduction can differ slightly from Algorithm 1's arithmetic. We
+        re-plan with a raised internal target until the replayed ledger meets the user's target,
+        and report the replayed reduction as ``predicted_reduction``.
+        """
+        inputs = self.freeze_plan_inputs()
+        target = self.cfg.freezing.target
+        goal = target
+        plan = plan_freezing(**inputs)
+        for _ in range(12):
+            realized = self.realized_reduction(plan)
+            if realized >= target - 1e-9:
+                break
+            goal = min(goal + (target - realized) + 1e-4, 0.999)
+            try:
+                plan = plan_freezing(**{**inputs, "target": goal})
+            except SpfdeError:
+                raise SpfdeError(
+                    f"freezing.target = {100 * target:.2f}% is unreachable once the sparsity schedule is "
+                    f"counted: the best plan reaches {100 * realized:.2f}%; lower freezing.target, raise "
+                    "freezing.max_blocks_fraction or set freezing.tfrz") from None
+        plan.predicted_reduction = self.realized_reduction(plan)
+        plan.target = target
+        return plan
+
+    def frozen_modules_at(self, epoch: int, plan: Any = None) -> set[str]:
+        """Layer (module) names frozen during ``epoch`` under ``plan`` (default: this run's)."""
+        plan = plan if plan is not None else self.plan
+        if plan is None:
+            return set()
+        frozen = plan.frozen_at(epoch)
+        return {m for m, b in self._module_block().items() if b in frozen}
+
+    def planned_flops(self, plan: Any = None, with_freezing: bool = True) -> dict[str, Any]:
+        """The ledger replayed over the whole run without training (``spfde flops``)."""
+        from spfde.accounting.flops import planned_flops
+
+        plan = plan if plan is not None else self.plan
+        frozen_fn = (lambda e: self.frozen_modules_at(e, plan)) if with_freezing and plan is not None else None
+        return planned_flops(self.cfg, self.layer_flops, self.train_size, frozen_fn=frozen_fn,
+                             samples_per_epoch=self.samples_per_epoch(), engine=self.sparsity)
+
+    def realized_reduction(self, plan: Any) -> float:
+        """Training-FLOPs reduction of ``plan`` versus the same run without freezing (exact replay)."""
+        without = self.planned_flops(plan, with_freezing=False)["train_flops"]
+        return 1.0 - self.planned_flops(plan)["train_flops"] / without
 
     def freeze_plan_inputs(self) -> dict[str, Any]:
         """Algorithm 1's inputs: per-block sparse backward FLOPs per epoch and the epoch's total."""
@@ -255,15 +313,19 @@ class SpFDE:
         indices = torch.as_tensor(indices)
         with torch.no_grad():
             correct = logits.detach().argmax(dim=1) == targets
-        self.tracker.record(indices.cpu(), correct.cpu())
+        if self._status is not None:
+            self._status.add(indices.cpu(), correct.cpu())
+        else:
+            self.tracker.record(indices.cpu(), correct.cpu())
         n = int(indices.numel())
         frozen = self.freezer.frozen_module_names() if self.freezer else set()
         density = self.sparsity.layer_density()
-        self.ledger.charge(n, density, frozen, dense_grad=self._dense_grad_pending)
+        # every rank runs the same number of equally sized steps (DistributedSieveSampler)
+        self.ledger.charge(n * self.world_size, density, frozen, dense_grad=self._dense_grad_pending)
         self._dense_grad_pending = False
         if frozen:
-            self._bp_saved += n * sum(2.0 * density.get(m, 1.0) * self.layer_flops[m] for m in frozen
-                                      if m in self.layer_flops)
+            self._bp_saved += n * self.world_size * sum(
+                2.0 * density.get(m, 1.0) * self.layer_flops[m] for m in frozen if m in self.layer_flops)
         self._seen += n
         if self._seen_indices is not None:
             self._seen_indices[indices.cpu()] = True
@@ -272,6 +334,8 @@ class SpFDE:
     def end_epoch(self) -> dict[str, Any]:
         """Close the epoch; returns the per-epoch metrics (docs/design.md, "Run outputs")."""
         self._require_epoch("end_epoch")
+        if self._status is not None:
+            self._status.flush(self.tracker)  # a collective: every rank calls end_epoch
         self._in_epoch = False
         info = self._epoch_info
         layer_density = self.sparsity.layer_density()
@@ -280,7 +344,7 @@ class SpFDE:
             "cum_train_flops": int(self.ledger.total_flops),
             "density": float(self.sparsity.density()),
             "layer_density": {k: round(float(v), 6) for k, v in layer_density.items()},
-            "samples_seen": int(self._seen),
+            "samples_seen": int(self._seen) * self.world_size,  # all ranks (equal shares)
             "active_samples": int(len(self.sieve.active)),
             "returned": int(info.get("returned", 0)),
             "removed_this_update": int(info.get("removed_this_update", 0)),

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 
 from spfde.config import Config
-from spfde.errors import SpfdeError
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,6 @@ def data_shape(cfg: Config) -> DataShape:
 
 def planned_run(cfg: Config) -> dict[str, Any]:
     """``{"flops": {...}, "plan": FreezePlan.to_json() or None}`` for a config."""
-    from spfde.accounting.flops import planned_flops
     from spfde.controller import SpFDE
     from spfde.models import create_model
 
@@ -65,14 +63,4 @@ def planned_run(cfg: Config) -> dict[str, Any]:
     x = torch.zeros(1, shape.in_channels, shape.image_size, shape.image_size)
     ctl = SpFDE(model, opt, cfg, train_size=shape.train_size, example_input=x)
     plan = ctl.plan
-    if plan is not None:
-        owner = ctl._module_block()
-        frozen_fn = lambda e: {m for m, b in owner.items() if b in plan.frozen_at(e)}  # noqa: E731
-    else:
-        frozen_fn = None
-    try:
-        flops = planned_flops(cfg, ctl.layer_flops, shape.train_size, frozen_fn=frozen_fn,
-                              samples_per_epoch=ctl.samples_per_epoch(), engine=ctl.sparsity)
-    except TypeError as e:  # pragma: no cover - signature drift is a bug, not user error
-        raise SpfdeError(f"internal: planned_flops signature mismatch: {e}") from e
-    return {"flops": flops, "plan": plan.to_json() if plan is not None else None}
+    return {"flops": ctl.planned_flops(), "plan": plan.to_json() if plan is not None else None}
