@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: dict[str, Any], out: str | Path) -> None:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+        return
     acc = summary.get("final_test_acc")
     print(f"final test accuracy {100 * acc:.2f}%" if acc is not None else "no evaluation")
     if summary.get("dense_train_flops"):

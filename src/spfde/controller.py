@@ -387,6 +387,11 @@ class SpFDE:
         """Indices passed to ``after_step`` this epoch (set ``track_seen = True`` first)."""
         return None if self._seen_indices is None else self._seen_indices.nonzero().flatten()
 
+    @property
+    def in_epoch(self) -> bool:
+        """True between ``start_epoch`` and ``end_epoch``."""
+        return self._in_epoch
+
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[-1]["lr"])
 

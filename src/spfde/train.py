@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from spfde import distributed as dist_utils
 from spfde.config import Config, dump_config, load_config
 from spfde.controller import SpFDE
 from spfde.errors import SpfdeError
@@ -86,8 +87,13 @@ class Trainer:
     def __init__(self, cfg: Config, out_dir: str | Path, quiet: bool = False) -> None:
         self.cfg = cfg
         self.out = Path(out_dir)
-        self.quiet = quiet
+        # under torchrun: one process per device, decisions identical on every rank (docs/distributed.md)
+        self.rank, self.world_size, local_rank = dist_utils.init_from_env(device=cfg.train.device)
+        self.is_main = self.rank == 0
+        self.quiet = quiet or not self.is_main
         self.device = resolve_device(cfg.train.device)
+        if self.world_size > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", local_rank)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise SpfdeError("train.device asks for CUDA but no GPU is available; use train.device=cpu")
         if cfg.train.threads:
@@ -115,7 +121,9 @@ class Trainer:
             snip = (torch.stack([it[0] for it in items]).to(self.device),
                     torch.tensor([int(it[1]) for it in items], device=self.device))
         self.ctl = SpFDE(self.model, self.optimizer, cfg, train_size=len(self.train_set), example_input=example,
-                         snip_batch=snip)
+                         snip_batch=snip, rank=self.rank, world_size=self.world_size)
+        # the module that runs forward: a DDP wrapper under torchrun, re-wrapped when freezing changes
+        self.ddp = dist_utils.wrap_ddp(self.model, device_ids=[local_rank] if self.device.type == "cuda" else None)
         self.train_loader = make_train_loader(cfg.data, self.train_set, self.ctl.sampler, self.device,
                                               cfg.seed, channels_last=self.channels_last)
         self.eval_loader = make_eval_loader(cfg.data, self.test_set, self.device)
@@ -124,7 +132,7 @@ class Trainer:
         self.start_epoch = 0
         self.wall_s = 0.0
         self.tensorboard = None
-        if cfg.logging.tensorboard:
+        if cfg.logging.tensorboard and self.is_main:
             from spfde.report import TensorBoardLogger
 
             self.tensorboard = TensorBoardLogger(self.out / "tensorboard")
@@ -164,6 +172,7 @@ class Trainer:
         cfg = self.cfg
         model, opt, ctl = self.model, self.optimizer, self.ctl
         ctl.start_epoch(epoch)
+        self.ddp = dist_utils.maybe_rewrap_ddp(self.ddp)
         self.train_loader.set_epoch(epoch)
         model.train()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -172,7 +181,7 @@ class Trainer:
         bar = self._bar(len(self.train_loader), f"epoch {epoch + 1}/{cfg.train.epochs}")
         for x, y, idx in self.train_loader:
             with torch.autocast(self.device.type, enabled=self.amp):
-                logits = model(x)
+                logits = self.ddp(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=cfg.optim.label_smoothing)
             opt.zero_grad(set_to_none=True)
             if self.scaler is not None:
@@ -195,6 +204,8 @@ class Trainer:
         if bar is not None:
             bar.close()
         m = ctl.end_epoch()
+        dist_utils.sync_buffers(model)  # BN statistics: rank 0's, as evaluated and checkpointed
+        loss_sum, correct, count = dist_utils.all_reduce_sum(loss_sum, correct, count)
         m["train_loss"] = float(loss_sum / max(count, 1))
         m["train_acc"] = float(correct) / max(count, 1)
         return m
@@ -236,7 +247,7 @@ class Trainer:
             epoch_s = time.perf_counter() - t0
             self.wall_s += epoch_s
             test_acc = test_loss = None
-            if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+            if self.is_main and ((epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs):
                 test_acc, test_loss = self.evaluate()
             row = {"epoch": epoch, "lr": self.ctl.current_lr(), "train_loss": m.pop("train_loss"),
                    "train_acc": m.pop("train_acc"), "test_acc": test_acc, "test_loss": test_loss,
@@ -244,12 +255,14 @@ class Trainer:
                    "peak_mem_bytes": (int(torch.cuda.max_memory_allocated(self.device))
                                       if self.device.type == "cuda" else None)}
             row.update(m)
+            self.metrics.append(row)
+            if not self.is_main:  # rank 0 writes every output
+                continue
             hist = row.pop("forgetting_histogram", None)
             if hist is not None:
                 from spfde.analysis import save_forgetting_histogram
 
                 save_forgetting_histogram(self.out, epoch, hist)
-            self.metrics.append(row)
             if self.tensorboard is not None:
                 self.tensorboard.log_epoch(row)
             if cfg.analysis.snapshots and (epoch % cfg.train.interval == 0 or epoch + 1 == cfg.train.epochs):
@@ -293,7 +306,8 @@ class Trainer:
             "mem_model_avg_bytes": sum(mem) / len(mem) if mem else None,
             "mem_model_min_bytes": min(mem) if mem else None,
         }
-        atomic_write_json(self.out / "summary.json", summary)
+        if self.is_main:
+            atomic_write_json(self.out / "summary.json", summary)
         if self.tensorboard is not None:
             self.tensorboard.close()
         return summary
@@ -302,8 +316,9 @@ class Trainer:
 def train(cfg: Config, out_dir: str | Path, force: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Run a new training run into ``out_dir`` (refused if it is not empty, unless ``force``)."""
     out = Path(out_dir)
-    prepare_out_dir(out, force)
-    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 prepares the directory
+        prepare_out_dir(out, force)
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
     trainer = Trainer(cfg, out, quiet=quiet)
     return trainer.run()
 
@@ -320,7 +335,8 @@ def resume(out_dir: str | Path, quiet: bool = False) -> dict[str, Any]:
     if ckpt_path.exists():
         trainer.restore(load_checkpoint(ckpt_path))
     for stale in (out / "checkpoints").glob(".last.pt.*.tmp") if (out / "checkpoints").exists() else []:
-        os.unlink(stale)
+        if trainer.is_main:
+            os.unlink(stale)
     if trainer.start_epoch >= cfg.train.epochs and (out / "summary.json").exists():
         return json.loads((out / "summary.json").read_text())
     return trainer.run()

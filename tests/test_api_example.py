@@ -1,0 +1,94 @@
+"""The README's "Use it in your own loop" example runs as written, and misuse gives clear errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from spfde import SpFDE
+from spfde.errors import SpfdeError
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADING = "## Use it in your own loop"
+
+
+def _example_block(path: Path) -> str | None:
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    m = re.search(re.escape(HEADING) + r"\n(?:(?!\n## ).)*?```python\n(.*?)```", text, re.S)
+    return m.group(1) if m else None
+
+
+def example_source() -> tuple[str, str]:
+    """The README's block when it is the runnable example, else docs/api-example.md's."""
+    readme = _example_block(ROOT / "README.md")
+    if readme is not None and re.search(r"^(from|import) ", readme, re.M):
+        return "README.md", readme
+    doc = _example_block(ROOT / "docs" / "api-example.md")
+    assert doc is not None, f"docs/api-example.md lost its '{HEADING}' python block"
+    return "docs/api-example.md", doc
+
+
+def test_the_documented_example_runs_and_does_what_it_says(capsys: pytest.CaptureFixture[str]) -> None:
+    where, code = example_source()
+    ns: dict = {"__name__": "__example__"}
+    exec(compile(code, where, "exec"), ns)
+    ctl, model = ns["ctl"], ns["model"]
+    assert isinstance(ctl, SpFDE) and ctl.epoch == ns["config"]["train"]["epochs"] - 1
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == ns["config"]["train"]["epochs"]
+    # sparse: masked weights are exactly zero, at the configured sparsity in the masked layers
+    params = dict(model.named_parameters())
+    for name, mask in ctl.sparsity.masks.items():
+        assert not params[name][~mask].any()
+        assert mask.float().mean().item() == pytest.approx(1 - ns["config"]["sparsity"]["target"], abs=0.05)
+    assert ctl.sparsity.masks
+    # frozen: the first block stopped training; sieved: every epoch saw fewer samples than the set
+    m = ns["metrics"]
+    assert m["frozen_blocks"] and not params["0.weight"].requires_grad
+    assert m["samples_seen"] == len(ctl.sieve.active) < ctl.train_size
+
+
+def _tiny():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    return model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(2, 1, 8, 8)
+
+
+def test_a_step_before_the_first_epoch_is_refused() -> None:
+    model, opt, x = _tiny()
+    ctl = SpFDE(model, opt, {"sparsity": {"target": 0.5}}, train_size=8, example_input=x)
+    logits = model(x)
+    logits.sum().backward()
+    with pytest.raises(SpfdeError, match=r"start_epoch\(epoch\) first"):
+        ctl.before_step()
+    with pytest.raises(SpfdeError, match=r"start_epoch\(epoch\) first"):
+        ctl.after_step(logits, torch.tensor([0, 1]), torch.tensor([0, 1]))
+    ctl.start_epoch(0)
+    with pytest.raises(SpfdeError, match="before end_epoch"):
+        ctl.start_epoch(1)
+
+
+def test_an_optimizer_over_other_parameters_is_refused() -> None:
+    model, _, x = _tiny()
+    other = torch.optim.SGD(nn.Linear(3, 3).parameters(), lr=0.1)
+    with pytest.raises(SpfdeError, match="optimizer does not hold the model's parameters"):
+        SpFDE(model, other, {"sparsity": {"target": 0.5}}, train_size=8, example_input=x)
+
+
+def test_a_model_without_prunable_layers_is_refused() -> None:
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return x * self.scale
+
+    model = Scale()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(SpfdeError, match="no prunable layer"):
+        SpFDE(model, opt, {"sparsity": {"method": "mest", "target": 0.5}}, train_size=8,
+              example_input=torch.randn(2, 4))

@@ -1,0 +1,258 @@
+"""Distributed training: the sampler split, status gathering and a 2-process gloo run under torchrun.
+
+The end-to-end test launches ``torchrun --nproc_per_node 2`` on 127.0.0.1 (CPU, gloo) with
+sparsity (MEST), progressive freezing and circular sieving all active at interval 1, and checks
+that after every epoch both ranks hold identical weights, masks, MEST gradient statistics, frozen
+blocks and partial set, and that the union of the samples the ranks trained on is the partial set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from spfde.distributed import (
+    DistributedSieveSampler,
+    StatusGatherer,
+    all_gather_status,
+    broadcast_state,
+    init_from_env,
+    maybe_rewrap_ddp,
+    rank_shard,
+    wrap_ddp,
+)
+from spfde.errors import SpfdeError
+from spfde.sieving import ForgettingTracker, SieveSampler
+
+
+class _Sieve:
+    def __init__(self, active: torch.Tensor) -> None:
+        self.active = active
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 16, 61])
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_rank_shards_cover_the_order_evenly(n: int, world: int) -> None:
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(n))[:n]
+    shards = [rank_shard(order, r, world) for r in range(world)]
+    per_rank = -(-n // world)
+    assert all(s.numel() == per_rank for s in shards)  # same number of samples -> same steps
+    union = torch.cat(shards)
+    assert set(union.tolist()) == set(order.tolist())  # padded, never truncated
+    # only the padding repeats, and it repeats the head of the order
+    assert union.numel() - n == per_rank * world - n
+    counts = torch.bincount(union, minlength=1000)
+    assert int((counts > 1).sum()) <= max(per_rank * world - n, 0)
+
+
+def test_distributed_sampler_splits_the_single_process_order() -> None:
+    active = torch.arange(100, 161)
+    single = SieveSampler(_Sieve(active), seed=3)
+    ranks = [DistributedSieveSampler(_Sieve(active), 3, r, 2) for r in range(2)]
+    for epoch in (0, 4):
+        single.set_epoch(epoch)
+        for s in ranks:
+            s.set_epoch(epoch)
+        full = single.indices()
+        assert torch.equal(ranks[0].global_order(), full)
+        got = [list(s) for s in ranks]
+        assert [len(g) for g in got] == [len(ranks[0])] * 2 == [31, 31]
+        assert got[0] == full[0::2].tolist()
+        assert got[1] == full[1::2].tolist() + [int(full[0])]
+        assert set(got[0]) | set(got[1]) == set(active.tolist())
+    # the partial set is read at every pass: a sieving update takes effect on the next epoch
+    ranks[0].sieve.active = active[:10]
+    assert set(ranks[0]) <= set(active[:10].tolist())
+
+
+def test_sampler_rejects_a_bad_rank() -> None:
+    with pytest.raises(SpfdeError, match="rank 2"):
+        DistributedSieveSampler(_Sieve(torch.arange(4)), 0, 2, 2)
+
+
+def test_single_process_helpers_are_no_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert init_from_env() == (0, 1, 0)
+    idx, ok = all_gather_status(torch.tensor([3, 1]), torch.tensor([True, False]))
+    assert idx.tolist() == [3, 1] and ok.tolist() == [True, False]
+    assert broadcast_state({"a": 1}) == {"a": 1}
+    model = torch.nn.Linear(2, 2)
+    assert wrap_ddp(model) is model and maybe_rewrap_ddp(model) is model
+
+
+def test_status_gatherer_equals_recording_every_step() -> None:
+    g = torch.Generator().manual_seed(0)
+    steps = [(torch.randint(0, 20, (6,), generator=g), torch.rand(6, generator=g) > 0.5) for _ in range(12)]
+    direct, merged, buf = ForgettingTracker(20), ForgettingTracker(20), StatusGatherer()
+    for idx, ok in steps:
+        direct.record(idx, ok)
+        buf.add(idx, ok)
+    assert buf.pending() == 72
+    assert buf.flush(merged) == 72 and buf.pending() == 0
+    assert torch.equal(direct.difficulty(), merged.difficulty())
+    assert direct.counts().sum() > 0  # the sequence really has forgetting events to order
+
+
+# ---------------------------------------------------------------------------------------------
+# two processes under torchrun
+
+WORKER = textwrap.dedent('''
+    import json, sys
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    import torch.distributed as dist
+    from spfde import distributed as sd
+    from spfde.controller import SpFDE
+    from spfde.utils import state_dict_sha256
+
+    rank, world, _ = sd.init_from_env()
+    assert world == 2 and dist.get_backend() == "gloo"
+    torch.manual_seed(1234 + rank)  # different on purpose: DDP must broadcast rank 0's weights
+    model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    g = torch.Generator().manual_seed(7)
+    N = 61  # odd: exercises the padding
+    X = torch.randn(N, 1, 8, 8, generator=g)
+    Y = torch.randint(0, 4, (N,), generator=g)
+    ddp = sd.wrap_ddp(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    cfg = {"seed": 5, "train": {"epochs": 5, "interval": 1},
+           "sparsity": {"method": "mest", "target": 0.5, "dense_first_layer": True},
+           "freezing": {"target": 0.1, "tfrz": 2, "max_blocks_fraction": 0.67},
+           "sieving": {"method": "circular", "ratio": 0.25, "update_ratio": 0.5},
+           "optim": {"lr": 0.05}}
+    ctl = SpFDE(ddp, opt, cfg, train_size=N, example_input=X[:2],
+                blocks=[["0", "1"], "3", "5", "9"], rank=rank, world_size=world)
+    ctl.track_seen = True
+    assert isinstance(ctl.sampler, sd.DistributedSieveSampler)
+    epochs, rewraps = [], 0
+    for epoch in range(cfg["train"]["epochs"]):
+        info = ctl.start_epoch(epoch)
+        new = sd.maybe_rewrap_ddp(ddp)
+        rewraps += new is not ddp
+        ddp = new
+        order = ctl.sampler.indices()
+        ddp.train()
+        for b in range(0, order.numel(), 8):
+            idx = order[b:b + 8]
+            logits = ddp(X[idx])
+            loss = F.cross_entropy(logits, Y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            ctl.before_step()
+            opt.step()
+            ctl.after_step(logits, Y[idx], idx)
+        buf = ctl.sparsity.state_dict()["grad_buf"]
+        grad_buf = state_dict_sha256(dict(sorted(buf.items())))
+        m = ctl.end_epoch()
+        sd.sync_buffers(ddp)  # BN running stats: each rank's last forward updated its own copy
+        seen = [None, None]
+        dist.all_gather_object(seen, ctl.seen_indices().tolist())
+        fp = sd.check_in_sync(ddp, ctl)
+        frozen_params = [n for n, p in model.named_parameters() if not p.requires_grad]
+        epochs.append({"fp": fp, "grad_buf": grad_buf, "grad_buf_n": len(buf),
+                       "tracker": state_dict_sha256(ctl.tracker.state_dict()),
+                       "union": sorted(set(seen[0]) | set(seen[1])),
+                       "active": sorted(ctl.sieve.active.tolist()),
+                       "local_seen": len(ctl.seen_indices()), "removed": m["removed_this_update"],
+                       "updated": m["sparsity_updated"], "frozen": m["frozen_blocks"],
+                       "ddp_params": list(getattr(ddp, "_spfde_trainable", ())),
+                       "frozen_params": frozen_params, "train_flops": m["train_flops"]})
+    out = {"rank": rank, "epochs": epochs, "rewraps": rewraps,
+           "weights": state_dict_sha256(model.state_dict())}
+    with open(sys.argv[1] + f"/rank{rank}.json", "w") as f:
+        json.dump(out, f)
+    sd.cleanup()
+''')
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_stay_identical_under_torchrun(tmp_path: Path) -> None:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0["weights"] == r1["weights"]
+    for e0, e1 in zip(r0["epochs"], r1["epochs"], strict=True):
+        # weights, masks, frozen blocks, partial set, MEST gradient statistic, forgetting tracker
+        assert e0["fp"] == e1["fp"]
+        assert e0["grad_buf"] == e1["grad_buf"] and e0["tracker"] == e1["tracker"]
+        assert e0["frozen"] == e1["frozen"] and e0["active"] == e1["active"]
+        # the ranks together trained on exactly the partial set, each on about half of it
+        assert e0["union"] == e0["active"]
+        assert e0["local_seen"] + e1["local_seen"] >= len(e0["active"])
+        assert e0["local_seen"] <= -(-len(e0["active"]) // 2)
+        # frozen parameters are not registered with DDP, so they take no part in the all-reduce
+        assert not set(e0["frozen_params"]) & set(e0["ddp_params"])
+    last = r0["epochs"][-1]
+    # the run really exercised every dimension, or the equalities above would be vacuous
+    assert any(e["updated"] for e in r0["epochs"])
+    assert any(e["grad_buf_n"] for e in r0["epochs"])  # MEST recorded the all-reduced gradients
+    assert any(e["removed"] > 0 for e in r0["epochs"])
+    assert last["frozen"] and r0["rewraps"] >= 1
+    assert len(last["active"]) < 61
+
+
+def _train_supports_torchrun() -> bool:
+    import inspect
+
+    import spfde.train
+
+    return "init_from_env" in inspect.getsource(spfde.train)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _train_supports_torchrun(), reason="spfde.train does not initialise torch.distributed yet")
+def test_spfde_train_runs_unchanged_under_torchrun(tmp_path: Path) -> None:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(textwrap.dedent("""
+        seed: 1
+        data: {name: synthetic, synthetic_size: 96, synthetic_classes: 4, image_size: 16, batch_size: 16,
+               test_subset: 32, augment: false}
+        model: {name: resnet20, width: 0.25}
+        train: {epochs: 3, interval: 1, device: cpu, threads: 1}
+        sparsity: {method: mest, target: 0.5}
+        freezing: {target: 0.05, tfrz: 1}
+        sieving: {method: circular, ratio: 0.25, update_ratio: 0.5}
+        logging: {progress: false}
+    """))
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "spfde.cli", "train", "-c", str(cfg), "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]  # written once, by rank 0
+    summary = json.loads((out / "summary.json").read_text())
+    ckpt = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    from spfde.utils import state_dict_sha256
+
+    assert summary["weights_sha256"] == state_dict_sha256(ckpt["model"])
+    assert not any(k.startswith("module.") for k in ckpt["model"])  # the plain model, not the DDP wrapper
+    for r in rows:  # both ranks' shares together cover the partial set (72 of 96 samples, padded to even)
+        assert r["active_samples"] == 72 and r["samples_seen"] == 72
+    assert rows[-1]["frozen_blocks"] and summary["final_test_acc"] is not None

@@ -1,0 +1,130 @@
+"""SpFDECallback with a real ``lightning.Trainer`` on CPU: training, logging, checkpoint and resume."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+L = pytest.importorskip("lightning", reason="the Lightning integration needs the 'lightning' extra")
+
+from spfde.errors import SpfdeError  # noqa: E402
+from spfde.integrations.lightning import SpFDECallback  # noqa: E402
+from spfde.utils import state_dict_sha256  # noqa: E402
+
+N = 48
+EPOCHS = 4
+CONFIG = {"seed": 3, "train": {"epochs": EPOCHS, "interval": 1},
+          "sparsity": {"method": "mest", "target": 0.5},
+          "freezing": {"target": 0.2, "tfrz": 1},
+          "sieving": {"method": "circular", "ratio": 0.25, "update_ratio": 0.5},
+          "optim": {"lr": 0.05}}
+
+
+class Indexed(Dataset):
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(N, 1, 8, 8, generator=g)
+        self.y = torch.randint(0, 3, (N,), generator=g)
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i], i
+
+
+class Module(L.LightningModule):
+    def __init__(self, callback: SpFDECallback, dataset: Dataset, full_output: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                 nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+        self.example_input_array = torch.zeros(2, 1, 8, 8)
+        self.cb, self.ds, self.full_output = callback, dataset, full_output
+        self.batches: list[list[int]] = []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y, idx = batch
+        self.batches.append(idx.tolist())
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        if not self.full_output:
+            return loss
+        return {"loss": loss, "logits": logits, "targets": y, "indices": idx}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    def train_dataloader(self):
+        return DataLoader(self.ds, batch_size=8, sampler=self.cb.sampler)
+
+
+def _fit(tmp: Path, max_epochs: int, ckpt: Path | None = None, full_output: bool = True):
+    cb = SpFDECallback(CONFIG, train_size=N, blocks=[["net.0", "net.1"], "net.3", "net.7"])
+    module = Module(cb, Indexed(), full_output)
+    trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, callbacks=[cb],
+                        use_distributed_sampler=False, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's hints about workers and small datasets
+        trainer.fit(module, ckpt_path=ckpt)
+    return cb, module, trainer
+
+
+def _state(cb: SpFDECallback, module: Module) -> dict:
+    ctl = cb.controller
+    return {"weights": state_dict_sha256(module.state_dict()),
+            "masks": state_dict_sha256(dict(sorted(ctl.sparsity.masks.items()))),
+            "active": sorted(ctl.sieve.active.tolist()),
+            "frozen": ctl.freezer.frozen_block_names}
+
+
+def test_callback_trains_logs_and_resumes_identically(tmp_path: Path) -> None:
+    full_cb, full_mod, full_trainer = _fit(tmp_path / "full", EPOCHS)
+    hist = full_cb.history
+    assert [h["epoch"] for h in hist] == list(range(EPOCHS))
+    # every dimension acted: masks moved, samples left the partial set, a block froze
+    assert any(h["sparsity_updated"] for h in hist)
+    assert any(h["removed_this_update"] > 0 for h in hist)
+    assert hist[-1]["frozen_blocks"]
+    assert full_cb.controller.sparsity.density() < 0.75
+    # the loader only served the partial set, and pruned weights are exactly zero
+    for name, mask in full_cb.controller.sparsity.masks.items():
+        assert not dict(full_mod.named_parameters())[name][~mask].any()
+    assert len(full_mod.batches) == sum(-(-h["active_samples"] // 8) for h in hist)
+    # scalar metrics reached Lightning's logger connector
+    assert float(full_trainer.callback_metrics["spfde/density"]) == pytest.approx(hist[-1]["density"])
+    assert float(full_trainer.callback_metrics["spfde/train_flops"]) == pytest.approx(hist[-1]["train_flops"])
+
+    # stop after 2 epochs, save through Lightning, resume in a fresh process-like setup
+    half_cb, half_mod, half_trainer = _fit(tmp_path / "half", 2)
+    ckpt = tmp_path / "half.ckpt"
+    half_trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    cb_state = next(v for k, v in saved["callbacks"].items() if "SpFDECallback" in k)
+    assert set(cb_state["controller"]["sparsity"]["masks"]) == set(half_cb.controller.sparsity.masks)
+    res_cb, res_mod, _ = _fit(tmp_path / "resumed", EPOCHS, ckpt=ckpt)
+    assert [h["epoch"] for h in res_cb.history] == list(range(EPOCHS))
+    # the resumed epochs saw exactly the batches of the uninterrupted run's last epochs
+    assert res_mod.batches == full_mod.batches[len(half_mod.batches):]
+    assert _state(res_cb, res_mod) == _state(full_cb, full_mod)
+
+
+def test_training_step_must_return_the_sample_status(tmp_path: Path) -> None:
+    with pytest.raises(SpfdeError, match="'logits', 'targets' and 'indices'"):
+        _fit(tmp_path, 1, full_output=False)
+
+
+def test_sampler_before_fit_is_a_clear_error() -> None:
+    with pytest.raises(SpfdeError, match="on_fit_start"):
+        _ = SpFDECallback(CONFIG, train_size=N).sampler
