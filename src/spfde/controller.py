@@ -43,7 +43,7 @@ from torch import nn
 from spfde.accounting.flops import FlopsLedger, layer_forward_flops
 from spfde.config import Config, from_dict, load_config
 from spfde.errors import SpfdeError
-from spfde.sieving import ForgettingTracker, SieveSampler, build_sieve
+from spfde.sieving import ForgettingTracker, NoSieve, SieveSampler, build_sieve
 from spfde.sparsity import build_sparsity
 
 BlockSpec = Sequence[str] | Callable[[str, nn.Module], Any] | None
@@ -120,11 +120,12 @@ class SpFDE:
         # ---- data sieving
         self.sieve = build_sieve(cfg, self.train_size)
         self.tracker = ForgettingTracker(self.train_size)
+        self._track_status = not isinstance(self.sieve, NoSieve)
         self.sampler = self._make_sampler()
         # each rank sees only its share of the samples: the sample status of all ranks is merged
         # into every rank's tracker at end_epoch, so all ranks take the same sieving decision
         self._status = None
-        if self.world_size > 1:
+        if self.world_size > 1 and self._track_status:
             from spfde.distributed import StatusGatherer
 
             self._status = StatusGatherer()
@@ -311,12 +312,13 @@ class SpFDE:
         self._require_epoch("after_step")
         self.sparsity.after_step(self.optimizer)
         indices = torch.as_tensor(indices)
-        with torch.no_grad():
-            correct = logits.detach().argmax(dim=1) == targets
-        if self._status is not None:
-            self._status.add(indices.cpu(), correct.cpu())
-        else:
-            self.tracker.record(indices.cpu(), correct.cpu())
+        if self._track_status:  # sample status only feeds the sieve; skip the device sync without one
+            with torch.no_grad():
+                correct = logits.detach().argmax(dim=1) == targets
+            if self._status is not None:
+                self._status.add(indices.cpu(), correct.cpu())
+            else:
+                self.tracker.record(indices.cpu(), correct.cpu())
         n = int(indices.numel())
         frozen = self.freezer.frozen_module_names() if self.freezer else set()
         density = self.sparsity.layer_density()
