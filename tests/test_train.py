@@ -56,6 +56,15 @@ def test_outputs_and_contract_fields(tmp_path):
     assert 0.0 < summary["flops_saving"] < 1.0
     assert summary["train_flops"] == sum(r["train_flops"] for r in rows)
 
+    from spfde.report import write_report
+
+    report = write_report([run])
+    text = report.read_text()
+    pngs = sorted(run.glob("**/*.png"))
+    assert len(pngs) >= 6
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.name in text
+
 
 def test_same_seed_bit_identical(tmp_path):
     a = train(tiny_cfg(*SPFDE), tmp_path / "a", quiet=True)
@@ -65,8 +74,13 @@ def test_same_seed_bit_identical(tmp_path):
     assert a["weights_sha256"] != c["weights_sha256"]
 
 
-def test_removed_samples_never_reach_the_model(tmp_path):
-    cfg = tiny_cfg(*SPFDE)
+FMNIST = ["data.name=fashion_mnist", "data.subset=512", "data.test_subset=256", "data.channels=null",
+          "data.image_size=32", "freezing.target=0.05"]
+
+
+@pytest.mark.parametrize("data", [[], FMNIST], ids=["synthetic", "fashion_mnist"])
+def test_removed_samples_never_reach_the_model(tmp_path, data):
+    cfg = tiny_cfg(*SPFDE, *data)
     out = tmp_path / "run"
     out.mkdir()
     tr = Trainer(cfg, out, quiet=True)
