@@ -7,6 +7,8 @@ import json
 import os
 import random
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +110,20 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+@contextmanager
+def probe_forward(model: torch.nn.Module, handles: list[Any]) -> Iterator[None]:
+    """Context for a measuring forward pass: eval mode and ``no_grad``, so batch-norm running
+    statistics and autograd are untouched; on exit the hook ``handles`` are removed and every
+    module's train/eval mode is restored."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in modes.items():
+            m.training = t

@@ -43,6 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from spfde.utils import probe_forward
+
 
 # ----------------------------------------------------------------------------- measuring
 def forward_flops_breakdown(model: nn.Module, example_input: torch.Tensor) -> tuple[dict[str, int], int]:
@@ -76,16 +78,8 @@ def forward_flops_breakdown(model: nn.Module, example_input: torch.Tensor) -> tu
     for n, m in leaves:
         handles.append(m.register_forward_pre_hook(pre(n)))
         handles.append(m.register_forward_hook(post(n)))
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad(), counter:
-            model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, t in modes.items():
-            m.training = t
+    with probe_forward(model, handles), counter:
+        model(example_input)
     total = counter.get_total_flops()
     layers = {n: counts[n] // batch for n in order if counts[n] > 0}
     return layers, (total - sum(counts.values())) // batch

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from spfde.errors import SpfdeError
+from spfde.utils import probe_forward
 
 BlockSpecEntry = str | Sequence[str]
 BlockSpec = Sequence[BlockSpecEntry] | Callable[[str, nn.Module], Hashable | None] | None
@@ -142,22 +143,14 @@ def _forward_calls(model: nn.Module, blocks: list[Block], example_input: torch.T
             counter[0] += 1
         return hook
 
-    flags = {m: m.training for m in model.modules()}
-    try:
-        for mname in owners:
-            handles.append(named[mname].register_forward_pre_hook(make_hook(mname)))
-        model.eval()  # no BN running-stat updates from this probe
-        first = next(model.parameters(), None)
-        x = example_input.detach()
-        if first is not None and x.is_floating_point():
-            x = x.to(device=first.device)
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, t in flags.items():
-            m.training = t
+    for mname in owners:
+        handles.append(named[mname].register_forward_pre_hook(make_hook(mname)))
+    first = next(model.parameters(), None)
+    x = example_input.detach()
+    if first is not None and x.is_floating_point():
+        x = x.to(device=first.device)
+    with probe_forward(model, handles):  # no BN running-stat updates from this probe
+        model(x)
     out = []
     for b in blocks:
         steps = sorted(s for m in {_owner(p) for p in b.param_names} for s in calls.get(m, []))

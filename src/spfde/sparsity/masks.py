@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from spfde.errors import ConfigError
+from spfde.utils import probe_forward
 
 #: Module types pruned by default (paper Section 5: "all the convolutional layers"; linear
 #: layers are included as in MEST/RigL; ``sparsity.exclude`` removes any of them).
@@ -100,16 +101,8 @@ def forward_order(model: nn.Module, names: list[str], example_input: torch.Tenso
             if n not in seen:
                 seen.append(n)
         hooks.append(modules[n].register_forward_hook(hook))
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, t in modes.items():
-            m.training = t
+    with probe_forward(model, hooks):
+        model(example_input)
     return seen + [n for n in names if n not in seen]
 
 
