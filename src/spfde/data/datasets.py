@@ -76,7 +76,35 @@ class DatasetInfo:
 # dataset objects
 
 
-class ArrayDataset(torch.utils.data.Dataset):
+class _IndexedDataset(torch.utils.data.Dataset):
+    """Shared item logic: ``(normalized float32 CHW, int label, index)`` with per-sample
+    augmentation seeded by ``(seed, "augment", epoch, index)``. Subclasses provide ``_raw(i)``."""
+
+    labels: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool
+    padding: int
+    flip: bool
+    seed: int
+    epoch: int
+
+    def _raw(self, i: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        i = int(i)
+        x = self._raw(i)
+        if self.augment:
+            g = make_generator(self.seed, "augment", self.epoch, i)
+            x = augment_batch(x[None], g, self.padding, self.flip)[0]
+        return normalize(x, self.mean, self.std), int(self.labels[i]), i
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+
+class ArrayDataset(_IndexedDataset):
     """Images as a ``uint8`` tensor (N, C, H, W) and labels as ``int64`` (N,).
 
     ``ds[i]`` is ``(normalized float32 CHW image, int label, i)``. With ``augment=True`` each item
@@ -110,16 +138,8 @@ class ArrayDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        i = int(i)
-        x = self.images[i]
-        if self.augment:
-            g = make_generator(self.seed, "augment", self.epoch, i)
-            x = augment_batch(x[None], g, self.padding, self.flip)[0]
-        return normalize(x, self.mean, self.std), int(self.labels[i]), i
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def _raw(self, i: int) -> torch.Tensor:
+        return self.images[i]
 
     def with_options(self, **kw: Any) -> ArrayDataset:
         """A view sharing the tensors with other ``augment``/``padding``/``flip``/``seed``."""
@@ -140,7 +160,7 @@ class ArrayDataset(torch.utils.data.Dataset):
         self.epoch = int(state["epoch"])
 
 
-class ImageFolderDataset(torch.utils.data.Dataset):
+class ImageFolderDataset(_IndexedDataset):
     """Streaming ImageFolder split: each item is decoded from disk when asked for.
 
     For datasets too large to hold in memory (ImageNet): use with ``data.loader=torch`` and
@@ -164,16 +184,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        i = int(i)
-        x = load_image(self.paths[i], self.image_size, self.channels)
-        if self.augment:
-            g = make_generator(self.seed, "augment", self.epoch, i)
-            x = augment_batch(x[None], g, self.padding, self.flip)[0]
-        return normalize(x, self.mean, self.std), int(self.labels[i]), i
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def _raw(self, i: int) -> torch.Tensor:
+        return load_image(self.paths[i], self.image_size, self.channels)
 
     def with_options(self, **kw: Any) -> ImageFolderDataset:
         import copy

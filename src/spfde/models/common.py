@@ -34,3 +34,10 @@ class BlockModel(nn.Module):
     def blocks(self) -> list[str]:
         """Natural freezing blocks in forward order; every parameter lies in exactly one."""
         return list(self._block_names)
+
+    def _finish(self, c_in: int, num_classes: int, names: list[str]) -> None:
+        """Global-average-pool + linear ``head`` (the last block), then the shared initialisation."""
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(c_in, num_classes)
+        self._block_names = [*names, "head"]
+        init_weights(self)

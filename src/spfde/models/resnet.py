@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from spfde.models.common import BlockModel, init_weights, scale_channels
+from spfde.models.common import BlockModel, scale_channels
 from spfde.models.registry import register_model
 
 EXPANSION = 4
@@ -85,11 +85,7 @@ class ResNet(BlockModel):
                 names.append(f"layer{s}.{i}")
             self.add_module(f"layer{s}", nn.Sequential(*stage))
         self.num_stages = len(stage_depths)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(c_in, num_classes)
-        names.append("head")
-        self._block_names = names
-        init_weights(self)
+        self._finish(c_in, num_classes, names)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

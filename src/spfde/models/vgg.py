@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from spfde.models.common import BlockModel, init_weights, scale_channels
+from spfde.models.common import BlockModel, scale_channels
 from spfde.models.registry import register_model
 
 VGG_SMALL_CFG: tuple[tuple[int, ...], ...] = ((32, 32), (64, 64), (128, 128))
@@ -53,11 +53,7 @@ class VGGSmall(BlockModel):
             units.append(nn.MaxPool2d(2))
             self.add_module(f"stage{s}", nn.Sequential(*units))
         self.num_stages = len(cfg)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(c_in, num_classes)
-        names.append("head")
-        self._block_names = names
-        init_weights(self)
+        self._finish(c_in, num_classes, names)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for s in range(1, self.num_stages + 1):
