@@ -5,8 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= runs/demo
+# a local CPU wheel of torch, where the machine has one (keeps pip off the multi-GB CUDA build)
+FIND := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup data demo test lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -14,8 +16,8 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned, so pip never resolves a multi-GB CUDA build here.
-	$(BIN)/python -m pip install -q "torch==2.13.0" || $(BIN)/python -m pip install -q "torch>=2.2"
-	$(BIN)/python -m pip install -q -e ".[test,lightning]"
+	$(BIN)/python -m pip install -q $(FIND) "torch==2.13.0" || $(BIN)/python -m pip install -q "torch>=2.2"
+	$(BIN)/python -m pip install -q $(FIND) -e ".[test,lightning]"
 	touch $(STAMP)
 
 setup: $(STAMP)
