@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from spfde.reproduce import TABLES, grid, write_table
+from spfde.reproduce import TABLES, grid, run_dir, write_table
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -76,12 +76,22 @@ def test_reproduce_grids_and_resume(tmp_path):
     with pytest.raises(Exception, match="unknown table"):
         grid("table9", "cpu", 1)
     # a finished run is skipped: fake one finished run and check the dry run's count and the table
-    spec, seed, _ = grid("tableA2", "cpu", 1)[0]
-    run = tmp_path / "tableA2-cpu" / f"{spec.run_id}_seed{seed}"
+    spec, seed, ov = grid("tableA2", "cpu", 1)[0]
+    run = run_dir(tmp_path, "cpu", ov)
     run.mkdir(parents=True)
     (run / "summary.json").write_text(json.dumps({"final_test_acc": 0.8, "train_flops": 2e12, "flops_saving": 0.9,
                                                   "wall_s": 10.0}))
     r = cli("reproduce", "tableA2", "--seeds", "1", "--out", str(tmp_path), "--dry-run")
     assert r.returncode == 0 and "1 already finished, 3 to go" in r.stdout
-    table = write_table("tableA2", "cpu", 1, tmp_path / "tableA2-cpu").read_text()
+    table = write_table("tableA2", "cpu", 1, tmp_path).read_text()
     assert "80.00" in table and "70.69" in table  # ours beside the paper's
+    # runs are shared between tables: Table 2's SpFDE 20%+20% at 90% is Table A2's 30% update ratio
+    t2 = {spec.run_id: run_dir(tmp_path, "cpu", ov) for spec, _, ov in grid("table2", "cpu", 1)}
+    a2 = {spec.run_id: run_dir(tmp_path, "cpu", ov) for spec, _, ov in grid("tableA2", "cpu", 1)}
+    assert t2["spfde20_s90"] == a2["update30"] and len(set(t2.values())) == len(t2)
+    # and a setting spelled out at its default is the same run as one left out
+    assert run_dir(tmp_path, "cpu", ov + ["freezing.scheme=single_shot"]) == run_dir(tmp_path, "cpu", ov)
+    r = cli("reproduce", "tableA2", "--seeds", "1", "--out", str(tmp_path), "--dry-run", "--only", "update(10|20)")
+    assert r.returncode == 0 and "2 distinct runs" in r.stdout
+    r = cli("reproduce", "tableA2", "--only", "nope", "--dry-run", "--out", str(tmp_path))
+    assert r.returncode == 1 and "update30" in r.stderr and "Traceback" not in r.stderr  # ours beside the paper's

@@ -117,11 +117,18 @@ def test_planned_mest_schedule_and_freezing_by_hand():
     out = planned_flops(c, flops, 10)
     assert out["epoch_flops"] == [round(3 * d * (CONV + FC) * 10) for d in dens]
     assert out["final_density"] == {"0": pytest.approx(0.2), "3": pytest.approx(0.2)}
-    # conv frozen from epoch 3: forward only, and it keeps density .4 past search_end
+    # conv frozen from epoch 3: forward only, pruned from s' (density .4) to s (.2) as it freezes
     frz = planned_flops(c, flops, 10, freeze_plan={"0": 3})
     want = [3 * d * (CONV + FC) * 10 for d in dens[:3]]
-    want += [10 * (0.4 * CONV + 3 * d * FC) for d in dens[3:]]
+    want += [10 * (0.2 * CONV + 3 * d * FC) for d in dens[3:]]
     assert frz["epoch_flops"] == [round(w) for w in want]
+    assert frz["final_density"] == {"0": pytest.approx(0.2), "3": pytest.approx(0.2)}
+    # freezing.prune_on_freeze: false keeps the frozen layer at density .4 past search_end
+    keep = from_dict({**c.to_dict(), "freezing": {**c.to_dict()["freezing"], "prune_on_freeze": False}})
+    kept = planned_flops(keep, flops, 10, freeze_plan={"0": 3})
+    assert kept["epoch_flops"] == [round(w) for w in want[:3]] + [
+        round(10 * (0.4 * CONV + 3 * d * FC)) for d in dens[3:]]
+    assert kept["final_density"]["0"] == pytest.approx(0.4)
     assert frz["train_flops"] == pytest.approx(sum(want), abs=2)
     assert planned_flops(c, flops, 10, frozen_fn=lambda e: {"0"} if e >= 3 else set())["train_flops"] \
         == frz["train_flops"]

@@ -170,7 +170,7 @@ def test_tfrz_auto_is_latest_grid_point_meeting_target(seed: int) -> None:
     epochs, interval, target = 40, 4, 0.15
     epoch_flops = 1.5 * sum(bp)  # backward is 2/3 of training -> bp / epoch_flops plausible
     freezable = n - 1
-    cap = max(1, math.floor(2 / 3 * freezable + 1e-9))
+    cap = min(freezable, max(1, math.floor(2 / 3 * n + 1e-9)))  # 2/3 of all n blocks, head included
 
     def brute(t0: int) -> float:  # freeze the first `cap` blocks at t0 + i*interval
         return sum(bp[i] * max(epochs - t0 - interval * i, 0) for i in range(cap)) / (epoch_flops * epochs)
@@ -190,7 +190,7 @@ def test_tfrz_auto_is_latest_grid_point_meeting_target(seed: int) -> None:
 
 
 def test_unreachable_target_states_max() -> None:
-    # auto: at most 2 blocks, earliest Tfrz = 2: 4*18 + 3*16 = 120 of 500 -> 24.00%.
+    # auto: 2/3 of 4 blocks -> at most 2, earliest Tfrz = 2: 4*18 + 3*16 = 120 of 500 -> 24.00%.
     with pytest.raises(SpfdeError, match=r"24\.00%"):
         plan_freezing(BP, 25.0, 20, 2, 0.5, "auto", freezable=4)
     # explicit Tfrz = 4, all blocks: 4*16 + 3*14 + 2*12 + 1*10 = 140 of 500 -> 28.00%.

@@ -306,20 +306,38 @@ def test_impossible_requests():
         layer_sparsity(big, 0.9, "erk", overrides={"a": 0.0})
 
 
-def test_frozen_layers_untouched_by_update():
+@pytest.mark.parametrize("prune_on_freeze", [False, True])
+def test_frozen_layers_untouched_by_update(prune_on_freeze):
     model = make()
     engine = build_sparsity(model, cfg("mest", 0.8, interval=1, search_end=2), X[:1])
+    engine.prune_frozen = prune_on_freeze
     engine.apply_masks()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     engine.update(0)
     list(train_epoch(model, engine, opt))
     before = {n: m.clone() for n, m in engine.masks.items()}
     w = model.body[3].weight.detach().clone()
+    n = w.numel()
+    scores = engine.importance(w, engine._gradient_stats(None).get("body.3.weight"))
+    assert int(before["body.3.weight"].sum()) == keep_count(n, 0.8 - 0.05)  # MEST's soft bound s' = s - 0.05
     info = engine.update(1, frozen_params={"body.3.weight"})
-    assert torch.equal(engine.masks["body.3.weight"], before["body.3.weight"])
-    assert torch.equal(model.body[3].weight, w)
     assert not torch.equal(engine.masks["body.0.weight"], before["body.0.weight"])
     assert info["frozen_skipped"] == ["body.3"]
+    frozen_mask = engine.masks["body.3.weight"]
+    if not prune_on_freeze:
+        assert torch.equal(frozen_mask, before["body.3.weight"])
+        assert torch.equal(model.body[3].weight, w)
+        return
+    # pruned once to exactly s, by importance, nothing grown; survivors keep their values bit for bit
+    assert int(frozen_mask.sum()) == keep_count(n, 0.8) and info["pruned_on_freeze"] == keep_count(n, 0.75) - keep_count(
+        n, 0.8)
+    assert not (frozen_mask & ~before["body.3.weight"]).any()
+    assert torch.equal(model.body[3].weight, w * frozen_mask)
+    removed = before["body.3.weight"] & ~frozen_mask
+    assert scores[removed].max() <= scores[frozen_mask].min()  # the lowest |w| + λ|g| went
+    after = frozen_mask.clone()
+    info = engine.update(2, frozen_params={"body.3.weight"})
+    assert torch.equal(engine.masks["body.3.weight"], after) and info["pruned_on_freeze"] == 0
 
 
 def test_state_dict_round_trip_and_determinism():

@@ -71,6 +71,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--out", default="runs/reproduce")
     p.add_argument("--dry-run", action="store_true", help="list the runs without training")
+    p.add_argument("--only", metavar="REGEX", help="train only the rows whose id matches (see --dry-run)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parser
 
@@ -194,7 +195,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     from spfde.reproduce import reproduce
 
     path = reproduce(args.name, preset=args.preset, seeds=args.seeds, jobs=args.jobs, out=Path(args.out),
-                     dry_run=args.dry_run, overrides=args.overrides)
+                     dry_run=args.dry_run, overrides=args.overrides, only=args.only)
     if path is not None:
         print(f"table: {path}")
     return 0
@@ -218,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpfdeError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # `spfde ... | head`: the reader left; nothing more to say
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("interrupted; resume with `spfde train --resume DIR`", file=sys.stderr)
         return 130

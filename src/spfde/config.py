@@ -110,6 +110,8 @@ class FreezingConfig:
     freeze_head: bool = _f(False)
     resume_epochs: int | None = _f(None, lo=0, doc="single_shot_resume: defrost for the last t epochs")
     block_lr: bool = _f(True, doc="block-wise cosine LR over each block's active epochs")
+    prune_on_freeze: bool = _f(True, doc="a layer frozen above its target density (MEST's soft bound) is first "
+                                         "pruned to exactly its target sparsity")
 
 
 @dataclass

@@ -289,6 +289,10 @@ def planned_flops(
     for e in range(epochs):
         frozen = frozen_of(e)
         frozen_layers = _frozen_layers(order, frozen)
+        if cfg.freezing.prune_on_freeze:  # a layer frozen above its target density is pruned to it
+            for m in frozen_layers:
+                if m in target:
+                    sparsity[m] = max(sparsity[m], target[m])
         if schedule.is_update_epoch(e):  # Algorithm 1: freeze first, then Prune&Grow the active layers
             for m, s in target.items():
                 if m not in frozen_layers:

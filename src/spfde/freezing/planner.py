@@ -258,7 +258,8 @@ def plan_freezing(
         raise SpfdeError(f"freezing.resume_epochs = {resume_epochs} must be >= 0")
 
     total = epoch_train_flops * epochs
-    k_max = max(1, math.floor(max_blocks_fraction * freezable + 1e-9))
+    # "freeze 2/3 layers of the model" (Section 4.2.1): a fraction of all N blocks, the head included
+    k_max = min(freezable, max(1, math.floor(max_blocks_fraction * n + 1e-9)))
     periodic = scheme in ("periodic", "delayed_periodic")
 
     if target == 0.0:

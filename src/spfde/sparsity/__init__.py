@@ -61,6 +61,13 @@ def build_sparsity(model: nn.Module, cfg: Config, example_input: torch.Tensor | 
     ``(inputs, targets)`` or a callable for ``static_init: snip``. The returned engine's masks
     are chosen but not yet applied: call ``engine.apply_masks()``.
     """
+    engine = _build_engine(model, cfg, example_input, snip_batch)
+    engine.prune_frozen = cfg.freezing.prune_on_freeze
+    return engine
+
+
+def _build_engine(model: nn.Module, cfg: Config, example_input: torch.Tensor | None,
+                  snip_batch: Any) -> SparseEngine:
     sp = cfg.sparsity
     schedule = Schedule.from_config(cfg)
     layers = find_prunable(model, sp.include, sp.exclude)

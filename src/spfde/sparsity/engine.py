@@ -4,7 +4,12 @@ A :class:`SparseEngine` holds one boolean mask per masked weight (parameter name
 is driven by the controller at four points (docs/design.md):
 
 * ``update(epoch, frozen_params)`` at every epoch start: a no-op unless the method's schedule
-  (:mod:`spfde.sparsity.schedule`) says the structure changes now; never touches frozen params.
+  (:mod:`spfde.sparsity.schedule`) says the structure changes now; never grows or swaps weights
+  of frozen params. One exception, on by default (``freezing.prune_on_freeze``): a frozen layer
+  still above its target density (MEST trains at ``s' < s`` during the search) is pruned once to
+  exactly ``s`` by the method's importance. That is the prune half of the update MEST would run
+  at that epoch; its grow half would only add zero weights that a frozen layer never trains.
+  The final model then meets the requested sparsity in every layer (docs/freezing.md).
 * ``before_step()`` after ``backward``: multiplies the gradients by the masks (so momentum and
   weight decay see zero at pruned positions) and, only in the epoch just before an update,
   records the gradient statistic the method needs (MEST: mean ``|g|`` at active positions;
@@ -27,7 +32,7 @@ import torch
 from torch import nn
 
 from spfde.errors import SpfdeError
-from spfde.sparsity.masks import PrunableLayer, random_mask
+from spfde.sparsity.masks import PrunableLayer, keep_count, prune_lowest, random_mask
 from spfde.sparsity.schedule import Schedule
 from spfde.utils import make_generator
 
@@ -71,6 +76,8 @@ class SparseEngine:
         self._grad_steps = 0
         self._state_dirty = False
         self._lists: tuple[list[str], list[nn.Parameter], list[torch.Tensor]] | None = None
+        #: freezing.prune_on_freeze: prune a frozen layer above its target density to the target
+        self.prune_frozen = True
         self._init_masks()
 
     # ------------------------------------------------------------------ masks
@@ -181,6 +188,8 @@ class SparseEngine:
         """
         self.epoch = int(epoch)
         info: dict[str, Any] = {"updated": False, "pruned": 0, "grown": 0}
+        if self.prune_frozen and frozen_params:
+            info["pruned_on_freeze"] = self._prune_frozen(set(frozen_params))
         if self.schedule.is_update_epoch(epoch) and epoch > self.last_update:
             self._sync_device()
             frozen = set(frozen_params)
@@ -206,6 +215,30 @@ class SparseEngine:
         self._grad_steps = 0
         self._recording = self.schedule.records_grad(epoch) and self.grad_stat is not None
         return info
+
+    def _prune_frozen(self, frozen: set[str]) -> int:
+        """Prune every frozen layer still above its target density down to exactly its target."""
+        pruned = 0
+        stats: dict[str, torch.Tensor] | None = None
+        for lay in self.masked_layers:
+            keep = keep_count(lay.numel, self.target[lay.module])
+            if lay.param not in frozen or self._counts[lay.module] <= keep:
+                continue
+            if stats is None:
+                self._sync_device()
+                stats = self._gradient_stats(None)
+            old = self.masks[lay.param]
+            w = self._params[lay.param]
+            new = prune_lowest(old, self.importance(w, stats.get(lay.param)), keep)
+            pruned += int((old & ~new).sum())
+            self._set_mask(lay.param, new)
+            w.mul_(new)
+            self._state_dirty = True
+        return pruned
+
+    def importance(self, weight: torch.Tensor, grad_stat: torch.Tensor | None) -> torch.Tensor:
+        """The score a prune keeps the highest of (magnitude ``|w|``; MEST adds ``λ|g|``)."""
+        return weight.detach().abs().float()
 
     def _gradient_stats(self, batch_grad_fn: BatchGradFn | None) -> dict[str, torch.Tensor]:
         """The recorded statistic per masked weight (empty when nothing was recorded)."""

@@ -36,7 +36,9 @@ Our choices (documented because the paper leaves them open)
       under the same soft bound as every later interval. With ``search_end = 0`` it starts at ``s``.
     * The layer-wise budget ``s`` comes from the distribution (``uniform`` with a dense first
       layer in the paper, or ``erk``); ``s'`` is clamped at 0.
-    * A frozen layer (paper Algorithm 1) keeps its mask and values, even past ``search_end``.
+    * A frozen layer (paper Algorithm 1) keeps its mask and values, even past ``search_end``,
+      except that when it freezes during the search, at ``s'``, it is pruned once to exactly ``s``
+      by ``|w| + λ|g|`` (``freezing.prune_on_freeze``, default on; docs/freezing.md).
 
 Expected effect
     Higher accuracy than SET/static masks at the same final sparsity (paper Table 2: +1.6 to
@@ -85,6 +87,9 @@ class MESTEngine(SparseEngine):
         if self.mest_lambda == 0:
             self.grad_stat = None  # pure magnitude: nothing to record
         super().__init__(model, layers, target, schedule, seed)
+
+    def importance(self, weight: torch.Tensor, grad_stat: torch.Tensor | None) -> torch.Tensor:
+        return mest_scores(weight, grad_stat, self.mest_lambda)
 
     def _update_layer(self, lay: PrunableLayer, mask: torch.Tensor, weight: torch.Tensor,
                       grad_stat: torch.Tensor | None, epoch: int, gen: torch.Generator) -> torch.Tensor:
