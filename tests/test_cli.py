@@ -62,10 +62,28 @@ def test_models_lists_registry():
 
 def test_unknown_model_and_missing_data_errors(tmp_path):
     r = cli("train", "--config", "fmnist-demo", "--set", "model.name=resnet1000", "--out", str(tmp_path / "a"))
-    assert r.returncode == 1 and "resnet1000" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "resnet1000" in r.stderr and "resnet20" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "a").exists()  # a run that cannot start leaves nothing behind
     r = cli("train", "--config", "fmnist-demo", "--set", "data.name=cifar10", "--set",
             f"data.root={tmp_path / 'nowhere'}", "--out", str(tmp_path / "b"))
     assert r.returncode == 1 and "cifar" in r.stderr.lower() and "Traceback" not in r.stderr
+    assert not (tmp_path / "b").exists()
+    # an explicit data.root is the only place looked at: no silent fallback to another copy
+    r = cli("train", "--config", "fmnist-demo", "--set", f"data.root={tmp_path / 'nowhere'}", "--out",
+            str(tmp_path / "c"))
+    assert r.returncode == 1 and "nowhere" in r.stderr and "Traceback" not in r.stderr
+    # --force does not delete the old run when the new one cannot start
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "summary.json").write_text("{}")
+    r = cli("train", "--config", "fmnist-demo", "--set", "data.name=imagefolder", "--out", str(old), "--force")
+    assert r.returncode == 2 and "data.root" in r.stderr and (old / "summary.json").exists()
+    for bad in ("optim.lr=nan", "seed=99999999999999999999"):
+        r = cli("train", "--config", "fmnist-demo", "--set", bad, "--out", str(tmp_path / "d"))
+        assert r.returncode == 2 and bad.split("=")[0] in r.stderr and "Traceback" not in r.stderr, r.stderr
+    (tmp_path / "file").write_text("x")
+    r = cli("train", "--config", "fmnist-demo", "--out", str(tmp_path / "file" / "sub"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "error:" in r.stderr
 
 
 def test_reproduce_grids_and_resume(tmp_path):

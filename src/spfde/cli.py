@@ -222,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `spfde ... | head`: the reader left; nothing more to say
         sys.stderr.close()
         return 0
+    except OSError as e:  # a path we cannot read or write: say which, no traceback
+        where = f" {e.filename!r}" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; resume with `spfde train --resume DIR`", file=sys.stderr)
         return 130

@@ -10,6 +10,7 @@ Defaults follow the paper's CIFAR setting (Table A3) unless a field says otherwi
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -143,7 +144,7 @@ class LoggingConfig:
 
 @dataclass
 class Config:
-    seed: int = _f(0, lo=0)
+    seed: int = _f(0, lo=0, hi=2**63 - 1)
     data: DataConfig = _f(default_factory=DataConfig)
     model: ModelConfig = _f(default_factory=ModelConfig)
     optim: OptimConfig = _f(default_factory=OptimConfig)
@@ -259,6 +260,8 @@ def _check_range(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
     for v in values:
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"config field '{key}' = {v!r} must be a finite number")
         bad = (lo is not None and (v < lo or (meta.get("lo_open") and v == lo))) or (
             hi is not None and (v > hi or (meta.get("hi_open") and v == hi)))
         if bad:
@@ -283,6 +286,9 @@ def _cross_check(cfg: Config) -> None:
         raise ConfigError(
             f"config field 'freezing.tfrz' = {cfg.freezing.tfrz} must satisfy 0 < tfrz < train.epochs "
             f"({cfg.train.epochs}), or be 'auto'")
+    if cfg.data.name == "imagefolder" and not cfg.data.root:
+        raise ConfigError("config field 'data.root' is needed with data.name = 'imagefolder': a folder with "
+                          "train/<class>/ and val/<class>/ image folders")
     if cfg.train.device not in ("auto", "cpu") and not cfg.train.device.startswith("cuda"):
         raise ConfigError(f"config field 'train.device' = {cfg.train.device!r}; allowed: auto, cpu, cuda, cuda:N")
 

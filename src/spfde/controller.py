@@ -70,7 +70,10 @@ class SpFDE:
     Args:
         model: the network (a DDP wrapper is fine; its ``.module`` is used).
         optimizer: an optimizer over the model's parameters. When freezing with block-wise LR is
-            enabled, its param groups are split per block (before the first step).
+            enabled, its param groups are split per block (before the first step). The cosine
+            schedule (``optim.schedule``) starts from the learning rate this optimizer was built
+            with (its first group's ``initial_lr`` or ``lr``) and ends at ``optim.end_lr``;
+            ``optim.lr`` is only what the built-in trainer builds its optimizer with.
         config: a :class:`~spfde.config.Config`, a dict of sections or a YAML path.
         train_size: number of samples in the training set (indices are ``0..train_size-1``).
         example_input: one input batch (its first sample is used) to measure per-layer FLOPs,
@@ -103,6 +106,8 @@ class SpFDE:
         if self.train_size <= 0:
             raise SpfdeError(f"train_size must be a positive number of samples, got {train_size}")
         self._check_optimizer(net, optimizer)
+        group = optimizer.param_groups[0]
+        self.base_lr = float(group.get("initial_lr", group["lr"]))
         if not torch.is_tensor(example_input) or example_input.dim() < 2:
             raise SpfdeError("example_input must be a batched input tensor, e.g. next(iter(loader))[0]")
         x0 = example_input[:1].detach()
@@ -188,7 +193,7 @@ class SpFDE:
         if cfg.optim.schedule == "cosine":
             self.block_lr = BlockLR(
                 self.optimizer, self.plan if cfg.freezing.block_lr else None, cfg.train.epochs,
-                cfg.optim.lr, cfg.optim.end_lr, warmup_epochs=cfg.optim.warmup_epochs)
+                self.base_lr, cfg.optim.end_lr, warmup_epochs=cfg.optim.warmup_epochs)
 
     def _plan_to_target(self, plan_freezing: Callable[..., Any]) -> Any:
         """Algorithm 1, then checked against the exact ledger replay of the whole run.
@@ -429,6 +434,17 @@ class SpFDE:
             self.grad_norms.load_state_dict(state["grad_norms"])
         self.sparsity.apply_masks()
         self._in_epoch = False
+
+    def optimizer_loaded(self) -> None:
+        """Call after ``optimizer.load_state_dict(...)`` (in either order with :meth:`load_state_dict`).
+
+        A loaded optimizer state may hold momentum for parameters that are frozen now (their state is
+        dropped: frozen blocks keep none, Section 4.2) and nonzero momentum at positions that are
+        pruned now (zeroed, so it cannot revive a pruned weight).
+        """
+        if self.freezer is not None:
+            self.freezer.drop_optimizer_state()
+        self.sparsity.mask_optimizer_state(self.optimizer)
 
 
 def _prefixes(name: str) -> list[str]:

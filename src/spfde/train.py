@@ -53,18 +53,29 @@ def _use_amp(cfg: Config, device: torch.device) -> bool:
     return cfg.train.amp == "auto" and device.type == "cuda"
 
 
-def prepare_out_dir(out: Path, force: bool) -> None:
+def check_out_dir(out: Path, force: bool) -> None:
+    """Refuse an output path that is a file, not writable, or a non-empty folder (unless ``force``)."""
     if out.exists() and not out.is_dir():
         raise SpfdeError(f"--out {str(out)!r} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise SpfdeError(
+            f"output directory {str(out)!r} is not empty; use --resume {out} to continue that run "
+            "or --force to overwrite it")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise SpfdeError(f"cannot create output directory {str(out)!r}: {str(parent)!r} is not a writable folder")
+
+
+def prepare_out_dir(out: Path, force: bool) -> None:
+    check_out_dir(out, force)
     if out.exists() and any(out.iterdir()):
-        if not force:
-            raise SpfdeError(
-                f"output directory {str(out)!r} is not empty; use --resume {out} to continue that run "
-                "or --force to overwrite it")
         import shutil
 
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SpfdeError(f"cannot create output directory {str(out)!r}: {e.strerror}") from None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -131,11 +142,7 @@ class Trainer:
         self.metrics: list[dict[str, Any]] = []
         self.start_epoch = 0
         self.wall_s = 0.0
-        self.tensorboard = None
-        if cfg.logging.tensorboard and self.is_main:
-            from spfde.report import TensorBoardLogger
-
-            self.tensorboard = TensorBoardLogger(self.out / "tensorboard")
+        self.tensorboard = None  # opened by run(): nothing is written before the output folder is ready
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self, epoch: int) -> None:
@@ -152,14 +159,22 @@ class Trainer:
         }
         atomic_torch_save(state, self.out / "checkpoints" / "last.pt")
 
-    def restore(self, ckpt: dict[str, Any]) -> None:
+    def restore(self, ckpt: dict[str, Any], path: Path | None = None) -> None:
+        try:
+            self._restore(ckpt)
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+            where = f"checkpoint {str(path)!r}" if path is not None else "the checkpoint"
+            raise SpfdeError(
+                f"{where} does not match this run's config.yaml ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                "resume with the config the run was started with, or delete checkpoints/ to restart it") from None
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
         # the controller first: it restores frozen blocks and per-block param groups the optimizer
         # state refers to
         self.model.load_state_dict(ckpt["model"])
         self.ctl.load_state_dict(ckpt["controller"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        if self.ctl.freezer is not None:
-            self.ctl.freezer.drop_optimizer_state()
+        self.ctl.optimizer_loaded()
         if self.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_states(ckpt["rng"])
@@ -237,6 +252,10 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
+        if cfg.logging.tensorboard and self.is_main and self.tensorboard is None:
+            from spfde.report import TensorBoardLogger
+
+            self.tensorboard = TensorBoardLogger(self.out / "tensorboard")
         for epoch in range(self.start_epoch, cfg.train.epochs):
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
@@ -269,13 +288,17 @@ class Trainer:
                 from spfde.analysis import save_snapshot
 
                 save_snapshot(self.out, epoch, self.model, self.ctl.sparsity.masks)
+            # metrics first: a kill between the two re-runs this epoch from the previous checkpoint
+            self._write_metrics()
             self.checkpoint(epoch)
-            atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.metrics))
             acc = "-" if test_acc is None else f"{100 * test_acc:.2f}%"
             self._log(f"epoch {epoch + 1:3d}/{cfg.train.epochs}  loss {row['train_loss']:.4f}  "
                       f"train {100 * row['train_acc']:.2f}%  test {acc}  density {row['density']:.3f}  "
                       f"frozen {len(row['frozen_blocks'])}  samples {row['samples_seen']}  {epoch_s:.1f}s")
         return self.finish()
+
+    def _write_metrics(self) -> None:
+        atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.metrics))
 
     def finish(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -307,6 +330,7 @@ class Trainer:
             "mem_model_min_bytes": min(mem) if mem else None,
         }
         if self.is_main:
+            self._write_metrics()
             atomic_write_json(self.out / "summary.json", summary)
         if self.tensorboard is not None:
             self.tensorboard.close()
@@ -314,12 +338,25 @@ class Trainer:
 
 
 def train(cfg: Config, out_dir: str | Path, force: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Run a new training run into ``out_dir`` (refused if it is not empty, unless ``force``)."""
+    """Run a new training run into ``out_dir`` (refused if it is not empty, unless ``force``).
+
+    Everything that can fail on bad input (model name, data files, the freezing plan) is checked by
+    building the trainer before the folder is touched, so a failed start neither leaves a half-made
+    run behind nor, with ``force``, deletes the run that was there.
+    """
+    from spfde.errors import ConfigError
+    from spfde.models import list_models
+
     out = Path(out_dir)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 prepares the directory
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prepares the directory
+    if main:
+        check_out_dir(out, force)
+    if cfg.model.name not in list_models():
+        raise ConfigError(f"config field 'model.name' = {cfg.model.name!r}; allowed: {', '.join(list_models())}")
+    trainer = Trainer(cfg, out, quiet=quiet)
+    if main:
         prepare_out_dir(out, force)
         atomic_write_text(out / "config.yaml", dump_config(cfg))
-    trainer = Trainer(cfg, out, quiet=quiet)
     return trainer.run()
 
 
@@ -333,7 +370,7 @@ def resume(out_dir: str | Path, quiet: bool = False) -> dict[str, Any]:
     trainer = Trainer(cfg, out, quiet=quiet)
     ckpt_path = out / "checkpoints" / "last.pt"
     if ckpt_path.exists():
-        trainer.restore(load_checkpoint(ckpt_path))
+        trainer.restore(load_checkpoint(ckpt_path), ckpt_path)
     for stale in (out / "checkpoints").glob(".last.pt.*.tmp") if (out / "checkpoints").exists() else []:
         if trainer.is_main:
             os.unlink(stale)

@@ -303,10 +303,10 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 
 def fashion_mnist_candidates(root: str | os.PathLike | None = None) -> list[Path]:
-    """Where Fashion-MNIST is looked for, in order."""
+    """Where Fashion-MNIST is looked for, in order; an explicit ``root`` is the only place looked at."""
     out: list[Path] = []
     if root is not None:
-        out += [Path(root), Path(root) / "fashion-mnist"]
+        return [Path(root), Path(root) / "fashion-mnist"]
     if os.environ.get("SPFDE_DATA"):
         out.append(Path(os.environ["SPFDE_DATA"]) / "fashion-mnist")
     out += [Path.home() / ".cache" / "spfde" / "fashion-mnist", FASHION_MNIST_SYSTEM_DIR]

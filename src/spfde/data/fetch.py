@@ -71,7 +71,7 @@ def _download(dest: Path, timeout: float = 60.0) -> Path:
                 arr = parse_idx(gzip.decompress(data), base + fname)
                 if arr.shape[0] != _EXPECTED_N[key]:
                     raise SpfdeError(f"{base + fname} holds {arr.shape[0]} items, expected {_EXPECTED_N[key]}")
-            except (OSError, EOFError, SpfdeError) as e:
+            except Exception as e:  # noqa: BLE001 - any failure of one mirror: try the next
                 errors.append(f"{base + fname}: {e}")
                 continue
             atomic_write_bytes(dest / fname, data)
@@ -87,7 +87,7 @@ def ensure_fashion_mnist(root: str | None = None, allow_apt: bool = True, allow_
     found = find_fashion_mnist(root)
     if found is not None:
         return found
-    if allow_apt:
+    if allow_apt and root is None:  # the Debian package installs into its own folder, not into root
         found = _try_apt()
         if found is not None:
             return found

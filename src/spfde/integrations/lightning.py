@@ -179,9 +179,7 @@ class SpFDECallback(pl.Callback):
             return
         # Lightning loaded the optimizer state after on_fit_start: frozen blocks' state came back,
         # pruned positions' momentum must be zero and the LR must be the epoch's
-        if ctl.freezer is not None:
-            ctl.freezer.drop_optimizer_state()
-        ctl.sparsity.mask_optimizer_state(ctl.optimizer)
+        ctl.optimizer_loaded()
         if ctl.block_lr is not None and self._prestarted is not None:
             ctl.block_lr.set(float(self._prestarted))
 
