@@ -54,7 +54,7 @@ def simulate(n, ratio, update_ratio, seed, intervals, interval=1):
     return history
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(scenarios(), st.integers(0, 2**31 - 1))
 def test_circular_sieve_with_real_tracker(scenario, global_seed):
     n, ratio, update_ratio, seed, intervals = scenario

@@ -362,6 +362,9 @@ class SpFDE:
             "sparsity_updated": bool(info.get("sparsity_update", {}).get("updated", False)),
         }
         m["mem_model_bytes"] = int(self.memory_model()["total"])
+        # the same sparse model with nothing frozen: Fig. 4's "DST methods Min." baseline
+        m["mem_model_unfrozen_bytes"] = (int(self.memory_model(frozen=False)["total"]) if m["frozen_blocks"]
+                                         else m["mem_model_bytes"])
         if "forgetting_histogram" in info:
             m["forgetting_histogram"] = info["forgetting_histogram"]
         if self.block_lr is not None:
@@ -381,12 +384,15 @@ class SpFDE:
             total += int(masks[name].sum()) if name in masks else p.numel()
         return total
 
-    def memory_model(self, batch_size: int | None = None) -> dict[str, int]:
-        """Training memory of the current state (Section 5.2): weights, activations, grads, optimizer."""
+    def memory_model(self, batch_size: int | None = None, frozen: bool = True) -> dict[str, int]:
+        """Training memory of the current state (Section 5.2): weights, activations, grads, optimizer.
+
+        ``frozen=False``: the same masks with no block frozen (the un-frozen sparse run).
+        """
         from spfde.accounting.memory import memory_model
 
-        fp = self.freezer.frozen_param_names() if self.freezer else set()
-        fm = self.freezer.frozen_module_names() if self.freezer else set()
+        fp = self.freezer.frozen_param_names() if self.freezer and frozen else set()
+        fm = self.freezer.frozen_module_names() if self.freezer and frozen else set()
         return memory_model(self.net, self._x0, batch_size or self.cfg.data.batch_size, masks=self.sparsity.masks,
                             frozen_params=fp, frozen_modules=fm)
 

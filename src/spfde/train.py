@@ -308,6 +308,8 @@ class Trainer:
         dense = dense_train_flops(self.ctl.layer_flops, len(self.train_set), cfg.train.epochs)
         total = int(self.ctl.ledger.total_flops)
         mem = [r["mem_model_bytes"] for r in self.metrics if r.get("mem_model_bytes")]
+        unfrozen = [r.get("mem_model_unfrozen_bytes") or r["mem_model_bytes"] for r in self.metrics
+                    if r.get("mem_model_bytes")]
         peaks = [r["peak_mem_bytes"] for r in self.metrics if r.get("peak_mem_bytes")]
         summary = {
             "final_test_acc": accs[-1] if accs else None,
@@ -328,6 +330,10 @@ class Trainer:
             "peak_mem_bytes": max(peaks) if peaks else None,
             "mem_model_avg_bytes": sum(mem) / len(mem) if mem else None,
             "mem_model_min_bytes": min(mem) if mem else None,
+            # Fig. 4: SpFDE Avg./Min. against the same sparse run without freezing
+            "mem_model_unfrozen_avg_bytes": sum(unfrozen) / len(unfrozen) if unfrozen else None,
+            "mem_saving_avg": 1 - sum(mem) / sum(unfrozen) if mem else None,
+            "mem_saving_min": 1 - min(mem) / min(unfrozen) if mem else None,
         }
         if self.is_main:
             self._write_metrics()
