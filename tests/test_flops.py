@@ -200,3 +200,17 @@ def test_table2_resnet32x2_cifar100():
             assert round(got, 2) == table  # Table 2 prints two decimals
             if s < 0.98:  # 0.98: 0.2636 vs the printed 0.26 is a 1.4 % rounding gap
                 assert got == pytest.approx(table, rel=0.01)
+
+
+def test_planned_static_sieve_removes_after_warmup():
+    # sieving.method=static trains on all samples until its one-shot removal, then on n - m
+    flops = {"0": CONV, "3": FC}
+    c = from_dict({"train": {"epochs": 6, "interval": 2}, "data": {"batch_size": 4},
+                   "sparsity": {"method": "static", "target": 0.5, "dense_first_layer": False},
+                   "sieving": {"method": "static", "ratio": 0.3}})
+    from spfde.sieving import build_sieve
+
+    sieve = build_sieve(c, 10)
+    assert [sieve.planned_samples(e) for e in range(6)] == [10, 10, 7, 7, 7, 7]  # removal at Δτ = 2
+    out = planned_flops(c, flops, 10, samples_per_epoch=sieve.planned_samples)
+    assert out["epoch_flops"] == [round(3 * 0.5 * (CONV + FC) * n) for n in (10, 10, 7, 7, 7, 7)]

@@ -239,7 +239,7 @@ class SpFDE:
         plan = plan if plan is not None else self.plan
         frozen_fn = (lambda e: self.frozen_modules_at(e, plan)) if with_freezing and plan is not None else None
         return planned_flops(self.cfg, self.layer_flops, self.train_size, frozen_fn=frozen_fn,
-                             samples_per_epoch=self.samples_per_epoch(), engine=self.sparsity)
+                             samples_per_epoch=self.sieve.planned_samples, engine=self.sparsity)
 
     def realized_reduction(self, plan: Any) -> float:
         """Training-FLOPs reduction of ``plan`` versus the same run without freezing (exact replay)."""

@@ -223,7 +223,7 @@ def planned_flops(
     frozen_fn: FrozenSpec = None,
     freeze_plan: Mapping[str, int] | None = None,
     sieve_ratio: float | None = None,
-    samples_per_epoch: int | None = None,
+    samples_per_epoch: int | Callable[[int], int] | None = None,
     engine: Any = None,
     layer_sparsity: Mapping[str, float] | None = None,
     epochs: int | None = None,
@@ -240,7 +240,8 @@ def planned_flops(
             ``freeze_plan`` is an alias for the mapping form.
         sieve_ratio: ``p``; samples per epoch ``n_train - round(p·n_train)`` (default
             ``cfg.sieving.ratio`` unless ``sieving.method`` is none). ``samples_per_epoch``
-            overrides it.
+            overrides it: a number, or ``epoch -> samples`` when it changes over the run
+            (``sieving.method: static`` removes its share only after the warm-up).
         engine: a built :class:`~spfde.sparsity.SparseEngine`; its per-layer targets and weight
             counts are used (densities then match the masks to the weight).
             Without it, ``layer_sparsity`` ``{module: s}``; without that, ``uniform`` from ``cfg``
@@ -279,6 +280,7 @@ def planned_flops(
         p = sieve_ratio if sieve_ratio is not None else (
             cfg.sieving.ratio if cfg.sieving.method != "none" else 0.0)
         samples_per_epoch = int(n_train) - int(round(p * int(n_train)))
+    samples_at = samples_per_epoch if callable(samples_per_epoch) else (lambda _e, n=int(samples_per_epoch): n)
     frozen_of = _frozen_fn(freeze_plan if freeze_plan is not None else frozen_fn)
 
     # with the model's layers known, count weights exactly as the masks do (keep_count rounding)
@@ -298,7 +300,7 @@ def planned_flops(
                 if m not in frozen_layers:
                     sparsity[m] = schedule.sparsity_after_update(s, e)
         density = {m: _density(v, numel.get(m)) for m, v in sparsity.items()}
-        n = samples_per_epoch
+        n = int(samples_at(e))
         if schedule.needs_dense_grad(e) and n > 0:
             b = min(batch_size, n)
             ledger.charge(b, density, frozen, dense_grad=True)
@@ -314,7 +316,7 @@ def planned_flops(
         "dense_forward_flops_per_sample": fwd_dense,
         "flops_saving": 1.0 - total / dense if dense else 0.0,
         "epochs": epochs,
-        "samples_per_epoch": samples_per_epoch,
+        "samples_per_epoch": int(samples_at(epochs - 1)) if epochs else 0,
         "method": sp.method,
         "epoch_flops": per_epoch,
         "final_density": {m: _density(v, numel.get(m)) for m, v in sparsity.items()},

@@ -114,6 +114,10 @@ class Sieve:
         """Algorithm 1 updates the dataset at ``epoch mod Δτ == 0`` (never at epoch 0)."""
         return epoch > 0 and epoch % self.interval == 0
 
+    def planned_samples(self, epoch: int) -> int:
+        """Samples trained on in ``epoch``, known in advance (the FLOPs plan uses it)."""
+        return int(len(self.active))
+
     @property
     def never_seen_count(self) -> int:
         """Samples that have never been in the partial set yet."""
@@ -277,6 +281,9 @@ class StaticSieve(Sieve):
 
     def is_update_epoch(self, epoch: int) -> bool:
         return epoch == self.warmup
+
+    def planned_samples(self, epoch: int) -> int:
+        return self.n if epoch < self.warmup else self.n - self.m
 
     def update(self, difficulty: torch.Tensor, epoch: int) -> dict[str, Any]:
         if self.updates:  # one-shot: later calls change nothing
