@@ -215,16 +215,7 @@ def test_two_ranks_stay_identical_under_torchrun(tmp_path: Path) -> None:
     assert len(last["active"]) < 61
 
 
-def _train_supports_torchrun() -> bool:
-    import inspect
-
-    import spfde.train
-
-    return "init_from_env" in inspect.getsource(spfde.train)
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _train_supports_torchrun(), reason="spfde.train does not initialise torch.distributed yet")
 def test_spfde_train_runs_unchanged_under_torchrun(tmp_path: Path) -> None:
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(textwrap.dedent("""

@@ -77,6 +77,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from spfde.distributed import cleanup
+
+    try:
+        return _train(args)
+    finally:
+        cleanup()  # under torchrun: leave the process group cleanly (a no-op otherwise)
+
+
+def _train(args: argparse.Namespace) -> int:
     from spfde.config import load_config
 
     if args.resume:
