@@ -14,13 +14,12 @@ reduction, the measured training wall-clock reduction, and their ratio (paper Ta
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lockstep import add_args, base_overrides, make_config, reductions, run_lockstep  # noqa: E402
+from lockstep import add_args, base_overrides, emit, make_config, reductions, run_lockstep  # noqa: E402
 
 TARGETS = (0.10, 0.15, 0.20, 0.25)
 PAPER_A11 = {0.10: 0.0893, 0.15: 0.1366, 0.20: 0.1883, 0.25: 0.2367}
@@ -44,18 +43,10 @@ def main() -> None:
                      "ratio": r["efficiency"], "tfrz": ctl.plan.tfrz if ctl.plan is not None else None,
                      "paper_wall_reduction": PAPER_A11.get(round(t, 2)), "wall_s": r["wall_s"],
                      "baseline_wall_s": r["baseline_wall_s"]})
-    out = {"rows": rows, "epochs": configs["baseline"].train.epochs, "subset": configs["baseline"].data.subset,
-           "batch_size": configs["baseline"].data.batch_size, "model": configs["baseline"].model.name,
-           "threads": __import__("torch").get_num_threads()}
-    if args.json:
-        print(json.dumps(out))
-        return
-    print(f"{'target':>7}{'Tfrz':>6}{'FLOPs red.':>12}{'wall red.':>11}{'ratio':>8}{'paper wall':>12}")
-    for r in rows:
-        paper = "-" if r["paper_wall_reduction"] is None else f"{100 * r['paper_wall_reduction']:.2f}%"
-        print(f"{100 * r['target']:>6.0f}%{r['tfrz'] if r['tfrz'] is not None else '-':>6}"
-              f"{100 * r['flops_reduction']:>11.2f}%{100 * r['wall_reduction']:>10.2f}%{r['ratio']:>8.3f}{paper:>12}")
-    print(f"baseline training wall-clock {rows[0]['baseline_wall_s']:.1f}s; goal: ratio >= 0.95 at every target")
+    emit(args, rows, configs["baseline"],
+         [("target", "target", "pct"), ("Tfrz", "tfrz", "int"), ("FLOPs red.", "flops_reduction", "pct"),
+          ("wall red.", "wall_reduction", "pct"), ("ratio", "ratio", "ratio"),
+          ("paper wall", "paper_wall_reduction", "pct")], "ratio >= 0.95 at every target")
 
 
 if __name__ == "__main__":

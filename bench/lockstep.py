@@ -10,6 +10,7 @@ in the paper's Tables A11/A12, which time training epochs).
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -87,3 +88,26 @@ def reductions(base: dict[str, Any], variant: dict[str, Any]) -> dict[str, float
 
 def make_config(overrides: list[str]) -> Config:
     return load_config(None, overrides)
+
+
+def emit(args: argparse.Namespace, rows: list[dict[str, Any]], cfg: Config, columns: list[tuple[str, str, str]],
+         goal: str, **extra: Any) -> None:
+    """Print ``{"rows": rows, ...}`` as one JSON object (``--json``) or as a table.
+
+    ``columns``: (header, row key, format) with format ``pct`` (a fraction shown as %), ``ratio`` or ``int``.
+    """
+    out = {"rows": rows, "epochs": cfg.train.epochs, "subset": cfg.data.subset, "batch_size": cfg.data.batch_size,
+           "model": cfg.model.name, "threads": torch.get_num_threads(), **extra}
+    if args.json:
+        print(json.dumps(out))
+        return
+
+    def cell(v: Any, kind: str) -> str:
+        if v is None:
+            return "-"
+        return {"pct": f"{100 * v:.2f}%", "ratio": f"{v:.3f}", "int": f"{v}"}[kind]
+
+    print("".join(f"{h:>13}" for h, _, _ in columns))
+    for r in rows:
+        print("".join(f"{cell(r.get(k), kind):>13}" for _, k, kind in columns))
+    print(f"baseline training wall-clock {rows[0]['baseline_wall_s']:.1f}s; goal: {goal}")

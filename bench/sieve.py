@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 import time
@@ -24,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lockstep import add_args, base_overrides, make_config, reductions, run_lockstep  # noqa: E402
+from lockstep import add_args, base_overrides, emit, make_config, reductions, run_lockstep  # noqa: E402
 
 RATIOS = (0.10, 0.15, 0.20, 0.25)
 PAPER_A12 = {0.10: 0.0914, 0.15: 0.1438, 0.20: 0.1909, 0.25: 0.2439}
@@ -69,20 +68,11 @@ def main() -> None:
                      "bookkeeping_fraction": round(book[name][0] / res[name]["wall_s"], 5),
                      "efficiency": r["efficiency"], "paper_wall_reduction": PAPER_A12.get(round(p, 2)),
                      "wall_s": r["wall_s"], "baseline_wall_s": r["baseline_wall_s"]})
-    cfg = configs["baseline"]
-    out = {"rows": rows, "epochs": cfg.train.epochs, "subset": cfg.data.subset, "batch_size": cfg.data.batch_size,
-           "model": cfg.model.name, "update_ratio": args.update_ratio,
-           "threads": __import__("torch").get_num_threads()}
-    if args.json:
-        print(json.dumps(out))
-        return
-    print(f"{'ratio':>6}{'FLOPs red.':>12}{'wall red.':>11}{'wall/FLOPs':>12}{'bookkeeping':>13}{'paper wall':>12}")
-    for r in rows:
-        paper = "-" if r["paper_wall_reduction"] is None else f"{100 * r['paper_wall_reduction']:.2f}%"
-        print(f"{100 * r['ratio']:>5.0f}%{100 * r['flops_reduction']:>11.2f}%{100 * r['wall_reduction']:>10.2f}%"
-              f"{r['efficiency']:>12.3f}{100 * r['bookkeeping_fraction']:>12.3f}%{paper:>12}")
-    print(f"baseline training wall-clock {rows[0]['baseline_wall_s']:.1f}s; goal: wall/FLOPs >= 0.97, "
-          "bookkeeping < 1%")
+    emit(args, rows, configs["baseline"],
+         [("ratio", "ratio", "pct"), ("FLOPs red.", "flops_reduction", "pct"), ("wall red.", "wall_reduction", "pct"),
+          ("wall/FLOPs", "efficiency", "ratio"), ("bookkeeping", "bookkeeping_fraction", "pct"),
+          ("paper wall", "paper_wall_reduction", "pct")], "wall/FLOPs >= 0.97, bookkeeping < 1%",
+         update_ratio=args.update_ratio)
 
 
 if __name__ == "__main__":
