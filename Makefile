@@ -16,7 +16,9 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned, so pip never resolves a multi-GB CUDA build here.
-	$(BIN)/python -m pip install -q $(FIND) "torch==2.13.0" || $(BIN)/python -m pip install -q "torch>=2.2"
+	$(BIN)/python -m pip install -q $(FIND) "torch==2.13.0" \
+	  || $(BIN)/python -m pip install -q --index-url https://download.pytorch.org/whl/cpu "torch>=2.2" \
+	  || $(BIN)/python -m pip install -q "torch>=2.2"
 	$(BIN)/python -m pip install -q $(FIND) -e ".[test,lightning]"
 	touch $(STAMP)
 
