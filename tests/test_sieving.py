@@ -54,8 +54,9 @@ def reference_counts(n, batches):
 # ----------------------------------------------------------------------------- tracker
 
 
-def test_tracker_hand_made_sequence_with_duplicates_and_never_correct():
-    t = ForgettingTracker(5)
+@pytest.mark.parametrize("carry", [False, True])
+def test_tracker_hand_made_sequence_with_duplicates_and_never_correct(carry):
+    t = ForgettingTracker(5, carry_status=carry)
     t.record(torch.tensor([0, 1, 2, 3]), torch.tensor([True, True, False, True]))
     t.record(torch.tensor([0, 1, 2]), torch.tensor([False, True, False]))  # 0 forgets
     # duplicates in one batch are consecutive sightings in batch order: 0 goes F->T->F->T (one event)
@@ -70,10 +71,12 @@ def test_tracker_hand_made_sequence_with_duplicates_and_never_correct():
     t.record(torch.tensor([0]), torch.tensor([False]))  # last sighting of 0 was correct
     assert t.counts()[0] == 3
 
-    # a new interval: the previous correctness does not carry over
+    # a new interval: counts restart; the previous correctness carries over only with carry_status
+    # (3 was last correct, 1 last wrong: with it, 3's first sighting of the interval is an event)
     t.reset_interval()
-    t.record(torch.tensor([3, 1]), torch.tensor([False, False]))
     assert t.counts().tolist() == [0] * 5
+    t.record(torch.tensor([3, 1]), torch.tensor([False, False]))
+    assert t.counts().tolist() == ([0, 0, 0, 1, 0] if carry else [0] * 5)
     assert t.seen_in_interval().tolist() == [False, True, False, True, False]
     assert t.difficulty().tolist() == [UNSEEN, NEVER_CORRECT, UNSEEN, NEVER_CORRECT, UNSEEN]
 

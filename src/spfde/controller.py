@@ -124,7 +124,7 @@ class SpFDE:
 
         # ---- data sieving
         self.sieve = build_sieve(cfg, self.train_size)
-        self.tracker = ForgettingTracker(self.train_size)
+        self.tracker = ForgettingTracker(self.train_size, carry_status=cfg.sieving.carry_status)
         self._track_status = not isinstance(self.sieve, NoSieve)
         self.sampler = self._make_sampler()
         # each rank sees only its share of the samples: the sample status of all ranks is merged

@@ -7,11 +7,16 @@ that just ended; samples with the fewest are the easiest and go to the removed q
 
 Choices (documented in the method card of :mod:`spfde.sieving`):
 
-* the statistics are *re-collected per interval* (Section 4.3: "We re-collect this number for
-  each interval to ensure the newly added samples can be treated equally"). :meth:`reset_interval`
-  clears the counts **and** the previous correctness, so the first sighting of a sample in an
-  interval can never be a forgetting event -- a sample returned from the queue and a sample that
-  stayed in the partial set start on equal terms;
+* the counts are *re-collected per interval* (Section 4.3: "We re-collect this number for each
+  interval to ensure the newly added samples can be treated equally"): :meth:`reset_interval`
+  zeroes every count. An event is counted in the interval of its *second* sighting: with
+  ``carry_status`` (default, ``sieving.carry_status``) the first sighting of a sample in an
+  interval is compared with its last sighting before it, even one from before the sample was
+  removed (a sample that was easy when it left and is misclassified on its return was forgotten
+  while away). Without it the previous correctness is cleared too, so an interval only sees
+  events between two of its own sightings -- and with Δτ = 1 epoch (one sighting per interval)
+  there are none at all, and the circular sieve degrades to a random choice among correctly
+  classified samples;
 * a sample seen in the interval but never classified correctly is the hardest kind of sample
   (it was never learnt, so it cannot be forgotten): :meth:`difficulty` maps it to
   :data:`NEVER_CORRECT`, above any possible count;
@@ -41,8 +46,8 @@ def forgetting_update(
     """Forgetting events of one batch of sightings, vectorized (Appendix C.1).
 
     Args:
-        last_correct: ``(n,)`` bool, correctness at each sample's previous sighting in the
-            interval (False when not yet seen, so a first sighting is never an event).
+        last_correct: ``(n,)`` bool, correctness at each sample's previous sighting (False when
+            not seen yet, so a first sighting is never an event).
         indices: ``(b,)`` int64 sample indices, duplicates allowed.
         correct: ``(b,)`` bool, whether each sighting was classified correctly.
 
@@ -77,12 +82,15 @@ class ForgettingTracker:
     Args:
         n: training-set size; indices are ``0..n-1``.
         device: where the statistics live (keep it with the logits to avoid host syncs).
+        carry_status: keep each sample's last correctness across :meth:`reset_interval` (see the
+            module docstring); counts are reset either way.
     """
 
-    def __init__(self, n: int, device: str | torch.device = "cpu") -> None:
+    def __init__(self, n: int, device: str | torch.device = "cpu", carry_status: bool = True) -> None:
         if int(n) <= 0:
             raise SpfdeError(f"ForgettingTracker needs a positive training-set size, got n={n}")
         self.n = int(n)
+        self.carry_status = bool(carry_status)
         self.device = torch.device(device)
         self._count = torch.zeros(self.n, dtype=torch.int64, device=self.device)
         self._last_correct = torch.zeros(self.n, dtype=torch.bool, device=self.device)
@@ -159,10 +167,11 @@ class ForgettingTracker:
         return out
 
     def reset_interval(self) -> None:
-        """Start a new interval: counts, previous correctness, seen and ever-correct all clear
-        (Section 4.3 re-collects per interval so newly returned samples are treated equally)."""
+        """Start a new interval: counts, seen and ever-correct clear (Section 4.3 re-collects per
+        interval); the previous correctness too unless ``carry_status``."""
         self._count.zero_()
-        self._last_correct.zero_()
+        if not self.carry_status:
+            self._last_correct.zero_()
         self._seen.zero_()
         self._ever_correct.zero_()
 
