@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
@@ -43,7 +44,9 @@ def _pct(values: Sequence[float]) -> list[float]:
 
 def _legend(ax: Any) -> None:
     handles, _ = ax.get_legend_handles_labels()
-    if handles:
+    if len(handles) > 6:  # many runs or blocks: beside the axes, never over the curves
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    elif handles:
         ax.legend(fontsize=8, loc="best")
 
 
@@ -137,8 +140,10 @@ def plot_lr(run: Run, path: Path) -> str | None:
             pts = [(e, d[b]) for e, d in rows if d.get(b) is not None]
             if pts:
                 xs, ys = zip(*pts, strict=False)
-                a.plot(xs, ys, color=f"C{j % 10}", label=b)
+                a.plot(xs, ys, color=colormaps["tab20"](j % 20), linestyle=("-", "--", ":")[(j // 20) % 3],
+                       label=b)
         a.set_title(f"{run.label}: learning rate per block (block-wise cosine, Section 4.2.1)")
+        a.set_xlabel("epoch (learning rate at the epoch's end)")
     else:
         x, y = run.series("lr")
         if not x:
@@ -146,8 +151,11 @@ def plot_lr(run: Run, path: Path) -> str | None:
         a.plot(x, y, color="C0", label="lr")
         a.set_title(f"{run.label}: learning rate")
     a.set_ylabel("learning rate")
-    _epoch_axis(a)
-    if len(a.get_lines()) <= 20:
+    a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    a.grid(True, alpha=0.3)
+    if not a.get_xlabel():
+        a.set_xlabel("epoch")
+    if len(a.get_lines()) <= 40:
         _legend(a)
     _save(fig, path)
     return None
@@ -196,7 +204,14 @@ def plot_density(run: Run, path: Path) -> str | None:
         return f"density per layer ({run.label}): no layer_density in metrics.jsonl (dense run?)"
     layers, epochs, mat = _matrix(series)
     fig, ax = _figure(2, 1, size=(8.0, _height(len(layers)) + 2.6), gridspec_kw={"height_ratios": [3, 1]})
-    _heatmap(fig, ax[0, 0], mat, layers, epochs, "density (% nonzero weights)", vmin=0.0, vmax=100.0)
+    # colours span the masked layers' densities (dense layers, at 100%, show as the top colour):
+    # a 0-100 scale would paint every layer between 10% and 15% the same
+    sparse = mat[np.isfinite(mat) & (mat < 100.0)]
+    lo, hi = (float(sparse.min()), float(sparse.max())) if sparse.size else (0.0, 100.0)
+    if hi - lo < 1e-9:
+        lo, hi = max(0.0, lo - 1.0), hi + 1.0
+    _heatmap(fig, ax[0, 0], np.minimum(mat, hi), layers, epochs,
+             f"density (% nonzero weights; dense layers shown at {hi:.1f})", vmin=lo, vmax=hi)
     ax[0, 0].set_title(f"{run.label}: density per layer")
     x, y = run.series("density")
     b = ax[1, 0]
@@ -232,8 +247,6 @@ def plot_freezing(run: Run, path: Path) -> str | None:
     a.set_xlabel("epoch")
     a.set_ylabel("block (forward order)")
     a.set_title(f"{run.label}: progressive layer freezing timeline (Algorithm 1)")
-    from matplotlib import colormaps
-
     cmap = colormaps["Blues"]
     a.legend(handles=[Patch(color=cmap(1.0 / 1.2), label="frozen"), Patch(color=cmap(0.0), label="active")],
              fontsize=8, loc="lower right")
@@ -245,7 +258,9 @@ def plot_sieve(run: Run, path: Path) -> str | None:
     x, y = run.series("active_samples")
     if not x:
         return f"partial training set ({run.label}): no active_samples in metrics.jsonl"
-    if len(set(y)) == 1:
+    _, returned = run.series("returned")
+    _, removed = run.series("removed_this_update")
+    if len(set(y)) == 1 and not any(returned) and not any(removed):
         return f"partial training set ({run.label}): constant at {y[0]} samples (no data sieving)"
     fig, ax = _figure()
     a = ax[0, 0]
@@ -280,8 +295,10 @@ def plot_forgetting(run: Run, hists: Sequence[tuple[int, dict[int, int]]], path:
               color=f"C{j % 10}", label=f"update at epoch {epoch}")
     a.set_yscale("log")
     a.set_title(f"{run.label}: forgetting-event counts at each sieving update")
-    a.set_xlabel("forgetting events per sample (within the interval)")
-    a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    a.set_xlabel("forgetting events per sample in the interval (-1: never classified correctly)")
+    ticks = sorted({c for _, h in hists for c in h})
+    a.set_xticks(ticks)
+    a.set_xticklabels(["never\ncorrect" if c == -1 else str(c) for c in ticks], fontsize=8)
     a.set_ylabel("samples (log scale)")
     a.grid(True, alpha=0.3, axis="y")
     _legend(a)
@@ -298,6 +315,9 @@ def plot_memory(run: Run, path: Path) -> str | None:
     a = ax[0, 0]
     if xm:
         a.plot(xm, [v / MIB for v in ym], color="C0", label="modelled training memory (mem_model_bytes)")
+        xu, yu = run.series("mem_model_unfrozen_bytes")
+        if xu and yu != ym:
+            a.plot(xu, [v / MIB for v in yu], color="C2", ls=":", label="same masks, nothing frozen (model)")
     if xp:
         a.plot(xp, [v / MIB for v in yp], color="C1", ls="--", label="CUDA peak allocated (peak_mem_bytes)")
     a.set_title(f"{run.label}: memory per epoch")
@@ -324,7 +344,7 @@ def plot_grad_norms(run: Run, change: dict[str, list[float]], path: Path) -> str
     layers, epochs, mat = _matrix(series)
     fig, ax = _figure(1, 2, size=(13.0, _height(len(layers))))
     _heatmap(fig, ax[0, 0], mat, layers, epochs, "log10 mean gradient L2 norm", cmap="magma")
-    ax[0, 0].set_title("per-layer gradient norm")
+    ax[0, 0].set_title("per-layer gradient norm (blank: frozen, no gradient)")
     # the change is shown on a linear scale: zero (a layer whose norm did not move) must stay visible
     ch = {k: [(e, v if v == v else None) for e, v in zip(epochs_of[1:], change.get(k, []), strict=False)]
           for k in layers}
