@@ -308,9 +308,9 @@ class SpFDE:
     def before_step(self) -> None:
         """After ``loss.backward()``, before ``optimizer.step()``: mask gradients of pruned weights."""
         self._require_epoch("before_step")
-        if self.grad_norms is not None:
-            self.grad_norms.record()
         self.sparsity.before_step()
+        if self.grad_norms is not None:  # the gradients the optimizer applies: pruned positions masked
+            self.grad_norms.record()
 
     def after_step(self, logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> None:
         """After ``optimizer.step()``: re-apply masks, record sample status, charge the ledger."""

@@ -83,9 +83,11 @@ class GradNormTracker:
         norms = torch._foreach_norm(grads)
         sq = torch.stack([g.to(self._sum.dtype) for g in norms]).to(self._sum.device) ** 2
         idx, has_grad = self._index(tuple(owners))
-        per_layer_sq = torch.zeros_like(self._sum).index_add_(0, idx, sq)
-        self._sum += per_layer_sq.sqrt()
-        self._count += has_grad
+        per_layer = torch.zeros_like(self._sum).index_add_(0, idx, sq).sqrt()
+        # a step fp16 AMP skips (inf/NaN gradients) must not turn the epoch's mean into inf/NaN
+        finite = torch.isfinite(per_layer)
+        self._sum += torch.where(finite, per_layer, torch.zeros_like(per_layer))
+        self._count += has_grad * finite
 
     def _index(self, owners: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         # the set of parameters with gradients changes only when blocks freeze; caching the
