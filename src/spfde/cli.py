@@ -236,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; resume with `spfde train --resume DIR`", file=sys.stderr)
+        again = ("run the same command again: finished runs are skipped and half-done ones resumed"
+                 if args.command == "reproduce" else "resume with `spfde train --resume DIR`")
+        print(f"interrupted; {again}", file=sys.stderr)
         return 130
 
 

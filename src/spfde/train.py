@@ -143,6 +143,10 @@ class Trainer:
         self.start_epoch = 0
         self.wall_s = 0.0
         self.tensorboard = None  # opened by run(): nothing is written before the output folder is ready
+        if cfg.logging.tensorboard and self.is_main:
+            from spfde.report.tensorboard import require_tensorboard
+
+            require_tensorboard()  # a missing package stops the run before anything is written
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self, epoch: int) -> None:

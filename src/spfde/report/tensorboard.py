@@ -35,17 +35,23 @@ def metrics_to_scalars(row: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def require_tensorboard() -> Any:
+    """``SummaryWriter``, or a clear error when the ``tensorboard`` package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SpfdeError("logging.tensorboard is true but the tensorboard package is not installed; "
+                         "run `pip install tensorboard` (or `pip install spfde[tensorboard]`) or set "
+                         "logging.tensorboard=false") from None
+    return SummaryWriter
+
+
 class TensorBoardLogger:
     """``log_epoch(row)`` writes a metrics row as TensorBoard scalars under ``log_dir``."""
 
     def __init__(self, log_dir: str | Path, writer: Any = None) -> None:
         if writer is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise SpfdeError("logging.tensorboard is true but the tensorboard package is not installed; "
-                                 "run `pip install tensorboard` or set logging.tensorboard=false") from None
-            writer = SummaryWriter(log_dir=str(log_dir))
+            writer = require_tensorboard()(log_dir=str(log_dir))
         self.writer = writer
 
     def log_epoch(self, row: Mapping[str, Any]) -> None:
