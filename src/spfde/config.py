@@ -122,7 +122,7 @@ class SievingConfig:
     update_ratio: float = _f(0.3, lo=0.0, hi=1.0, lo_open=True, doc="share of the removed queue returned per update")
     static_warmup: int | None = _f(None, lo=0, doc="static: epochs before the one-shot removal (default Δτ)")
     carry_status: bool = _f(True, doc="a sample's first sighting in an interval is compared with its last one "
-                                      "before (false: only sightings within one interval; needs Δτ >= 2 epochs)")
+                                      "before, even from before it was removed (false: only within the interval)")
 
 
 @dataclass

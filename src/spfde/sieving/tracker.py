@@ -14,9 +14,11 @@ Choices (documented in the method card of :mod:`spfde.sieving`):
   interval is compared with its last sighting before it, even one from before the sample was
   removed (a sample that was easy when it left and is misclassified on its return was forgotten
   while away). Without it the previous correctness is cleared too, so an interval only sees
-  events between two of its own sightings -- and with Δτ = 1 epoch (one sighting per interval)
-  there are none at all, and the circular sieve degrades to a random choice among correctly
-  classified samples;
+  events between two of its own sightings;
+* with Δτ = 1 epoch an interval holds one sighting per sample, so whatever ``carry_status`` says
+  the ranking is only "misclassified now" (hardest, below) against "correct now" (0 events):
+  the sieve then moves a random subset of the correctly classified samples. Δτ >= 2 epochs gives
+  the forgetting counts room to rank samples;
 * a sample seen in the interval but never classified correctly is the hardest kind of sample
   (it was never learnt, so it cannot be forgotten): :meth:`difficulty` maps it to
   :data:`NEVER_CORRECT`, above any possible count;
