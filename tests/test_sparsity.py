@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import masked_sgd_steps
 from spfde.config import ConfigError, from_dict
 from spfde.errors import SpfdeError
 from spfde.sparsity import build_sparsity, find_prunable, keep_count, layer_sparsity
@@ -46,14 +47,7 @@ def cfg(method="mest", target=0.8, distribution="uniform", epochs=8, interval=2,
 
 
 def train_epoch(model, engine, opt, steps=2):
-    for _ in range(steps):
-        loss = nn.functional.cross_entropy(model(X), Y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        engine.before_step()
-        opt.step()
-        engine.after_step(opt)
-        yield
+    return masked_sgd_steps(model, engine, opt, X, Y, steps)
 
 
 def counts(engine):

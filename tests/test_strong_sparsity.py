@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import masked_sgd_steps
 from spfde.config import from_dict
 from spfde.sparsity import build_sparsity, keep_count
 
@@ -45,13 +46,8 @@ def make_cfg(method: str, epochs: int, interval: int, search_end: int, target: f
 
 
 def train_steps(model, engine, opt, steps: int = 2) -> None:
-    for _ in range(steps):
-        loss = nn.functional.cross_entropy(model(X), Y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        engine.before_step()
-        opt.step()
-        engine.after_step(opt)
+    for _ in masked_sgd_steps(model, engine, opt, X, Y, steps):
+        pass
 
 
 def mask_counts(engine) -> dict[str, int]:
