@@ -66,7 +66,7 @@ def main() -> None:
     for r in rows:
         print(f"{100 * r['sparsity']:>8.0f}%{r['dense_bytes'] / MIB:>11.1f}{r['dst_bytes'] / MIB:>9.1f}"
               f"{r['spfde_avg_bytes'] / MIB:>9.1f} ({100 * r['avg_saving']:4.1f}%)"
-              f"{r['spfde_min_bytes'] / MIB:>9.1f} ({100 * r['min_saving']:4.1f}%){r['tfrz']:>6}")
+              f"{r['spfde_min_bytes'] / MIB:>9.1f} ({100 * r['min_saving']:4.1f}%){str(r['tfrz']):>6}")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,9 @@ def test_unknown_model_and_missing_data_errors(tmp_path):
     (old / "summary.json").write_text("{}")
     r = cli("train", "--config", "fmnist-demo", "--set", "data.name=imagefolder", "--out", str(old), "--force")
     assert r.returncode == 2 and "data.root" in r.stderr and (old / "summary.json").exists()
+    r = cli("train", "--config", "fmnist-demo", "--set", "data.name=cifar10", "--set",
+            f"data.root={tmp_path / 'nowhere'}", "--out", str(old), "--force")  # fails inside the trainer
+    assert r.returncode == 1 and (old / "summary.json").exists() and "Traceback" not in r.stderr
     for bad in ("optim.lr=nan", "seed=99999999999999999999"):
         r = cli("train", "--config", "fmnist-demo", "--set", bad, "--out", str(tmp_path / "d"))
         assert r.returncode == 2 and bad.split("=")[0] in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -166,6 +166,8 @@ class Trainer:
     def restore(self, ckpt: dict[str, Any], path: Path | None = None) -> None:
         try:
             self._restore(ckpt)
+        except torch.cuda.OutOfMemoryError:
+            raise  # not a mismatch: the checkpoint is fine, the device is full
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
             where = f"checkpoint {str(path)!r}" if path is not None else "the checkpoint"
             raise SpfdeError(

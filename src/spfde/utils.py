@@ -16,10 +16,18 @@ import numpy as np
 import torch
 
 
-def _umask_mode() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+# read once: os.umask can only be read by setting it, which would race with other threads' writes
+_FILE_MODE = 0o666 & ~_read_umask()
+
+
+def _umask_mode() -> int:
+    return _FILE_MODE
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

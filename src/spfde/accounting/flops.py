@@ -276,6 +276,10 @@ def planned_flops(
     else:
         raise ConfigError("planning an 'erk' distribution needs the model: pass engine=build_sparsity(...)")
 
+    if samples_per_epoch is None and sieve_ratio is None and cfg.sieving.method == "static" and cfg.sieving.ratio:
+        from spfde.sieving import build_sieve
+
+        samples_per_epoch = build_sieve(cfg, int(n_train)).planned_samples  # all samples until the removal
     if samples_per_epoch is None:
         p = sieve_ratio if sieve_ratio is not None else (
             cfg.sieving.ratio if cfg.sieving.method != "none" else 0.0)
@@ -291,7 +295,7 @@ def planned_flops(
     for e in range(epochs):
         frozen = frozen_of(e)
         frozen_layers = _frozen_layers(order, frozen)
-        if cfg.freezing.prune_on_freeze:  # a layer frozen above its target density is pruned to it
+        if getattr(engine, "prune_frozen", cfg.freezing.prune_on_freeze):  # frozen above its target: pruned to it
             for m in frozen_layers:
                 if m in target:
                     sparsity[m] = max(sparsity[m], target[m])

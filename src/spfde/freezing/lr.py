@@ -101,6 +101,8 @@ class BlockLR:
         self.warmup_epochs = warmup_epochs
         self._end = {name: plan.active_end_epoch(i) for i, (name, _) in enumerate(plan.blocks)} if plan else {}
         self._lrs: dict[str, float] = {}
+        for group in optimizer.param_groups:  # as torch's schedulers do: the schedule's start stays readable
+            group.setdefault("initial_lr", self.base_lr)
 
     def lr_for(self, block: str | None, epoch_float: float) -> float:
         """The learning rate of ``block`` (``None``: a group outside every block) at ``epoch_float``."""

@@ -187,12 +187,12 @@ class SparseEngine:
         same epoch (e.g. after resuming) changes nothing the second time.
         """
         self.epoch = int(epoch)
+        frozen = set(frozen_params)
         info: dict[str, Any] = {"updated": False, "pruned": 0, "grown": 0}
-        if self.prune_frozen and frozen_params:
-            info["pruned_on_freeze"] = self._prune_frozen(set(frozen_params))
+        if self.prune_frozen and frozen:
+            info["pruned_on_freeze"] = self._prune_frozen(frozen)
         if self.schedule.is_update_epoch(epoch) and epoch > self.last_update:
             self._sync_device()
-            frozen = set(frozen_params)
             stats = self._gradient_stats(batch_grad_fn)
             gen = make_generator(self.seed, "sparsity-update", int(epoch))
             skipped = []
@@ -226,7 +226,8 @@ class SparseEngine:
                 continue
             if stats is None:
                 self._sync_device()
-                stats = self._gradient_stats(None)
+                # only MEST's importance reads a gradient statistic (RigL's would ask for a dense batch)
+                stats = self._gradient_stats(None) if self.grad_stat == "sparse_mean_abs" else {}
             old = self.masks[lay.param]
             w = self._params[lay.param]
             new = prune_lowest(old, self.importance(w, stats.get(lay.param)), keep)
