@@ -9,8 +9,6 @@ blocks and partial set, and that the union of the samples the ranks trained on i
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import torchrun
 from spfde.distributed import (
     DistributedSieveSampler,
     StatusGatherer,
@@ -87,6 +86,24 @@ def test_single_process_helpers_are_no_ops(monkeypatch: pytest.MonkeyPatch) -> N
     assert broadcast_state({"a": 1}) == {"a": 1}
     model = torch.nn.Linear(2, 2)
     assert wrap_ddp(model) is model and maybe_rewrap_ddp(model) is model
+
+
+def test_exit_process_skips_teardown_only_after_a_process_group(tmp_path: Path) -> None:
+    assert __import__("spfde.distributed").distributed.exit_process(5) == 5  # no group: just the code
+    script = tmp_path / "one_rank.py"
+    script.write_text(textwrap.dedent(f"""
+        import atexit, sys
+        import torch.distributed as dist
+        from spfde import distributed as sd
+        atexit.register(print, "teardown ran")
+        dist.init_process_group("gloo", init_method="file://{tmp_path}/store", rank=0, world_size=1)
+        sd.cleanup()
+        print("trained", end="")  # unflushed on purpose: exit_process must flush it
+        sys.exit(sd.exit_process(3))
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "trained"  # flushed, and interpreter teardown (atexit) skipped
 
 
 def test_status_gatherer_equals_recording_every_step() -> None:
@@ -175,23 +192,14 @@ WORKER = textwrap.dedent('''
     with open(sys.argv[1] + f"/rank{rank}.json", "w") as f:
         json.dump(out, f)
     sd.cleanup()
+    sys.exit(sd.exit_process(0))  # as `spfde train` ends: no interpreter teardown with gloo threads alive
 ''')
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_ranks_stay_identical_under_torchrun(tmp_path: Path) -> None:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    proc = torchrun(str(script), str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert r0["weights"] == r1["weights"]
@@ -230,11 +238,7 @@ def test_spfde_train_runs_unchanged_under_torchrun(tmp_path: Path) -> None:
         logging: {progress: false}
     """))
     out = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "spfde.cli", "train", "-c", str(cfg), "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = torchrun("-m", "spfde.cli", "train", "-c", str(cfg), "--out", str(out), timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1, 2]  # written once, by rank 0

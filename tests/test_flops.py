@@ -142,7 +142,9 @@ def test_planned_rigl_charges_one_dense_gradient_step_per_update():
     c = cfg(method="rigl", target=0.5, search_end=4, train={"epochs": 6})
     out = planned_flops(c, flops, 10)
     base = 3 * 0.5 * (CONV + FC) * 10
-    extra = 4 * 0.5 * (CONV + FC)  # one batch of 4: weight-gradient half at density 1 instead of .5
+    # the epoch's last step (2 of the 10 samples, batches of 4), whose gradient RigL keeps:
+    # weight-gradient half at density 1 instead of .5
+    extra = 2 * 0.5 * (CONV + FC)
     # update at 2 (drop > 0) needs a dense gradient in epoch 1; the update at 4 = search_end drops 0
     assert out["epoch_flops"] == [round(base + (extra if e == 1 else 0)) for e in range(6)]
 
@@ -169,7 +171,7 @@ def test_training_loop_ledger_matches_plan():
             for name, p in m.named_parameters():
                 p.requires_grad_(name.split(".")[0] not in frozen)
             engine.update(epoch, frozen_params={n for n, _ in m.named_parameters() if n.split(".")[0] in frozen})
-            dense_grad = engine.needs_dense_grad(epoch)
+            dense_grad = engine.needs_dense_grad(epoch)  # RigL keeps the last step's gradient
             for i in range(2):
                 loss = nn.functional.cross_entropy(m(x[4 * i:4 * i + 4]), y[4 * i:4 * i + 4])
                 opt.zero_grad(set_to_none=True)
@@ -177,8 +179,7 @@ def test_training_loop_ledger_matches_plan():
                 engine.before_step()
                 opt.step()
                 engine.after_step(opt)
-                ledger.charge(4, engine.layer_density(), frozen, dense_grad=dense_grad)
-                dense_grad = False
+                ledger.charge(4, engine.layer_density(), frozen, dense_grad=dense_grad and i == 1)
             ledger.end_epoch()
         plan = planned_flops(c, flops, 8, freeze_plan=frozen_from, engine=engine)
         assert ledger.total_flops == plan["train_flops"], method

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -10,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from helpers import torchrun
 
 L = pytest.importorskip("lightning", reason="the Lightning integration needs the 'lightning' extra")
 
@@ -128,3 +132,65 @@ def test_training_step_must_return_the_sample_status(tmp_path: Path) -> None:
 def test_sampler_before_fit_is_a_clear_error() -> None:
     with pytest.raises(SpfdeError, match="on_fit_start"):
         _ = SpFDECallback(CONFIG, train_size=N).sampler
+
+
+DDP_WORKER = textwrap.dedent('''
+    import json, sys, warnings
+    sys.path.insert(0, sys.argv[2])  # this test module, for its dataset, module and config
+    import lightning as L
+    from lightning.pytorch.strategies import DDPStrategy
+    from spfde import distributed as sd
+    from spfde.integrations.lightning import SpFDECallback
+    from spfde.utils import state_dict_sha256
+    from test_lightning import CONFIG, EPOCHS, N, Indexed, Module
+
+    class Marked(Module):
+        def on_train_epoch_start(self):
+            self.batches.append([-1])
+
+    cb = SpFDECallback(CONFIG, train_size=N, blocks=[["net.0", "net.1"], "net.3", "net.7"])
+    module = Marked(cb, Indexed())
+    trainer = L.Trainer(max_epochs=EPOCHS, accelerator="cpu", devices=2, num_nodes=1, callbacks=[cb],
+                        strategy=DDPStrategy(find_unused_parameters=True, process_group_backend="gloo"),
+                        use_distributed_sampler=False, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=sys.argv[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module)
+    ctl = cb.controller
+    out = {"weights": state_dict_sha256(module.state_dict()),
+           "masks": state_dict_sha256(dict(sorted(ctl.sparsity.masks.items()))),
+           "active": sorted(ctl.sieve.active.tolist()), "history": cb.history, "batches": module.batches}
+    with open(f"{sys.argv[1]}/rank{trainer.global_rank}.json", "w") as f:
+        json.dump(out, f)
+    sd.cleanup()
+    sys.exit(sd.exit_process(0))
+''')
+
+
+@pytest.mark.slow
+def test_callback_under_lightning_ddp_keeps_ranks_identical(tmp_path: Path) -> None:
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_WORKER)
+    proc = torchrun(str(script), str(tmp_path), str(Path(__file__).parent))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    for key in ("weights", "masks", "active", "history"):  # history: frozen blocks, partial set sizes, FLOPs
+        assert r0[key] == r1[key], key
+    hist = r0["history"]
+    assert hist[-1]["frozen_blocks"] and any(h["removed_this_update"] > 0 for h in hist)
+
+    def per_epoch(batches: list[list[int]]) -> list[set[int]]:
+        epochs: list[set[int]] = []
+        for b in batches:
+            if b == [-1]:
+                epochs.append(set())
+            else:
+                epochs[-1].update(b)
+        return epochs
+
+    for h, seen0, seen1 in zip(hist, per_epoch(r0["batches"]), per_epoch(r1["batches"]), strict=True):
+        # the callback's sampler split the partial set between the ranks, Lightning did not replace it
+        assert len(seen0 | seen1) == h["active_samples"] == h["samples_seen"]
+        assert len(seen0) == len(seen1) == h["active_samples"] // 2
+    assert len(seen0 | seen1) < N and set(r0["active"]) == seen0 | seen1

@@ -197,3 +197,35 @@ def test_ledger_savings_match_algorithm_1_arithmetic(tmp_path):
     one_iteration = 3 * sum(ctl.layer_flops.values()) * cfg.data.batch_size
     assert ctl.plan.blocks and abs(saved - algorithm_1) <= one_iteration
     assert saved / without >= cfg.freezing.target
+
+
+def test_rigl_ledger_matches_plan_with_a_short_last_batch(tmp_path):
+    """RigL's dense-gradient step is the epoch's last one (its gradient is the one kept); with a
+    short last batch the ledger still spends exactly what the plan predicts."""
+    cfg = tiny_cfg("data.synthetic_size=250", "sparsity.method=rigl", "sparsity.target=0.8",
+                   "sparsity.search_end=3", "train.epochs=3")
+    tr = Trainer(cfg, tmp_path, quiet=True)
+    ctl = tr.ctl
+    assert ctl.train_size % cfg.data.batch_size  # the last batch really is short
+    rows = [tr.train_epoch(epoch) for epoch in range(cfg.train.epochs)]
+    density = ctl.sparsity.layer_density()  # RigL drops and grows as many: constant density
+    n, b = ctl.train_size, cfg.data.batch_size
+    sparse_epoch = ctl.ledger.cost(n, density)
+    last = n - b * (n // b)
+    for e, row in enumerate(rows):
+        surcharge = ctl.ledger.dense_grad_surcharge(last, density) if ctl.sparsity.needs_dense_grad(e) else 0
+        assert row["train_flops"] == round(sparse_epoch + surcharge), e
+    assert any(ctl.sparsity.needs_dense_grad(e) for e in range(cfg.train.epochs))
+    assert ctl.ledger.total_flops == ctl.planned_flops()["train_flops"]
+
+
+@pytest.mark.parametrize("backward", ["paper", "exact"])
+def test_bp_flops_saved_is_what_freezing_took_off_the_ledger(tmp_path, backward):
+    cfg = tiny_cfg("sparsity.method=set", "sparsity.target=0.8", "freezing.target=0.1", "freezing.tfrz=auto",
+                   f"accounting.backward={backward}")
+    tr = Trainer(cfg, tmp_path, quiet=True)
+    rows = [tr.train_epoch(epoch) for epoch in range(cfg.train.epochs)]
+    without = tr.ctl.planned_flops(with_freezing=False)["epoch_flops"]
+    assert any(r["bp_flops_saved"] > 0 for r in rows)
+    for e, row in enumerate(rows):
+        assert abs(row["bp_flops_saved"] - (without[e] - row["train_flops"])) <= 2, e

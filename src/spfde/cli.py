@@ -80,9 +80,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from spfde.distributed import cleanup
 
     try:
-        return _train(args)
-    finally:
-        cleanup()  # under torchrun: leave the process group cleanly (a no-op otherwise)
+        code = _train(args)
+    except BaseException:
+        cleanup(sync=False)  # a peer may be gone: do not wait for it at a barrier
+        raise
+    cleanup()  # under torchrun: leave the process group cleanly (a no-op otherwise)
+    return code
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -218,6 +221,14 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    # A process that trained under torchrun ends here, skipping interpreter teardown (see
+    # spfde.distributed.exit_process); looked up, not imported, so `spfde --help` stays torch-free.
+    sd = sys.modules.get("spfde.distributed")
+    return code if sd is None else sd.exit_process(code)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     if not args.command:

@@ -44,6 +44,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -64,6 +65,7 @@ __all__ = [
     "broadcast_state",
     "check_in_sync",
     "cleanup",
+    "exit_process",
     "get_rank",
     "get_world_size",
     "init_from_env",
@@ -105,10 +107,45 @@ def barrier() -> None:
         dist.barrier()
 
 
-def cleanup() -> None:
-    """Destroy the process group created by :func:`init_from_env` (safe to call when none exists)."""
+_LEFT_GROUP = False
+
+
+def cleanup(sync: bool = True) -> None:
+    """Destroy the process group created by :func:`init_from_env` (safe to call when none exists).
+
+    With ``sync`` every rank first waits at a barrier, so no rank closes its connections while a
+    peer still has traffic on them. Pass ``sync=False`` on an error path: a peer that died would
+    hold the barrier until the group's timeout.
+    """
+    global _LEFT_GROUP
     if dist.is_available() and dist.is_initialized():
+        if sync:
+            dist.barrier()
         dist.destroy_process_group()
+        _LEFT_GROUP = True
+
+
+def exit_process(code: int) -> int:
+    """End a process that used a process group with ``code`` now, skipping interpreter teardown.
+
+    Why: a DDP wrapper leaves references to the process group in PyTorch's C++ side, so the gloo
+    worker threads outlive ``destroy_process_group``; when one of them touches Python during
+    interpreter teardown the process aborts (``terminate called without an active exception``,
+    SIGABRT) after a run that succeeded, and torchrun reports the job as failed. Outputs are
+    flushed first. Without a process group (none was ever left by :func:`cleanup`) this only
+    returns ``code``, so a plain script exits normally.
+    """
+    if not _LEFT_GROUP:
+        return code
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed by a reader that left
+            pass
+    os._exit(code)
 
 
 def all_reduce_sum(*values: float | int | torch.Tensor) -> list[float]:

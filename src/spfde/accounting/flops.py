@@ -22,6 +22,8 @@ The ledger (:class:`FlopsLedger`, paper Section 5 / Table 2 convention)
       needs its input gradient (everything before it is frozen or is the data), so its
       input-gradient half is dropped;
     * ``dense_grad=True`` (a RigL update step): the weight-gradient half is charged at density 1.
+      RigL keeps the gradient of the *last* step of the epoch before an update, so that step
+      (whatever its batch size) is the one charged so; :meth:`FlopsLedger.dense_grad_surcharge`.
 
     The charge is ``B`` times the per-sample sum. A dense layer (no mask) has density 1.
 
@@ -37,6 +39,7 @@ Planning (:func:`planned_flops`)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -170,6 +173,16 @@ class FlopsLedger:
         self._epoch += c
         self._total += c
         return c
+
+    def add(self, flops: float) -> None:
+        """Add FLOPs costed elsewhere (the dense-gradient surcharge of a step already charged)."""
+        self._epoch += flops
+        self._total += flops
+
+    def dense_grad_surcharge(self, batch_size: int, density: Mapping[str, float],
+                             frozen: Iterable[str] = frozenset()) -> float:
+        """What one step costs more when its weight gradients are computed densely (RigL)."""
+        return self.cost(batch_size, density, frozen, dense_grad=True) - self.cost(batch_size, density, frozen)
 
     @property
     def epoch_flops(self) -> int:
@@ -305,11 +318,9 @@ def planned_flops(
                     sparsity[m] = schedule.sparsity_after_update(s, e)
         density = {m: _density(v, numel.get(m)) for m, v in sparsity.items()}
         n = int(samples_at(e))
-        if schedule.needs_dense_grad(e) and n > 0:
-            b = min(batch_size, n)
-            ledger.charge(b, density, frozen, dense_grad=True)
-            n -= b
         ledger.charge(n, density, frozen)
+        if schedule.needs_dense_grad(e) and n > 0:  # RigL keeps the epoch's last gradient: last batch
+            ledger.add(ledger.dense_grad_surcharge(n - batch_size * (math.ceil(n / batch_size) - 1), density, frozen))
         per_epoch.append(ledger.end_epoch())
     dense = dense_train_flops(layer_flops, n_train, epochs)
     total = ledger.total_flops
