@@ -329,12 +329,12 @@ class SpFDE:
         frozen = self.freezer.frozen_module_names() if self.freezer else set()
         density = self.sparsity.layer_density()
         # every rank runs the same number of equally sized steps (DistributedSieveSampler)
-        self.ledger.charge(n * self.world_size, density, frozen)
+        b = n * self.world_size
+        charged = self.ledger.charge(b, density, frozen)
         if self._dense_grad_pending:  # surcharged in end_epoch once we know which step was the last
-            self._last_step = (n * self.world_size, density, frozen)
+            self._last_step = (b, density, frozen)
         if frozen:  # the ledger's own difference, so accounting.backward: exact is honoured too
-            b = n * self.world_size
-            self._bp_saved += self.ledger.cost(b, density) - self.ledger.cost(b, density, frozen)
+            self._bp_saved += self.ledger.cost(b, density) - charged
         self._seen += n
         if self._seen_indices is not None:
             self._seen_indices[indices.cpu()] = True
@@ -346,7 +346,7 @@ class SpFDE:
         if self._status is not None:
             self._status.flush(self.tracker)  # a collective: every rank calls end_epoch
         self._in_epoch = False
-        if self._dense_grad_pending and self._last_step is not None:
+        if self._last_step is not None:
             # RigL's update reads the last step's (unmasked) gradient: that step computed it densely
             self.ledger.add(self.ledger.dense_grad_surcharge(*self._last_step))
         self._last_step = None
