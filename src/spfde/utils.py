@@ -26,10 +26,6 @@ def _read_umask() -> int:
 _FILE_MODE = 0o666 & ~_read_umask()
 
 
-def _umask_mode() -> int:
-    return _FILE_MODE
-
-
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so a reader never sees a partial file (temp file + rename)."""
     path = Path(path)
@@ -40,7 +36,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600; outputs get the usual umask permissions
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; outputs get the usual umask permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -66,7 +62,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         torch.save(obj, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
