@@ -34,20 +34,30 @@ def test_layer_forward_flops_by_hand():
     assert list(flops) == ["0", "3"]  # forward order
 
 
-def test_other_bucket_and_forward_order():
+def test_functional_ops_attributed_and_other_bucket():
     class M(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.fc = nn.Linear(8, 4)
             self.bn = nn.BatchNorm1d(8)
             self.proj = nn.Parameter(torch.ones(4, 4))
+            self.register_buffer("fixed", torch.ones(4, 2))
 
         def forward(self, x):
-            return self.fc(self.bn(x)) @ self.proj  # a functional matmul outside any leaf module
+            h = self.fc(self.bn(x)) @ self.proj  # a functional matmul on a root parameter
+            g = h.unsqueeze(2) @ h.unsqueeze(1)  # activation x activation (per sample 4x1 @ 1x4)
+            return g.sum(1) @ self.fixed  # a matmul with a buffer: nothing to charge it to
 
-    layers, other = forward_flops_breakdown(M(), torch.zeros(2, 8))
-    assert layers == {"fc": 2 * 8 * 4}  # BN is a leaf with parameters but does no counted work
-    assert other == 2 * 4 * 4
+    m = M()
+    m.bn.running_mean += 1.0
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    layers, other = forward_flops_breakdown(m, torch.randn(2, 8))
+    # BN does no counted work; the root parameter is its own unit; the outer product is dense
+    assert layers == {"fc": 2 * 8 * 4, "proj": 2 * 4 * 4, "[attention]": 2 * 4 * 4}
+    assert list(layers) == ["fc", "proj", "[attention]"]  # forward order
+    assert other == 2 * 4 * 2
+    # measured in train mode, but the batch-norm statistics are restored
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
 
 
 def test_ledger_charges_by_hand():

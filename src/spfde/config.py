@@ -123,6 +123,9 @@ class SievingConfig:
     static_warmup: int | None = _f(None, lo=0, doc="static: epochs before the one-shot removal (default Δτ)")
     carry_status: bool = _f(True, doc="a sample's first sighting in an interval is compared with its last one "
                                       "before, even from before it was removed (false: only within the interval)")
+    criterion: Literal["forgetting", "loss"] = _f(
+        "forgetting", doc="sample difficulty: forgetting events (single-label classification) or the last "
+                          "per-sample training loss (any model; the loop passes losses to after_step)")
 
 
 @dataclass

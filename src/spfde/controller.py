@@ -40,10 +40,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from spfde.accounting.flops import FlopsLedger, layer_forward_flops
+from spfde.accounting.flops import FlopsLedger, forward_flops_breakdown
 from spfde.config import Config, from_dict, load_config
-from spfde.errors import SpfdeError
-from spfde.sieving import ForgettingTracker, NoSieve, SieveSampler, build_sieve
+from spfde.errors import ConfigError, SpfdeError
+from spfde.sieving import NoSieve, SieveSampler, build_sieve, build_tracker
 from spfde.sparsity import build_sparsity
 
 BlockSpec = Sequence[str] | Callable[[str, nn.Module], Any] | None
@@ -114,9 +114,17 @@ class SpFDE:
         self._x0 = x0
         self.rank, self.world_size = rank, world_size
 
-        # ---- accounting: per-layer dense forward FLOPs, measured once on the real input shape
-        self.layer_flops = layer_forward_flops(net, x0)
+        # ---- accounting: per-unit dense forward FLOPs, measured once on the real input shape
+        self.layer_flops, self.other_forward_flops = forward_flops_breakdown(net, x0)
         self.ledger = FlopsLedger(self.layer_flops, backward=cfg.accounting.backward)
+        #: one-line remarks a trainer shows at start (e.g. FLOPs the ledger cannot attribute)
+        self.notes: list[str] = []
+        measured = sum(self.layer_flops.values()) + self.other_forward_flops
+        if self.other_forward_flops > 0.01 * measured:
+            self.notes.append(
+                f"{100 * self.other_forward_flops / measured:.1f}% of the measured forward FLOPs use no parameter and "
+                "no attention operands (e.g. a matmul with a buffer); the ledger leaves them out "
+                "(other_forward_flops_per_sample)")
 
         # ---- weight sparsity
         self.sparsity = build_sparsity(net, cfg, example_input=x0, snip_batch=snip_batch)
@@ -124,7 +132,7 @@ class SpFDE:
 
         # ---- data sieving
         self.sieve = build_sieve(cfg, self.train_size)
-        self.tracker = ForgettingTracker(self.train_size, carry_status=cfg.sieving.carry_status)
+        self.tracker = build_tracker(cfg, self.train_size)
         self._track_status = not isinstance(self.sieve, NoSieve)
         self.sampler = self._make_sampler()
         # each rank sees only its share of the samples: the sample status of all ranks is merged
@@ -237,10 +245,13 @@ class SpFDE:
         """The ledger replayed over the whole run without training (``spfde flops``)."""
         from spfde.accounting.flops import planned_flops
 
+        from spfde.accounting.flops import forward_flops_summary
+
         plan = plan if plan is not None else self.plan
         frozen_fn = (lambda e: self.frozen_modules_at(e, plan)) if with_freezing and plan is not None else None
-        return planned_flops(self.cfg, self.layer_flops, self.train_size, frozen_fn=frozen_fn,
-                             samples_per_epoch=self.sieve.planned_samples, engine=self.sparsity)
+        out = planned_flops(self.cfg, self.layer_flops, self.train_size, frozen_fn=frozen_fn,
+                            samples_per_epoch=self.sieve.planned_samples, engine=self.sparsity)
+        return {**out, **forward_flops_summary(self.layer_flops, self.other_forward_flops)}
 
     def realized_reduction(self, plan: Any) -> float:
         """Training-FLOPs reduction of ``plan`` versus the same run without freezing (exact replay)."""
@@ -313,18 +324,23 @@ class SpFDE:
         if self.grad_norms is not None:  # the gradients the optimizer applies: pruned positions masked
             self.grad_norms.record()
 
-    def after_step(self, logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> None:
-        """After ``optimizer.step()``: re-apply masks, record sample status, charge the ledger."""
+    def after_step(self, logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor,
+                   losses: torch.Tensor | None = None) -> None:
+        """After ``optimizer.step()``: re-apply masks, record sample status, charge the ledger.
+
+        ``losses``: the batch's per-sample training losses, shape ``(batch,)`` (e.g.
+        ``F.cross_entropy(logits, y, reduction="none")``; a sequence model averages each
+        sequence's token losses). Needed with ``sieving.criterion: loss``, ignored otherwise.
+        """
         self._require_epoch("after_step")
         self.sparsity.after_step(self.optimizer)
         indices = torch.as_tensor(indices)
         if self._track_status:  # sample status only feeds the sieve; skip the device sync without one
-            with torch.no_grad():
-                correct = logits.detach().argmax(dim=1) == targets
+            status = self._sample_status(logits, targets, indices, losses)
             if self._status is not None:
-                self._status.add(indices.cpu(), correct.cpu())
+                self._status.add(indices.cpu(), status.cpu())
             else:
-                self.tracker.record(indices.cpu(), correct.cpu())
+                self.tracker.record(indices.cpu(), status.cpu())
         n = int(indices.numel())
         frozen = self.freezer.frozen_module_names() if self.freezer else set()
         density = self.sparsity.layer_density()
@@ -339,6 +355,31 @@ class SpFDE:
         if self._seen_indices is not None:
             self._seen_indices[indices.cpu()] = True
         self._set_lr(self.epoch + min(self._seen / max(len(self.sampler), 1), 1.0))
+
+    def _sample_status(self, logits: Any, targets: Any, indices: torch.Tensor, losses: Any) -> torch.Tensor:
+        """What the tracker records for this batch: per-sample correctness, or losses (``sieving.criterion``)."""
+        n = int(indices.numel())
+        if self.tracker.criterion == "loss":
+            if losses is None:
+                raise ConfigError("sieving.criterion is 'loss', so after_step needs the per-sample losses: "
+                                  "after_step(logits, targets, indices, losses=per_sample_loss)")
+            losses = torch.as_tensor(losses).detach()
+            if losses.dim() != 1 or losses.numel() != n:
+                raise ConfigError(
+                    f"after_step got losses of shape {tuple(losses.shape)} for {n} sample indices; sieving.criterion "
+                    f"'loss' needs one loss per sample, shape ({n},) (reduction='none', a sequence averaged per sample)")
+            # an integer pattern of the float losses when the status is gathered across ranks
+            return self.tracker.encode(losses) if self._status is not None else losses
+        shape = lambda t: tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+        if not (torch.is_tensor(logits) and torch.is_tensor(targets) and logits.dim() == 2 and targets.dim() == 1
+                and logits.shape[0] == targets.shape[0] == n and not targets.is_floating_point()):
+            raise SpfdeError(
+                f"sieving.criterion 'forgetting' needs single-label class logits (batch, classes) and integer targets "
+                f"(batch,) to tell a correct sample; got logits {shape(logits)} and targets {shape(targets)} for {n} "
+                "indices. For multi-label or sequence outputs set sieving.criterion: loss and pass "
+                "after_step(logits, targets, indices, losses=per_sample_loss)")
+        with torch.no_grad():
+            return logits.detach().argmax(dim=1) == targets
 
     def end_epoch(self) -> dict[str, Any]:
         """Close the epoch; returns the per-epoch metrics (docs/design.md, "Run outputs")."""

@@ -347,7 +347,10 @@ class StatusGatherer:
         return sum(int(r.shape[0]) for r in self._rows)
 
     def gather(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All ranks' buffered ``(indices, correct)`` in (step, rank, position) order; clears the buffer."""
+        """All ranks' buffered ``(indices, status)`` in (step, rank, position) order; clears the buffer.
+
+        The status is int64 as packed (the tracker's ``record`` reads it: correctness flags, or
+        :meth:`~spfde.sieving.LossTracker.encode` bit patterns)."""
         local = torch.cat(self._rows) if self._rows else torch.zeros((0, 3), dtype=torch.int64)
         self._rows, self._step = [], 0
         parts = _all_gather_rows(local) if is_distributed() else [local]
@@ -356,7 +359,7 @@ class StatusGatherer:
         # stable sort by (step, rank); rows of one (step, rank) keep their batch order
         key = allr[:, 2] * len(parts) + allr[:, 3]
         allr = allr[torch.argsort(key, stable=True)]
-        return allr[:, 0], allr[:, 1].bool()
+        return allr[:, 0], allr[:, 1]  # the status as packed: 0/1 correctness, or LossTracker.encode patterns
 
     def flush(self, tracker: Any) -> int:
         """Record every rank's buffered status into ``tracker``; returns the number of sightings."""

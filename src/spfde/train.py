@@ -200,10 +200,16 @@ class Trainer:
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         count = 0
         bar = self._bar(len(self.train_loader), f"epoch {epoch + 1}/{cfg.train.epochs}")
+        per_sample = cfg.sieving.criterion == "loss"  # the sieve ranks samples by their own loss
+        losses = None
         for x, y, idx in self.train_loader:
             with torch.autocast(self.device.type, enabled=self.amp):
                 logits = self.ddp(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=cfg.optim.label_smoothing)
+                if per_sample:
+                    losses = F.cross_entropy(logits, y, label_smoothing=cfg.optim.label_smoothing, reduction="none")
+                    loss = losses.mean()
+                else:
+                    loss = F.cross_entropy(logits, y, label_smoothing=cfg.optim.label_smoothing)
             opt.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -215,7 +221,7 @@ class Trainer:
                 loss.backward()
                 ctl.before_step()
                 opt.step()
-            ctl.after_step(logits, y, idx)
+            ctl.after_step(logits, y, idx, losses=None if losses is None else losses.detach())
             n = y.numel()
             loss_sum += loss.detach().double() * n
             correct += (logits.detach().argmax(1) == y).sum()
@@ -262,6 +268,8 @@ class Trainer:
             from spfde.report import TensorBoardLogger
 
             self.tensorboard = TensorBoardLogger(self.out / "tensorboard")
+        for note in self.ctl.notes:
+            self._log(f"note: {note}")
         for epoch in range(self.start_epoch, cfg.train.epochs):
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
@@ -308,7 +316,7 @@ class Trainer:
 
     def finish(self) -> dict[str, Any]:
         cfg = self.cfg
-        from spfde.accounting.flops import dense_train_flops
+        from spfde.accounting.flops import dense_train_flops, forward_flops_summary
 
         accs = [r["test_acc"] for r in self.metrics if r["test_acc"] is not None]
         dense = dense_train_flops(self.ctl.layer_flops, len(self.train_set), cfg.train.epochs)
@@ -327,6 +335,7 @@ class Trainer:
             "train_flops": total,
             "dense_train_flops": int(dense),
             "flops_saving": 1.0 - total / dense if dense else 0.0,
+            **forward_flops_summary(self.ctl.layer_flops, self.ctl.other_forward_flops),
             "method": cfg.sparsity.method if cfg.sparsity.target > 0 else "dense",
             "sparsity": cfg.sparsity.target,
             "freeze_target": cfg.freezing.target,

@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_FLOPS = ("FlopsLedger", "bp_flops", "dense_train_flops", "forward_flops_breakdown", "layer_forward_flops",
+_FLOPS = ("FlopsLedger", "bp_flops", "dense_train_flops", "forward_flops_breakdown", "forward_flops_summary",
+          "layer_forward_flops",
           "per_sample_flops", "planned_flops")
 
 __all__ = list(_FLOPS)

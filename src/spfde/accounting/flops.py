@@ -2,14 +2,18 @@
 
 Method card
 -----------
-Per-layer FLOPs (:func:`layer_forward_flops`)
-    The dense forward FLOPs of one sample per *module*, measured once with
-    ``torch.utils.flop_counter.FlopCounterMode`` on the real model and input shape (a
-    multiply-add counts 2). Only leaf modules that own parameters and do counted work (conv,
-    linear, ...) get an entry; batch-norm, activations, pooling and additions are not counted by
-    FlopCounterMode and are ignored, as in the paper's accounting. Counted work outside any such
-    module (e.g. a functional matmul) is reported by :func:`forward_flops_breakdown` as
-    ``other`` and left out of the ledger. The dict is in forward order.
+Per-unit FLOPs (:func:`layer_forward_flops`, measured by :mod:`spfde.accounting.trace`)
+    The dense forward FLOPs of one sample per *unit*, measured once on the real model and input
+    shape the way training runs (train mode, autograd on, no fused fast path; buffers and RNG
+    restored), with ``FlopCounterMode``'s formulas (a multiply-add counts 2). A unit is a
+    parameter that counted ops use (named like the sparsity tables: the module name for a
+    ``weight``, ``"blocks.0.attn.in_proj_weight"`` otherwise), matched by storage so functional
+    calls count, or a module's attention matmuls (``"<module>.[attention]"``: ``QKᵀ``, ``AV``,
+    ``scaled_dot_product_attention``), dense and charged like any layer, so freezing its block
+    removes their backward. Batch-norm, activations, pooling and additions are not counted, as in
+    the paper's accounting. Work the tracer cannot give a unit (a matmul with a buffer) is
+    reported by :func:`forward_flops_breakdown` as ``other`` and left out of the ledger
+    (``spfde flops`` and ``summary.json`` show it). The dict is in forward order.
 
 The ledger (:class:`FlopsLedger`, paper Section 5 / Table 2 convention)
     For a batch of ``B`` samples, per layer ``l`` with dense forward FLOPs ``F_l`` and density
@@ -46,51 +50,35 @@ from typing import Any
 import torch
 from torch import nn
 
-from spfde.utils import probe_forward
 
 
 # ----------------------------------------------------------------------------- measuring
 def forward_flops_breakdown(model: nn.Module, example_input: torch.Tensor) -> tuple[dict[str, int], int]:
-    """``({module: dense forward FLOPs per sample}, other)`` measured on ``example_input``.
+    """``({unit: dense forward FLOPs per sample}, other)`` measured on ``example_input``.
 
-    The input's batch dimension is divided out. The pass runs in eval mode without autograd.
+    The units are in forward order; the input's batch dimension is divided out. The pass runs the
+    way training does (:mod:`spfde.accounting.trace`) and leaves buffers and RNG state as they were.
     """
-    from torch.utils.flop_counter import FlopCounterMode
+    from spfde.accounting.trace import trace_forward
 
-    batch = int(example_input.shape[0]) if example_input.dim() > 0 else 1
-    leaves = [(n, m) for n, m in model.named_modules()
-              if not list(m.children()) and any(True for _ in m.parameters(recurse=False))]
-    counts: dict[str, int] = {}
-    order: list[str] = []
-    counter = FlopCounterMode(display=False)
-    start: dict[str, int] = {}
-
-    def pre(name: str) -> Callable[..., None]:
-        def hook(_m: nn.Module, _i: Any) -> None:
-            start[name] = counter.get_total_flops()
-        return hook
-
-    def post(name: str) -> Callable[..., None]:
-        def hook(_m: nn.Module, _i: Any, _o: Any) -> None:
-            counts[name] = counts.get(name, 0) + counter.get_total_flops() - start[name]
-            if name not in order:
-                order.append(name)
-        return hook
-
-    handles = []
-    for n, m in leaves:
-        handles.append(m.register_forward_pre_hook(pre(n)))
-        handles.append(m.register_forward_hook(post(n)))
-    with probe_forward(model, handles), counter:
-        model(example_input)
-    total = counter.get_total_flops()
-    layers = {n: counts[n] // batch for n in order if counts[n] > 0}
-    return layers, (total - sum(counts.values())) // batch
+    trace = trace_forward(model, example_input)
+    return trace.units, trace.other
 
 
 def layer_forward_flops(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
-    """Dense forward FLOPs per sample of every parametrised leaf module, in forward order."""
+    """Dense forward FLOPs per sample of every unit (weights and attention matmuls), in forward order."""
     return forward_flops_breakdown(model, example_input)[0]
+
+
+def forward_flops_summary(layer_flops: Mapping[str, int], other: int = 0) -> dict[str, int]:
+    """Dense forward FLOPs per sample by kind: ``weight_``, ``attention_`` and ``other_forward_flops_per_sample``
+    (``other`` is measured but not charged by the ledger)."""
+    from spfde.accounting.trace import is_attention_unit
+
+    attention = sum(int(v) for k, v in layer_flops.items() if is_attention_unit(k))
+    return {"weight_forward_flops_per_sample": sum(int(v) for v in layer_flops.values()) - attention,
+            "attention_forward_flops_per_sample": attention,
+            "other_forward_flops_per_sample": int(other)}
 
 
 # ----------------------------------------------------------------------------- pure helpers

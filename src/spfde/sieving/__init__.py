@@ -29,6 +29,13 @@ at one sighting and misclassified at its next -- counted within the interval tha
   samples just returned are not eligible to leave in the same update; ``k`` is capped at the
   partial set's size (only matters for ``p > 1/(1+r)``).
 
+**Criterion** (``sieving.criterion``). ``forgetting`` (default, the paper's): the counts above,
+which need single-label classification (correct = argmax). ``loss``: rank by each sample's last
+training loss in the interval, lowest = easiest (InfoBatch-style, :class:`LossTracker`), for
+multi-label, sequence or any model with a per-sample loss; the loop passes the losses with
+``ctl.after_step(logits, targets, indices, losses=per_sample_loss)``. The queue, ``k``, the update
+ratio and the sampler are the same for both.
+
 **Hyper-parameters.** ``sieving.ratio`` = p (the paper uses 15-25%, Table 2), ``sieving.update_ratio``
 = r (Table A2: 30% best among 10/20/30/50%), Δτ = ``train.interval``. Baselines: ``random``
 (same queue, random k leave), ``static`` (one-shot removal of the easiest p after
@@ -59,19 +66,21 @@ from spfde.sieving.sieve import (
     shuffle_queue,
     update_count,
 )
-from spfde.sieving.tracker import NEVER_CORRECT, UNSEEN, ForgettingTracker, forgetting_update
+from spfde.sieving.tracker import NEVER_CORRECT, UNSEEN, ForgettingTracker, LossTracker, build_tracker, forgetting_update
 
 __all__ = [
     "NEVER_CORRECT",
     "UNSEEN",
     "CircularSieve",
     "ForgettingTracker",
+    "LossTracker",
     "NoSieve",
     "RandomSieve",
     "Sieve",
     "SieveSampler",
     "StaticSieve",
     "build_sieve",
+    "build_tracker",
     "circular_update",
     "easiest",
     "forgetting_update",

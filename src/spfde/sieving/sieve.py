@@ -132,8 +132,8 @@ class Sieve:
 
     def step_epoch(self, epoch: int, tracker: Any) -> dict[str, Any]:
         """At an update epoch: update from ``tracker.difficulty()``, then start the tracker's next
-        interval. Returns the per-epoch log fields (docs/design.md) and, on update epochs,
-        ``forgetting_histogram`` ``{count: samples}`` of the partial set that was trained on
+        interval. Returns the per-epoch log fields (docs/design.md) and, on update epochs with the
+        forgetting criterion, ``forgetting_histogram`` ``{count: samples}`` of the partial set that was trained on
         (key ``-1``: never classified correctly in the interval)."""
         # a repeated call for the same epoch (e.g. start_epoch retried) must not update twice
         if not self.is_update_epoch(epoch) or epoch == self.last_update_epoch:
@@ -141,7 +141,8 @@ class Sieve:
         hist = tracker.histogram(self.active)
         info = self.update(tracker.difficulty(), epoch)
         tracker.reset_interval()
-        info["forgetting_histogram"] = hist
+        if hist is not None:  # the loss criterion has none
+            info["forgetting_histogram"] = hist
         return info
 
     def _check_difficulty(self, difficulty: torch.Tensor) -> torch.Tensor:

@@ -79,7 +79,7 @@ def forgetting_update(
 
 class ForgettingTracker:
     """Per-sample status within the current interval: last correctness, forgetting count,
-    seen and ever-correct flags (paper Section 4.3, Appendix C.1).
+    seen and ever-correct flags (paper Section 4.3, Appendix C.1; ``sieving.criterion: forgetting``).
 
     Args:
         n: training-set size; indices are ``0..n-1``.
@@ -87,6 +87,8 @@ class ForgettingTracker:
         carry_status: keep each sample's last correctness across :meth:`reset_interval` (see the
             module docstring); counts are reset either way.
     """
+
+    criterion = "forgetting"
 
     def __init__(self, n: int, device: str | torch.device = "cpu", carry_status: bool = True) -> None:
         if int(n) <= 0:
@@ -181,6 +183,7 @@ class ForgettingTracker:
     def state_dict(self) -> dict[str, Any]:
         return {
             "n": self.n,
+            "criterion": self.criterion,
             "count": self._count.cpu().clone(),
             "last_correct": self._last_correct.cpu().clone(),
             "seen": self._seen.cpu().clone(),
@@ -188,6 +191,7 @@ class ForgettingTracker:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_state(self, state)
         if int(state["n"]) != self.n:
             raise SpfdeError(
                 f"forgetting-tracker state is for {state['n']} training samples but this run has {self.n}; "
@@ -196,3 +200,108 @@ class ForgettingTracker:
         self._last_correct = state["last_correct"].to(self.device, torch.bool).clone()
         self._seen = state["seen"].to(self.device, torch.bool).clone()
         self._ever_correct = state["ever_correct"].to(self.device, torch.bool).clone()
+
+
+def _check_state(tracker: Any, state: dict[str, Any]) -> None:
+    saved = state.get("criterion", "forgetting")  # checkpoints older than the criterion key
+    if saved != tracker.criterion:
+        raise SpfdeError(f"the checkpoint's sample statistics are for sieving.criterion {saved!r} but this run uses "
+                         f"{tracker.criterion!r}; resume with the same sieving.criterion")
+
+
+def _last_per_index(indices: torch.Tensor) -> torch.Tensor:
+    """Positions of the last occurrence of each distinct index, in batch order (stable sort)."""
+    order = torch.argsort(indices, stable=True)
+    si = indices[order]
+    last = torch.ones_like(si, dtype=torch.bool)
+    last[:-1] = si[1:] != si[:-1]
+    return order[last]
+
+
+class LossTracker:
+    """Per-sample recent training loss within the current interval (``sieving.criterion: loss``).
+
+    InfoBatch-style difficulty (Qin et al. 2024, "InfoBatch: lossless training speed up by
+    unbiased dynamic data pruning"): a sample whose last training loss in the interval is low is
+    easy. Works wherever a per-sample loss exists (multi-label, sequence models), where
+    correctness by argmax does not. Choices, as for the forgetting tracker: the statistic is
+    re-collected per interval (:meth:`reset_interval`); the *last* sighting of the interval
+    counts (duplicates in a batch: the last in batch order); a sample not seen in the interval,
+    or whose loss is not finite, ranks hardest (``inf``) so the sieve keeps it. The circular
+    queue, the update ratio and the sampler are the paper's, unchanged.
+    """
+
+    criterion = "loss"
+
+    def __init__(self, n: int, device: str | torch.device = "cpu") -> None:
+        if int(n) <= 0:
+            raise SpfdeError(f"LossTracker needs a positive training-set size, got n={n}")
+        self.n = int(n)
+        self.device = torch.device(device)
+        self._loss = torch.zeros(self.n, dtype=torch.float32, device=self.device)
+        self._seen = torch.zeros(self.n, dtype=torch.bool, device=self.device)
+
+    @staticmethod
+    def encode(losses: torch.Tensor) -> torch.Tensor:
+        """Losses as int32 bit patterns, so the integer status gatherer of DDP runs carries them exactly."""
+        return losses.detach().float().contiguous().view(torch.int32)
+
+    def record(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
+        """Record one batch: ``losses[i]`` is the training loss of sample ``indices[i]`` (float, or
+        the integer patterns of :meth:`encode`)."""
+        idx = torch.as_tensor(indices).reshape(-1).to(self.device, torch.int64)
+        v = torch.as_tensor(losses).detach().reshape(-1)
+        v = v.to(torch.int32).view(torch.float32) if not v.is_floating_point() else v.float()
+        v = v.to(self.device)
+        if idx.numel() != v.numel():
+            raise SpfdeError(f"LossTracker.record got {idx.numel()} indices but {v.numel()} losses; pass one loss "
+                             "per sample of the batch")
+        if idx.numel() == 0:
+            return
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self.n:
+            raise SpfdeError(f"sample index {lo if lo < 0 else hi} is outside the training set of {self.n} samples; "
+                             "pass the dataset's sample indices (0..n-1)")
+        last = _last_per_index(idx)
+        self._loss[idx[last]] = v[last]
+        self._seen[idx] = True
+
+    def seen_in_interval(self) -> torch.Tensor:
+        return self._seen.clone()
+
+    def losses(self) -> torch.Tensor:
+        """The last loss of each sample in the interval (0 where not seen)."""
+        return self._loss.clone()
+
+    def difficulty(self) -> torch.Tensor:
+        """float32 ``(n,)``: the last loss; ``inf`` for samples not seen (or not finite). Higher = kept."""
+        d = self._loss.clone()
+        d[~self._seen | ~torch.isfinite(d)] = float("inf")
+        return d
+
+    def histogram(self, indices: torch.Tensor | None = None) -> None:
+        """No forgetting histogram under the loss criterion."""
+        return None
+
+    def reset_interval(self) -> None:
+        self._loss.zero_()
+        self._seen.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "criterion": self.criterion, "loss": self._loss.cpu().clone(),
+                "seen": self._seen.cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_state(self, state)
+        if int(state["n"]) != self.n:
+            raise SpfdeError(f"loss-tracker state is for {state['n']} training samples but this run has {self.n}; "
+                             "resume with the same dataset (and data.subset)")
+        self._loss = state["loss"].to(self.device, torch.float32).clone()
+        self._seen = state["seen"].to(self.device, torch.bool).clone()
+
+
+def build_tracker(cfg: Any, n: int) -> ForgettingTracker | LossTracker:
+    """The sample-status tracker ``cfg.sieving.criterion`` asks for."""
+    if cfg.sieving.criterion == "loss":
+        return LossTracker(n)
+    return ForgettingTracker(n, carry_status=cfg.sieving.carry_status)

@@ -1,4 +1,4 @@
-"""Prunable-layer discovery and the pure mask operations every method is built from.
+"""Prunable-parameter discovery and the pure mask operations every method is built from.
 
 Everything here is a pure function of its inputs (tensors, shapes, a ``torch.Generator``), so
 the methods in :mod:`spfde.sparsity.mest`, ``set``, ``rigl`` and ``static`` are short
@@ -18,16 +18,24 @@ import torch
 from torch import nn
 
 from spfde.errors import ConfigError
-from spfde.utils import probe_forward
 
-#: Module types pruned by default (paper Section 5: "all the convolutional layers"; linear
-#: layers are included as in MEST/RigL; ``sparsity.exclude`` removes any of them).
+#: Module types whose ``weight`` is pruned by default (paper Section 5: "all the convolutional
+#: layers"; linear layers are included as in MEST/RigL; ``sparsity.exclude`` removes any of them).
 DEFAULT_PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+#: ``nn.MultiheadAttention``'s projection weights (fused, or separate when kdim/vdim differ)
+ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
 @dataclass(frozen=True)
 class PrunableLayer:
-    """One prunable module: its name, the name of its weight parameter and the weight's shape."""
+    """One prunable parameter: its unit name, the parameter's name and its shape.
+
+    ``module`` is the *unit* name every per-layer table is keyed by (``layer_density``,
+    ``sparsity.layer_overrides``, metrics, the FLOPs ledger): the module's name for a ``weight``
+    (``"layer1.0.conv1"``, the contract for ordinary layers) and the parameter's own name
+    otherwise (``"blocks.0.attn.in_proj_weight"``); see :func:`unit_name`.
+    """
 
     module: str
     param: str
@@ -46,63 +54,119 @@ def keep_count(numel: int, sparsity: float) -> int:
     return numel - int(round(sparsity * numel))
 
 
-def _matches(name: str, pattern: str) -> bool:
-    """``pattern`` names the module itself or one of its ancestors (``layer1`` covers ``layer1.0.conv1``)."""
+def unit_name(param: str) -> str:
+    """The unit a parameter is reported under: ``"a.b.weight"`` -> ``"a.b"``, else the parameter name.
+
+    (``"weight"`` of a model that is itself one layer -> ``""``, its module name.)
+    """
+    if param == "weight":
+        return ""
+    return param[: -len(".weight")] if param.endswith(".weight") else param
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """``pattern`` is ``name`` or one of its ancestors, in whole dotted components
+    (``layer1`` covers ``layer1.0.conv1`` and ``layer1.0.conv1.weight``, not ``layer10``)."""
     return name == pattern or name.startswith(pattern + ".")
+
+
+_matches = name_matches  # the older private spelling
+
+
+def _is_hf_conv1d(mod: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2's linear layers, weight stored ``(in, out)``), found without importing it."""
+    return type(mod).__name__ == "Conv1D" and type(mod).__module__.startswith("transformers")
+
+
+def default_prunable(mod: nn.Module, attr: str) -> bool:
+    """Whether parameter ``attr`` of ``mod`` is pruned by default (module card of :mod:`spfde.sparsity`)."""
+    if attr == "weight" and (isinstance(mod, DEFAULT_PRUNABLE) or _is_hf_conv1d(mod)):
+        return True
+    return isinstance(mod, nn.MultiheadAttention) and attr in ATTENTION_WEIGHTS
 
 
 def find_prunable(
     model: nn.Module, include: list[str] | None = None, exclude: Iterable[str] = ()
 ) -> list[PrunableLayer]:
-    """The prunable modules of ``model`` in ``named_modules`` order.
+    """The prunable parameters of ``model`` in ``named_parameters`` order.
 
-    Default: every conv/linear module with a ``weight``. ``include`` (module names or ancestor
-    names) replaces the default with any module that owns a weight of 2+ dims; ``exclude``
-    removes modules (same matching). A name that matches no module is a :class:`ConfigError`.
+    Default: the ``weight`` of every conv/linear module (Hugging Face ``Conv1D`` too) and
+    ``nn.MultiheadAttention``'s ``in_proj_weight`` / ``q_proj_weight`` / ``k_proj_weight`` /
+    ``v_proj_weight``; never embedding tables, norms or biases. ``include`` (parameter names,
+    module names or their ancestors, in whole dotted components) replaces the default with every
+    parameter of 2+ dims it covers; an embedding table only when named itself. ``exclude``
+    removes parameters the same way. A weight tied under several names (GPT-2's ``lm_head`` =
+    ``wte``) is never pruned. A pattern that matches nothing is a :class:`ConfigError`.
     """
     modules = dict(model.named_modules())
+    aliases: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(n)
+    params = list(model.named_parameters())
+    every = [n for names in aliases.values() for n in names]
     exclude = list(exclude)
     for key, names in (("include", include or []), ("exclude", exclude)):
         for pat in names:
-            if not any(_matches(n, pat) for n in modules if n):
+            if not pat or not any(name_matches(n, pat) for n in every + [m for m in modules if m]):
                 raise ConfigError(
-                    f"config field 'sparsity.{key}' names {pat!r}, which is not a module of "
-                    f"{type(model).__name__}; use names from model.named_modules(), e.g. "
-                    f"{', '.join(repr(n) for n in list(modules)[1:4])}")
+                    f"config field 'sparsity.{key}' names {pat!r}, which is no module or parameter of "
+                    f"{type(model).__name__}; names are whole dotted components of model.named_modules() / "
+                    f"named_parameters(), e.g. {', '.join(repr(n) for n in [n for n, _ in params][:3])}")
+
+    aliases_of = {n: aliases[id(p)] for n, p in params}
+
+    def named(n: str, pats: Iterable[str]) -> bool:
+        return any(name_matches(a, p) for a in aliases_of[n] for p in pats)
+
     out: list[PrunableLayer] = []
-    for name, mod in modules.items():
-        w = getattr(mod, "weight", None)
-        if not isinstance(w, nn.Parameter) or w.dim() < 2:
-            continue
+    picked: dict[str, list[str]] = {p: [] for p in include or []}
+    for name, p in params:
+        owner, _, attr = name.rpartition(".")
+        mod = modules[owner]
+        tied = len(aliases_of[name]) > 1
         if include is not None:
-            if not any(_matches(name, p) for p in include):
+            pats = [pat for pat in include if named(name, [pat])]
+            if not pats or p.dim() < 2:
                 continue
-        elif not isinstance(mod, DEFAULT_PRUNABLE):
+            # named itself or through its own module, not through an ancestor
+            direct = [pat for pat in pats if any(pat in (a, a.rpartition(".")[0]) for a in aliases_of[name])]
+            if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) and not direct:
+                continue
+            if tied:
+                if direct:
+                    raise ConfigError(
+                        f"config field 'sparsity.include' names {direct[0]!r}, a weight tied under several names "
+                        f"({', '.join(aliases_of[name])}); tied weights are never pruned: drop it from include")
+                continue
+            for pat in pats:
+                picked[pat].append(name)
+        elif tied or p.dim() < 2 or not default_prunable(mod, attr):
             continue
-        if any(_matches(name, p) for p in exclude):
+        if named(name, exclude):
             continue
-        out.append(PrunableLayer(name, f"{name}.weight" if name else "weight", tuple(w.shape)))
+        out.append(PrunableLayer(unit_name(name), name, tuple(p.shape)))
+    empty = [pat for pat, got in picked.items() if not got]
+    if empty:
+        raise ConfigError(
+            f"config field 'sparsity.include' names {empty[0]!r}, which holds no prunable parameter (a weight of "
+            "2+ dims that is not a bias, a norm or a tied weight); name conv/linear/attention modules or weights")
     return out
 
 
 def forward_order(model: nn.Module, names: list[str], example_input: torch.Tensor | None) -> list[str]:
-    """``names`` sorted by the order their modules first run on ``example_input``.
+    """Unit ``names`` sorted by the order their parameters are first used on ``example_input``.
 
-    Without an input (or for modules the forward never reaches) ``named_modules`` order is kept.
-    The pass runs in eval mode under ``no_grad`` so batch-norm statistics are not touched.
+    Without an input (or for units the forward never reaches) the given order is kept. Uses the
+    FLOPs tracer (:func:`spfde.accounting.trace.trace_forward`), which sees functional calls such
+    as ``nn.MultiheadAttention``'s projections and restores every buffer and the RNG state.
     """
     if example_input is None or not names:
         return list(names)
-    modules = dict(model.named_modules())
-    seen: list[str] = []
-    hooks = []
-    for n in names:
-        def hook(_m: nn.Module, _i: object, _o: object, n: str = n) -> None:
-            if n not in seen:
-                seen.append(n)
-        hooks.append(modules[n].register_forward_hook(hook))
-    with probe_forward(model, hooks):
-        model(example_input)
+    from spfde.accounting.trace import trace_forward
+
+    used = [unit_name(p) for p in trace_forward(model, example_input).param_order]
+    wanted = set(names)
+    seen = [u for u in dict.fromkeys(used) if u in wanted]
     return seen + [n for n in names if n not in seen]
 
 
