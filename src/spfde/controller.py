@@ -243,9 +243,7 @@ class SpFDE:
 
     def planned_flops(self, plan: Any = None, with_freezing: bool = True) -> dict[str, Any]:
         """The ledger replayed over the whole run without training (``spfde flops``)."""
-        from spfde.accounting.flops import planned_flops
-
-        from spfde.accounting.flops import forward_flops_summary
+        from spfde.accounting.flops import forward_flops_summary, planned_flops
 
         plan = plan if plan is not None else self.plan
         frozen_fn = (lambda e: self.frozen_modules_at(e, plan)) if with_freezing and plan is not None else None
@@ -366,8 +364,8 @@ class SpFDE:
             losses = torch.as_tensor(losses).detach()
             if losses.dim() != 1 or losses.numel() != n:
                 raise ConfigError(
-                    f"after_step got losses of shape {tuple(losses.shape)} for {n} sample indices; sieving.criterion "
-                    f"'loss' needs one loss per sample, shape ({n},) (reduction='none', a sequence averaged per sample)")
+                    f"after_step got losses of shape {tuple(losses.shape)} for {n} sample indices; sieving.criterion"
+                    f" 'loss' needs one loss per sample, shape ({n},) (reduction='none', per sequence: its mean)")
             # an integer pattern of the float losses when the status is gathered across ranks
             return self.tracker.encode(losses) if self._status is not None else losses
         shape = lambda t: tuple(t.shape) if torch.is_tensor(t) else type(t).__name__

@@ -51,7 +51,6 @@ import torch
 from torch import nn
 
 
-
 # ----------------------------------------------------------------------------- measuring
 def forward_flops_breakdown(model: nn.Module, example_input: torch.Tensor) -> tuple[dict[str, int], int]:
     """``({unit: dense forward FLOPs per sample}, other)`` measured on ``example_input``.

@@ -66,7 +66,14 @@ from spfde.sieving.sieve import (
     shuffle_queue,
     update_count,
 )
-from spfde.sieving.tracker import NEVER_CORRECT, UNSEEN, ForgettingTracker, LossTracker, build_tracker, forgetting_update
+from spfde.sieving.tracker import (
+    NEVER_CORRECT,
+    UNSEEN,
+    ForgettingTracker,
+    LossTracker,
+    build_tracker,
+    forgetting_update,
+)
 
 __all__ = [
     "NEVER_CORRECT",
