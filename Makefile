@@ -19,7 +19,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q $(FIND) "torch==2.13.0" \
 	  || $(BIN)/python -m pip install -q --index-url https://download.pytorch.org/whl/cpu "torch>=2.2" \
 	  || $(BIN)/python -m pip install -q "torch>=2.2"
-	$(BIN)/python -m pip install -q $(FIND) -e ".[test,lightning]"
+	$(BIN)/python -m pip install -q $(FIND) -e ".[test,lightning,hf]"
 	touch $(STAMP)
 
 setup: $(STAMP)

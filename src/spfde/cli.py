@@ -181,6 +181,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(plan, indent=2))
     else:
         print(f"tfrz {plan['tfrz']}, predicted training-FLOPs reduction {100 * plan['predicted_reduction']:.2f}%")
+        if "weight_forward_flops_per_sample" in plan:
+            print(f"forward FLOPs per sample: weights {plan['weight_forward_flops_per_sample']:.4e}, attention "
+                  f"{plan['attention_forward_flops_per_sample']:.4e}, other (not charged) "
+                  f"{plan['other_forward_flops_per_sample']:.4e}")
         for b in plan["blocks"]:
             print(f"  {b['name']:<24} freezes at epoch {b['freeze_epoch']}")
     return 0

@@ -299,7 +299,7 @@ def resolve_blocks(model: nn.Module, spec: BlockSpec = None, example_input: torc
     sort = False
     if spec is None:
         getter = getattr(model, "blocks", None)
-        if callable(getter):
+        if callable(getter) and not isinstance(getter, nn.Module):  # timm's `blocks` is the layer stack
             spec = list(getter())
         else:
             spec = layout_blocks(model)

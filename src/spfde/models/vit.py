@@ -1,0 +1,147 @@
+"""A small Vision Transformer (Dosovitskiy et al. 2021) for CPU-scale runs, in two attention flavours.
+
+What: a ``patch_size`` x ``patch_size`` convolutional patch embedding, a learnable class token and
+position embedding (root-level parameters), ``depth`` pre-norm encoder blocks (LayerNorm ->
+multi-head self-attention -> residual, LayerNorm -> GELU MLP -> residual), a final LayerNorm and a
+linear head on the class token. Sized for 28x28 / 32x32 images on two CPU cores.
+
+Flavours (same parameters in the same layout, so the same seed gives the same function):
+
+* ``vit_tiny``: attention on ``nn.MultiheadAttention`` (a fused ``in_proj_weight`` and an
+  ``out_proj`` the module calls functionally), the case a FLOPs ledger built on module hooks
+  misses;
+* ``vit_tiny_sdpa``: a ``qkv`` linear, ``F.scaled_dot_product_attention`` and a ``proj`` linear,
+  as timm writes it.
+
+Freezing blocks: ``patch_embed`` (with ``cls_token`` and ``pos_embed``, root parameters that join
+the first block), ``layers.0`` ... ``layers.{depth-1}``, ``norm``, ``head``. A different image size
+resamples the position embedding's grid (bicubic), so one model serves 28x28 and 32x32 inputs.
+
+Init (timm's): truncated normal (std 0.02) for the tokens and every linear/attention weight, zero
+biases, PyTorch's default for the patch convolution; drawn from one generator seeded by the global
+RNG, so ``torch.manual_seed`` makes both flavours bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spfde.models.common import BlockModel, scale_channels
+from spfde.models.registry import register_model
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention on ``F.scaled_dot_product_attention`` (timm layout: ``qkv``, ``proj``)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, attn: str) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        # nn.MultiheadAttention's in_proj_weight is Attention's qkv.weight, out_proj its proj
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True) if attn == "mha" else Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential()
+        self.mlp.fc1 = nn.Linear(dim, hidden)
+        self.mlp.act = nn.GELU()
+        self.mlp.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        if isinstance(self.attn, nn.MultiheadAttention):
+            x = x + self.attn(h, h, h, need_weights=False)[0]
+        else:
+            x = x + self.attn(h)
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(BlockModel):
+    """Pre-norm ViT; ``attn`` is ``"mha"`` (``nn.MultiheadAttention``) or ``"sdpa"``."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, embed_dim: int = 64, depth: int = 4,
+                 heads: int = 4, mlp_ratio: float = 2.0, patch_size: int = 7, image_size: int = 28,
+                 attn: str = "mha") -> None:
+        super().__init__()
+        if attn not in ("mha", "sdpa"):
+            raise ValueError(f"attn must be 'mha' or 'sdpa', got {attn!r}")
+        if embed_dim % heads:
+            raise ValueError(f"embed_dim {embed_dim} is not a multiple of heads {heads}")
+        seed = int(torch.randint(0, 2**62, (1,)))  # before any layer draws: both flavours see one stream
+        self.grid = image_size // patch_size
+        self.patch_embed = nn.Conv2d(in_channels, embed_dim, patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid * self.grid, embed_dim))
+        # "layers", not timm's "blocks": the name is taken by the blocks() method every registry model has
+        self.layers = nn.ModuleList(EncoderBlock(embed_dim, heads, mlp_ratio, attn) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes)
+        self._block_names = ["patch_embed", *(f"layers.{i}" for i in range(depth)), "norm", "head"]
+        self._init(torch.Generator().manual_seed(seed))
+
+    @torch.no_grad()
+    def _init(self, g: torch.Generator) -> None:
+        bound = 1 / math.sqrt(self.patch_embed.weight[0].numel())  # PyTorch's conv default
+        self.patch_embed.weight.uniform_(-bound, bound, generator=g)
+        self.patch_embed.bias.uniform_(-bound, bound, generator=g)
+        nn.init.trunc_normal_(self.cls_token, std=0.02, generator=g)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02, generator=g)
+        for blk in self.layers:
+            a = blk.attn
+            mha = isinstance(a, nn.MultiheadAttention)
+            qkv = (a.in_proj_weight, a.in_proj_bias) if mha else (a.qkv.weight, a.qkv.bias)
+            proj = a.out_proj if mha else a.proj
+            for w, b in (qkv, (proj.weight, proj.bias), (blk.mlp.fc1.weight, blk.mlp.fc1.bias),
+                         (blk.mlp.fc2.weight, blk.mlp.fc2.bias)):
+                nn.init.trunc_normal_(w, std=0.02, generator=g)
+                b.zero_()
+        nn.init.trunc_normal_(self.head.weight, std=0.02, generator=g)
+        self.head.bias.zero_()
+
+    def _pos(self, grid: tuple[int, int]) -> torch.Tensor:
+        if grid == (self.grid, self.grid):
+            return self.pos_embed
+        cls, rest = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        rest = rest.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
+        rest = F.interpolate(rest, size=grid, mode="bicubic", align_corners=False)
+        return torch.cat([cls, rest.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        grid = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self._pos(grid)
+        for blk in self.layers:
+            x = blk(x)
+        return self.head(self.norm(x)[:, 0])
+
+
+def _dim(width: float, heads: int = 4) -> int:
+    return max(heads, heads * round(scale_channels(64, width) / heads))
+
+
+@register_model("vit_tiny", input_size=(1, 28, 28))
+def vit_tiny(num_classes: int = 10, in_channels: int = 1, width: float = 1.0) -> VisionTransformer:
+    """ViT, 7x7 patches, 4 pre-norm blocks of 64·width dims, 4 heads, on nn.MultiheadAttention."""
+    return VisionTransformer(num_classes, in_channels, embed_dim=_dim(width), attn="mha")
+
+
+@register_model("vit_tiny_sdpa", input_size=(1, 28, 28))
+def vit_tiny_sdpa(num_classes: int = 10, in_channels: int = 1, width: float = 1.0) -> VisionTransformer:
+    """ViT, 7x7 patches, 4 pre-norm blocks of 64·width dims, 4 heads, on F.scaled_dot_product_attention."""
+    return VisionTransformer(num_classes, in_channels, embed_dim=_dim(width), attn="sdpa")
