@@ -17,7 +17,7 @@ from spfde.cli import main
 from spfde.config import from_dict
 from spfde.distributed import StatusGatherer
 from spfde.errors import ConfigError, SpfdeError
-from spfde.freezing import Freezer, FreezePlan, resolve_blocks
+from spfde.freezing import FreezePlan, Freezer, resolve_blocks
 from spfde.models import create_model
 from spfde.sieving import LossTracker
 from spfde.sparsity import build_sparsity, find_prunable, keep_count

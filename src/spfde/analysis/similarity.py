@@ -114,7 +114,11 @@ def _split_snapshot(s: Any) -> tuple[Mapping[str, torch.Tensor], Mapping[str, to
 
 
 def _module_name(param_name: str) -> str:
-    return param_name.rsplit(".", 1)[0] if "." in param_name else param_name
+    # the unit names of layer_density: a module for a weight, the parameter itself otherwise
+    # (q/k/v_proj_weight of one attention module stay three layers)
+    from spfde.sparsity.masks import unit_name
+
+    return unit_name(param_name) or param_name
 
 
 def structural_similarity_over_time(snapshots: Iterable[tuple[int, Any]], final: Any, fraction: float = 0.5
