@@ -4,6 +4,7 @@ blocks found for transformer layouts, the ViT preset, the loss criterion for sie
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -493,3 +494,27 @@ def test_loss_tensor_of_the_wrong_shape_is_one_line_config_error() -> None:
         with pytest.raises(ConfigError, match=msg) as e:
             ctl.after_step(logits, torch.zeros(4, dtype=torch.long), torch.arange(4), losses=losses)
         assert "\n" not in str(e.value) and e.value.exit_code == 2
+
+
+@pytest.mark.slow
+def test_trainer_sieves_by_loss_and_the_vit_preset_trains_from_the_cli(tmp_path) -> None:
+    """The built-in trainer passes per-sample losses with sieving.criterion: loss; the preset runs end to end."""
+    from spfde.train import train
+
+    cfg = from_dict({"data": {"name": "synthetic", "synthetic_size": 48, "image_size": 28, "channels": 1,
+                              "batch_size": 16, "augment": False, "test_subset": 16},
+                     "model": {"name": "vit_tiny_sdpa", "width": 0.5}, "train": {"epochs": 3, "interval": 1},
+                     "sparsity": {"method": "mest", "target": 0.8},
+                     "sieving": {"method": "circular", "ratio": 0.25, "criterion": "loss"}})
+    summary = train(cfg, tmp_path / "loss", quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "loss" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["removed_this_update"] for r in rows] == [0, 4, 4]  # ceil(0.3 · 12); without losses: an error
+    assert not (tmp_path / "loss" / "sieve").exists()  # no forgetting histograms under the loss criterion
+    assert summary["attention_forward_flops_per_sample"] > 0 and summary["other_forward_flops_per_sample"] == 0
+    out = tmp_path / "vit"
+    preset = Path(__file__).resolve().parents[1] / "configs" / "fmnist-vit.yaml"
+    assert main(["train", "--config", str(preset), "--out", str(out), "-q", "--set", "data.subset=256",
+                 "--set", "data.test_subset=128", "--set", "train.epochs=4", "--set", "freezing.target=0.1"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["frozen_blocks"] and rows[-1]["active_samples"] == 256 - round(0.2 * 256)
+    assert rows[-1]["layer_density"]["layers.1.attn.in_proj_weight"] == pytest.approx(0.2, abs=1e-3)

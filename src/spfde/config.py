@@ -91,8 +91,9 @@ class SparsityConfig:
     dense_first_layer: bool = _f(True)
     search_end: int | None = _f(None, lo=0, doc="last epoch of structure search (default 3/4 of epochs)")
     layer_overrides: dict[str, float] = _f(default_factory=dict, doc="{layer name: sparsity}")
-    include: list[str] | None = _f(None, doc="prunable layer names (default: every conv and linear)")
-    exclude: list[str] = _f(default_factory=list, doc="layer names never pruned")
+    include: list[str] | None = _f(None, doc="prunable parameter or module names, whole dotted components (default: "
+                                             "every conv/linear weight and attention projection)")
+    exclude: list[str] = _f(default_factory=list, doc="parameter or module names never pruned")
     mest_lambda: float = _f(1.0, lo=0.0, doc="λ in MEST importance |w| + λ|g|")
     grow_early: float = _f(0.05, lo=0.0, hi=1.0, doc="grow to s - grow_early before the switch")
     grow_late: float = _f(0.025, lo=0.0, hi=1.0, doc="grow to s - grow_late after the switch")
@@ -106,7 +107,8 @@ class FreezingConfig:
     target: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True, doc="training-FLOPs reduction from freezing")
     tfrz: int | Literal["auto"] = _f("auto", doc="epoch to freeze the first block, or auto")
     scheme: Literal["single_shot", "single_shot_resume", "periodic", "delayed_periodic"] = _f("single_shot")
-    blocks: list[str] | None = _f(None, doc="override the model's blocks: module names/prefixes in order")
+    blocks: list[str] | None = _f(None, doc="override the model's blocks, in forward order: module names, parameter "
+                                            "names (cls_token) or globs (features.*)")
     max_blocks_fraction: float = _f(2 / 3, lo=0.0, hi=1.0, lo_open=True)
     freeze_head: bool = _f(False)
     resume_epochs: int | None = _f(None, lo=0, doc="single_shot_resume: defrost for the last t epochs")

@@ -11,7 +11,8 @@
 ``dense``  no masks
 =========  ==================================================================================
 
-Prunable layers are conv/linear modules (``sparsity.include`` / ``exclude`` take module names);
+Prunable parameters are conv/linear weights and ``nn.MultiheadAttention``'s projections by default
+(``sparsity.include`` / ``exclude`` take parameter or module names; :func:`find_prunable`);
 the layer-wise budget comes from :mod:`spfde.sparsity.distribution`; the update schedule from
 :mod:`spfde.sparsity.schedule`. See each method module for its card.
 """
