@@ -189,6 +189,24 @@ def test_measuring_changes_neither_buffers_nor_rng() -> None:
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_unattributed_flops_reported_and_noted_at_start() -> None:
+    class WithBuffer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(FEAT, E)
+            self.register_buffer("basis", torch.randn(E, E))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (self.fc(x) @ self.basis).mean(1)[:, :CLASSES]
+
+    x, _ = seq_data()
+    ctl = controller(WithBuffer(), x)
+    assert ctl.other_forward_flops == 2 * T * E * E
+    assert len(ctl.notes) == 1 and "other_forward_flops_per_sample" in ctl.notes[0]
+    assert ctl.planned_flops()["other_forward_flops_per_sample"] == 2 * T * E * E
+    assert "fc" in ctl.layer_flops and len(ctl.layer_flops) == 1  # the ledger charges only what it can attribute
+
+
 def test_cross_attention_q_k_v_proj_weights_and_tied_head() -> None:
     class Cross(nn.Module):  # separate q/k/v projection weights (kdim != embed_dim)
         def __init__(self) -> None:

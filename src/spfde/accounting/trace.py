@@ -206,8 +206,8 @@ def trace_forward(model: nn.Module, example_input: torch.Tensor) -> ForwardTrace
     """Per-sample forward FLOPs of ``model`` on ``example_input``, by unit (see the module card)."""
     x = example_input.detach()
     first = next(model.parameters(), None)
-    if first is not None and x.is_floating_point():
-        x = x.to(first.device)
+    if first is not None:
+        x = x.to(first.device)  # token ids too
     if x.dim() > 0 and x.shape[0] == 1:
         x = torch.cat([x, x])  # train-mode batch norm needs two values per channel
     batch = int(x.shape[0]) if x.dim() > 0 else 1
