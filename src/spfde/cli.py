@@ -181,6 +181,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(plan, indent=2))
     else:
         print(f"tfrz {plan['tfrz']}, predicted training-FLOPs reduction {100 * plan['predicted_reduction']:.2f}%")
+        if plan.get("planner"):
+            print(f"  planner {plan['planner']}: target {100 * plan['target']:.2f}%, Algorithm 1's arithmetic "
+                  f"{100 * plan['algorithm1_reduction']:.2f}%, exact ledger {100 * plan['predicted_reduction']:.2f}% "
+                  f"total, {100 * plan['backward_reduction']:.2f}% backward of frozen blocks (the paper's definition)")
         for b in plan["blocks"]:
             print(f"  {b['name']:<24} freezes at epoch {b['freeze_epoch']}")
     return 0
