@@ -171,7 +171,7 @@ def test_training_loop_ledger_matches_plan():
         frozen_from = {"0": 2}
         # the controller's rule: with prune_on_freeze, a layer's last update before it freezes is its final one
         engine.set_final_updates(engine.schedule.last_update_epochs(
-            [lay.module for lay in engine.layers], lambda e: {k for k, f in frozen_from.items() if e >= f}))
+            [lay.module for lay in engine.layers], lambda e, fz=frozen_from: {k for k, f in fz.items() if e >= f}))
         engine.apply_masks()
         ledger = FlopsLedger(flops, backward="exact")
         opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)

@@ -94,10 +94,14 @@ class SparseEngine:
     def _init_masks(self) -> None:
         """Random masks at the schedule's initial sparsity (paper Section 4.1: random structure)."""
         for lay in self.masked_layers:
-            s = self.schedule.initial_sparsity(self.target[lay.module], self.final_update.get(lay.module))
-            g = make_generator(self.seed, "sparsity-init", lay.module)
-            keep = lay.numel - int(round(s * lay.numel))
-            self._set_mask(lay.param, random_mask(lay.shape, keep, g))
+            self._set_mask(lay.param, random_mask(lay.shape, self._initial_keep(lay), self._init_generator(lay)))
+
+    def _initial_keep(self, lay: PrunableLayer) -> int:
+        return keep_count(lay.numel, self.schedule.initial_sparsity(self.target[lay.module],
+                                                                    self.final_update.get(lay.module)))
+
+    def _init_generator(self, lay: PrunableLayer) -> torch.Generator:
+        return make_generator(self.seed, "sparsity-init", lay.module)
 
     def _set_mask(self, param: str, mask: torch.Tensor) -> None:
         p = self._params[param]
@@ -140,8 +144,12 @@ class SparseEngine:
         :meth:`apply_masks` afterwards.
         """
         self.final_update = {m: int(e) for m, e in final_update.items()}
-        if self.epoch < 0 and self.last_update < 0 and self.step == 0:
-            self._init_masks()
+        if self.epoch >= 0 or self.last_update >= 0 or self.step:
+            return  # training has started: the masks are what they are
+        for lay in self.masked_layers:
+            keep = self._initial_keep(lay)
+            if keep != self._counts[lay.module]:
+                self._set_mask(lay.param, random_mask(lay.shape, keep, self._init_generator(lay)))
 
     # ------------------------------------------------------------------ per step
     def _recording_now(self) -> bool:
