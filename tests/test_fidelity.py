@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import masked_sgd_steps
+from helpers import masked_sgd_steps, small_conv_net
 from spfde import SpFDE
 from spfde.config import from_dict
 from spfde.errors import ConfigError
@@ -29,26 +29,9 @@ from spfde.sparsity import build_sparsity, keep_count
 REPO = Path(__file__).resolve().parents[1]
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.body = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                                  nn.Conv2d(16, 32, 3, padding=1), nn.ReLU())
-        self.head = nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.body(torch.relu(self.stem(x)))
-        return self.head(x.mean(dim=(2, 3)))
-
-
 X = torch.randn(16, 3, 6, 6, generator=torch.Generator().manual_seed(1))
 Y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(2))
-
-
-def make(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    return Net()
+make = small_conv_net
 
 
 def cfg(method="mest", target=0.8, epochs=6, interval=2, search_end=4, **sp):

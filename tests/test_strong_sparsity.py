@@ -13,31 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import masked_sgd_steps
+from helpers import masked_sgd_steps, small_conv_net
 from spfde.config import from_dict
 from spfde.sparsity import build_sparsity, keep_count
 
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.body = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                                  nn.Conv2d(16, 32, 3, padding=1), nn.ReLU())
-        self.head = nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.body(torch.relu(self.stem(x)))
-        return self.head(x.mean(dim=(2, 3)))
-
-
 X = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(11))
 Y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(12))
-
-
-def make_model(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    return Net()
+make_model = small_conv_net
 
 
 def make_cfg(method: str, epochs: int, interval: int, search_end: int, target: float = 0.8, **sp):
