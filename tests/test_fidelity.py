@@ -87,6 +87,34 @@ def test_a_non_finite_step_leaves_the_next_masks_as_a_clean_run(method, sp, step
     assert any(not torch.equal(taken[n], clean[n]) for n in clean)  # the step does matter
 
 
+def test_mest_falls_back_to_magnitude_when_every_recorded_step_was_skipped():
+    """All steps of the averaging epoch non-finite: MEST still runs its update (the schedule must reach
+    s), scoring by |w| alone, as a λ = 0 run does; RigL keeps its masks (no gradient to grow by)."""
+    def run(method, **sp):
+        model = make()
+        engine = build_sparsity(model, cfg(method, 0.8, interval=2, search_end=4, **sp), X[:1])
+        engine.apply_masks()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        engine.update(0)
+        list(masked_sgd_steps(model, engine, opt, X, Y, 2))
+        engine.update(1)
+        before = {n: m.clone() for n, m in engine.masks.items()}
+        for _ in range(2):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(X), Y).backward()
+            model.body[3].weight.grad.fill_(float("nan"))
+            engine.before_step()
+            engine.after_step(opt)
+        info = engine.update(2)
+        return before, engine.masks, info
+
+    _, mest, info = run("mest", mest_lambda=1.0)
+    _, magnitude, _ = run("mest")
+    assert info["updated"] and all(torch.equal(mest[n], magnitude[n]) for n in mest)
+    before, rigl, info = run("rigl")
+    assert info.get("skipped_update") and all(torch.equal(rigl[n], before[n]) for n in rigl)
+
+
 def _controller(epochs=3, sieve=True, grad_norms=False, method="set", **extra):
     model = make()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)

@@ -292,7 +292,7 @@ class SparseEngine:
         info: dict[str, Any] = {"updated": False, "pruned": 0, "grown": 0}
         self._commit(False)
         stats = self._gradient_stats(batch_grad_fn, progress)
-        if stats is None:  # every step that should have fed this update was skipped: keep the masks
+        if stats is None:  # RigL: every step that could feed this update was skipped; keep the masks
             return {**info, "skipped_update": True}
         skipped = []
         for lay in self.masked_layers:
@@ -320,12 +320,10 @@ class SparseEngine:
 
     def _gradient_stats(self, batch_grad_fn: BatchGradFn | None, progress: float
                         ) -> dict[str, torch.Tensor] | None:
-        """The recorded statistic per masked weight (empty when nothing was recorded; None when every
-        recorded step was dropped as skipped or non-finite)."""
+        """The recorded statistic per masked weight; empty when no step was kept (MEST then scores by
+        |w| alone). A method that cannot update without one returns None: the update is skipped."""
         steps = int(self._grad_steps)
-        if not steps:
-            return None if self._grad_calls else {}
-        return {n: b / steps for n, b in self._grad_buf.items()}
+        return {n: b / steps for n, b in self._grad_buf.items()} if steps else {}
 
     def _update_layer(self, lay: PrunableLayer, mask: torch.Tensor, weight: torch.Tensor,
                       grad_stat: torch.Tensor | None, epoch: float, gen: torch.Generator
