@@ -12,6 +12,26 @@ import torch
 from torch import nn
 
 
+class SmallConvNet(nn.Module):
+    """stem -> body (conv, BN, ReLU, conv, ReLU) -> head: three kinds of prunable layer in forward order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 32, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.body(torch.relu(self.stem(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def small_conv_net(seed: int = 0) -> SmallConvNet:
+    torch.manual_seed(seed)
+    return SmallConvNet()
+
+
 def masked_sgd_steps(model: nn.Module, engine, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                      steps: int = 2) -> Iterator[None]:
     """Training steps with a sparse engine's two per-step calls around the optimizer; yields after each."""

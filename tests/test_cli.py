@@ -43,7 +43,13 @@ def test_plan_json_contract():
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
     assert {"tfrz", "blocks", "predicted_reduction"} <= set(plan)
-    assert plan["predicted_reduction"] >= 0.2
+    # the default planner is Algorithm 1 as written (Table A4: Tfrz 60 for 20%); the exact ledger's
+    # total and backward-only reductions are reported beside its arithmetic
+    assert plan["planner"] == "algorithm1" and plan["tfrz"] == 60 and plan["algorithm1_reduction"] >= 0.2
+    assert 0.15 < plan["backward_reduction"] < plan["predicted_reduction"] < 0.2
+    r = cli("plan", "--config", "cifar100-resnet32x2", "--json", "--set", "freezing.planner=exact")
+    exact = json.loads(r.stdout)
+    assert exact["planner"] == "exact" and exact["predicted_reduction"] >= 0.2 and exact["tfrz"] < 60
     epochs = [b["freeze_epoch"] for b in plan["blocks"]]
     assert epochs == sorted(epochs) and epochs[0] == plan["tfrz"]
     assert all(e - plan["tfrz"] == 5 * i for i, e in enumerate(epochs))  # Δτ = 5 apart
@@ -52,7 +58,7 @@ def test_plan_json_contract():
 
 def test_plan_unreachable_target_is_a_clear_error():
     r = cli("plan", "--config", "cifar100-resnet32x2", "--set", "freezing.target=0.9")
-    assert r.returncode == 1 and "unreachable" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "unreachable" in r.stderr and "Traceback" not in r.stderr  # a config error
 
 
 def test_models_lists_registry():

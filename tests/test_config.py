@@ -23,13 +23,27 @@ def test_presets_load_and_contract_keys():
     assert {"fmnist-demo", "cifar100-resnet32x2"} <= set(list_presets())
     cfg = load_config("cifar100-resnet32x2")
     assert cfg.model.name == "resnet32" and cfg.model.width == 2.0 and cfg.data.batch_size == 32
-    assert cfg.sparsity.search_end == 120
+    assert cfg.sparsity.search_end == 0.75 and cfg.search_end == 120  # a fraction: 120 of 160 (Table A3)
     for key in ["seed", "data.name", "data.root", "data.subset", "data.batch_size", "model.name", "model.width",
                 "optim.lr", "train.epochs", "train.interval", "sparsity.method", "sparsity.target",
                 "sparsity.distribution", "sparsity.dense_first_layer", "sparsity.search_end", "freezing.target",
                 "freezing.tfrz", "freezing.scheme", "freezing.blocks", "sieving.method", "sieving.ratio",
                 "sieving.update_ratio", "logging.tensorboard", "analysis.snapshots"]:
         assert key in {k for k, _, _ in field_docs()}, key
+
+
+def test_epoch_valued_keys_take_a_fraction_of_training():
+    """An int is an epoch, a float in (0, 1] a fraction of train.epochs (floor), resolved in one place."""
+    assert from_dict({"train": {"epochs": 24}, "sparsity": {"search_end": 0.75}}).search_end == 18
+    assert from_dict({"train": {"epochs": 10}, "sparsity": {"search_end": 0.75}}).search_end == 7
+    assert from_dict({"train": {"epochs": 10}, "sparsity": {"search_end": 7}}).search_end == 7
+    assert from_dict({"train": {"epochs": 4}, "sparsity": {"search_end": 1.0}}).search_end == 4
+    assert from_dict({"train": {"epochs": 24}}).search_end == 18  # the default is 0.75
+    demo = load_config("fmnist-demo", ["train.epochs=4"])  # the preset keeps its shape at any length
+    assert demo.search_end == 3 and demo.resolve_epochs()["sparsity.search_end"] == 3
+    for bad in ("1.5", "0.0"):
+        with pytest.raises(ConfigError, match="sparsity.search_end.*fraction"):
+            load_config("fmnist-demo", [f"sparsity.search_end={bad}"])
 
 
 def test_overrides_are_typed():

@@ -146,7 +146,8 @@ WORKER = textwrap.dedent('''
     ddp = sd.wrap_ddp(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     cfg = {"seed": 5, "train": {"epochs": 5, "interval": 1},
-           "sparsity": {"method": "mest", "target": 0.5, "dense_first_layer": True},
+           # λ = 1: MEST records the (all-reduced) mean |g|, which must be identical on both ranks
+           "sparsity": {"method": "mest", "target": 0.5, "dense_first_layer": True, "mest_lambda": 1.0},
            "freezing": {"target": 0.1, "tfrz": 2, "max_blocks_fraction": 0.67},
            "sieving": {"method": "circular", "ratio": 0.25, "update_ratio": 0.5},
            "optim": {"lr": 0.05}}

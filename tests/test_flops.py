@@ -100,7 +100,7 @@ def test_dense_train_flops():
 def cfg(**sp):
     train = sp.pop("train", {})
     return from_dict({"train": {"epochs": 6, "interval": 2, **train}, "data": {"batch_size": 4},
-                      "sparsity": {"dense_first_layer": False, **sp}})
+                      "sparsity": {"dense_first_layer": False, "dense_last_layer": False, **sp}})
 
 
 def test_planned_static_set_and_sieving_by_hand():
@@ -114,9 +114,11 @@ def test_planned_static_set_and_sieving_by_hand():
     out = planned_flops(cfg(method="static", target=0.5), flops, 10, sieve_ratio=0.3)
     assert out["samples_per_epoch"] == 7
     assert out["train_flops"] == round(3 * 0.5 * (CONV + FC) * 7 * 6)
-    # dense first layer (the paper's setting): conv at density 1
+    # dense first layer (the paper's setting): conv at density 1; and the classifier (last layer)
     out = planned_flops(cfg(method="static", target=0.5, dense_first_layer=True), flops, 10)
     assert out["train_flops"] == round(3 * (CONV + 0.5 * FC) * 10 * 6)
+    out = planned_flops(cfg(method="static", target=0.5, dense_last_layer=True), flops, 10)
+    assert out["train_flops"] == round(3 * (0.5 * CONV + FC) * 10 * 6)
 
 
 def test_planned_mest_schedule_and_freezing_by_hand():
@@ -127,16 +129,19 @@ def test_planned_mest_schedule_and_freezing_by_hand():
     out = planned_flops(c, flops, 10)
     assert out["epoch_flops"] == [round(3 * d * (CONV + FC) * 10) for d in dens]
     assert out["final_density"] == {"0": pytest.approx(0.2), "3": pytest.approx(0.2)}
-    # conv frozen from epoch 3: forward only, pruned from s' (density .4) to s (.2) as it freezes
+    # conv frozen from epoch 3: its last update before that (epoch 2) prunes it to s (.2) and grows
+    # nothing, so it trains epoch 2 at s; frozen, forward only, never edited again
     frz = planned_flops(c, flops, 10, freeze_plan={"0": 3})
-    want = [3 * d * (CONV + FC) * 10 for d in dens[:3]]
+    want = [3 * d * (CONV + FC) * 10 for d in dens[:2]] + [3 * (0.2 * CONV + 0.4 * FC) * 10]
     want += [10 * (0.2 * CONV + 3 * d * FC) for d in dens[3:]]
     assert frz["epoch_flops"] == [round(w) for w in want]
     assert frz["final_density"] == {"0": pytest.approx(0.2), "3": pytest.approx(0.2)}
+    # the paper's saving: the frozen conv's backward at s over epochs 3-5
+    assert frz["bp_flops_saved"] == round(3 * 10 * 2 * 0.2 * CONV)
     # freezing.prune_on_freeze: false keeps the frozen layer at density .4 past search_end
     keep = from_dict({**c.to_dict(), "freezing": {**c.to_dict()["freezing"], "prune_on_freeze": False}})
     kept = planned_flops(keep, flops, 10, freeze_plan={"0": 3})
-    assert kept["epoch_flops"] == [round(w) for w in want[:3]] + [
+    assert kept["epoch_flops"] == [round(3 * d * (CONV + FC) * 10) for d in dens[:3]] + [
         round(10 * (0.4 * CONV + 3 * d * FC)) for d in dens[3:]]
     assert kept["final_density"]["0"] == pytest.approx(0.4)
     assert frz["train_flops"] == pytest.approx(sum(want), abs=2)
@@ -167,15 +172,19 @@ def test_training_loop_ledger_matches_plan():
     x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 10, (8,))
     for method in ("mest", "rigl", "set"):
         c = from_dict({"train": {"epochs": 5, "interval": 1}, "data": {"batch_size": 4},
-                       "sparsity": {"method": method, "target": 0.9, "search_end": 3, "distribution": "erk"},
+                       "sparsity": {"method": method, "target": 0.9, "search_end": 3, "distribution": "erk",
+                                    "dense_last_layer": False},
                        "accounting": {"backward": "exact"}})
         m = copy.deepcopy(model)
         flops = layer_forward_flops(m, x[:1])
         engine = build_sparsity(m, c, x[:1])
+        frozen_from = {"0": 2}
+        # the controller's rule: with prune_on_freeze, a layer's last update before it freezes is its final one
+        engine.set_final_updates(engine.schedule.last_update_epochs(
+            [lay.module for lay in engine.layers], lambda e, fz=frozen_from: {k for k, f in fz.items() if e >= f}))
         engine.apply_masks()
         ledger = FlopsLedger(flops, backward="exact")
         opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
-        frozen_from = {"0": 2}
         for epoch in range(5):
             frozen = {k for k, e in frozen_from.items() if epoch >= e}
             for name, p in m.named_parameters():
@@ -217,7 +226,8 @@ def test_planned_static_sieve_removes_after_warmup():
     # sieving.method=static trains on all samples until its one-shot removal, then on n - m
     flops = {"0": CONV, "3": FC}
     c = from_dict({"train": {"epochs": 6, "interval": 2}, "data": {"batch_size": 4},
-                   "sparsity": {"method": "static", "target": 0.5, "dense_first_layer": False},
+                   "sparsity": {"method": "static", "target": 0.5, "dense_first_layer": False,
+                                "dense_last_layer": False},
                    "sieving": {"method": "static", "ratio": 0.3}})
     from spfde.sieving import build_sieve
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from spfde.errors import SpfdeError
+from spfde.config import from_dict
+from spfde.errors import ConfigError, SpfdeError
 from spfde.freezing import (
     SCHEMES,
     BlockLR,
@@ -190,12 +191,26 @@ def test_tfrz_auto_is_latest_grid_point_meeting_target(seed: int) -> None:
 
 
 def test_unreachable_target_states_max() -> None:
+    # config values no plan can follow are configuration errors (exit code 2)
     # auto: 2/3 of 4 blocks -> at most 2, earliest Tfrz = 2: 4*18 + 3*16 = 120 of 500 -> 24.00%.
-    with pytest.raises(SpfdeError, match=r"24\.00%"):
+    with pytest.raises(ConfigError, match=r"24\.00%"):
         plan_freezing(BP, 25.0, 20, 2, 0.5, "auto", freezable=4)
     # explicit Tfrz = 4, all blocks: 4*16 + 3*14 + 2*12 + 1*10 = 140 of 500 -> 28.00%.
-    with pytest.raises(SpfdeError, match=r"28\.00%"):
+    with pytest.raises(ConfigError, match=r"28\.00%"):
         plan_freezing(BP, 25.0, 20, 2, 0.5, 4)
+
+
+def test_off_grid_tfrz_is_rejected_and_fractions_snap() -> None:
+    """Algorithm 1 freezes only at epoch mod Δτ == 0: an off-grid Tfrz is a ConfigError naming the grid
+    points around it; a fraction of train.epochs snaps to the nearest grid point."""
+    with pytest.raises(ConfigError, match=r"off the Δτ grid.*use 4 or 6"):
+        plan_freezing(BP, 25.0, 20, 2, 0.2, 5)
+    assert plan_freezing(BP, 25.0, 20, 2, 0.2, 6).tfrz == 6
+    c = from_dict({"train": {"epochs": 160, "interval": 5}, "freezing": {"tfrz": 0.37}})
+    assert c.tfrz == 60  # 0.37 * 160 = 59.2 -> the nearest multiple of 5
+    assert from_dict({"train": {"epochs": 20, "interval": 4}, "freezing": {"tfrz": 0.01}}).tfrz == 4
+    with pytest.raises(ConfigError, match="fraction"):
+        from_dict({"freezing": {"tfrz": 1.5}})
 
 
 def test_head_excluded_and_bad_inputs() -> None:
@@ -261,10 +276,13 @@ def test_resume_same_reduction_shifted_and_defrosted() -> None:
 def test_periodic_pattern_and_group_choice() -> None:
     bp, epochs = [4.0, 3.0, 2.0, 1.0, 1.0], 20
     plan = plan_freezing(bp, 25.0, epochs, 2, 0.2, "auto", scheme="periodic", freezable=4)
-    # Over epochs 0..19 a period-4 block is frozen 15 epochs, a period-2 block 10.
-    # One block: at most 4*15 = 60 < 100. Two blocks: (P4,P4) 105, (P4,P2) 90, (P2,P2) 70 -> (4, 4).
-    assert plan.periods == [4, 4] and plan.predicted_reduction == pytest.approx(105 / 500)
-    assert plan.frozen_at(0) == set() and plan.frozen_at(1) == {0, 1} and plan.frozen_at(4) == set()
+    # Over epochs 0..19 a period-4 block is frozen 15 epochs, a period-2 block 10. Appendix B: a front
+    # group (1/4) and a middle group (1/2), both non-empty; the last group never freezes.
+    # Two blocks: only (P4,P2) = 60 + 30 = 90 < 100 ((P4,P4) = 105 has no middle group).
+    # Three: (P4,P4,P2) = 60 + 45 + 20 = 125, (P4,P2,P2) = 60 + 30 + 20 = 110 -> the closest above 100.
+    assert plan.periods == [4, 2, 2] and plan.predicted_reduction == pytest.approx(110 / 500)
+    assert plan.frozen_at(0) == set() and plan.frozen_at(1) == {0, 1, 2} and plan.frozen_at(2) == {0}
+    assert plan.frozen_at(4) == set()
     # A mixed split: period-4 blocks are frozen whenever period-2 blocks are.
     mixed = FreezePlan(tfrz=0, scheme="periodic", blocks=[("a", 1), ("b", 1)], predicted_reduction=0.0,
                        epochs=8, interval=2, periods=[4, 2])
@@ -272,6 +290,22 @@ def test_periodic_pattern_and_group_choice() -> None:
     with pytest.raises(SpfdeError, match="powers of two"):
         FreezePlan(tfrz=0, scheme="periodic", blocks=[("a", 1), ("b", 1)], predicted_reduction=0.0,
                    epochs=8, interval=2, periods=[2, 4])
+
+
+@pytest.mark.parametrize("scheme", ["periodic", "delayed_periodic"])
+@pytest.mark.parametrize("bp", [[4.0, 3.0, 2.0, 1.0, 1.0], [1.0] * 9, [9.0, 1.0, 1.0, 1.0], [1.0] * 17])
+def test_periodic_groups_follow_appendix_b(scheme: str, bp: list[float]) -> None:
+    """Front group period 4, middle group period 2, both non-empty; the last group (here also when the
+    head may freeze) always trains."""
+    try:
+        plan = plan_freezing(bp, 1.2 * sum(bp), 40, 4, 0.2, "auto", scheme=scheme, freezable=len(bp))
+    except ConfigError as e:
+        assert "unreachable" in str(e) and "both non-empty" in str(e)
+        pytest.skip("target unreachable for this toy")
+    assert plan.periods.count(4) >= 1 and plan.periods.count(2) >= 1
+    assert plan.periods == sorted(plan.periods, reverse=True) and set(plan.periods) == {2, 4}
+    assert len(plan.periods) < len(bp)
+    assert all(len(bp) - 1 not in plan.frozen_at(e) for e in range(40))
 
 
 def test_delayed_periodic_trains_everything_first() -> None:

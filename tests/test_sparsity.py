@@ -97,16 +97,31 @@ def test_layer_density_follows_schedule_every_step(method, distribution):
     assert counts(engine) == final
 
 
-def test_uniform_dense_first_layer_is_first_in_forward_order():
+def test_uniform_dense_first_and_last_layer_in_forward_order():
     model = make()
     engine = build_sparsity(model, cfg("set", 0.9), X[:1])
     assert [lay.module for lay in engine.layers] == LAYERS
     dens = engine.layer_density()
+    # the classifier (last in forward order) stays dense by default, as in the paper and MEST
     assert dens["stem"] == 1.0 and "stem.weight" not in engine.masks
-    assert all(abs(dens[m] - 0.1) < 1e-3 for m in LAYERS[1:])
-    # without an example input, named_modules order decides: head comes first
-    engine2 = build_sparsity(make(), cfg("set", 0.9))
+    assert dens["head"] == 1.0 and "head.weight" not in engine.masks
+    assert all(abs(dens[m] - 0.1) < 1e-3 for m in LAYERS[1:-1])
+    only_first = build_sparsity(make(), cfg("set", 0.9, dense_last_layer=False), X[:1]).layer_density()
+    assert only_first["stem"] == 1.0 and abs(only_first["head"] - 0.1) < 1e-3
+    # without an example input, named_modules order decides: head comes first, stem last
+    engine2 = build_sparsity(make(), cfg("set", 0.9, dense_last_layer=False))
     assert engine2.layer_density()["head"] == 1.0 and engine2.layer_density()["stem"] < 0.2
+
+
+def test_classifier_dense_by_default_through_the_python_api():
+    from spfde import SpFDE
+
+    model = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctl = SpFDE(model, opt, {"sparsity": {"method": "mest", "target": 0.9}, "train": {"epochs": 2}},
+                train_size=8, example_input=X[:2])
+    assert "head.weight" not in ctl.sparsity.masks and ctl.sparsity.layer_density()["head"] == 1.0
+    assert ctl.sparsity.layer_density()["body.3"] < 0.2
 
 
 def test_mest_prune_picks_lowest_importance():
@@ -118,7 +133,7 @@ def test_mest_prune_picks_lowest_importance():
     # s' = 0 at the start (all weights active), search_end = 2: the update at epoch 2 only prunes to s
     c = from_dict({"train": {"epochs": 4, "interval": 2}, "sparsity": {
         "method": "mest", "target": 0.5, "search_end": 2, "grow_early": 0.5, "dense_first_layer": False,
-        "mest_lambda": lam}})
+        "dense_last_layer": False, "mest_lambda": lam}})
     engine = build_sparsity(model, c)
     with torch.no_grad():
         lin.weight.copy_(w)
@@ -141,7 +156,7 @@ def test_mest_prune_picks_lowest_importance():
 
 def test_mest_grow_counts_and_zero_init():
     model = make()
-    c = cfg("mest", 0.9, grow_early=0.1, grow_late=0.05, search_end=6, interval=2)
+    c = cfg("mest", 0.9, grow_early=0.1, grow_late=0.05, search_end=6, interval=2, grow_exclude_dropped=True)
     engine = build_sparsity(model, c, X[:1])
     engine.apply_masks()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -157,7 +172,7 @@ def test_mest_grow_counts_and_zero_init():
         pruned, grown = old & ~new, new & ~old
         assert int(pruned.sum()) == keep_count(lay.numel, 0.8) - keep_count(lay.numel, 0.9)
         assert int(grown.sum()) == keep_count(lay.numel, 0.8) - keep_count(lay.numel, 0.9)
-        assert not (grown & pruned).any()  # just-pruned positions are not regrown
+        assert not (grown & pruned).any()  # grow_exclude_dropped: just-pruned positions are not regrown
         p = dict(model.named_parameters())[lay.param]
         assert (p[grown] == 0).all() and (p[~new] == 0).all()
         assert torch.equal(p[old & new], weights[lay.param][old & new])  # survivors untouched
@@ -167,6 +182,42 @@ def test_mest_grow_counts_and_zero_init():
     engine.update(3)
     engine.update(4)
     assert counts(engine)["body.3"] == keep_count(16 * 32 * 9, 0.8)
+
+
+@pytest.mark.parametrize("method", ["mest", "set"])
+def test_random_growth_draws_from_every_zero_by_default(method):
+    """MEST and SET (RigL's SparseSETOptimizer, sparselearning) grow among all zeros after the prune, the
+    just-dropped weights included; ``grow_exclude_dropped`` restores the exclusion. MEST restarts a
+    regrown weight at zero (it zeroes what it prunes), SET keeps its value (``reinit_when_same = False``)."""
+    regrown = {False: 0, True: 0}
+    for exclude in (False, True):
+        for seed in range(6):
+            model = make()
+            c = cfg(method, 0.5, interval=1, search_end=4, grow_early=0.25, drop_fraction=0.8,
+                    grow_exclude_dropped=exclude)
+            c.seed = seed
+            engine = build_sparsity(model, c, X[:1])
+            engine.apply_masks()
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            engine.update(0)
+            list(train_epoch(model, engine, opt))
+            before = {n: m.clone() for n, m in engine.masks.items()}
+            w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+            engine.update(1)
+            engine.after_step(opt)  # the optimizer state of grown weights is reset here
+            for lay in engine.masked_layers:
+                p = dict(model.named_parameters())[lay.param]
+                new, old = engine.masks[lay.param], before[lay.param]
+                if method == "mest":  # a weight MEST pruned and regrew restarts at 0 with zero momentum
+                    back = new & old & (p.detach() == 0) & (w0[lay.param] != 0)
+                    assert (opt.state[p]["momentum_buffer"][back] == 0).all()
+                    n_back = int(back.sum())
+                else:  # SET drops round(f * active) and keeps a regrown weight's value
+                    n_drop = round(engine.schedule.drop_fraction_at(1) * int(old.sum()))
+                    n_back = int((new & old).sum()) - (int(old.sum()) - n_drop)
+                    assert torch.equal(p.detach()[new & old], w0[lay.param][new & old])
+                regrown[exclude] += n_back
+    assert regrown[True] == 0 and regrown[False] > 0
 
 
 def test_pruned_weights_and_momentum_stay_zero():
@@ -302,42 +353,62 @@ def test_impossible_requests():
 
 @pytest.mark.parametrize("prune_on_freeze", [False, True])
 def test_frozen_layers_untouched_by_update(prune_on_freeze):
+    """A layer freezing at epoch 2 (Δτ = 1): with prune_on_freeze its last update before that (epoch 1)
+    prunes it to exactly s and grows nothing; from then on, frozen, it is never edited."""
     model = make()
-    engine = build_sparsity(model, cfg("mest", 0.8, interval=1, search_end=2), X[:1])
-    engine.prune_frozen = prune_on_freeze
+    engine = build_sparsity(model, cfg("mest", 0.8, interval=1, search_end=3), X[:1])
+    names = [lay.module for lay in engine.layers]
+    if prune_on_freeze:
+        final = engine.schedule.last_update_epochs(names, lambda e: {"body.3"} if e >= 2 else set())
+        assert final["body.3"] == 1 and final["body.0"] == 3
+        engine.set_final_updates(final)
     engine.apply_masks()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    n = model.body[3].weight.numel()
     engine.update(0)
     list(train_epoch(model, engine, opt))
-    before = {n: m.clone() for n, m in engine.masks.items()}
+    before = engine.masks["body.3.weight"].clone()
     w = model.body[3].weight.detach().clone()
-    n = w.numel()
-    scores = engine.importance(w, engine._gradient_stats(None).get("body.3.weight"))
-    assert int(before["body.3.weight"].sum()) == keep_count(n, 0.8 - 0.05)  # MEST's soft bound s' = s - 0.05
-    info = engine.update(1, frozen_params={"body.3.weight"})
-    assert not torch.equal(engine.masks["body.0.weight"], before["body.0.weight"])
-    assert info["frozen_skipped"] == ["body.3"]
-    frozen_mask = engine.masks["body.3.weight"]
-    if not prune_on_freeze:
-        assert torch.equal(frozen_mask, before["body.3.weight"])
+    assert int(before.sum()) == keep_count(n, 0.8 - 0.05)  # MEST's soft bound s' = s - 0.05
+    info = engine.update(1)
+    mask = engine.masks["body.3.weight"]
+    if prune_on_freeze:  # its final update: pruned to s by |w|, nothing grown, survivors bit for bit
+        assert int(mask.sum()) == keep_count(n, 0.8) and not (mask & ~before).any()
+        assert torch.equal(model.body[3].weight, w * mask)
+        assert w.abs()[before & ~mask].max() <= w.abs()[mask].min()
+    else:
+        assert int(mask.sum()) == keep_count(n, 0.8 - 0.05) and info["grown"] > 0
+    assert int(engine.masks["body.0.weight"].sum()) == keep_count(model.body[0].weight.numel(), 0.75)
+    list(train_epoch(model, engine, opt))
+    frozen_mask = engine.masks["body.3.weight"].clone()
+    w = model.body[3].weight.detach().clone()
+    other = engine.masks["body.0.weight"].clone()
+    for epoch in (2, 3):  # frozen from epoch 2: the update at 2 and the final prune at 3 skip it
+        info = engine.update(epoch, frozen_params={"body.3.weight"})
+        assert info["frozen_skipped"] == ["body.3"]
+        assert torch.equal(engine.masks["body.3.weight"], frozen_mask)
         assert torch.equal(model.body[3].weight, w)
-        return
-    # pruned once to exactly s, by importance, nothing grown; survivors keep their values bit for bit
-    assert int(frozen_mask.sum()) == keep_count(n, 0.8)
-    assert info["pruned_on_freeze"] == keep_count(n, 0.75) - keep_count(n, 0.8)
-    assert not (frozen_mask & ~before["body.3.weight"]).any()
-    assert torch.equal(model.body[3].weight, w * frozen_mask)
-    removed = before["body.3.weight"] & ~frozen_mask
-    assert scores[removed].max() <= scores[frozen_mask].min()  # the lowest |w| + λ|g| went
-    after = frozen_mask.clone()
-    info = engine.update(2, frozen_params={"body.3.weight"})
-    assert torch.equal(engine.masks["body.3.weight"], after) and info["pruned_on_freeze"] == 0
+    assert not torch.equal(engine.masks["body.0.weight"], other)
+    want = keep_count(n, 0.8 if prune_on_freeze else 0.75)
+    assert int(engine.masks["body.3.weight"].sum()) == want
+
+
+def test_layer_taking_part_in_no_update_starts_at_its_target():
+    """A layer frozen before the first update: the initial mask is its last structure decision."""
+    engine = build_sparsity(make(), cfg("mest", 0.8, interval=2, search_end=6), X[:1])
+    n = {lay.module: lay.numel for lay in engine.layers}
+    assert counts(engine)["body.0"] == keep_count(n["body.0"], 0.75)
+    before = engine.masks["body.0.weight"].clone()
+    engine.set_final_updates(engine.schedule.last_update_epochs(n, lambda e: {"body.0"}))
+    assert counts(engine)["body.0"] == keep_count(n["body.0"], 0.8)
+    assert counts(engine)["body.3"] == keep_count(n["body.3"], 0.75)
+    assert not (engine.masks["body.0.weight"] & ~before).any()  # the same draw, shrunk
 
 
 def test_state_dict_round_trip_and_determinism():
     def run(seed_model: int):
         model = make(seed_model)
-        engine = build_sparsity(model, cfg("mest", 0.8, interval=1, search_end=3), X[:1])
+        engine = build_sparsity(model, cfg("mest", 0.8, interval=1, search_end=3, mest_lambda=1.0), X[:1])
         engine.apply_masks()
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         for epoch in range(3):
@@ -352,7 +423,7 @@ def test_state_dict_round_trip_and_determinism():
     assert state["grad_buf"]  # epoch 2 precedes the update at 3: the statistic is checkpointed
     fresh_model = make(5)
     fresh = build_sparsity(fresh_model, from_dict({"seed": 99, "train": {"epochs": 8, "interval": 1}, "sparsity": {
-        "method": "mest", "target": 0.8, "search_end": 3}}), X[:1])
+        "method": "mest", "target": 0.8, "search_end": 3, "mest_lambda": 1.0}}), X[:1])
     assert any(not torch.equal(fresh.masks[n], engine.masks[n]) for n in engine.masks)
     fresh_model.load_state_dict(model.state_dict())
     fresh.load_state_dict(state)

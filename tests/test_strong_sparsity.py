@@ -13,36 +13,20 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import masked_sgd_steps
+from helpers import masked_sgd_steps, small_conv_net
 from spfde.config import from_dict
 from spfde.sparsity import build_sparsity, keep_count
 
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.body = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                                  nn.Conv2d(16, 32, 3, padding=1), nn.ReLU())
-        self.head = nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.body(torch.relu(self.stem(x)))
-        return self.head(x.mean(dim=(2, 3)))
-
-
 X = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(11))
 Y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(12))
-
-
-def make_model(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    return Net()
+make_model = small_conv_net
 
 
 def make_cfg(method: str, epochs: int, interval: int, search_end: int, target: float = 0.8, **sp):
+    # the classifier is pruned here too (dense_last_layer: false), so three layers exercise the schedule
     return from_dict({"seed": 5, "train": {"epochs": epochs, "interval": interval},
-                      "sparsity": {"method": method, "target": target, "search_end": search_end, **sp}})
+                      "sparsity": {"method": method, "target": target, "search_end": search_end,
+                                   "dense_last_layer": False, **sp}})
 
 
 def train_steps(model, engine, opt, steps: int = 2) -> None:
@@ -74,7 +58,8 @@ def mest_train_sparsity(s: float, last_update: int | None, search_end: int) -> f
 @pytest.mark.parametrize("interval,search_end,epochs", [(1, 10, 13), (2, 11, 14)])
 def test_mest_late_phase_grows_to_s_minus_grow_late(interval, search_end, epochs):
     model = make_model()
-    c = make_cfg("mest", epochs, interval, search_end)
+    # counting swaps from mask differences needs growth that never picks a just-pruned weight
+    c = make_cfg("mest", epochs, interval, search_end, grow_exclude_dropped=True)
     engine = build_sparsity(model, c, X[:1])
     engine.apply_masks()
     target = engine.layer_sparsity_target()
@@ -159,7 +144,7 @@ def cosine_drop(alpha: float, epoch: int, search_end: int) -> float:
 def test_drop_fraction_follows_cosine_decay(method, interval, search_end, alpha):
     model = make_model(1)
     epochs = search_end + 2
-    c = make_cfg(method, epochs, interval, search_end, drop_fraction=alpha)
+    c = make_cfg(method, epochs, interval, search_end, drop_fraction=alpha, grow_exclude_dropped=True)
     engine = build_sparsity(model, c, X[:1])
     engine.apply_masks()
     target = engine.layer_sparsity_target()
@@ -195,13 +180,14 @@ def test_drop_fraction_follows_cosine_decay(method, interval, search_end, alpha)
 # ----------------------------------------------------------------------------- 3. RigL dense-gradient growth
 
 
-def _rigl_setup():
+def _rigl_setup(exclude_dropped: bool = True):
     torch.manual_seed(0)
     lin = nn.Linear(10, 8, bias=False)
     model = nn.Sequential(lin)
     # search_end 2, Δτ 1: the update at epoch 1 drops f(1) = 0.5/2 * (1 + cos(pi/2)) = 0.25 of the active weights
     c = from_dict({"seed": 3, "train": {"epochs": 4, "interval": 1}, "sparsity": {
-        "method": "rigl", "target": 0.5, "search_end": 2, "drop_fraction": 0.5, "dense_first_layer": False}})
+        "method": "rigl", "target": 0.5, "search_end": 2, "drop_fraction": 0.5, "dense_first_layer": False,
+        "dense_last_layer": False, "grow_exclude_dropped": exclude_dropped}})
     engine = build_sparsity(model, c)
     mask = engine.masks["0.weight"].clone()
     assert int(mask.sum()) == 40
@@ -215,7 +201,8 @@ def _rigl_setup():
     active = mask.flatten().nonzero().flatten()
     dropped = active[w.flatten()[active].abs().argsort()[:10]]
     # the dense gradient: distinct magnitudes everywhere, the largest ones at the weights being dropped
-    # (growth must not undo the drop), large negative entries among the candidates (|g|, not g)
+    # (with grow_exclude_dropped growth must not undo the drop), large negative entries among the
+    # candidates (|g|, not g)
     grad = (torch.randperm(80, generator=g).float().add(1) * torch.where(
         torch.rand(80, generator=g) < 0.5, -1.0, 1.0))
     grad[dropped] = torch.arange(1000.0, 1010.0)
@@ -242,6 +229,20 @@ def test_rigl_grows_exactly_at_largest_recorded_dense_gradient():
     assert torch.equal(new, want)
     # grown weights start at zero, survivors keep their values, dropped ones are zero
     assert torch.equal(lin.weight.detach(), w * (mask & new))
+
+
+def test_rigl_default_regrows_a_just_dropped_weight_with_its_value():
+    """RigL's own code grows from every position outside the post-drop mask: the dropped weights, whose
+    dense gradients are the largest here, come straight back with their values (reinit_when_same=False)."""
+    model, lin, engine, mask, grad, w, _, dropped, _ = _rigl_setup(exclude_dropped=False)
+    engine.update(0)
+    lin.weight.grad = grad.clone()
+    engine.before_step()
+    info = engine.update(1)
+    new = engine.masks["0.weight"]
+    assert torch.equal(new, mask)  # the 10 dropped are the 10 largest |g| outside the post-drop mask
+    assert info["pruned"] == info["grown"] == 0
+    assert torch.equal(lin.weight.detach(), w)  # regrown ones kept their values
 
 
 def test_rigl_grows_exactly_at_largest_batch_gradient():

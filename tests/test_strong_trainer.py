@@ -79,27 +79,27 @@ def test_frozen_blocks_bit_identical_and_final_masks_exact(tmp_path):
             kind = k.rsplit(".", 1)[1]
             if kind in ("running_mean", "running_var", "num_batches_tracked"):
                 checked_buffers.add(kind)
-            # nothing moved during the freeze epoch: BN statistics as they were when it froze, weights
-            # as they were apart from the pruning that happens as a layer freezes
+            # nothing moved during the freeze epoch, nor at the freeze itself: weights, masks and BN
+            # statistics as they were at the end of the epoch before
+            assert torch.equal(at["model"][k], prev["model"][k]), (block, k)
             if k in at["masks"]:
-                assert torch.equal(at["model"][k], prev["model"][k] * at["masks"][k]), (block, k)
-            else:
-                assert torch.equal(at["model"][k], prev["model"][k]), (block, k)
+                assert torch.equal(at["masks"][k], prev["masks"][k]), (block, k)
             for e in range(f + 1, epochs):  # and at every later epoch, bit for bit
                 assert torch.equal(snaps[e]["model"][k], at["model"][k]), (block, k, e)
                 if k in at["masks"]:
                     assert torch.equal(snaps[e]["masks"][k], at["masks"][k]), (block, k, e)
-        for k in keys:  # a masked layer frozen during the search is pruned from s' to exactly s
-            if k in at["masks"] and f < search_end:
+        for k in keys:  # a masked layer frozen during the search: its last update before freezing
+            if k in at["masks"] and f < search_end:  # (epoch f - 1) pruned it from s' to exactly s
                 n = at["masks"][k].numel()
-                assert int(prev["masks"][k].sum()) > keep_count(n, s), (block, k)
-                assert int(at["masks"][k].sum()) == keep_count(n, s), (block, k)
+                if f >= 2:
+                    assert int(snaps[f - 2]["masks"][k].sum()) > keep_count(n, s), (block, k)
+                assert int(prev["masks"][k].sum()) == keep_count(n, s), (block, k)
     assert checked_buffers == {"running_mean", "running_var", "num_batches_tracked"}
     # a block that never froze did train in the last epoch (the snapshots are live)
     assert not torch.equal(snaps[epochs - 1]["model"]["head.weight"], snaps[epochs - 2]["model"]["head.weight"])
 
     final = snaps[epochs - 1]
-    assert len(final["masks"]) == 19  # every conv but the dense first layer, and the head
+    assert len(final["masks"]) == 18  # every conv but the dense first layer; the head stays dense
     for name, mask in final["masks"].items():
         w = final["model"][name]
         assert int(mask.sum()) == keep_count(mask.numel(), s), name
@@ -116,7 +116,8 @@ def test_frozen_blocks_bit_identical_and_final_masks_exact(tmp_path):
 def reference_histogram(batches: list[tuple[torch.Tensor, torch.Tensor]], last: dict[int, bool]) -> dict[str, int]:
     """Appendix C.1 by a plain loop: forgetting events (correct -> wrong between consecutive sightings)
     per sample seen in the interval; key -1: seen but never correct. ``last`` (each sample's last
-    correctness) carries over from earlier intervals, as ``sieving.carry_status`` (the default) says."""
+    correctness) starts empty each interval, as the paper counts "within each Δτ interval"
+    (``sieving.carry_status: false``, the default)."""
     count: dict[int, int] = {}
     ever: dict[int, bool] = {}
     for idx, ok in batches:
@@ -166,14 +167,13 @@ def test_forgetting_histograms_and_block_cosine_lr(tmp_path):
     partial = rows[0]["active_samples"]
     assert partial == 128 - 32  # p = 0.25 of 128 samples is kept out
     nonzero_counts = 0
-    last: dict[int, bool] = {}
     for j, e in enumerate(updates):
         obj = json.loads((run / "sieve" / f"forgetting_epoch_{e:04d}.json").read_text())
         assert obj["epoch"] == e
         hist = {k: int(v) for k, v in obj["histogram"].items()}
         # the histogram is over the partial set trained on in the interval that just ended
         assert sum(hist.values()) == partial == rows[e - 1]["active_samples"]
-        assert hist == reference_histogram(intervals[j], last), e
+        assert hist == reference_histogram(intervals[j], {}), e
         nonzero_counts += sum(v for k, v in hist.items() if int(k) > 0)
         assert "forgetting_histogram" not in rows[e]  # written to its file, not to metrics.jsonl
     assert nonzero_counts > 0  # some sample was forgotten: the counts are not all trivial

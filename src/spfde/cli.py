@@ -185,6 +185,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             print(f"forward FLOPs per sample: weights {plan['weight_forward_flops_per_sample']:.4e}, attention "
                   f"{plan['attention_forward_flops_per_sample']:.4e}, other (not charged) "
                   f"{plan['other_forward_flops_per_sample']:.4e}")
+        if plan.get("planner"):
+            print(f"  planner {plan['planner']}: target {100 * plan['target']:.2f}%, Algorithm 1's arithmetic "
+                  f"{100 * plan['algorithm1_reduction']:.2f}%, exact ledger {100 * plan['predicted_reduction']:.2f}% "
+                  f"total, {100 * plan['backward_reduction']:.2f}% backward of frozen blocks (the paper's definition)")
         for b in plan["blocks"]:
             print(f"  {b['name']:<24} freezes at epoch {b['freeze_epoch']}")
     return 0

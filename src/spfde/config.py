@@ -89,23 +89,31 @@ class SparsityConfig:
     target: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True, doc="fraction of zero weights per layer")
     distribution: Literal["uniform", "erk"] = _f("uniform")
     dense_first_layer: bool = _f(True)
-    search_end: int | None = _f(None, lo=0, doc="last epoch of structure search (default 3/4 of epochs)")
+    dense_last_layer: bool = _f(True, doc="keep the last prunable layer in forward order (the classifier) dense")
+    search_end: int | float | None = _f(None, lo=0, doc="last epoch of structure search: an epoch (int) or a "
+                                                "fraction of train.epochs (float in (0, 1]); default 0.75")
     layer_overrides: dict[str, float] = _f(default_factory=dict, doc="{layer name: sparsity}")
     include: list[str] | None = _f(None, doc="prunable parameter or module names, whole dotted components (default: "
                                              "every conv/linear weight and attention projection)")
     exclude: list[str] = _f(default_factory=list, doc="parameter or module names never pruned")
-    mest_lambda: float = _f(1.0, lo=0.0, doc="λ in MEST importance |w| + λ|g|")
+    mest_lambda: float = _f(0.0, lo=0.0, doc="λ in MEST importance |w| + λ|g| (0: |w| only, as MEST's code)")
     grow_early: float = _f(0.05, lo=0.0, hi=1.0, doc="grow to s - grow_early before the switch")
     grow_late: float = _f(0.025, lo=0.0, hi=1.0, doc="grow to s - grow_late after the switch")
     grow_switch: float = _f(0.75, lo=0.0, hi=1.0, doc="fraction of the search where grow_late starts")
     drop_fraction: float = _f(0.3, lo=0.0, hi=1.0, doc="SET/RigL initial drop fraction")
+    grow_exclude_dropped: bool = _f(False, doc="never regrow a weight dropped in the same update (false: each "
+                                               "method's own code, which may)")
+    update_unit: Literal["epoch", "step"] = _f("epoch", doc="rigl/set: update at epoch starts every train.interval "
+                                                            "epochs, or every update_interval_steps steps")
+    update_interval_steps: int = _f(100, lo=1, doc="ΔT in optimizer steps for update_unit: step (RigL: 100)")
     static_init: Literal["random", "snip"] = _f("random")
 
 
 @dataclass
 class FreezingConfig:
     target: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True, doc="training-FLOPs reduction from freezing")
-    tfrz: int | Literal["auto"] = _f("auto", doc="epoch to freeze the first block, or auto")
+    tfrz: int | float | Literal["auto"] = _f("auto", doc="epoch to freeze the first block (on the Δτ grid), a "
+                                                         "fraction of train.epochs (snapped to the grid), or auto")
     scheme: Literal["single_shot", "single_shot_resume", "periodic", "delayed_periodic"] = _f("single_shot")
     blocks: list[str] | None = _f(None, doc="override the model's blocks, in forward order: module names, parameter "
                                             "names (cls_token) or globs (features.*)")
@@ -113,8 +121,10 @@ class FreezingConfig:
     freeze_head: bool = _f(False)
     resume_epochs: int | None = _f(None, lo=0, doc="single_shot_resume: defrost for the last t epochs")
     block_lr: bool = _f(True, doc="block-wise cosine LR over each block's active epochs")
-    prune_on_freeze: bool = _f(True, doc="a layer frozen above its target density (MEST's soft bound) is first "
-                                         "pruned to exactly its target sparsity")
+    prune_on_freeze: bool = _f(True, doc="MEST: a layer's last structure update before it freezes prunes it to "
+                                         "its target sparsity and grows nothing")
+    planner: Literal["algorithm1", "exact"] = _f("algorithm1", doc="algorithm1: the paper's arithmetic; exact: "
+                                                 "re-plan until the exact FLOPs ledger meets the target")
 
 
 @dataclass
@@ -123,8 +133,8 @@ class SievingConfig:
     ratio: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True, doc="p: fraction of the training set removed")
     update_ratio: float = _f(0.3, lo=0.0, hi=1.0, lo_open=True, doc="share of the removed queue returned per update")
     static_warmup: int | None = _f(None, lo=0, doc="static: epochs before the one-shot removal (default Δτ)")
-    carry_status: bool = _f(True, doc="a sample's first sighting in an interval is compared with its last one "
-                                      "before, even from before it was removed (false: only within the interval)")
+    carry_status: bool = _f(False, doc="false: forgetting events only within each Δτ interval (the paper); true: "
+                                       "a sample's first sighting in an interval is compared with its last one before")
     criterion: Literal["forgetting", "loss"] = _f(
         "forgetting", doc="sample difficulty: forgetting events (single-label classification) or the last "
                           "per-sample training loss (any model; the loop passes losses to after_step)")
@@ -166,12 +176,41 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    # Epoch-valued keys the paper gives as a share of training (Table A3: search 120 of 160 epochs;
+    # Table A4: Tfrz 60 of 160) take an int (an epoch) or a float in (0, 1] (that fraction of
+    # train.epochs), so a preset keeps its schedule's shape when train.epochs changes. Resolved here only.
+    def epoch_of(self, key: str, value: int | float) -> int:
+        """The epoch an epoch-valued key names: an int as is, a float ``f`` in (0, 1] as ``floor(f·T)``."""
+        if isinstance(value, float):
+            if not 0.0 < value <= 1.0:
+                raise ConfigError(
+                    f"config field '{key}' = {value!r}: a float is a fraction of train.epochs and must lie in "
+                    f"(0, 1]; write an integer for an absolute epoch (e.g. {max(int(value), 1)})")
+            return math.floor(value * self.train.epochs + 1e-9)
+        return int(value)
+
     @property
     def search_end(self) -> int:
-        """``sparsity.search_end`` with its default: 3/4 of training (Table A3: 120 of 160)."""
-        if self.sparsity.search_end is not None:
-            return self.sparsity.search_end
-        return (3 * self.train.epochs) // 4
+        """``sparsity.search_end`` as an epoch; default 3/4 of training (Table A3: 120 of 160)."""
+        se = self.sparsity.search_end
+        return self.epoch_of("sparsity.search_end", 0.75 if se is None else se)
+
+    @property
+    def tfrz(self) -> int | str:
+        """``freezing.tfrz`` as an epoch (or ``"auto"``); a fraction snaps to the nearest multiple of Δτ
+        (Algorithm 1 freezes only at ``epoch mod Δτ == 0``), at least Δτ."""
+        t = self.freezing.tfrz
+        if not isinstance(t, float):
+            return t
+        if not 0.0 < t < 1.0:
+            raise ConfigError(f"config field 'freezing.tfrz' = {t!r}: a float is a fraction of train.epochs and must "
+                              "lie in (0, 1); write an integer for an absolute epoch, or auto")
+        iv = self.train.interval
+        return max(iv, round(t * self.train.epochs / iv) * iv)
+
+    def resolve_epochs(self) -> dict[str, Any]:
+        """Every epoch-valued key resolved (raises :class:`ConfigError` for a bad fraction)."""
+        return {"sparsity.search_end": self.search_end, "freezing.tfrz": self.tfrz}
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,6 +324,7 @@ def _cross_check(cfg: Config) -> None:
         raise ConfigError(
             f"config field 'sparsity.target' = {cfg.sparsity.target} needs a sparse method; "
             "set sparsity.method to mest, set, rigl or static (or target to 0)")
+    cfg.resolve_epochs()
     if cfg.sparsity.search_end is not None and cfg.sparsity.search_end > cfg.train.epochs:
         raise ConfigError(
             f"config field 'sparsity.search_end' = {cfg.sparsity.search_end} is after the last epoch; "

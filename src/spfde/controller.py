@@ -163,7 +163,7 @@ class SpFDE:
         self._seen_indices: torch.Tensor | None = None
         self.track_seen = False
         self._bp_saved = 0
-        self._dense_grad_pending = False
+        self._skipped: int | torch.Tensor = 0  # steps the loop reported skipped this epoch
         self._last_step: tuple[int, dict[str, float], set[str]] | None = None
         self._set_lr(0.0)
 
@@ -195,7 +195,17 @@ class SpFDE:
         if freezing or spec is not None:
             self.blocks = resolve_blocks(net, spec, example_input=x0)
         if freezing:
-            self.plan = self._plan_to_target(plan_freezing)
+            if cfg.freezing.planner == "exact":
+                self.plan = self._plan_to_target(plan_freezing)
+            else:
+                self.plan = self._plan_algorithm1(plan_freezing)
+            if cfg.freezing.prune_on_freeze:
+                # one rule (Schedule.last_update_epochs), as planned_flops replays it: a layer's last
+                # update before it freezes prunes it to its target and grows nothing
+                names = [lay.module for lay in self.sparsity.layers]
+                self.sparsity.set_final_updates(self.sparsity.schedule.last_update_epochs(
+                    names, lambda e: self.frozen_modules_at(e)))
+                self.sparsity.apply_masks()
             if cfg.freezing.block_lr:
                 split_param_groups_by_block(self.optimizer, net, self.blocks)
             self.freezer = Freezer(net, self.blocks, self.plan, self.optimizer)
@@ -204,14 +214,21 @@ class SpFDE:
                 self.optimizer, self.plan if cfg.freezing.block_lr else None, cfg.train.epochs,
                 self.base_lr, cfg.optim.end_lr, warmup_epochs=cfg.optim.warmup_epochs)
 
+    def _plan_algorithm1(self, plan_freezing: Callable[..., Any]) -> Any:
+        """``freezing.planner: algorithm1``: Algorithm 1's arithmetic as written (BpFlops of every block
+        and the un-frozen total at the target sparsity sp); the exact ledger's reduction is reported
+        beside the target (``predicted_reduction``)."""
+        plan = plan_freezing(**self.freeze_plan_inputs())
+        plan.algorithm1_reduction = plan.predicted_reduction
+        return self._with_realized(plan, "algorithm1")
+
     def _plan_to_target(self, plan_freezing: Callable[..., Any]) -> Any:
-        """Algorithm 1, then checked against the exact ledger replay of the whole run.
+        """``freezing.planner: exact``: Algorithm 1, re-planned until the exact ledger replay meets the target.
 
         Algorithm 1 prices a block's saving with one per-epoch BpFlops; the real run's densities
         change over training (MEST trains at s' until ``search_end``, frozen layers keep their
-        mask), so the realized reduction can differ slightly from Algorithm 1's arithmetic. We
-        re-plan with a raised internal target until the replayed ledger meets the user's target,
-        and report the replayed reduction as ``predicted_reduction``.
+        mask), so the realized reduction can differ from Algorithm 1's arithmetic. We re-plan with a
+        raised internal target until the replayed ledger meets the user's target.
         """
         inputs = self.freeze_plan_inputs()
         target = self.cfg.freezing.target
@@ -225,12 +242,20 @@ class SpFDE:
             try:
                 plan = plan_freezing(**{**inputs, "target": goal})
             except SpfdeError:
-                raise SpfdeError(
+                raise ConfigError(
                     f"freezing.target = {100 * target:.2f}% is unreachable once the sparsity schedule is "
                     f"counted: the best plan reaches {100 * realized:.2f}%; lower freezing.target, raise "
-                    "freezing.max_blocks_fraction or set freezing.tfrz") from None
-        plan.predicted_reduction = self.realized_reduction(plan)
-        plan.target = target
+                    "freezing.max_blocks_fraction, set freezing.tfrz or use freezing.planner: algorithm1") from None
+        plan.algorithm1_reduction = plan.predicted_reduction
+        return self._with_realized(plan, "exact")
+
+    def _with_realized(self, plan: Any, planner: str) -> Any:
+        """Set the plan's exact-ledger reductions: total (``predicted_reduction``) and backward-only."""
+        with_f, without = self.planned_flops(plan), self.planned_flops(plan, with_freezing=False)
+        plan.predicted_reduction = 1.0 - with_f["train_flops"] / without["train_flops"]
+        plan.backward_reduction = with_f["bp_flops_saved"] / without["train_flops"]
+        plan.target = self.cfg.freezing.target
+        plan.planner = planner
         return plan
 
     def frozen_modules_at(self, epoch: int, plan: Any = None) -> set[str]:
@@ -257,9 +282,11 @@ class SpFDE:
         return 1.0 - self.planned_flops(plan)["train_flops"] / without
 
     def freeze_plan_inputs(self) -> dict[str, Any]:
-        """Algorithm 1's inputs: per-block sparse backward FLOPs per epoch and the epoch's total."""
+        """Algorithm 1's inputs: per-block sparse backward FLOPs per epoch and the epoch's total, both at
+        the target sparsity sp (Algorithm 1's input "network under sparsity sp"; a block is at its target
+        when it freezes, ``freezing.prune_on_freeze``)."""
         cfg = self.cfg
-        density = self.sparsity.layer_density()
+        density = self.sparsity.target_density()
         samples = self.samples_per_epoch()
         owner = self._module_block()
         bp = [0.0] * len(self.blocks)
@@ -275,7 +302,7 @@ class SpFDE:
             epochs=cfg.train.epochs,
             interval=cfg.train.interval,
             target=cfg.freezing.target,
-            tfrz=cfg.freezing.tfrz,
+            tfrz=cfg.tfrz,
             scheme=cfg.freezing.scheme,
             max_blocks_fraction=cfg.freezing.max_blocks_fraction,
             freezable=len(self.blocks) - (0 if cfg.freezing.freeze_head else 1),
@@ -303,56 +330,74 @@ class SpFDE:
             info.update(self.freezer.apply(epoch) or {})
         frozen_params = self.freezer.frozen_param_names() if self.freezer else set()
         info["sparsity_update"] = self.sparsity.update(epoch, frozen_params=frozen_params)
-        self._dense_grad_pending = bool(self.sparsity.needs_dense_grad(epoch))
         info.update(self.sieve.step_epoch(epoch, self.tracker))
         self.sampler.set_epoch(epoch)
         self.epoch = epoch
         self._in_epoch = True
         self._seen = 0
         self._bp_saved = 0
+        self._skipped = 0
         self._seen_indices = torch.zeros(self.train_size, dtype=torch.bool) if self.track_seen else None
         self._epoch_info = info
         self._set_lr(float(epoch))
         return info
 
     def before_step(self) -> None:
-        """After ``loss.backward()``, before ``optimizer.step()``: mask gradients of pruned weights."""
+        """After ``loss.backward()`` (and ``scaler.unscale_(optimizer)`` with AMP), before
+        ``optimizer.step()``: mask the gradients of pruned weights; compute this step's statistics."""
         self._require_epoch("before_step")
         self.sparsity.before_step()
         if self.grad_norms is not None:  # the gradients the optimizer applies: pruned positions masked
-            self.grad_norms.record()
+            self.grad_norms.record(defer=True)
 
     def after_step(self, logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor,
-                   losses: torch.Tensor | None = None) -> None:
+                   losses: torch.Tensor | None = None, skipped: bool | torch.Tensor = False) -> None:
         """After ``optimizer.step()``: re-apply masks, record sample status, charge the ledger.
 
         ``losses``: the batch's per-sample training losses, shape ``(batch,)`` (e.g.
         ``F.cross_entropy(logits, y, reduction="none")``; a sequence model averages each
         sequence's token losses). Needed with ``sieving.criterion: loss``, ignored otherwise.
+
+        ``skipped``: True when the optimizer did not apply this step (GradScaler skips a step whose
+        unscaled gradients hold inf/NaN: ``skipped = scaler.get_scale() < scale_before_update``). The
+        step's statistics (MEST's |g|, RigL's dense gradient, gradient norms, the sample status) are
+        dropped; its FLOPs are charged, the work was done. A 0-dim bool tensor is accepted so that no
+        host sync happens unless a statistic is recorded. Gradient statistics also drop a step whose
+        gradients are not finite on their own.
         """
         self._require_epoch("after_step")
-        self.sparsity.after_step(self.optimizer)
         indices = torch.as_tensor(indices)
-        if self._track_status:  # sample status only feeds the sieve; skip the device sync without one
-            status = self._sample_status(logits, targets, indices, losses)
+        n = int(indices.numel())
+        # sample status only feeds the sieve; skip the device sync without one
+        status = (self._sample_status(logits, targets, indices, losses)
+                  if self._track_status and not bool(skipped) else None)
+        self._seen += n
+        progress = self.epoch + min(self._seen / max(len(self.sampler), 1), 1.0)
+        frozen = self.freezer.frozen_module_names() if self.freezer else set()
+        density = self.sparsity.layer_density()  # what this step ran at (a step-mode update follows it)
+        dense_grad_kept = self.sparsity.after_step(self.optimizer, skipped=skipped, progress=progress)
+        if self.grad_norms is not None:
+            self.grad_norms.commit(skipped)
+        if skipped is not False:
+            self._skipped = self._skipped + torch.as_tensor(skipped).to(torch.int64)
+        if status is not None:
             if self._status is not None:
                 self._status.add(indices.cpu(), status.cpu())
             else:
                 self.tracker.record(indices.cpu(), status.cpu())
-        n = int(indices.numel())
-        frozen = self.freezer.frozen_module_names() if self.freezer else set()
-        density = self.sparsity.layer_density()
         # every rank runs the same number of equally sized steps (DistributedSieveSampler)
         b = n * self.world_size
         charged = self.ledger.charge(b, density, frozen)
-        if self._dense_grad_pending:  # surcharged in end_epoch once we know which step was the last
-            self._last_step = (b, density, frozen)
+        if dense_grad_kept:  # RigL's update reads this step's unmasked gradient: it was computed densely
+            if self.sparsity.schedule.per_step:
+                self.ledger.add(self.ledger.dense_grad_surcharge(b, density, frozen))
+            else:  # surcharged in end_epoch once we know which kept step was the last
+                self._last_step = (b, density, frozen)
         if frozen:  # the ledger's own difference, so accounting.backward: exact is honoured too
             self._bp_saved += self.ledger.cost(b, density) - charged
-        self._seen += n
         if self._seen_indices is not None:
             self._seen_indices[indices.cpu()] = True
-        self._set_lr(self.epoch + min(self._seen / max(len(self.sampler), 1), 1.0))
+        self._set_lr(progress)
 
     def _sample_status(self, logits: Any, targets: Any, indices: torch.Tensor, losses: Any) -> torch.Tensor:
         """What the tracker records for this batch: per-sample correctness, or losses (``sieving.criterion``)."""
@@ -404,6 +449,7 @@ class SpFDE:
             "frozen_blocks": sorted(self.freezer.frozen_block_names) if self.freezer else [],
             "active_params": self.active_params(),
             "bp_flops_saved": int(self._bp_saved),
+            "skipped_steps": int(self._skipped),
             "sparsity_updated": bool(info.get("sparsity_update", {}).get("updated", False)),
         }
         m["mem_model_bytes"] = int(self.memory_model()["total"])

@@ -92,6 +92,18 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
+def amp_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """``scaler.step`` + ``scaler.update``; returns whether GradScaler skipped the step (its unscaled
+    gradients held inf/NaN), read from the scale shrinking, as a 0-dim device tensor so that no host
+    sync is added (``SpFDE.after_step`` syncs only when it records a statistic)."""
+    scale = scaler._scale  # private: the public get_scale() would sync the device every step
+    before = scale.clone() if torch.is_tensor(scale) else torch.tensor(scaler.get_scale())
+    scaler.step(optimizer)
+    scaler.update()
+    after = scaler._scale if torch.is_tensor(scaler._scale) else torch.tensor(scaler.get_scale())
+    return after < before
+
+
 class Trainer:
     """Builds data, model, optimizer and controller from a config and runs the epochs."""
 
@@ -211,17 +223,17 @@ class Trainer:
                 else:
                     loss = F.cross_entropy(logits, y, label_smoothing=cfg.optim.label_smoothing)
             opt.zero_grad(set_to_none=True)
+            skipped: bool | torch.Tensor = False
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
-                self.scaler.unscale_(opt)
+                self.scaler.unscale_(opt)  # before before_step: the statistics see unscaled gradients
                 ctl.before_step()
-                self.scaler.step(opt)
-                self.scaler.update()
+                skipped = amp_step(self.scaler, opt)
             else:
                 loss.backward()
                 ctl.before_step()
                 opt.step()
-            ctl.after_step(logits, y, idx, losses=None if losses is None else losses.detach())
+            ctl.after_step(logits, y, idx, losses=None if losses is None else losses.detach(), skipped=skipped)
             n = y.numel()
             loss_sum += loss.detach().double() * n
             correct += (logits.detach().argmax(1) == y).sum()
@@ -350,6 +362,12 @@ class Trainer:
             "mem_saving_avg": 1 - sum(mem) / sum(unfrozen) if mem else None,
             "mem_saving_min": 1 - min(mem) / min(unfrozen) if mem else None,
         }
+        if self.ctl.plan is not None:
+            # the freezing reduction against the same run replayed without freezing: total, and the
+            # paper's definition (the frozen blocks' backward FLOPs only)
+            without = self.ctl.planned_flops(with_freezing=False)["train_flops"]
+            summary["freeze_reduction"] = 1.0 - total / without
+            summary["freeze_backward_reduction"] = sum(r.get("bp_flops_saved", 0) for r in self.metrics) / without
         if self.is_main:
             self._write_metrics()
             atomic_write_json(self.out / "summary.json", summary)

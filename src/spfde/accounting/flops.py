@@ -26,8 +26,11 @@ The ledger (:class:`FlopsLedger`, paper Section 5 / Table 2 convention)
       needs its input gradient (everything before it is frozen or is the data), so its
       input-gradient half is dropped;
     * ``dense_grad=True`` (a RigL update step): the weight-gradient half is charged at density 1.
-      RigL keeps the gradient of the *last* step of the epoch before an update, so that step
-      (whatever its batch size) is the one charged so; :meth:`FlopsLedger.dense_grad_surcharge`.
+      RigL keeps the gradient of the *last* step of the epoch before an update (step mode: of the
+      step the update follows), so that step (whatever its batch size) is the one charged so;
+      :meth:`FlopsLedger.dense_grad_surcharge`.
+    * A step the optimizer skipped (a GradScaler overflow, ``after_step(..., skipped=True)``) is
+      charged like any other: its forward and backward were computed.
 
     The charge is ``B`` times the per-sample sum. A dense layer (no mask) has density 1.
 
@@ -35,8 +38,9 @@ Dense baseline (:func:`dense_train_flops`)
     ``3 · Σ F_l · n_samples · epochs``: full data, no sparsity, no freezing.
 
 Planning (:func:`planned_flops`)
-    Replays the sparsity schedule (:mod:`spfde.sparsity.schedule`), a freezing plan and the
-    sieving ratio through the same ledger, epoch by epoch, without training. ResNet-32 2x on
+    Replays the sparsity schedule (:mod:`spfde.sparsity.schedule`, with each layer's final update
+    from the same :meth:`~spfde.sparsity.schedule.Schedule.last_update_epochs` the engine is given),
+    a freezing plan and the sieving ratio through the same ledger, epoch by epoch, without training. ResNet-32 2x on
     CIFAR-100 (≈ 549 MFLOPs forward) at 90/95/98 % for 160 epochs of 50,000 samples gives
     Table 2's 1.32/0.66/0.26 × 10^15 for SET/static.
 """
@@ -249,7 +253,9 @@ def planned_flops(
 
     Returns:
         ``{"train_flops", "dense_train_flops", "dense_forward_flops_per_sample", "flops_saving",
-        "epochs", "samples_per_epoch", "method", "epoch_flops": [...], "final_density"}``.
+        "epochs", "samples_per_epoch", "method", "epoch_flops": [...], "final_density",
+        "bp_flops_saved"}``; ``bp_flops_saved`` is what freezing takes off the ledger at the densities
+        the run has (the backward FLOPs of the frozen blocks, the paper's definition of the saving).
     """
     from spfde.errors import ConfigError
     from spfde.sparsity.schedule import Schedule
@@ -266,13 +272,19 @@ def planned_flops(
     elif layer_sparsity is not None:
         target = dict(layer_sparsity)
     elif sp.distribution == "uniform":
+        from spfde.sparsity.distribution import dense_edge_layers
+
         unknown = sorted(set(sp.layer_overrides) - set(order))
         if unknown:
             raise ConfigError(f"config field 'sparsity.layer_overrides' names {unknown[0]!r}, which is not a "
                               "layer of the model")
-        target = {n: sp.layer_overrides.get(n, sp.target) for n in order}
-        if sp.dense_first_layer and order and order[0] not in sp.layer_overrides and sp.target > 0:
-            target[order[0]] = 0.0
+        from spfde.accounting.trace import is_attention_unit
+
+        weighted = [n for n in order if not is_attention_unit(n)]  # attention matmuls have no weight to prune
+        target = {n: sp.layer_overrides.get(n, sp.target) for n in weighted}
+        for n in dense_edge_layers(weighted, sp.target, sp.dense_first_layer, sp.dense_last_layer,
+                                   sp.layer_overrides):
+            target[n] = 0.0
     else:
         raise ConfigError("planning an 'erk' distribution needs the model: pass engine=build_sparsity(...)")
 
@@ -287,31 +299,41 @@ def planned_flops(
     samples_at = samples_per_epoch if callable(samples_per_epoch) else (lambda _e, n=int(samples_per_epoch): n)
     frozen_of = _frozen_fn(freeze_plan if freeze_plan is not None else frozen_fn)
 
+    def frozen_layers_at(e: int) -> set[str]:
+        return _frozen_layers(order, frozen_of(e))
+
+    # the same rule the engine is given: with prune_on_freeze a layer's final update is its last before freezing
+    final = schedule.last_update_epochs(target, frozen_layers_at if cfg.freezing.prune_on_freeze else None)
+    sparsity_per_epoch = schedule.replay(target, epochs, frozen_layers_at, final)
     # with the model's layers known, count weights exactly as the masks do (keep_count rounding)
     numel = {lay.module: lay.numel for lay in getattr(engine, "layers", [])}
     ledger = FlopsLedger(layer_flops, backward=cfg.accounting.backward, layer_order=order)
-    sparsity = {m: schedule.initial_sparsity(s) for m, s in target.items()}
     per_epoch: list[int] = []
+    saved = 0.0
+    step = 0
     for e in range(epochs):
         frozen = frozen_of(e)
-        frozen_layers = _frozen_layers(order, frozen)
-        if getattr(engine, "prune_frozen", cfg.freezing.prune_on_freeze):  # frozen above its target: pruned to it
-            for m in frozen_layers:
-                if m in target:
-                    sparsity[m] = max(sparsity[m], target[m])
-        if schedule.is_update_epoch(e):  # Algorithm 1: freeze first, then Prune&Grow the active layers
-            for m, s in target.items():
-                if m not in frozen_layers:
-                    sparsity[m] = schedule.sparsity_after_update(s, e)
-        density = {m: _density(v, numel.get(m)) for m, v in sparsity.items()}
+        density = {m: _density(v, numel.get(m)) for m, v in sparsity_per_epoch[e].items()}
         n = int(samples_at(e))
-        ledger.charge(n, density, frozen)
+        charged = ledger.charge(n, density, frozen)
+        if frozen:
+            saved += ledger.cost(n, density) - charged
+        steps = math.ceil(n / batch_size) if n > 0 else 0
+        last_batch = n - batch_size * (steps - 1)
         if schedule.needs_dense_grad(e) and n > 0:  # RigL keeps the epoch's last gradient: last batch
-            ledger.add(ledger.dense_grad_surcharge(n - batch_size * (math.ceil(n / batch_size) - 1), density, frozen))
+            ledger.add(ledger.dense_grad_surcharge(last_batch, density, frozen))
+        if schedule.per_step and schedule.method == "rigl":  # step mode: the step each update follows
+            k = schedule.interval_steps
+            for t in range(-(-(step + 1) // k) * k, step + steps + 1, k):
+                if schedule.is_update_step(t, e):
+                    b = last_batch if t == step + steps else batch_size
+                    ledger.add(ledger.dense_grad_surcharge(b, density, frozen))
+        step += steps
         per_epoch.append(ledger.end_epoch())
     dense = dense_train_flops(layer_flops, n_train, epochs)
     total = ledger.total_flops
     fwd_dense = sum(int(v) for v in layer_flops.values())
+    last = sparsity_per_epoch[-1] if sparsity_per_epoch else {}
     return {
         "train_flops": total,
         "dense_train_flops": dense,
@@ -321,5 +343,6 @@ def planned_flops(
         "samples_per_epoch": int(samples_at(epochs - 1)) if epochs else 0,
         "method": sp.method,
         "epoch_flops": per_epoch,
-        "final_density": {m: _density(v, numel.get(m)) for m, v in sparsity.items()},
+        "final_density": {m: _density(v, numel.get(m)) for m, v in last.items()},
+        "bp_flops_saved": int(round(saved)),
     }

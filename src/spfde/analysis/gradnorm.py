@@ -13,7 +13,9 @@ Method card
         linear module).
     Cost: one ``torch._foreach_norm`` and one ``index_add_`` per step, no host synchronisation;
         the only sync is in ``epoch_summary``. Layers without gradients in a step (frozen blocks)
-        are not counted for that step.
+        are not counted for that step. A step with any non-finite gradient (an fp16 AMP overflow
+        step that GradScaler skips) is left out whole; so is a step the loop reports as skipped
+        (``record(defer=True)`` then ``commit(skipped)``, which the controller does).
 """
 
 from __future__ import annotations
@@ -69,10 +71,15 @@ class GradNormTracker:
         self._count = torch.zeros(len(self.layer_names), dtype=dtype, device=device)
         self.history: list[dict[str, float | None]] = []
         self._cache: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @torch.no_grad()
-    def record(self) -> None:
-        """Add this step's per-layer gradient norms (call after backward, before the optimizer step)."""
+    def record(self, defer: bool = False) -> None:
+        """Add this step's per-layer gradient norms (call after backward, before the optimizer step).
+
+        ``defer``: hold them until :meth:`commit` says whether the optimizer applied the step.
+        """
+        self._pending = None
         grads, owners = [], []
         for i, p in self._params:
             if p.grad is not None:
@@ -85,9 +92,21 @@ class GradNormTracker:
         idx, has_grad = self._index(tuple(owners))
         per_layer = torch.zeros_like(self._sum).index_add_(0, idx, sq).sqrt()
         # a step fp16 AMP skips (inf/NaN gradients) must not turn the epoch's mean into inf/NaN
-        finite = torch.isfinite(per_layer)
-        self._sum += torch.where(finite, per_layer, torch.zeros_like(per_layer))
-        self._count += has_grad * finite
+        self._pending = (per_layer, has_grad, torch.isfinite(per_layer).all())
+        if not defer:
+            self.commit()
+
+    @torch.no_grad()
+    def commit(self, skipped: bool | torch.Tensor = False) -> None:
+        """Add the norms :meth:`record` held, unless the step was ``skipped`` (bool or 0-dim tensor)."""
+        if self._pending is None:
+            return
+        per_layer, has_grad, ok = self._pending
+        self._pending = None
+        if skipped is not False:
+            ok = ok & ~torch.as_tensor(skipped, device=ok.device)
+        self._sum += torch.where(ok, per_layer, torch.zeros_like(per_layer))
+        self._count += has_grad * ok
 
     def _index(self, owners: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         # the set of parameters with gradients changes only when blocks freeze; caching the

@@ -20,11 +20,12 @@ block still runs its forward pass, so freezing it saves its backward FLOPs (Sect
   and all blocks defrosted for the last ``t`` epochs (Appendix B), so every block is frozen for
   exactly as many epochs as in ``single_shot``: the same reduction. ``t = resume_epochs``, by
   default ``min(Δτ, Tfrz − 1)`` (the first freeze must stay after epoch 0).
-* ``periodic``: from epoch 0 the first ``n4`` blocks are updated only in epochs ``e ≡ 0 (mod 4)``
-  and the next ``n2`` only in epochs ``e ≡ 0 (mod 2)`` (update frequencies 1/4 and 1/2, Appendix
-  B); the other blocks always train. Periods are powers of two, so whenever a block is frozen
-  every block before it is frozen too. The group sizes are the fewest blocks ``n4 + n2`` that meet
-  the target and, among those, the split whose reduction is closest to (and not below) the target.
+* ``periodic``: from epoch 0 the front group of ``n4 >= 1`` blocks is updated only in epochs
+  ``e ≡ 0 (mod 4)`` and the middle group of ``n2 >= 1`` blocks only in epochs ``e ≡ 0 (mod 2)``
+  (update frequencies 1/4 and 1/2, Appendix B); the last group (at least the head) is never frozen.
+  Periods are powers of two, so whenever a block is frozen every block before it is frozen too.
+  The group sizes are the fewest blocks ``n4 + n2`` that meet the target with both groups
+  non-empty and, among those, the split whose reduction is closest to (and not below) the target.
 * ``delayed_periodic``: every block trains for epochs ``[0, Td)``, then the periodic pattern runs
   with its phase starting at ``Td`` (``e − Td ≡ 0 mod P`` is an update epoch). ``Td = tfrz``;
   ``tfrz: auto`` takes the latest ``Td`` on the Δτ grid at which at most ``max_blocks_fraction`` of
@@ -41,7 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from spfde.errors import SpfdeError
+from spfde.errors import ConfigError, SpfdeError
 
 SCHEMES = ("single_shot", "single_shot_resume", "periodic", "delayed_periodic")
 # Update periods of the front and middle groups (Appendix B: frequencies 1/4 and 1/2).
@@ -63,6 +64,11 @@ class FreezePlan:
         target: the requested reduction.
         periods: periodic schemes: each planned block's update period (non-increasing powers of 2).
         defrost_epoch: ``single_shot_resume``: the epoch from which every block trains again.
+        planner: ``algorithm1`` or ``exact`` (``freezing.planner``) when the controller made the plan.
+        algorithm1_reduction: the reduction Algorithm 1's arithmetic predicts for this plan.
+        backward_reduction: the backward FLOPs of the frozen blocks over the un-frozen run's training
+            FLOPs (the paper's definition), from the exact ledger; ``predicted_reduction`` is then the
+            total reduction from the same replay.
     """
 
     tfrz: int
@@ -74,6 +80,9 @@ class FreezePlan:
     target: float = 0.0
     periods: list[int] | None = None
     defrost_epoch: int | None = None
+    planner: str | None = None
+    algorithm1_reduction: float | None = None
+    backward_reduction: float | None = None
 
     def __post_init__(self) -> None:
         self.blocks = [(str(n), int(f)) for n, f in self.blocks]
@@ -130,6 +139,9 @@ class FreezePlan:
         }
         if self.defrost_epoch is not None:
             out["defrost_epoch"] = self.defrost_epoch
+        for key in ("planner", "algorithm1_reduction", "backward_reduction"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         return out
 
     @classmethod
@@ -139,7 +151,9 @@ class FreezePlan:
             periods = []
         return cls(tfrz=d["tfrz"], scheme=d["scheme"], blocks=[(b["name"], b["freeze_epoch"]) for b in d["blocks"]],
                    predicted_reduction=d["predicted_reduction"], epochs=d["epochs"], interval=d["interval"],
-                   target=d.get("target", 0.0), periods=periods, defrost_epoch=d.get("defrost_epoch"))
+                   target=d.get("target", 0.0), periods=periods, defrost_epoch=d.get("defrost_epoch"),
+                   planner=d.get("planner"), algorithm1_reduction=d.get("algorithm1_reduction"),
+                   backward_reduction=d.get("backward_reduction"))
 
 
 def plan_reduction(plan: FreezePlan, block_bp_flops: Sequence[float], epoch_train_flops: float) -> float:
@@ -176,13 +190,14 @@ def _frozen_epochs(period: int, start: int, epochs: int) -> int:
 
 def _periodic_split(bp: Sequence[float], total: float, epochs: int, start: int, target: float,
                     limit: int) -> tuple[list[int], float] | None:
-    """Periods of the fewest blocks that meet the target (closest reduction above it), or None."""
+    """Periods of the fewest blocks that meet the target with a non-empty front (period 4) and middle
+    (period 2) group (closest reduction above the target), or None."""
     big, small = PERIODS
     fb = _frozen_epochs(big, start, epochs)
     fs = _frozen_epochs(small, start, epochs)
-    for m in range(1, limit + 1):
+    for m in range(2, limit + 1):
         best: tuple[float, int] | None = None
-        for n_big in range(m + 1):
+        for n_big in range(1, m):
             saved = sum(bp[:n_big]) * fb + sum(bp[n_big:m]) * fs
             red = saved / total
             if red >= target - _EPS and (best is None or red < best[0] - _EPS):
@@ -221,7 +236,8 @@ def plan_freezing(
         epoch_train_flops: training FLOPs of one epoch without freezing (total = this × epochs).
         epochs: T. interval: Δτ, the freezing (and Prune&Grow) interval.
         target: training-FLOPs reduction to reach through freezing, e.g. 0.2.
-        tfrz: first freeze epoch (``0 < tfrz < T``), or ``"auto"``: the latest Tfrz on the Δτ grid at
+        tfrz: first freeze epoch (``0 < tfrz < T``, a multiple of Δτ: Algorithm 1 freezes only at
+            ``epoch mod Δτ == 0``; :class:`ConfigError` otherwise), or ``"auto"``: the latest Tfrz on the Δτ grid at
             which freezing at most ``max_blocks_fraction`` of the freezable blocks meets the target
             (Section 4.2.1, "we empirically choose to freeze 2/3 layers").
         scheme: one of :data:`SCHEMES` (see the module docstring for how each meets the target).
@@ -231,20 +247,21 @@ def plan_freezing(
         block_names: names for the plan (default ``block0``, ``block1``, ...).
 
     Raises:
-        SpfdeError: bad inputs, or a target no plan can reach (the message states the largest
-            reachable reduction).
+        ConfigError: a config value no plan can follow (an unreachable target, with the largest
+            reachable reduction in the message; an off-grid tfrz; a too large resume_epochs).
+        SpfdeError: impossible FLOPs inputs.
     """
     bp = [float(b) for b in block_bp_flops]
     n = len(bp)
     names = list(block_names) if block_names is not None else [f"block{i}" for i in range(n)]
     if scheme not in SCHEMES:
-        raise SpfdeError(f"freezing.scheme {scheme!r} is unknown; allowed: {', '.join(SCHEMES)}")
+        raise ConfigError(f"freezing.scheme {scheme!r} is unknown; allowed: {', '.join(SCHEMES)}")
     if len(names) != n:
         raise SpfdeError(f"got {len(names)} block names for {n} blocks")
     if epochs < 1 or interval < 1:
-        raise SpfdeError(f"train.epochs ({epochs}) and train.interval ({interval}) must be at least 1")
+        raise ConfigError(f"train.epochs ({epochs}) and train.interval ({interval}) must be at least 1")
     if not 0.0 <= target < 1.0:
-        raise SpfdeError(f"freezing.target = {target} must be in [0, 1)")
+        raise ConfigError(f"freezing.target = {target} must be in [0, 1)")
     if not epoch_train_flops > 0:
         raise SpfdeError(f"the epoch's training FLOPs must be positive, got {epoch_train_flops}")
     if any(b < 0 or math.isnan(b) for b in bp):
@@ -253,9 +270,17 @@ def plan_freezing(
     if not 0 <= freezable <= n:
         raise SpfdeError(f"freezable = {freezable} must be between 0 and the number of blocks ({n})")
     if tfrz != "auto" and not (isinstance(tfrz, int) and 0 < tfrz < epochs):
-        raise SpfdeError(f"freezing.tfrz = {tfrz!r} must satisfy 0 < tfrz < train.epochs ({epochs}), or be 'auto'")
+        raise ConfigError(f"freezing.tfrz = {tfrz!r} must satisfy 0 < tfrz < train.epochs ({epochs}), or be 'auto'")
+    if isinstance(tfrz, int) and tfrz % interval and scheme != "periodic":
+        # Algorithm 1 freezes only at epoch mod Δτ == 0, in step with Prune&Grow and the dataset update
+        lo, hi = tfrz - tfrz % interval, tfrz - tfrz % interval + interval
+        raise ConfigError(
+            f"freezing.tfrz = {tfrz} is off the Δτ grid (train.interval = {interval}): Algorithm 1 freezes only at "
+            f"epochs that are multiples of Δτ; use {lo if lo > 0 else hi}"
+            + (f" or {hi}" if lo > 0 and hi < epochs else "") + ", a fraction of train.epochs (snapped to the "
+            "grid) or auto")
     if resume_epochs is not None and resume_epochs < 0:
-        raise SpfdeError(f"freezing.resume_epochs = {resume_epochs} must be >= 0")
+        raise ConfigError(f"freezing.resume_epochs = {resume_epochs} must be >= 0")
 
     total = epoch_train_flops * epochs
     # "freeze 2/3 layers of the model" (Section 4.2.1): a fraction of all N blocks, the head included
@@ -267,7 +292,7 @@ def plan_freezing(
         return FreezePlan(tfrz=start, scheme=scheme, blocks=[], predicted_reduction=0.0, epochs=epochs,
                           interval=interval, target=target, periods=[] if periodic else None)
     if freezable == 0:
-        raise SpfdeError("no block may be frozen (the model has only its head block); define more freezing blocks "
+        raise ConfigError("no block may be frozen (the model has only its head block); define more freezing blocks "
                          "or set freezing.freeze_head: true")
 
     if periodic:
@@ -277,7 +302,7 @@ def plan_freezing(
     if tfrz == "auto":
         grid = _grid(epochs, interval)
         if not grid:
-            raise SpfdeError(f"freezing.tfrz: auto needs train.epochs ({epochs}) > train.interval ({interval}); "
+            raise ConfigError(f"freezing.tfrz: auto needs train.epochs ({epochs}) > train.interval ({interval}); "
                              "set freezing.tfrz explicitly")
         chosen: tuple[int, list[int], float] | None = None
         for t0 in reversed(grid):
@@ -287,7 +312,7 @@ def plan_freezing(
                 break
         if chosen is None:
             _, best = _algorithm1(bp, total, epochs, interval, grid[0], 1.0, k_max)
-            raise SpfdeError(
+            raise ConfigError(
                 f"freezing.target = {_pct(target)} is unreachable with tfrz: auto: freezing at most {k_max} of "
                 f"{freezable} blocks (max_blocks_fraction = {max_blocks_fraction:.3g}) reaches at most "
                 f"{_pct(best)} (tfrz = {grid[0]}); lower freezing.target, raise freezing.max_blocks_fraction or set "
@@ -298,7 +323,7 @@ def plan_freezing(
         freeze, red = _algorithm1(bp, total, epochs, interval, t0, target, freezable)
         if red < target - _EPS:
             _, best = _algorithm1(bp, total, epochs, interval, 1, 1.0, freezable)
-            raise SpfdeError(
+            raise ConfigError(
                 f"freezing.target = {_pct(target)} is unreachable with freezing.tfrz = {t0}: freezing all "
                 f"{freezable} freezable blocks reaches at most {_pct(red)} (at most {_pct(best)} with tfrz = 1); "
                 "lower freezing.target or choose an earlier freezing.tfrz")
@@ -314,7 +339,7 @@ def plan_freezing(
     else:
         t = int(resume_epochs)
         if t >= t0:
-            raise SpfdeError(
+            raise ConfigError(
                 f"freezing.resume_epochs = {t} must be smaller than the first freeze epoch ({t0}), since every "
                 f"freeze moves {t} epochs earlier; use at most {t0 - 1} or a later freezing.tfrz")
     shifted = [(name, f - t) for name, f in blocks]
@@ -325,13 +350,16 @@ def plan_freezing(
 
 def _plan_periodic(bp: list[float], names: list[str], total: float, epochs: int, interval: int, target: float,
                    tfrz: int | str, scheme: str, k_max: int, freezable: int) -> FreezePlan:
+    # Appendix B: the last group is never frozen, so at least one block always trains
+    freezable = min(freezable, len(bp) - 1)
+    k_max = min(k_max, freezable)
     if scheme == "periodic":
         # Appendix B: periodic freezing runs from the start of training; tfrz does not apply.
         starts, limit = [0], freezable
     elif tfrz == "auto":
         starts, limit = list(reversed(_grid(epochs, interval))), k_max
         if not starts:
-            raise SpfdeError(f"freezing.tfrz: auto needs train.epochs ({epochs}) > train.interval ({interval}); "
+            raise ConfigError(f"freezing.tfrz: auto needs train.epochs ({epochs}) > train.interval ({interval}); "
                              "set freezing.tfrz explicitly")
     else:
         starts, limit = [int(tfrz)], freezable
@@ -344,10 +372,12 @@ def _plan_periodic(bp: list[float], names: list[str], total: float, epochs: int,
             return FreezePlan(tfrz=s, scheme=scheme, blocks=blocks, predicted_reduction=red, epochs=epochs,
                               interval=interval, target=target, periods=periods)
     s = starts[-1]
-    best = sum(bp[:limit]) * _frozen_epochs(PERIODS[0], s, epochs) / total
+    fb, fs = (_frozen_epochs(p, s, epochs) for p in PERIODS)
+    best = (sum(bp[:limit - 1]) * fb + sum(bp[limit - 1:limit]) * fs) / total if limit >= 2 else 0.0
     how = f"at most {limit} of {freezable} blocks" if limit < freezable else f"all {freezable} freezable blocks"
-    raise SpfdeError(
-        f"freezing.target = {_pct(target)} is unreachable with the {scheme} scheme: freezing {how} with update "
-        f"period {PERIODS[0]} from epoch {s} reaches at most {_pct(best)}; lower freezing.target"
+    raise ConfigError(
+        f"freezing.target = {_pct(target)} is unreachable with the {scheme} scheme: freezing {how} (a front group "
+        f"with update period {PERIODS[0]} and a middle group with period {PERIODS[1]}, both non-empty) from epoch "
+        f"{s} reaches at most {_pct(best)}; lower freezing.target"
         + (", raise freezing.max_blocks_fraction or set an earlier freezing.tfrz" if scheme == "delayed_periodic"
            else ""))

@@ -15,9 +15,13 @@ the queue is shuffled after each update.
 at one sighting and misclassified at its next -- counted within the interval that just ended
 (:class:`ForgettingTracker`). Choices this implementation makes where the paper is silent:
 
-* statistics are re-collected per interval (Section 4.3) and :meth:`ForgettingTracker.reset_interval`
-  clears the previous correctness too, so a sample's first sighting in an interval is never an
-  event: samples just returned from the queue and samples that stayed are treated equally;
+* statistics are re-collected per interval (Section 4.3: transitions "within each Δτ interval") and,
+  by default (``sieving.carry_status: false``), :meth:`ForgettingTracker.reset_interval` clears the
+  previous correctness too, so a sample's first sighting in an interval is never an event: samples
+  just returned from the queue and samples that stayed are treated equally. ``carry_status: true``
+  compares a first sighting with the sample's last one before the interval instead;
+* the sample status of a step the loop reports as skipped (``SpFDE.after_step(..., skipped=True)``,
+  e.g. a GradScaler overflow step) is not recorded;
 * a sample seen but never classified correctly in the interval is hardest (``NEVER_CORRECT``,
   above any count); a sample not seen in the interval (possible only when the loop skips part of
   the partial set) ranks above that (``UNSEEN``) so it is kept -- there is no evidence it is easy;

@@ -7,14 +7,13 @@ that just ended; samples with the fewest are the easiest and go to the removed q
 
 Choices (documented in the method card of :mod:`spfde.sieving`):
 
-* the counts are *re-collected per interval* (Section 4.3: "We re-collect this number for each
-  interval to ensure the newly added samples can be treated equally"): :meth:`reset_interval`
-  zeroes every count. An event is counted in the interval of its *second* sighting: with
-  ``carry_status`` (default, ``sieving.carry_status``) the first sighting of a sample in an
-  interval is compared with its last sighting before it, even one from before the sample was
-  removed (a sample that was easy when it left and is misclassified on its return was forgotten
-  while away). Without it the previous correctness is cleared too, so an interval only sees
-  events between two of its own sightings;
+* the counts are *re-collected per interval* (Section 4.3: "counting the number of transitions
+  from being correctly classified to being misclassified within each Δτ interval. We re-collect
+  this number for each interval"): :meth:`reset_interval` zeroes every count and, by default
+  (``sieving.carry_status: false``), the previous correctness too, so an interval only sees events
+  between two of its own sightings and a sample's first sighting in an interval is never an event.
+  With ``carry_status: true`` the first sighting of a sample in an interval is compared with its
+  last sighting before it, even one from before the sample was removed;
 * with Δτ = 1 epoch an interval holds one sighting per sample, so whatever ``carry_status`` says
   the ranking is only "misclassified now" (hardest, below) against "correct now" (0 events):
   the sieve then moves a random subset of the correctly classified samples. Δτ >= 2 epochs gives
@@ -85,12 +84,13 @@ class ForgettingTracker:
         n: training-set size; indices are ``0..n-1``.
         device: where the statistics live (keep it with the logits to avoid host syncs).
         carry_status: keep each sample's last correctness across :meth:`reset_interval` (see the
-            module docstring); counts are reset either way.
+            module docstring; default False, the paper's counts within each interval); counts are
+            reset either way.
     """
 
     criterion = "forgetting"
 
-    def __init__(self, n: int, device: str | torch.device = "cpu", carry_status: bool = True) -> None:
+    def __init__(self, n: int, device: str | torch.device = "cpu", carry_status: bool = False) -> None:
         if int(n) <= 0:
             raise SpfdeError(f"ForgettingTracker needs a positive training-set size, got n={n}")
         self.n = int(n)

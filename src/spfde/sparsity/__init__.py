@@ -4,17 +4,18 @@
 ``cfg.sparsity.method``:
 
 =========  ==================================================================================
-``mest``   MEST+EM&S (default, the paper's method): |w|+λ|g| prune, random grow, soft bound
-``set``    magnitude prune, random grow, cosine-decayed drop fraction
-``rigl``   magnitude prune, dense-gradient grow (one dense gradient per update)
+``mest``   MEST+EM&S (default, the paper's method): |w| prune (λ|g| optional), random grow, soft bound
+``set``    magnitude prune, random grow, cosine-decayed drop fraction (per epoch or per step)
+``rigl``   magnitude prune, dense-gradient grow (one dense gradient per update; per epoch or step)
 ``static`` fixed random or SNIP mask
 ``dense``  no masks
 =========  ==================================================================================
 
 Prunable parameters are conv/linear weights and ``nn.MultiheadAttention``'s projections by default
 (``sparsity.include`` / ``exclude`` take parameter or module names; :func:`find_prunable`);
-the layer-wise budget comes from :mod:`spfde.sparsity.distribution`; the update schedule from
-:mod:`spfde.sparsity.schedule`. See each method module for its card.
+the layer-wise budget comes from :mod:`spfde.sparsity.distribution` (first and last layer in
+forward order dense by default); the update schedule from :mod:`spfde.sparsity.schedule`. See each
+method module for its card; docs/sparsity.md lists every default and the option that changes it.
 """
 
 from __future__ import annotations
@@ -57,13 +58,17 @@ def build_sparsity(model: nn.Module, cfg: Config, example_input: torch.Tensor | 
                    snip_batch: Any = None) -> SparseEngine:
     """The sparse engine for ``cfg.sparsity`` on ``model``.
 
-    ``example_input`` (one batch) finds the first prunable layer in forward order for
-    ``dense_first_layer``; without it ``named_modules`` order is used. ``snip_batch`` is
+    ``example_input`` (one batch) finds the first and last prunable layers in forward order for
+    ``dense_first_layer`` / ``dense_last_layer``; without it ``named_modules`` order is used. ``snip_batch`` is
     ``(inputs, targets)`` or a callable for ``static_init: snip``. The returned engine's masks
     are chosen but not yet applied: call ``engine.apply_masks()``.
     """
+    sp = cfg.sparsity
+    if sp.update_unit == "step" and sp.method not in ("set", "rigl"):
+        raise ConfigError(f"config field 'sparsity.update_unit' = 'step' is for rigl and set; {sp.method} updates at "
+                          "epoch boundaries (Algorithm 1): set sparsity.update_unit: epoch")
     engine = _build_engine(model, cfg, example_input, snip_batch)
-    engine.prune_frozen = cfg.freezing.prune_on_freeze
+    engine.exclude_dropped = sp.grow_exclude_dropped
     return engine
 
 
@@ -80,7 +85,8 @@ def _build_engine(model: nn.Module, cfg: Config, example_input: torch.Tensor | N
     by_name = {lay.module: lay for lay in layers}
     layers = [by_name[m] for m in order]
     target = layer_sparsity(layers, sp.target, sp.distribution, sp.dense_first_layer,
-                            first_layer=order[0] if order else None, overrides=sp.layer_overrides)
+                            first_layer=order[0] if order else None, overrides=sp.layer_overrides,
+                            dense_last_layer=sp.dense_last_layer, last_layer=order[-1] if order else None)
     if sp.method == "mest":
         return MESTEngine(model, layers, target, schedule, cfg.seed, mest_lambda=sp.mest_lambda)
     if sp.method == "set":

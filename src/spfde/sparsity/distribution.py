@@ -4,13 +4,15 @@ Method card
 -----------
 * ``uniform`` (paper Section 5, "uniform unstructured sparsity across all the convolutional
   layers while only keeping the first layer dense"): every prunable layer at the target ``s``;
-  with ``sparsity.dense_first_layer`` the first prunable layer *in forward order* is dense. The
-  overall density is then slightly above ``1 - s`` (that is the paper's accounting).
+  with ``sparsity.dense_first_layer`` the first prunable layer *in forward order* is dense, and
+  with ``sparsity.dense_last_layer`` (default, as the paper prunes only convolutions and MEST keeps
+  its last FC layer dense) the last one, the classifier. The overall density is then slightly
+  above ``1 - s`` (that is the paper's accounting).
 * ``erk`` (Erdős–Rényi-Kernel, Evci et al. 2020, RigL): layer ``l`` gets density
   ``ε · Σ shape_l / Π shape_l``; ``ε`` is solved so the overall density over prunable layers is
   exactly ``1 - s``. A layer whose density would exceed 1 is made dense and ``ε`` is re-solved
   over the rest (the dense-layer redistribution). Layers fixed by an override or by
-  ``dense_first_layer`` keep their value and the others absorb the remaining budget.
+  ``dense_first_layer`` / ``dense_last_layer`` keep their value and the others absorb the rest.
 * ``layer_overrides`` ``{module name: sparsity}`` replace the computed value of that layer.
 
 Errors (:class:`ConfigError`): target or override outside ``[0, 1)``; an override naming a
@@ -63,6 +65,20 @@ def erk_density(
         dense.update(over)
 
 
+def dense_edge_layers(order: list[str], target: float, dense_first_layer: bool = True,
+                      dense_last_layer: bool = True, fixed: Mapping[str, float] | None = None) -> set[str]:
+    """The layers kept dense by ``dense_first_layer`` / ``dense_last_layer``: the first / last of
+    ``order`` (forward order), unless an override fixes them or the target is 0."""
+    fixed = fixed or {}
+    out = set()
+    if target > 0 and order:
+        if dense_first_layer and order[0] not in fixed:
+            out.add(order[0])
+        if dense_last_layer and order[-1] not in fixed:
+            out.add(order[-1])
+    return out
+
+
 def layer_sparsity(
     layers: list[PrunableLayer],
     target: float,
@@ -70,10 +86,13 @@ def layer_sparsity(
     dense_first_layer: bool = True,
     first_layer: str | None = None,
     overrides: Mapping[str, float] | None = None,
+    dense_last_layer: bool = True,
+    last_layer: str | None = None,
 ) -> dict[str, float]:
     """Target sparsity ``{module: s}`` of every prunable layer (see the module card).
 
-    ``first_layer`` is the first prunable module in forward order (default: ``layers[0]``).
+    ``first_layer`` / ``last_layer`` are the first / last prunable modules in forward order
+    (default: ``layers[0]`` / ``layers[-1]``).
     """
     _check_fraction("sparsity.target", target)
     if not layers:
@@ -88,9 +107,10 @@ def layer_sparsity(
                 f"prunable layers: {', '.join(sorted(names)[:8])}{' ...' if len(names) > 8 else ''}")
         _check_fraction(f"sparsity.layer_overrides.{m}", v)
     first = first_layer if first_layer is not None else layers[0].module
+    last = last_layer if last_layer is not None else layers[-1].module
     fixed = {m: 1.0 - v for m, v in overrides.items()}
-    if dense_first_layer and first not in fixed and target > 0:
-        fixed[first] = 1.0
+    for m in dense_edge_layers([first, last], target, dense_first_layer, dense_last_layer, fixed):
+        fixed[m] = 1.0
     if distribution == "uniform":
         out = {lay.module: 1.0 - fixed.get(lay.module, 1.0 - target) for lay in layers}
     elif distribution == "erk":

@@ -4,23 +4,25 @@ A :class:`SparseEngine` holds one boolean mask per masked weight (parameter name
 is driven by the controller at four points (docs/design.md):
 
 * ``update(epoch, frozen_params)`` at every epoch start: a no-op unless the method's schedule
-  (:mod:`spfde.sparsity.schedule`) says the structure changes now; never grows or swaps weights
-  of frozen params. One exception, on by default (``freezing.prune_on_freeze``): a frozen layer
-  still above its target density (MEST trains at ``s' < s`` during the search) is pruned once to
-  exactly ``s`` by the method's importance. That is the prune half of the update MEST would run
-  at that epoch; its grow half would only add zero weights that a frozen layer never trains.
-  The final model then meets the requested sparsity in every layer (docs/freezing.md).
+  (:mod:`spfde.sparsity.schedule`) says the structure changes now; never touches the masks or
+  weights of frozen params. A layer's *final* update (``set_final_updates``, from the freezing plan:
+  its last update before it freezes with ``freezing.prune_on_freeze``) prunes it to its target and
+  grows nothing (MEST), so it trains at ``s`` before it freezes and meets ``s`` at the end.
 * ``before_step()`` after ``backward``: multiplies the gradients by the masks (so momentum and
-  weight decay see zero at pruned positions) and, only in the epoch just before an update,
-  records the gradient statistic the method needs (MEST: mean ``|g|`` at active positions;
-  RigL: the last step's dense ``|g|``).
-* ``after_step(optimizer)``: multiplies the weights by the masks (bit-exact zeros whatever the
-  optimizer does) and, once after each update, zeroes every optimizer state tensor shaped like
-  the weight (SGD ``momentum_buffer``, Adam ``exp_avg``/``exp_avg_sq``) at pruned positions.
+  weight decay see zero at pruned positions) and, only in the epoch (or, with
+  ``sparsity.update_unit: step``, the step) just before an update, computes the gradient statistic
+  the method needs (MEST with λ > 0: mean ``|g|`` at active positions; RigL: the last step's dense
+  gradient) together with a device-side "all finite" flag.
+* ``after_step(optimizer, skipped=False)``: multiplies the weights by the masks (bit-exact zeros
+  whatever the optimizer does), commits the step's statistic unless the step was ``skipped`` (e.g. a
+  GradScaler overflow step) or its gradients were not finite (no host sync: a ``torch.where`` on the
+  flag), and, once after each update, zeroes every optimizer state tensor shaped like the weight (SGD
+  ``momentum_buffer``, Adam ``exp_avg``/``exp_avg_sq``) at pruned and freshly grown positions. In step
+  mode it also runs the update that is due after this step.
 
-Per-step cost is two ``torch._foreach_mul_`` calls over the masked weights with masks kept as
-precomputed float tensors of the weight's dtype/layout (bench/mask_overhead.py measures it).
-Layers at sparsity 0 (e.g. the dense first layer) get no mask at all.
+Per-step cost outside recording steps is two ``torch._foreach_mul_`` calls over the masked weights
+with masks kept as precomputed float tensors of the weight's dtype/layout (bench/mask_overhead.py
+measures it). Layers at sparsity 0 (the dense first and last layers) get no mask at all.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 from torch import nn
 
 from spfde.errors import SpfdeError
-from spfde.sparsity.masks import PrunableLayer, keep_count, prune_lowest, random_mask
+from spfde.sparsity.masks import PrunableLayer, keep_count, random_mask
 from spfde.sparsity.schedule import Schedule
 from spfde.utils import make_generator
 
@@ -73,21 +75,33 @@ class SparseEngine:
         self.last_update = -1
         self._recording = False
         self._grad_buf: dict[str, torch.Tensor] = {}
-        self._grad_steps = 0
+        self._grad_steps: int | torch.Tensor = 0  # committed (finite, not skipped) steps; a device tensor
+        self._grad_calls = 0  # recording steps seen, committed or not
+        self._pending: tuple[list[str], list[torch.Tensor], torch.Tensor] | None = None
         self._state_dirty = False
+        self._state_keep: dict[str, torch.Tensor] = {}
         self._lists: tuple[list[str], list[nn.Parameter], list[torch.Tensor]] | None = None
-        #: freezing.prune_on_freeze: prune a frozen layer above its target density to the target
-        self.prune_frozen = True
+        #: {module: epoch of its final update} (Schedule.last_update_epochs); missing: the run's last update
+        self.final_update: dict[str, int] = {}
+        #: step mode: optimizer steps taken so far, and the frozen params of the current epoch
+        self.step = 0
+        self._frozen: set[str] = set()
+        #: sparsity.grow_exclude_dropped: never regrow a weight dropped in the same update
+        self.exclude_dropped = False
         self._init_masks()
 
     # ------------------------------------------------------------------ masks
     def _init_masks(self) -> None:
         """Random masks at the schedule's initial sparsity (paper Section 4.1: random structure)."""
         for lay in self.masked_layers:
-            s = self.schedule.initial_sparsity(self.target[lay.module])
-            g = make_generator(self.seed, "sparsity-init", lay.module)
-            keep = lay.numel - int(round(s * lay.numel))
-            self._set_mask(lay.param, random_mask(lay.shape, keep, g))
+            self._set_mask(lay.param, random_mask(lay.shape, self._initial_keep(lay), self._init_generator(lay)))
+
+    def _initial_keep(self, lay: PrunableLayer) -> int:
+        return keep_count(lay.numel, self.schedule.initial_sparsity(self.target[lay.module],
+                                                                    self.final_update.get(lay.module)))
+
+    def _init_generator(self, lay: PrunableLayer) -> torch.Generator:
+        return make_generator(self.seed, "sparsity-init", lay.module)
 
     def _set_mask(self, param: str, mask: torch.Tensor) -> None:
         p = self._params[param]
@@ -122,10 +136,33 @@ class SparseEngine:
             _, weights, fmasks = self._cached_lists()
             torch._foreach_mul_(weights, fmasks)
 
+    def set_final_updates(self, final_update: dict[str, int]) -> None:
+        """Tell the engine each layer's final update epoch (:meth:`Schedule.last_update_epochs`).
+
+        Before training starts, a layer whose final update is the initial mask (``0``) is re-drawn at
+        its target (the same random permutation, so the mask shrinks to a subset); call
+        :meth:`apply_masks` afterwards.
+        """
+        self.final_update = {m: int(e) for m, e in final_update.items()}
+        if self.epoch >= 0 or self.last_update >= 0 or self.step:
+            return  # training has started: the masks are what they are
+        for lay in self.masked_layers:
+            keep = self._initial_keep(lay)
+            if keep != self._counts[lay.module]:
+                self._set_mask(lay.param, random_mask(lay.shape, keep, self._init_generator(lay)))
+
     # ------------------------------------------------------------------ per step
+    def _recording_now(self) -> bool:
+        if self.grad_stat is None:
+            return False
+        if self.schedule.per_step:
+            return self.schedule.is_update_step(self.step + 1, self.epoch)
+        return self._recording
+
     @torch.no_grad()
     def before_step(self) -> None:
-        """Zero the gradients at pruned positions; record the update's gradient statistic."""
+        """Zero the gradients at pruned positions; compute the update's gradient statistic if due."""
+        self._commit(False)  # a loop that never calls after_step still gets its statistics
         if not self._params:
             return
         names, weights, masks = self._cached_lists()
@@ -138,14 +175,18 @@ class SparseEngine:
             if not keep:
                 return
             names, grads, masks = [names[i] for i in keep], [grads[i] for i in keep], [masks[i] for i in keep]
-        if self._recording and self.grad_stat == "dense_last":
+        recording = self._recording_now()
+        if recording and self.grad_stat == "dense_last":
             # RigL reads the dense gradient autograd computed anyway, before it is masked
-            torch._foreach_copy_([self._buf(n) for n in names], grads)
-            self._grad_steps = 1
+            stat = [g.detach().float().clone() for g in grads]
         torch._foreach_mul_(grads, masks)
-        if self._recording and self.grad_stat == "sparse_mean_abs":
-            torch._foreach_add_([self._buf(n) for n in names], torch._foreach_abs(grads))
-            self._grad_steps += 1
+        if recording and self.grad_stat == "sparse_mean_abs":
+            stat = torch._foreach_abs(grads)
+        if recording:
+            # one flag for the whole step (max |g| propagates NaN): an AMP overflow step is dropped whole
+            finite = torch.stack(torch._foreach_norm(stat, ord=float("inf"))).isfinite().all()
+            self._pending = (names, stat, finite)
+            self._grad_calls += 1
 
     def _buf(self, name: str) -> torch.Tensor:
         b = self._grad_buf.get(name)
@@ -155,22 +196,64 @@ class SparseEngine:
         return b
 
     @torch.no_grad()
-    def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Keep pruned weights exactly zero; after an update also zero optimizer state there."""
-        if not self._params:
-            return
-        _, weights, fmasks = self._cached_lists()
-        torch._foreach_mul_(weights, fmasks)
+    def _commit(self, skipped: bool | torch.Tensor) -> bool:
+        """Keep the pending statistic unless the step was skipped or its gradients are not finite.
+
+        MEST's running sum stays on the device (a ``torch.where`` on the flag, no host sync). RigL's
+        dense gradient replaces the last kept one, and whether it did decides which step the ledger
+        charges at dense cost: one sync, in the steps that record it only. Returns True when a dense
+        gradient was kept.
+        """
+        if self._pending is None:
+            return False
+        names, stat, finite = self._pending
+        self._pending = None
+        ok = finite & ~torch.as_tensor(skipped, device=finite.device) if skipped is not False else finite
+        if self.grad_stat == "dense_last":  # keep the last good step's gradient
+            if not bool(ok):
+                return False
+            self._grad_buf.update(zip(names, stat, strict=True))
+            self._grad_steps = 1
+            return True
+        for n, g in zip(names, stat, strict=True):
+            self._buf(n).add_(torch.where(ok, g, 0.0))
+        self._grad_steps = self._grad_steps + ok.to(torch.int64)
+        return False
+
+    @torch.no_grad()
+    def after_step(self, optimizer: torch.optim.Optimizer | None = None,
+                   skipped: bool | torch.Tensor = False, progress: float | None = None) -> bool:
+        """Keep pruned weights exactly zero; commit this step's statistic; in step mode run a due update.
+
+        ``skipped``: the optimizer did not apply this step (a bool, or a 0-dim bool tensor so that no
+        host sync is needed; e.g. a GradScaler overflow step): its statistic is dropped.
+        ``progress``: the fractional epoch of this step (step mode: the cosine drop fraction).
+        Returns True when this step's dense gradient was kept for a RigL update (the ledger charges it).
+        """
+        kept = self._commit(skipped)
+        if self._params:
+            _, weights, fmasks = self._cached_lists()
+            torch._foreach_mul_(weights, fmasks)
+        if self.schedule.per_step:
+            self.step += 1
+            if self.schedule.is_update_step(self.step, self.epoch):
+                self._sync_device()
+                self._update_structure(self.epoch, self.step, progress if progress is not None else self.epoch,
+                                       make_generator(self.seed, "sparsity-update-step", self.step))
+                self._reset_stats()
         if self._state_dirty and optimizer is not None:
             self.mask_optimizer_state(optimizer)
+        return kept
 
     @torch.no_grad()
     def mask_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
-        """Zero every state tensor shaped like a masked weight at its pruned positions."""
+        """Zero every state tensor shaped like a masked weight at its pruned (and freshly grown) positions."""
         for name, p in self._params.items():
+            keep = self._state_keep.get(name)
             for v in optimizer.state.get(p, {}).values():
                 if torch.is_tensor(v) and v.shape == p.shape:
-                    v.mul_(self._fmasks[name].to(v.dtype))
+                    v.mul_(self._fmasks[name].to(v.dtype) if keep is None else keep.to(v.device, v.dtype))
+        self._state_keep = {}
         self._state_dirty = False
 
     # ------------------------------------------------------------------ epoch boundary
@@ -187,69 +270,66 @@ class SparseEngine:
         same epoch (e.g. after resuming) changes nothing the second time.
         """
         self.epoch = int(epoch)
-        frozen = set(frozen_params)
+        self._frozen = set(frozen_params)
         info: dict[str, Any] = {"updated": False, "pruned": 0, "grown": 0}
-        if self.prune_frozen and frozen:
-            info["pruned_on_freeze"] = self._prune_frozen(frozen)
         if self.schedule.is_update_epoch(epoch) and epoch > self.last_update:
             self._sync_device()
-            stats = self._gradient_stats(batch_grad_fn)
-            gen = make_generator(self.seed, "sparsity-update", int(epoch))
-            skipped = []
-            for lay in self.masked_layers:
-                if lay.param in frozen:
-                    skipped.append(lay.module)
-                    continue
-                old = self.masks[lay.param]
-                w = self._params[lay.param]
-                new = self._update_layer(lay, old, w, stats.get(lay.param), epoch, gen)
-                info["pruned"] += int((old & ~new).sum())
-                info["grown"] += int((new & ~old).sum())
-                self._set_mask(lay.param, new)
-                # pruned -> 0, grown -> 0 (zero-initialised growth): keep only the survivors' values
-                w.mul_(old & new)
-            self.last_update = int(epoch)
-            self._state_dirty = True
-            info.update(updated=True, frozen_skipped=skipped, density=self.density())
-        self._grad_buf = {}
-        self._grad_steps = 0
+            info = self._update_structure(epoch, None, float(epoch), make_generator(self.seed, "sparsity-update",
+                                                                                     int(epoch)), batch_grad_fn)
+        self._reset_stats()
         self._recording = self.schedule.records_grad(epoch) and self.grad_stat is not None
         return info
 
-    def _prune_frozen(self, frozen: set[str]) -> int:
-        """Prune every frozen layer still above its target density down to exactly its target."""
-        pruned = 0
-        stats: dict[str, torch.Tensor] | None = None
+    def _reset_stats(self) -> None:
+        self._grad_buf = {}
+        self._grad_steps = 0
+        self._grad_calls = 0
+        self._pending = None
+
+    def _update_structure(self, epoch: int, step: int | None, progress: float, gen: torch.Generator,
+                          batch_grad_fn: BatchGradFn | None = None) -> dict[str, Any]:
+        """Prune&Grow every active masked layer once (the update of ``epoch``, or of ``step`` in step mode)."""
+        info: dict[str, Any] = {"updated": False, "pruned": 0, "grown": 0}
+        self._commit(False)
+        stats = self._gradient_stats(batch_grad_fn, progress)
+        if stats is None:  # RigL: every step that could feed this update was skipped; keep the masks
+            return {**info, "skipped_update": True}
+        skipped = []
         for lay in self.masked_layers:
-            keep = keep_count(lay.numel, self.target[lay.module])
-            if lay.param not in frozen or self._counts[lay.module] <= keep:
+            if lay.param in self._frozen:
+                skipped.append(lay.module)
                 continue
-            if stats is None:
-                self._sync_device()
-                # only MEST's importance reads a gradient statistic (RigL's would ask for a dense batch)
-                stats = self._gradient_stats(None) if self.grad_stat == "sparse_mean_abs" else {}
             old = self.masks[lay.param]
             w = self._params[lay.param]
-            new = prune_lowest(old, self.importance(w, stats.get(lay.param)), keep)
-            pruned += int((old & ~new).sum())
+            new, keep = self._update_layer(lay, old, w, stats.get(lay.param), progress, gen)
+            info["pruned"] += int((old & ~new).sum())
+            info["grown"] += int((new & ~old).sum())
             self._set_mask(lay.param, new)
-            w.mul_(new)
-            self._state_dirty = True
-        return pruned
+            # pruned and grown weights are 0 (zero-initialised growth): keep only the survivors' values
+            w.mul_(keep)
+            self._state_keep[lay.param] = keep
+        if step is None:
+            self.last_update = int(epoch)
+        self._state_dirty = True
+        info.update(updated=True, frozen_skipped=skipped, density=self.density())
+        return info
 
     def importance(self, weight: torch.Tensor, grad_stat: torch.Tensor | None) -> torch.Tensor:
         """The score a prune keeps the highest of (magnitude ``|w|``; MEST adds ``λ|g|``)."""
         return weight.detach().abs().float()
 
-    def _gradient_stats(self, batch_grad_fn: BatchGradFn | None) -> dict[str, torch.Tensor]:
-        """The recorded statistic per masked weight (empty when nothing was recorded)."""
-        if not self._grad_steps:
-            return {}
-        return {n: b / self._grad_steps for n, b in self._grad_buf.items()}
+    def _gradient_stats(self, batch_grad_fn: BatchGradFn | None, progress: float
+                        ) -> dict[str, torch.Tensor] | None:
+        """The recorded statistic per masked weight; empty when no step was kept (MEST then scores by
+        |w| alone). A method that cannot update without one returns None: the update is skipped."""
+        steps = int(self._grad_steps)
+        return {n: b / steps for n, b in self._grad_buf.items()} if steps else {}
 
     def _update_layer(self, lay: PrunableLayer, mask: torch.Tensor, weight: torch.Tensor,
-                      grad_stat: torch.Tensor | None, epoch: int, gen: torch.Generator) -> torch.Tensor:
-        return mask
+                      grad_stat: torch.Tensor | None, epoch: float, gen: torch.Generator
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(new mask, positions whose weight and optimizer state survive)``."""
+        return mask, mask
 
     # ------------------------------------------------------------------ queries
     def layer_density(self) -> dict[str, float]:
@@ -260,6 +340,10 @@ class SparseEngine:
         """Overall density over the prunable layers."""
         total = sum(self._numel.values())
         return sum(self._counts.values()) / total if total else 1.0
+
+    def target_density(self) -> dict[str, float]:
+        """``{module: density}`` every prunable module has at its target sparsity (keep_count rounding)."""
+        return {m: keep_count(n, self.target.get(m, 0.0)) / n for m, n in self._numel.items()}
 
     def layer_sparsity_target(self) -> dict[str, float]:
         """``{module: target sparsity}`` (the distribution's output)."""
@@ -274,8 +358,12 @@ class SparseEngine:
             "last_update": self.last_update,
             "recording": self._recording,
             "grad_buf": {n: b.detach().cpu().clone() for n, b in self._grad_buf.items()},
-            "grad_steps": self._grad_steps,
+            "grad_steps": int(self._grad_steps),
+            "grad_calls": self._grad_calls,
             "target": dict(self.target),
+            "step": self.step,
+            "frozen": sorted(self._frozen),
+            "final_update": dict(self.final_update),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -298,6 +386,13 @@ class SparseEngine:
         self._recording = bool(state.get("recording", False))
         self._grad_buf = {n: b.to(self._params[n].device) for n, b in state.get("grad_buf", {}).items()}
         self._grad_steps = int(state.get("grad_steps", 0))
+        self._grad_calls = int(state.get("grad_calls", self._grad_steps))
+        self._pending = None
+        self.step = int(state.get("step", 0))
+        self._frozen = set(state.get("frozen", []))
+        if "final_update" in state:
+            self.final_update = {m: int(e) for m, e in state["final_update"].items()}
+        self._state_keep = {}
         self._state_dirty = True
 
 

@@ -20,25 +20,26 @@ Schedule (paper Table A3, ``sparsity.*`` / ``train.interval`` keys)
     * The update at ``search_end`` prunes to exactly ``s`` and grows nothing: the final model
       meets the bound.
 
-Our choices (documented because the paper leaves them open)
-    * Importance ``|w| + λ|g|`` (``sparsity.mest_lambda``, λ = 1). ``g`` is the mean of ``|g|``
-      over the steps of the *last epoch before the update*, taken from the masked (sparse)
-      gradients training computes anyway, so it is only nonzero at active positions; inactive
-      positions are never candidates for removal. Averaging over one epoch is cheaper than
-      tracking the whole interval (one ``abs`` + ``add`` per step in 1 of Δτ epochs) and less
-      noisy than one minibatch. If no gradient was recorded (``update`` called outside the
-      normal loop) the score falls back to ``|w|``.
-    * Growth: uniformly random among the zero positions, excluding the weights pruned in the
-      same update (otherwise the update could undo itself); only if a layer lacks other zero
-      positions are just-pruned ones reused. Grown weights start at exactly zero and their
-      optimizer state is zeroed.
+Following MEST's public code (boone891214/MEST, ``prune_utils``), with the option that changes it
+    * Importance ``|w|`` (``sparsity.mest_lambda`` = 0, MEST's ``--sp-lmd`` default). With λ > 0 the
+      score is ``|w| + λ|g|``, ``g`` the mean ``|g|`` over the steps of the *last epoch before the
+      update*, from the masked (sparse) gradients training computes anyway (zero at pruned positions,
+      which are never candidates for removal); steps whose gradients are not finite or that the loop
+      reports as skipped are left out of the mean. With λ = 0 nothing is recorded.
+    * Growth: uniformly random among *all* zero positions after the prune, the weights just pruned
+      included (MEST zeroes a weight when it prunes it and grows from the zeros, so a regrown weight
+      starts at zero either way). Grown weights start at exactly zero with zeroed optimizer state.
+      ``sparsity.grow_exclude_dropped: true`` never regrows a weight pruned in the same update (then
+      only if a layer lacks other zero positions).
     * Initial mask: random at ``s'`` (``s - grow_early``), so epoch 0 .. first update trains
-      under the same soft bound as every later interval. With ``search_end = 0`` it starts at ``s``.
-    * The layer-wise budget ``s`` comes from the distribution (``uniform`` with a dense first
-      layer in the paper, or ``erk``); ``s'`` is clamped at 0.
-    * A frozen layer (paper Algorithm 1) keeps its mask and values, even past ``search_end``,
-      except that when it freezes during the search, at ``s'``, it is pruned once to exactly ``s``
-      by ``|w| + λ|g|`` (``freezing.prune_on_freeze``, default on; docs/freezing.md).
+      under the same soft bound as every later interval (at ``s`` for a layer that takes part in no
+      update, e.g. with ``search_end = 0``).
+    * The layer-wise budget ``s`` comes from the distribution (``uniform`` with dense first and last
+      layers in the paper, or ``erk``); ``s'`` is clamped at 0.
+    * A layer's *final* update prunes it to ``s`` and grows nothing: ``search_end`` for a layer that
+      never freezes; with freezing (paper Algorithm 1) and ``freezing.prune_on_freeze`` (default) the
+      last update before it freezes, so a frozen layer keeps the mask and values it trained with at
+      ``s`` and is never edited while frozen (docs/freezing.md).
 
 Expected effect
     Higher accuracy than SET/static masks at the same final sparsity (paper Table 2: +1.6 to
@@ -66,13 +67,18 @@ def mest_scores(weight: torch.Tensor, grad_stat: torch.Tensor | None, lam: float
 
 def mest_prune_grow(
     mask: torch.Tensor, weight: torch.Tensor, grad_stat: torch.Tensor | None, lam: float,
-    prune_to: float, grow_to: float, generator: torch.Generator,
-) -> torch.Tensor:
-    """One MEST update of one layer: prune to sparsity ``prune_to``, grow randomly to ``grow_to``."""
+    prune_to: float, grow_to: float, generator: torch.Generator, exclude_dropped: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One MEST update of one layer: prune to sparsity ``prune_to``, grow randomly to ``grow_to``.
+
+    Returns ``(new mask, pruned mask)``: only the prune's survivors keep their values (MEST zeroes
+    what it prunes, so a regrown just-pruned weight restarts at zero).
+    """
     n = mask.numel()
     pruned_mask = prune_lowest(mask, mest_scores(weight, grad_stat, lam), keep_count(n, prune_to))
     n_grow = keep_count(n, grow_to) - int(pruned_mask.sum())
-    return grow(pruned_mask, n_grow, forbidden=mask & ~pruned_mask, generator=generator)
+    forbidden = mask & ~pruned_mask if exclude_dropped else None
+    return grow(pruned_mask, n_grow, forbidden=forbidden, generator=generator), pruned_mask
 
 
 class MESTEngine(SparseEngine):
@@ -82,7 +88,7 @@ class MESTEngine(SparseEngine):
     grad_stat = "sparse_mean_abs"
 
     def __init__(self, model: nn.Module, layers: list[PrunableLayer], target: dict[str, float],
-                 schedule: Schedule, seed: int = 0, mest_lambda: float = 1.0) -> None:
+                 schedule: Schedule, seed: int = 0, mest_lambda: float = 0.0) -> None:
         self.mest_lambda = float(mest_lambda)
         if self.mest_lambda == 0:
             self.grad_stat = None  # pure magnitude: nothing to record
@@ -92,7 +98,9 @@ class MESTEngine(SparseEngine):
         return mest_scores(weight, grad_stat, self.mest_lambda)
 
     def _update_layer(self, lay: PrunableLayer, mask: torch.Tensor, weight: torch.Tensor,
-                      grad_stat: torch.Tensor | None, epoch: int, gen: torch.Generator) -> torch.Tensor:
+                      grad_stat: torch.Tensor | None, epoch: float, gen: torch.Generator
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.target[lay.module]
-        return mest_prune_grow(mask, weight, grad_stat, self.mest_lambda, s,
-                               self.schedule.sparsity_after_update(s, epoch), gen)
+        # the layer's final update (its last before freezing, or search_end) grows nothing
+        grow_to = self.schedule.sparsity_after_update(s, int(epoch), self.final_update.get(lay.module))
+        return mest_prune_grow(mask, weight, grad_stat, self.mest_lambda, s, grow_to, gen, self.exclude_dropped)
