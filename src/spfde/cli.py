@@ -135,7 +135,8 @@ def _print_summary(summary: dict[str, Any], out: str | Path) -> None:
 
     acc = summary.get("final_test_acc")
     print(f"final test accuracy {100 * acc:.2f}%" if acc is not None else "no evaluation")
-    wall = f"wall-clock {summary['wall_s']:.1f}s ({format_duration(summary['wall_s'])})"
+    wall = f"wall-clock {summary['wall_s']:.1f}s" + (f" ({format_duration(summary['wall_s'])})"
+                                                     if summary["wall_s"] >= 60 else "")
     if summary.get("samples_per_s"):
         wall += f" at {summary['samples_per_s']:.0f} samples/s"
     if summary.get("dense_train_flops"):

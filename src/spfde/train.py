@@ -132,7 +132,8 @@ class Trainer:
         seed_everything(cfg.seed)
         self.train_set, self.test_set, self.info = load_datasets(cfg.data, seed=cfg.seed)
         self.model = create_model(cfg.model.name, num_classes=self.info.num_classes,
-                                  in_channels=self.info.in_channels, width=cfg.model.width).to(self.device)
+                                  in_channels=self.info.in_channels, width=cfg.model.width,
+                                  **cfg.model.kwargs).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(
@@ -388,15 +389,13 @@ def train(cfg: Config, out_dir: str | Path, force: bool = False, quiet: bool = F
     building the trainer before the folder is touched, so a failed start neither leaves a half-made
     run behind nor, with ``force``, deletes the run that was there.
     """
-    from spfde.errors import ConfigError
-    from spfde.models import list_models
+    from spfde.models import resolve_model
 
     out = Path(out_dir)
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prepares the directory
     if main:
         check_out_dir(out, force)
-    if cfg.model.name not in list_models():
-        raise ConfigError(f"config field 'model.name' = {cfg.model.name!r}; allowed: {', '.join(list_models())}")
+    resolve_model(cfg.model.name)  # an unknown name or import path fails before the data is loaded
     trainer = Trainer(cfg, out, quiet=quiet)
     if main:
         prepare_out_dir(out, force)

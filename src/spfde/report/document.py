@@ -106,7 +106,8 @@ def _cka(run: Run, snaps: list, probe: torch.Tensor | None) -> dict[str, list[tu
     gen = torch.random.fork_rng(devices=[])  # model init draws from the global RNG; leave it as it was
     with gen:
         torch.manual_seed(0)
-        model = create_model(name, num_classes=num_classes, in_channels=in_channels, width=float(width))
+        model = create_model(name, num_classes=num_classes, in_channels=in_channels, width=float(width),
+                             **(run.cfg("model.kwargs") or {}))
     if torch.cuda.is_available():  # dozens of forward passes over the probe: use the GPU when there is one
         model = model.cuda()
     return layer_cka_over_time(model, snaps, final, probe)
