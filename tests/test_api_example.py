@@ -17,9 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## Use it in your own loop"
 
 
-def _example_block(path: Path) -> str | None:
+def _example_block(path: Path, heading: str = HEADING) -> str | None:
+    """The first python block of the section ``heading`` of a Markdown file."""
     text = path.read_text(encoding="utf-8") if path.exists() else ""
-    m = re.search(re.escape(HEADING) + r"\n(?:(?!\n## ).)*?```python\n(.*?)```", text, re.S)
+    m = re.search(re.escape(heading) + r"\n(?:(?!\n## ).)*?```python\n(.*?)```", text, re.S)
     return m.group(1) if m else None
 
 
