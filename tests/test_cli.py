@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from spfde.reproduce import TABLES, grid, run_dir, write_table
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "spfde.cli", *args], capture_output=True, text=True)
+def cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spfde.cli", *args], capture_output=True, text=True, **kw)
 
 
 @pytest.mark.parametrize("s, paper", [(0.9, 1.32e15), (0.95, 0.66e15), (0.98, 0.26e15)])
@@ -116,3 +117,78 @@ def test_reproduce_grids_and_resume(tmp_path):
     assert r.returncode == 0 and "2 distinct runs" in r.stdout
     r = cli("reproduce", "tableA2", "--only", "nope", "--dry-run", "--out", str(tmp_path))
     assert r.returncode == 1 and "update30" in r.stderr and "Traceback" not in r.stderr  # ours beside the paper's
+
+
+# --------------------------------------------------------------------------------------------
+# small things a newcomer meets first
+
+
+def test_version_and_help_on_every_option():
+    import argparse
+
+    import spfde
+    from spfde.cli import _build_parser
+    from spfde.reproduce import TABLE_HELP
+
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"spfde {spfde.__version__}"
+    sub = next(a for a in _build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("train", "demo", "report", "compare", "reproduce", "flops", "plan", "data"):
+        for action in sub.choices[name]._actions:
+            assert action.help, f"spfde {name} {action.option_strings or action.dest} has no help text"
+    assert set(TABLE_HELP) == set(TABLES)
+    r = cli("reproduce", "--help")
+    for table in TABLES:
+        assert f"  {table} " in r.stdout, table
+
+
+def test_flops_prints_human_units_unless_json():
+    args = ("flops", "--config", "cifar100-resnet32x2", "--set", "sparsity.method=set", "--set",
+            "sparsity.target=0.9", "--set", "sparsity.dense_first_layer=false", "--set", "freezing.target=0",
+            "--set", "sieving.ratio=0")
+    exact = json.loads(cli(*args, "--json").stdout)
+    lines = {line.split()[0]: line for line in cli(*args).stdout.splitlines()}
+    assert "1.32 PFLOPs" in lines["train_flops"] and f"{exact['train_flops']:.3e}" in lines["train_flops"]
+    assert "MFLOPs" in lines["dense_forward_flops_per_sample"]
+    assert lines["flops_saving"].endswith(f"{100 * exact['flops_saving']:.2f}%")
+
+
+def test_your_own_model_from_the_cli(tmp_path):
+    (tmp_path / "my_models.py").write_text(
+        "from torch import nn\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self, num_classes, in_channels, hidden=8):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(in_channels, hidden, 3, padding=1)\n"
+        "        self.head = nn.Linear(hidden, num_classes)\n\n"
+        "    def forward(self, x):\n"
+        "        return self.head(self.conv(x).relu().mean((2, 3)))\n\n"
+        "    def blocks(self):\n"
+        "        return ['conv', 'head']\n")
+    data = ["--set", "data.name=synthetic", "--set", "data.synthetic_size=64", "--set", "data.image_size=8",
+            "--set", "train.epochs=4", "--set", "train.interval=1", "--set", "train.threads=1",
+            "--set", "logging.progress=false", "--set", "model.name=my_models:Net", "--set", "model.kwargs.hidden=6",
+            "--set", "sparsity.target=0.5"]
+    (tmp_path / "base.yaml").write_text("{}\n")
+    base = ["-c", str(tmp_path / "base.yaml")]
+    # the console script, run from the folder holding the module: unlike `python -m`, it does not
+    # put that folder on sys.path, so this checks the current-folder fallback
+    script = Path(sys.executable).with_name("spfde")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "spfde.cli"]
+    r = subprocess.run([*cmd, "train", *base, "--out", str(tmp_path / "run"), *data, "--set", "freezing.target=0"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    cfg = (tmp_path / "run" / "config.yaml").read_text()
+    assert "my_models:Net" in cfg and "hidden: 6" in cfg
+    r = cli("flops", *base, *data, "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    # this model (a conv of 6 channels on 8x8 images), not the default ResNet-20
+    assert json.loads(r.stdout)["dense_forward_flops_per_sample"] < 1e5
+    r = cli("plan", *base, *data, "--set", "freezing.target=0.2", "--set", "freezing.tfrz=1",
+            "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert [b["name"] for b in json.loads(r.stdout)["blocks"]] == ["conv"]
+    r = cli("train", *base, "--out", str(tmp_path / "bad"), *data, "--set", "model.kwargs.hidde=3",
+            cwd=tmp_path)
+    assert r.returncode == 2 and "model.name" in r.stderr and "hidde" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "bad").exists()

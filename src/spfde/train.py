@@ -395,7 +395,7 @@ def train(cfg: Config, out_dir: str | Path, force: bool = False, quiet: bool = F
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prepares the directory
     if main:
         check_out_dir(out, force)
-    resolve_model(cfg.model.name)  # an unknown name or import path fails before the data is loaded
+    resolve_model(cfg.model.name, cfg.model.kwargs)  # a bad name, import path or kwargs fails before data loads
     trainer = Trainer(cfg, out, quiet=quiet)
     if main:
         prepare_out_dir(out, force)

@@ -7,9 +7,10 @@ of several consecutive DNN layers, such as a bottleneck block in the ResNet") in
 Your own model: ``model.name`` may also be an import path ``package.module:callable`` (as
 LightningCLI's ``class_path``), e.g. ``my_pkg.models:make_net`` or a class ``my_pkg.models:Net``.
 The contract (:func:`create_model`): the callable is called with ``num_classes``, ``in_channels``
-and ``width`` for those of the three its signature names, plus ``model.kwargs`` (which win over
-the three), and must return an ``nn.Module``. The module is imported from ``sys.path`` and then,
-if not found there, from the current folder (a console script does not put it on ``sys.path``).
+(from the dataset) and ``width`` (``model.width``) for those of the three its signature names,
+plus ``model.kwargs`` (which may not repeat the three), and must return an ``nn.Module``. The
+module is imported from ``sys.path`` and then, if not found there, from the current folder (a
+console script does not put it on ``sys.path``).
 Freezing needs the model's blocks: a ``blocks()`` method or ``freezing.blocks``.
 """
 
@@ -90,12 +91,21 @@ def _import(module: str) -> Any:
     return importlib.import_module(module)
 
 
-def resolve_model(name: str) -> ModelFn:
+#: what create_model passes itself (from the dataset and ``model.width``); never in ``model.kwargs``
+AUTO_ARGS = ("num_classes", "in_channels", "width")
+
+
+def resolve_model(name: str, kwargs: dict[str, Any] | None = None) -> ModelFn:
     """The factory behind ``model.name``: a registry entry or an imported ``module:callable``.
 
-    Raises :class:`ConfigError` naming the field when the name is unknown or the path cannot be
-    imported, so a run fails before it loads data.
+    Raises :class:`ConfigError` naming the field when the name is unknown, the path cannot be
+    imported or ``kwargs`` (``model.kwargs``) repeats an argument of :data:`AUTO_ARGS`, so a run
+    fails before it loads data.
     """
+    clash = sorted(set(kwargs or {}) & set(AUTO_ARGS))
+    if clash:
+        raise ConfigError(f"config field 'model.kwargs.{clash[0]}': num_classes and in_channels come from the "
+                          "dataset and width from model.width; drop it from model.kwargs")
     if not is_import_path(name):
         return _entry(name).fn
     module, _, attr = name.partition(":")
@@ -137,14 +147,14 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, width: 
     Parameters are drawn from the global torch RNG (seed it with ``torch.manual_seed`` for a
     deterministic init). ``kwargs`` (``model.kwargs``) go to the factory as keyword arguments.
     """
-    fn = resolve_model(name)
+    fn = resolve_model(name, kwargs)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise SpfdeError(f"num_classes must be a positive integer, got {num_classes!r}")
     if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
         raise SpfdeError(f"in_channels must be a positive integer, got {in_channels!r}")
     if not isinstance(width, (int, float)) or isinstance(width, bool) or not width > 0:
         raise SpfdeError(f"model.width must be a positive number, got {width!r}")
-    given = {"num_classes": num_classes, "in_channels": in_channels, "width": float(width)}
+    given = dict(zip(AUTO_ARGS, (num_classes, in_channels, float(width)), strict=True))
     if not is_import_path(name):
         return fn(**given, **kwargs)
     accepted = _accepted(fn)
