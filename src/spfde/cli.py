@@ -139,7 +139,7 @@ def _print_summary(summary: dict[str, Any], out: str | Path) -> None:
                                                      if summary["wall_s"] >= 60 else "")
     if summary.get("samples_per_s"):
         wall += f" at {summary['samples_per_s']:.0f} samples/s"
-    if summary.get("dense_train_flops"):
+    if summary.get("dense_train_flops") and summary.get("flops_saving"):
         print(f"training FLOPs {format_flops(summary['train_flops'])}, {100 * summary['flops_saving']:.1f}% below "
               "dense (the ledger's count)")
         # the ledger counts masked weights as saved; dense kernels still compute them

@@ -214,7 +214,8 @@ def compare_footnotes(rows: list[dict[str, Any]]) -> list[str]:
     """What the wall-clock columns of :func:`format_compare_table` measure, for below the table."""
     refs = sorted({r["dense_ref"] for r in rows if r.get("dense_ref")})
     if refs:
-        wall = (f"wall-clock saving %: measured against the dense run {', '.join(refs)} in this table; "
+        wall = (f"wall-clock saving %: measured against the dense run {', '.join(f'`{r}`' for r in refs)} in this "
+                "table; "
                 "FLOPs saving %: the ledger's count against dense training of the same data and epochs.")
     else:
         wall = ("wall-clock saving %: not measured, no dense run (no sparsity, freezing or sieving; same model "
