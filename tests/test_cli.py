@@ -192,3 +192,25 @@ def test_your_own_model_from_the_cli(tmp_path):
             cwd=tmp_path)
     assert r.returncode == 2 and "model.name" in r.stderr and "hidde" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_summary_line_puts_wall_clock_beside_the_flops_saving(capsys):
+    from spfde.cli import _print_summary
+
+    summary = {"final_test_acc": 0.76, "train_flops": 2.67e11, "dense_train_flops": 2.96e12, "flops_saving": 0.91,
+               "wall_s": 87.0, "samples_per_s": 393.0}
+    _print_summary(summary, "runs/a")
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == "training FLOPs 267 GFLOPs, 91.0% below dense (the ledger's count)"
+    assert out[2].startswith("wall-clock 87.0s (1m27s) at 393 samples/s; no dense run measured")
+    _print_summary({**summary, "train_flops": 2.96e12, "flops_saving": 0.0, "wall_s": 9.0}, "runs/d")
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == "wall-clock 9.0s at 393 samples/s"  # a dense run: nothing to compare with itself
+
+
+def test_human_units():
+    from spfde.units import format_duration, format_flops
+
+    assert [format_flops(x) for x in (1.13e15, 3.7e13, 2.67e11, 9.996e12, 5e5)] == [
+        "1.13 PFLOPs", "37.0 TFLOPs", "267 GFLOPs", "10.0 TFLOPs", "500 kFLOPs"]
+    assert [format_duration(s) for s in (0.4, 45.2, 185, 3725)] == ["0s", "45s", "3m05s", "1h02m"]

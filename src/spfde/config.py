@@ -81,7 +81,7 @@ class TrainConfig:
     channels_last: Literal["auto", "on", "off"] = _f("auto")
     amp: Literal["auto", "on", "off"] = _f("auto", doc="mixed precision on CUDA")
     eval_every: int = _f(1, lo=1)
-    threads: int | None = _f(None, lo=1, doc="torch CPU threads")
+    threads: int | None = _f(None, lo=1, doc="torch CPU threads; null: the free cores at start (README, Threads)")
 
 
 @dataclass

@@ -8,7 +8,6 @@ No torch here: ``spfde compare`` and the report read these from JSON.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -21,12 +20,12 @@ _SI = ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")
 
 
 def format_flops(flops: float) -> str:
-    """``1.13e15`` -> ``"1.13 PFLOPs"``."""
-    v = float(flops)
-    for scale, prefix in _SI:
-        if abs(v) >= scale:
-            return f"{v / scale:#.3g} {prefix}FLOPs"
-    return f"{v:#.3g} FLOPs"
+    """Three significant digits and an SI prefix: ``1.13e15`` -> ``"1.13 PFLOPs"``, ``3.7e13`` ->
+    ``"37.0 TFLOPs"``, ``2.67e11`` -> ``"267 GFLOPs"``."""
+    v = float(f"{float(flops):.3g}")  # round first, so 9.996e12 reads "10.0 TFLOPs", not "10.00"
+    scale, prefix = next(((sc, p) for sc, p in _SI if abs(v) >= sc), (1.0, ""))
+    x = v / scale
+    return f"{x:.{2 if abs(x) < 10 else 1 if abs(x) < 100 else 0}f} {prefix}FLOPs"
 
 
 def format_duration(seconds: float) -> str:
@@ -60,6 +59,3 @@ def time_to_acc_fields(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
                                 else None),
     }
 
-
-def finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
