@@ -214,3 +214,13 @@ def test_human_units():
     assert [format_flops(x) for x in (1.13e15, 3.7e13, 2.67e11, 9.996e12, 5e5)] == [
         "1.13 PFLOPs", "37.0 TFLOPs", "267 GFLOPs", "10.0 TFLOPs", "500 kFLOPs"]
     assert [format_duration(s) for s in (0.4, 45.2, 185, 3725)] == ["0s", "45s", "3m05s", "1h02m"]
+
+
+def test_packaging_metadata_has_no_deprecated_license_table():
+    """setuptools >= 77 prints a deprecation banner for `license = {text = ...}` at every build."""
+    import tomllib
+
+    meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert isinstance(meta["project"]["license"], str)
+    assert any(r.replace(" ", "").startswith("setuptools>=77") for r in meta["build-system"]["requires"])
+    assert "version" not in meta["project"] and "version" in meta["project"]["dynamic"]  # one place: __version__

@@ -251,11 +251,17 @@ def _quiet_fit(trainer, module) -> None:
         trainer.fit(module)
 
 
-def test_a_shuffling_loader_gets_the_callbacks_sampler(tmp_path: Path) -> None:
+@pytest.mark.parametrize("given", ["by the module", "to fit"])
+def test_a_shuffling_loader_gets_the_callbacks_sampler(tmp_path: Path, given: str) -> None:
     cb = SpFDECallback(CONFIG, train_size=N, blocks=[["net.0", "net.1"], "net.3", "net.7"])
     module = Shuffled(cb, Indexed())
     trainer = _trainer(tmp_path, cb)
-    _quiet_fit(trainer, module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if given == "to fit":  # a loader built outside Lightning's hooks, passed to trainer.fit
+            trainer.fit(module, train_dataloaders=DataLoader(module.ds, batch_size=8, shuffle=True))
+        else:
+            trainer.fit(module)
     assert trainer.train_dataloader.sampler is cb.sampler
     # every epoch served exactly the partial set, so the removed samples were never trained on
     starts = [0]

@@ -45,7 +45,7 @@ def test_set_threads_reads_affinity_and_load_and_keeps_a_resumed_count(monkeypat
         assert set_threads(None).threads == 1 == torch.get_num_threads()
         # a resumed run keeps the count it ran with (bit-identical resume), unless told otherwise
         kept = set_threads(None, keep=2)
-        assert kept.threads == 2 == torch.get_num_threads() and "resumed" in kept.reason
+        assert kept.threads == 2 == torch.get_num_threads() and "resume" in kept.reason
         assert set_threads(1, keep=2).threads == 1
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         assert set_threads(None, keep=2).threads == 1

@@ -5,7 +5,8 @@ Presets:
 * ``paper``: the paper's exact setting (CIFAR-100, ResNet-32 2x, 160 epochs, Table A3). Needs
   the data (``--set data.root=...``) and a GPU to be practical.
 * ``cpu``: a scaled setting that runs on a 2-core CPU in about a minute per run: Fashion-MNIST
-  (first 2,000 training images, the full 10,000-image test set), ResNet-20, batch 64, 24 epochs.
+  (2,000 training images, class-stratified from the seed; the full 10,000-image test set),
+  ResNet-20, batch 64, 24 epochs.
   **Scaling rule**: keep the *shape* of the paper's schedule, not its length. The paper has
   T/Δτ = 160/5 = 32 structure/data/freezing updates; we keep Δτ = 1 epoch (the finest grid the
   epoch-level controller has) and T = 24, so 24 updates, and every epoch-valued setting keeps its

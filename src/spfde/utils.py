@@ -237,10 +237,11 @@ def set_threads(configured: int | None = None, keep: int | None = None) -> Threa
     if _THREADS_SET is None or current != _THREADS_SET:  # changed by someone else since: theirs
         _TORCH_THREADS = current
     if keep and not configured and _env_threads(os.environ) is None:
-        choice = ThreadChoice(int(keep), "the count this run used before it was resumed (bit-identical resume)")
+        choice = ThreadChoice(int(keep), "kept from before the resume, so it stays bit-identical")
     else:
-        choice = choose_threads(configured, os.environ, usable_cores(), visible_load(),
-                                _TORCH_THREADS or current)
+        explicit = bool(configured) or _env_threads(os.environ) is not None
+        load = 0.0 if explicit else visible_load()  # reading it takes a few short samples: only when used
+        choice = choose_threads(configured, os.environ, usable_cores(), load, _TORCH_THREADS or current)
     torch.set_num_threads(choice.threads)
     _THREADS_SET = choice.threads
     return choice
