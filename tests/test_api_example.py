@@ -17,9 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## Use it in your own loop"
 
 
-def _example_block(path: Path) -> str | None:
+def _example_block(path: Path, heading: str = HEADING) -> str | None:
+    """The first python block of the section ``heading`` of a Markdown file."""
     text = path.read_text(encoding="utf-8") if path.exists() else ""
-    m = re.search(re.escape(HEADING) + r"\n(?:(?!\n## ).)*?```python\n(.*?)```", text, re.S)
+    m = re.search(re.escape(heading) + r"\n(?:(?!\n## ).)*?```python\n(.*?)```", text, re.S)
     return m.group(1) if m else None
 
 
@@ -92,3 +93,74 @@ def test_a_model_without_prunable_layers_is_refused() -> None:
     with pytest.raises(SpfdeError, match="no prunable layer"):
         SpFDE(model, opt, {"sparsity": {"method": "mest", "target": 0.5}}, train_size=8,
               example_input=torch.randn(2, 4))
+
+
+# --------------------------------------------------------------------------------------------
+# the controller owns the learning rate (README, "What the controller does to your optimizer")
+
+
+def _run_epochs(ctl, model, opt, epochs, scheduler=None, start=0):
+    x, y = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2] * 2 + [0, 1])
+    for epoch in range(start, start + epochs):
+        ctl.start_epoch(epoch)
+        logits = model(x)
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(logits, y).backward()
+        ctl.before_step()
+        opt.step()
+        ctl.after_step(logits, y, torch.arange(8))
+        ctl.end_epoch()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def _freezing_setup(schedule: str):
+    import warnings as _w
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    cfg = {"train": {"epochs": 4, "interval": 1}, "optim": {"schedule": schedule},
+           "sparsity": {"method": "mest", "target": 0.5}, "freezing": {"target": 0.1, "tfrz": 1}}
+    with _w.catch_warnings():
+        _w.simplefilter("ignore")  # torch's "scheduler.step() before optimizer.step()" hint
+        ctl = SpFDE(model, opt, cfg, train_size=8, example_input=torch.randn(2, 1, 8, 8), blocks=["0", "2", "5"])
+    return model, opt, sched, ctl
+
+
+def test_a_user_scheduler_under_the_cosine_is_reported_once() -> None:
+    model, opt, sched, ctl = _freezing_setup("cosine")
+    assert len(opt.param_groups) == 3  # split per block for the block-wise cosine
+    with pytest.warns(UserWarning, match="changed outside the controller.*optim.schedule: constant") as rec:
+        _run_epochs(ctl, model, opt, 4, sched)
+    assert sum("changed outside" in str(w.message) for w in rec) == 1
+
+
+def test_schedule_constant_leaves_the_optimizer_to_the_user() -> None:
+    import warnings
+
+    model, opt, sched, ctl = _freezing_setup("constant")
+    assert len(opt.param_groups) == 1  # not split: the user's scheduler still sees its one group
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _run_epochs(ctl, model, opt, 3, sched)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+    assert ctl.freezer.frozen_block_names  # freezing still happened
+
+
+def test_a_resumed_optimizer_is_not_mistaken_for_a_user_change() -> None:
+    import warnings
+
+    model, opt, _, ctl = _freezing_setup("cosine")
+    _run_epochs(ctl, model, opt, 2)
+    saved = {"model": model.state_dict(), "opt": opt.state_dict(), "ctl": ctl.state_dict()}
+    model2, opt2, _, ctl2 = _freezing_setup("cosine")
+    model2.load_state_dict(saved["model"])
+    ctl2.load_state_dict(saved["ctl"])
+    opt2.load_state_dict(saved["opt"])
+    ctl2.optimizer_loaded()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _run_epochs(ctl2, model2, opt2, 2, start=2)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from spfde.reproduce import TABLES, grid, run_dir, write_table
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "spfde.cli", *args], capture_output=True, text=True)
+def cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spfde.cli", *args], capture_output=True, text=True, **kw)
 
 
 @pytest.mark.parametrize("s, paper", [(0.9, 1.32e15), (0.95, 0.66e15), (0.98, 0.26e15)])
@@ -122,3 +123,115 @@ def test_reproduce_grids_and_resume(tmp_path):
     assert r.returncode == 0 and "2 distinct runs" in r.stdout
     r = cli("reproduce", "tableA2", "--only", "nope", "--dry-run", "--out", str(tmp_path))
     assert r.returncode == 1 and "update30" in r.stderr and "Traceback" not in r.stderr  # ours beside the paper's
+
+
+# --------------------------------------------------------------------------------------------
+# small things a newcomer meets first
+
+
+def test_version_and_help_on_every_option():
+    import argparse
+
+    import spfde
+    from spfde.cli import _build_parser
+    from spfde.reproduce import TABLE_HELP
+
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"spfde {spfde.__version__}"
+    sub = next(a for a in _build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("train", "demo", "report", "compare", "reproduce", "flops", "plan", "data"):
+        for action in sub.choices[name]._actions:
+            assert action.help, f"spfde {name} {action.option_strings or action.dest} has no help text"
+    assert set(TABLE_HELP) == set(TABLES)
+    r = cli("reproduce", "--help")
+    for table in TABLES:
+        assert f"  {table} " in r.stdout, table
+
+
+@pytest.mark.slow
+def test_flops_prints_human_units_unless_json():
+    from spfde.config import load_config
+    from spfde.planning import planned_run
+    from spfde.units import format_flops
+
+    exact = planned_run(load_config("fmnist-demo"))["flops"]  # what --json prints
+    r = cli("flops", "--config", "fmnist-demo")
+    assert r.returncode == 0, r.stderr
+    lines = {line.split()[0]: line for line in r.stdout.splitlines()}
+    assert f"{format_flops(exact['train_flops'])}  ({exact['train_flops']:.3e})" in lines["train_flops"]
+    assert "TFLOPs" in lines["train_flops"] and "MFLOPs" in lines["dense_forward_flops_per_sample"]
+    assert lines["flops_saving"].endswith(f"{100 * exact['flops_saving']:.2f}%")
+
+
+@pytest.mark.slow
+def test_your_own_model_from_the_cli(tmp_path):
+    (tmp_path / "my_models.py").write_text(
+        "from torch import nn\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self, num_classes, in_channels, hidden=8):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(in_channels, hidden, 3, padding=1)\n"
+        "        self.head = nn.Linear(hidden, num_classes)\n\n"
+        "    def forward(self, x):\n"
+        "        return self.head(self.conv(x).relu().mean((2, 3)))\n\n"
+        "    def blocks(self):\n"
+        "        return ['conv', 'head']\n")
+    data = ["--set", "data.name=synthetic", "--set", "data.synthetic_size=64", "--set", "data.image_size=8",
+            "--set", "train.epochs=4", "--set", "train.interval=1", "--set", "train.threads=1",
+            "--set", "logging.progress=false", "--set", "model.name=my_models:Net", "--set", "model.kwargs.hidden=6",
+            "--set", "sparsity.target=0.5"]
+    (tmp_path / "base.yaml").write_text("{}\n")
+    base = ["-c", str(tmp_path / "base.yaml")]
+    # the console script, run from the folder holding the module: unlike `python -m`, it does not
+    # put that folder on sys.path, so this checks the current-folder fallback
+    script = Path(sys.executable).with_name("spfde")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "spfde.cli"]
+    r = subprocess.run([*cmd, "train", *base, "--out", str(tmp_path / "run"), *data, "--set", "freezing.target=0"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    cfg = (tmp_path / "run" / "config.yaml").read_text()
+    assert "my_models:Net" in cfg and "hidden: 6" in cfg
+    r = cli("flops", *base, *data, "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    # this model (a conv of 6 channels on 8x8 images), not the default ResNet-20
+    assert json.loads(r.stdout)["dense_forward_flops_per_sample"] < 1e5
+    r = cli("plan", *base, *data, "--set", "freezing.target=0.2", "--set", "freezing.tfrz=1",
+            "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert [b["name"] for b in json.loads(r.stdout)["blocks"]] == ["conv"]
+    r = cli("train", *base, "--out", str(tmp_path / "bad"), *data, "--set", "model.kwargs.hidde=3",
+            cwd=tmp_path)
+    assert r.returncode == 2 and "model.name" in r.stderr and "hidde" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_the_summary_line_puts_wall_clock_beside_the_flops_saving(capsys):
+    from spfde.cli import _print_summary
+
+    summary = {"final_test_acc": 0.76, "train_flops": 2.67e11, "dense_train_flops": 2.96e12, "flops_saving": 0.91,
+               "wall_s": 87.0, "samples_per_s": 393.0}
+    _print_summary(summary, "runs/a")
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == "training FLOPs 267 GFLOPs, 91.0% below dense (the ledger's count)"
+    assert out[2].startswith("wall-clock 87.0s (1m27s) at 393 samples/s; no dense run measured")
+    _print_summary({**summary, "train_flops": 2.96e12, "flops_saving": 0.0, "wall_s": 9.0}, "runs/d")
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == "wall-clock 9.0s at 393 samples/s"  # a dense run: nothing to compare with itself
+
+
+def test_human_units():
+    from spfde.units import format_duration, format_flops
+
+    assert [format_flops(x) for x in (1.13e15, 3.7e13, 2.67e11, 9.996e12, 5e5)] == [
+        "1.13 PFLOPs", "37.0 TFLOPs", "267 GFLOPs", "10.0 TFLOPs", "500 kFLOPs"]
+    assert [format_duration(s) for s in (0.4, 45.2, 185, 3725)] == ["0s", "45s", "3m05s", "1h02m"]
+
+
+def test_packaging_metadata_has_no_deprecated_license_table():
+    """setuptools >= 77 prints a deprecation banner for `license = {text = ...}` at every build."""
+    import tomllib
+
+    meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert isinstance(meta["project"]["license"], str)
+    assert any(r.replace(" ", "").startswith("setuptools>=77") for r in meta["build-system"]["requires"])
+    assert "version" not in meta["project"] and "version" in meta["project"]["dynamic"]  # one place: __version__

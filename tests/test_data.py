@@ -31,6 +31,7 @@ from spfde.data import (
     random_crop,
     random_flip,
     read_idx,
+    stratified_subset,
 )
 from spfde.errors import SpfdeError
 from spfde.utils import make_generator
@@ -125,10 +126,11 @@ def test_fashion_mnist_tiny_folder_options(tmp_path):
     assert train.images.shape == (5, 3, 32, 32) and train.images.dtype == torch.uint8
     assert (info.in_channels, info.image_size, info.num_classes) == (3, 32, 10)
     # content sits in the middle, the 2-pixel border is zero, channels are copies
-    assert torch.equal(train.images[:, 0, 2:30, 2:30], torch.from_numpy(arrays["train_images"][:5]))
+    keep = stratified_subset(torch.from_numpy(arrays["train_labels"].astype(np.int64)), 5, 0)
+    assert torch.equal(train.images[:, 0, 2:30, 2:30], torch.from_numpy(arrays["train_images"][keep.numpy()]))
     assert int(train.images[:, :, :2].sum()) == 0 and int(train.images[:, :, :, 30:].sum()) == 0
     assert torch.equal(train.images[:, 0], train.images[:, 2])
-    assert train.labels.tolist() == arrays["train_labels"][:5].tolist()
+    assert train.labels.tolist() == arrays["train_labels"][keep.numpy()].tolist()
     # statistics come from the full (padded) training set
     full = torch.nn.functional.pad(torch.from_numpy(arrays["train_images"]).float() / 255, (2, 2, 2, 2))
     assert info.mean[0] == pytest.approx(float(full.mean()), abs=1e-6)
@@ -311,12 +313,48 @@ def test_synthetic_deterministic_and_learnable():
     assert (pred == a_test.labels).float().mean() > 0.9
 
 
-def test_subset_keeps_first_samples_and_training_options():
+def test_subset_is_seeded_stratified_and_keeps_training_options():
     cfg = DataConfig(name="synthetic", synthetic_size=64, subset=10, test_subset=5, augment=True, crop_padding=2)
-    full, _, _ = load_datasets(DataConfig(name="synthetic", synthetic_size=64))
+    full, full_test, _ = load_datasets(DataConfig(name="synthetic", synthetic_size=64))
     train, test, _ = load_datasets(cfg)
-    assert (len(train), len(test)) == (10, 5) and torch.equal(train.images, full.images[:10])
+    assert (len(train), len(test)) == (10, 5)
     assert train.augment and train.padding == 2 and not test.augment
+    # every kept sample is a sample of the full set, once, with its label
+    keep = stratified_subset(full.labels, 10, 0)
+    assert torch.equal(train.images, full.images[keep]) and torch.equal(train.labels, full.labels[keep])
+    assert len(set(keep.tolist())) == 10 and keep.tolist() == sorted(keep.tolist())
+    assert torch.equal(train.images, load_datasets(cfg)[0].images)  # same seed, same subset
+    other, _, _ = load_datasets(cfg, seed=1)
+    assert not torch.equal(other.images, train.images)  # the subset is drawn from the run's seed
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 30, 57])
+def test_stratified_subset_keeps_class_proportions(n):
+    labels = torch.arange(58) // 20  # class-sorted, as an ImageFolder: 20, 20, 18 images
+    counts = torch.bincount(labels, minlength=3).double()
+    keep = stratified_subset(labels, n, seed=5)
+    got = torch.bincount(labels[keep], minlength=3).double()
+    assert int(got.sum()) == n and len(set(keep.tolist())) == n
+    assert ((got - counts * n / 58).abs() < 1.0).all()  # each class within one sample of its share
+    # ties in the rounding are broken at random, not always towards the first classes
+    firsts = {int(labels[stratified_subset(labels, 1, seed=s)][0]) for s in range(12)}
+    assert len(firsts) > 1
+
+
+def test_image_folder_subset_is_not_one_class(tmp_path):
+    """The issue's case: 30 of a class-sorted ImageFolder gave 24 images of one class."""
+    from PIL import Image
+
+    for cls, n in (("a", 24), ("b", 20), ("c", 14)):
+        for split in ("train", "val"):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            for i in range(n if split == "train" else 1):
+                Image.new("RGB", (8, 8), (10 * i, 0, 0)).save(d / f"{i}.png")
+    for loader in ("tensor", "torch"):
+        train, _, _ = load_datasets(DataConfig(name="imagefolder", root=str(tmp_path), image_size=8, subset=30,
+                                               loader=loader))
+        assert torch.bincount(train.labels, minlength=3).tolist() == [13, 10, 7], loader  # 12.4, 10.3, 7.2
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from helpers import torchrun
+from test_api_example import ROOT, _example_block
 
 L = pytest.importorskip("lightning", reason="the Lightning integration needs the 'lightning' extra")
 
@@ -73,10 +74,23 @@ class Module(L.LightningModule):
         return DataLoader(self.ds, batch_size=8, sampler=self.cb.sampler)
 
 
-def _fit(tmp: Path, max_epochs: int, ckpt: Path | None = None, full_output: bool = True):
+class StopAfter(L.Callback):
+    """Ends fit after ``n`` epochs, as a killed run would (max_epochs stays the run's length)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch + 1 >= self.n:
+            trainer.should_stop = True
+
+
+def _fit(tmp: Path, max_epochs: int = EPOCHS, ckpt: Path | None = None, full_output: bool = True,
+         stop_after: int | None = None, **trainer_kw):
     cb = SpFDECallback(CONFIG, train_size=N, blocks=[["net.0", "net.1"], "net.3", "net.7"])
     module = Module(cb, Indexed(), full_output)
-    trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, callbacks=[cb],
+    extra = [StopAfter(stop_after)] if stop_after else []
+    trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, callbacks=[cb, *extra], **trainer_kw,
                         use_distributed_sampler=False, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp)
     with warnings.catch_warnings():
@@ -111,7 +125,7 @@ def test_callback_trains_logs_and_resumes_identically(tmp_path: Path) -> None:
     assert float(full_trainer.callback_metrics["spfde/train_flops"]) == pytest.approx(hist[-1]["train_flops"])
 
     # stop after 2 epochs, save through Lightning, resume in a fresh process-like setup
-    half_cb, half_mod, half_trainer = _fit(tmp_path / "half", 2)
+    half_cb, half_mod, half_trainer = _fit(tmp_path / "half", stop_after=2)
     ckpt = tmp_path / "half.ckpt"
     half_trainer.save_checkpoint(ckpt)
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -126,7 +140,7 @@ def test_callback_trains_logs_and_resumes_identically(tmp_path: Path) -> None:
 
 def test_training_step_must_return_the_sample_status(tmp_path: Path) -> None:
     with pytest.raises(SpfdeError, match="'logits', 'targets' and 'indices'"):
-        _fit(tmp_path, 1, full_output=False)
+        _fit(tmp_path, full_output=False)
 
 
 def test_sampler_before_fit_is_a_clear_error() -> None:
@@ -194,3 +208,132 @@ def test_callback_under_lightning_ddp_keeps_ranks_identical(tmp_path: Path) -> N
         assert len(seen0 | seen1) == h["active_samples"] == h["samples_seen"]
         assert len(seen0) == len(seen1) == h["active_samples"] // 2
     assert len(seen0 | seen1) < N and set(r0["active"]) == seen0 | seen1
+
+
+# --------------------------------------------------------------------------------------------
+# drop-in: the callback's sampler, the Trainer's epochs, schedulers, DDP's sampler flag
+
+
+class Shuffled(Module):
+    """A module written without knowing SpFDE: a shuffling loader, no callback.sampler."""
+
+    def train_dataloader(self):
+        return DataLoader(self.ds, batch_size=8, shuffle=True)
+
+
+class NotALoader:
+    def __init__(self, ds) -> None:
+        self.ds = ds
+
+    def __iter__(self):
+        for i in range(0, N, 8):
+            idx = torch.arange(i, min(i + 8, N))
+            yield self.ds.x[idx], self.ds.y[idx], idx
+
+    def __len__(self) -> int:
+        return -(-N // 8)
+
+
+class Iterable(Module):
+    def train_dataloader(self):
+        return NotALoader(self.ds)
+
+
+def _trainer(tmp: Path, cb, **kw):
+    return L.Trainer(accelerator="cpu", devices=1, callbacks=[cb], logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp,
+                     **{"max_epochs": EPOCHS, **kw})
+
+
+def _quiet_fit(trainer, module) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module)
+
+
+@pytest.mark.parametrize("given", ["by the module", "to fit"])
+def test_a_shuffling_loader_gets_the_callbacks_sampler(tmp_path: Path, given: str) -> None:
+    cb = SpFDECallback(CONFIG, train_size=N, blocks=[["net.0", "net.1"], "net.3", "net.7"])
+    module = Shuffled(cb, Indexed())
+    trainer = _trainer(tmp_path, cb)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if given == "to fit":  # a loader built outside Lightning's hooks, passed to trainer.fit
+            trainer.fit(module, train_dataloaders=DataLoader(module.ds, batch_size=8, shuffle=True))
+        else:
+            trainer.fit(module)
+    assert trainer.train_dataloader.sampler is cb.sampler
+    # every epoch served exactly the partial set, so the removed samples were never trained on
+    starts = [0]
+    for h in cb.history:
+        starts.append(starts[-1] + -(-h["active_samples"] // 8))
+    assert len(module.batches) == starts[-1]
+    epochs = [{i for b in module.batches[a:z] for i in b} for a, z in zip(starts, starts[1:], strict=False)]
+    assert [len(e) for e in epochs] == [h["active_samples"] for h in cb.history]
+    assert any(h["removed_this_update"] > 0 for h in cb.history) and min(len(e) for e in epochs) < N
+
+
+def test_a_loader_that_cannot_carry_the_sampler_fails_loudly(tmp_path: Path) -> None:
+    cb = SpFDECallback(CONFIG, train_size=N, blocks=[["net.0", "net.1"], "net.3", "net.7"])
+    with pytest.raises(SpfdeError, match="does not draw from SpFDECallback's sampler.*NotALoader"):
+        _quiet_fit(_trainer(tmp_path, cb), Iterable(cb, Indexed()))
+
+
+def test_epochs_come_from_the_trainer_or_a_mismatch_is_refused(tmp_path: Path) -> None:
+    no_epochs = {k: v for k, v in CONFIG.items() if k != "train"} | {"train": {"interval": 1}}
+    cb = SpFDECallback(no_epochs, train_size=N, blocks=[["net.0", "net.1"], "net.3", "net.7"])
+    _quiet_fit(_trainer(tmp_path, cb, max_epochs=3), Shuffled(cb, Indexed()))
+    assert cb.controller.cfg.train.epochs == 3 and len(cb.history) == 3
+    assert cb.controller.plan.epochs == 3  # the freezing plan was made for the Trainer's run
+    cb = SpFDECallback(CONFIG, train_size=N, blocks=[["net.0", "net.1"], "net.3", "net.7"])
+    with pytest.raises(SpfdeError, match=r"'train.epochs' = 4 but Trainer\(max_epochs=3\)"):
+        _quiet_fit(_trainer(tmp_path, cb, max_epochs=3), Shuffled(cb, Indexed()))
+
+
+class WithScheduler(Module):
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)}
+
+
+def test_a_module_scheduler_under_the_cosine_is_warned_about(tmp_path: Path) -> None:
+    cb = SpFDECallback(CONFIG, train_size=N, blocks=[["net.0", "net.1"], "net.3", "net.7"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, cb).fit(WithScheduler(cb, Indexed()))
+    ours = [str(w.message) for w in caught if str(w.message).startswith("spfde:")]
+    assert any("configure_optimizers returned an LR scheduler" in m and "optim.schedule: constant" in m
+               for m in ours), ours
+    # and the controller saw the scheduler's change behind its back (once, not every step)
+    assert sum("changed outside the controller" in m for m in ours) == 1, ours
+
+
+def test_ddp_with_lightnings_distributed_sampler_is_refused() -> None:
+    from types import SimpleNamespace
+
+    cb = SpFDECallback(CONFIG, train_size=N)
+    fake = SimpleNamespace(max_epochs=EPOCHS, world_size=2, lr_scheduler_configs=[],
+                           _accelerator_connector=SimpleNamespace(use_distributed_sampler=True))
+    with pytest.raises(SpfdeError, match="use_distributed_sampler=False"):
+        cb._check_trainer(fake)
+    fake._accelerator_connector.use_distributed_sampler = False
+    cb._check_trainer(fake)
+
+
+def test_the_docs_lightning_example_runs_and_does_what_it_says(capsys: pytest.CaptureFixture[str]) -> None:
+    code = _example_block(ROOT / "docs" / "lightning.md", "## A complete example")
+    assert code is not None, "docs/lightning.md lost its '## A complete example' python block"
+    ns: dict = {"__name__": "__example__"}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="lightning")  # hints about workers and logging
+        exec(compile(code, "docs/lightning.md", "exec"), ns)
+    cb, trainer = ns["spfde_cb"], ns["trainer"]
+    hist = cb.history
+    assert len(capsys.readouterr().out.strip().splitlines()) >= len(hist) == trainer.max_epochs == 4
+    # the shuffling loader was given the callback's sampler: every epoch trained on the partial set
+    assert trainer.train_dataloader.sampler is cb.sampler
+    assert all(h["samples_seen"] == h["active_samples"] < 256 for h in hist)
+    assert hist[-1]["frozen_blocks"] and cb.controller.plan.epochs == 4
+    params = dict(cb.controller.net.named_parameters())
+    for name, mask in cb.controller.sparsity.masks.items():
+        assert not params[name][~mask].any()

@@ -258,3 +258,92 @@ def test_flop_counter_matches_analytic_on_28x28():
         with torch.no_grad():
             m(x)
     assert fc.get_total_flops() == analytic_flops(m, x) > 0
+
+
+# --------------------------------------------------------------------------------------------
+# your own model: model.name = "package.module:callable" (+ model.kwargs)
+
+USER_MODELS = '''
+import torch
+from torch import nn
+
+
+def make_net(num_classes, in_channels, hidden=8):
+    return nn.Sequential(nn.Conv2d(in_channels, hidden, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, num_classes))
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes, width=1.0, depth=1):
+        super().__init__()
+        self.width, self.depth = width, depth
+        self.fc = nn.Linear(3, num_classes)
+
+    def forward(self, x):
+        return self.fc(x.mean((2, 3)))
+
+
+def no_args():
+    return nn.Linear(3, 2)
+
+
+def not_a_module(num_classes):
+    return [num_classes]
+
+
+def broken(num_classes):
+    raise RuntimeError("boom")
+'''
+
+
+@pytest.fixture
+def user_pkg(tmp_path, monkeypatch):
+    pkg = tmp_path / "my_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "models.py").write_text(USER_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "my_pkg.models"
+    import sys
+
+    for name in [m for m in sys.modules if m == "my_pkg" or m.startswith("my_pkg.")]:
+        del sys.modules[name]
+
+
+def test_an_import_path_builds_the_users_model_with_what_its_signature_takes(user_pkg):
+    m = create_model(f"{user_pkg}:make_net", num_classes=7, in_channels=2, width=3.0, hidden=5)
+    assert m[0].in_channels == 2 and m[0].out_channels == 5 and m[-1].out_features == 7
+    net = create_model(f"{user_pkg}:Net", num_classes=4, in_channels=2, width=0.5, depth=3)
+    assert (net.fc.out_features, net.width, net.depth) == (4, 0.5, 3)  # no in_channels in Net's signature
+    assert isinstance(create_model(f"{user_pkg}:no_args", num_classes=4), nn.Linear)
+    from spfde.errors import ConfigError
+    from spfde.models import resolve_model
+
+    with pytest.raises(ConfigError, match=r"'model.kwargs.in_channels'.*from the dataset"):
+        resolve_model(f"{user_pkg}:make_net", {"in_channels": 3})
+
+
+@pytest.mark.parametrize(("name", "kwargs", "match"), [
+    ("no_such_pkg.models:make_net", {}, r"cannot import module 'no_such_pkg.models'.*PYTHONPATH"),
+    ("{pkg}:nope", {}, r"has no attribute 'nope'"),
+    ("{pkg}:torch", {}, r"is a module, not a function or class"),
+    ("{pkg}:not_a_module", {}, r"returned an object of type list, not a torch.nn.Module"),
+    ("{pkg}:broken", {}, r"failed \(RuntimeError: boom\)"),
+    ("{pkg}:make_net", {"hiden": 3}, r"make_net\(num_classes=10, in_channels=3, hiden=3\) failed.*model.kwargs"),
+    (":make_net", {}, r"not an import path"),
+])
+def test_a_bad_import_path_is_a_config_error_naming_model_name(user_pkg, name, kwargs, match):
+    from spfde.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match) as e:
+        create_model(name.format(pkg=user_pkg), **kwargs)
+    assert "model.name" in str(e.value)
+
+
+def test_model_kwargs_is_a_config_field():
+    from spfde.config import load_config
+
+    cfg = load_config(None, ["model.name=my_pkg.models:make_net", "model.kwargs.hidden=16",
+                             "model.kwargs.act=gelu"])
+    assert cfg.model.kwargs == {"hidden": 16, "act": "gelu"}
+    assert load_config(None, []).model.kwargs == {}

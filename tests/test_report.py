@@ -105,7 +105,7 @@ def test_report_full_run_has_every_plot_and_links_them(tmp_path):
     path = write_report([run], probe=probe)
     assert path == run / "report.md"
     md = path.read_text()
-    expected = [run / "plots" / f"{n}.png" for n in ("accuracy", "loss", "flops_vs_accuracy")]
+    expected = [run / "plots" / f"{n}.png" for n in ("accuracy", "loss", "flops_vs_accuracy", "accuracy_vs_time")]
     expected += [run / "plots" / "spfde_run" / f"{n}.png" for n in PER_RUN]
     for p in expected:
         _assert_png(p)
@@ -116,6 +116,13 @@ def test_report_full_run_has_every_plot_and_links_them(tmp_path):
     # the summary table shows summary.json's fields
     assert "| final_test_acc | 50.00 % |" in md
     assert "flops_saving" in md and "weights_sha256" in md
+    # each plot is preceded by the one question it answers
+    for p in expected:
+        i = md.index(f"]({p.relative_to(run).as_posix()})")
+        question = md[:i].rstrip().rsplit("\n\n", 2)[-2].strip()
+        assert question.startswith("**") and question.endswith("?**"), (p.name, question)
+    # the FLOPs saving never stands alone: wall-clock beside it, and what it does not measure
+    assert "FLOPs 20.0% below dense (the ledger's count); wall-clock 6.0 s (no dense run" in md
 
 
 def test_report_skips_plots_without_data_and_compares_runs(tmp_path):
@@ -205,3 +212,216 @@ def test_tensorboard_scalars_and_logger():
     except ImportError:
         with pytest.raises(SpfdeError, match="pip install tensorboard"):
             TensorBoardLogger("unused")
+
+
+# --------------------------------------------------------------------------------------------
+# each plot shows what it claims to (issue 16, item 9): data series and axis ranges
+
+
+def _lines(drawn, ax=0):
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in drawn.axes[ax].get_lines()}
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _rewrite(run: Path, rows: list[dict]) -> None:
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_lr_plot_groups_shared_schedules_and_says_block_wise_only_when_it_is(tmp_path):
+    from spfde.report import load_run
+    from spfde.report.plots import plot_lr
+
+    run = make_fake_run(tmp_path, "r")
+    rows = _rows(run)
+    for r in rows:  # eleven blocks: two freeze, nine share the global cosine
+        lr = r["lr"]
+        r["block_lr"] = {f"b{i}": lr for i in range(11)}
+        r["block_lr"]["b0"] = lr / 4
+        r["block_lr"]["b1"] = lr / 2
+        r["frozen_blocks"] = ["b0"] if r["epoch"] >= 2 else []
+    _rewrite(run, rows)
+    drawn = plot_lr(load_run(run), tmp_path / "lr.png")
+    lines = _lines(drawn)
+    # no line hides under another: one per distinct curve, shared ones named together
+    assert set(lines) == {"b0", "b1", "b2 … b10 (9 blocks)"}
+    assert lines["b0"][0] == [0, 1]  # a block's line ends when it freezes
+    assert lines["b1"][1] == pytest.approx([r["lr"] / 2 for r in rows])
+    assert "block-wise" in drawn.axes[0].get_title() and drawn.axes[0].get_ylim()[0] == 0
+    assert "froze" in drawn.question
+
+    for r in rows:  # a dense run: every group on the one cosine, nothing frozen
+        r["block_lr"] = {"all": r["lr"]}
+        r["frozen_blocks"] = []
+    _rewrite(run, rows)
+    drawn = plot_lr(load_run(run), tmp_path / "lr.png")
+    assert list(_lines(drawn)) == ["all param groups"] and "block-wise" not in drawn.axes[0].get_title()
+
+
+def test_density_plot_keeps_dense_layers_apart_and_skips_a_dense_run(tmp_path):
+    from spfde.report import load_run
+    from spfde.report.plots import plot_density
+
+    run = make_fake_run(tmp_path, "r", sparsity=0.85)
+    drawn = plot_density(load_run(run), tmp_path / "d.png")
+    heat = drawn.axes[0].get_images()
+    sparse_img, dense_img = heat[0], heat[1]
+    # the colour scale spans the masked layers only (15%), the dense stem is its own grey layer
+    assert sparse_img.get_clim() == pytest.approx((14.0, 16.0))
+    assert bool(sparse_img.get_array().mask[0].all()) and not dense_img.get_array().mask[0].any()
+    assert bool(dense_img.get_array().mask[1:].all())
+    assert "grey: dense" in drawn.axes[0].get_title()
+    rows = _rows(run)
+    for r in rows:
+        r["layer_density"] = {k: 1.0 for k in r["layer_density"]}
+        r["density"] = 1.0
+    _rewrite(run, rows)
+    note = plot_density(load_run(run), tmp_path / "d2.png")
+    assert isinstance(note, str) and "dense run" in note and not (tmp_path / "d2.png").exists()
+
+
+def test_sieve_plot_shows_rotation_and_never_seen(tmp_path):
+    from spfde.report import load_run
+    from spfde.report.plots import plot_sieve
+
+    run = make_fake_run(tmp_path, "r")
+    rows = _rows(run)
+    for r, never in zip(rows, [20, 12, 4, 0], strict=True):  # a constant partial set that rotates
+        r["active_samples"] = 80
+        r["returned"] = r["removed_this_update"] = 8 if r["epoch"] else 0
+        r["never_seen_count"] = never
+    _rewrite(run, rows)
+    drawn = plot_sieve(load_run(run), tmp_path / "s.png")
+    bars = drawn.axes[0].containers
+    assert [[p.get_height() for p in c] for c in bars] == [[0, 8, 8, 8], [0, 8, 8, 8]]
+    assert [c.get_label() for c in bars][0].startswith("returned")
+    assert _lines(drawn, 1)["never trained on yet (never_seen_count)"][1] == [20, 12, 4, 0]
+    assert drawn.axes[1].get_ylim()[0] == 0 and "rotate" in drawn.question
+
+
+def test_forgetting_plot_shows_every_update_as_honest_shares(tmp_path):
+    from spfde.report import load_run
+    from spfde.report.plots import FORGETTING_BINS, plot_forgetting
+
+    run = make_fake_run(tmp_path, "r", full=False)
+    hists = [(e, {-1: 10 + e, 0: 50, 1: 5, 4: e}) for e in range(1, 10)]  # nine updates
+    drawn = plot_forgetting(load_run(run), hists, tmp_path / "f.png")
+    a = drawn.axes[0]
+    assert a.get_yscale() == "linear" and a.get_ylim() == (0.0, 100.0)
+    stacks = a.containers
+    assert len(stacks) == len(FORGETTING_BINS)
+    assert [p.get_x() + p.get_width() / 2 for p in stacks[0]] == list(range(1, 10))  # all nine updates
+    for j, (_, h) in enumerate(hists):
+        heights = [c[j].get_height() for c in stacks]
+        total = sum(h.values())
+        assert heights == pytest.approx([100 * (10 + j + 1) / total, 100 * 50 / total, 100 * 5 / total, 0.0,
+                                         100 * (j + 1) / total])
+        assert sum(heights) == pytest.approx(100.0)
+
+
+def test_memory_axis_starts_at_zero(tmp_path):
+    from spfde.report import load_run
+    from spfde.report.plots import plot_memory
+
+    run = make_fake_run(tmp_path, "r")
+    rows = _rows(run)
+    for r, mib in zip(rows, [159, 150, 130, 121], strict=True):
+        r["mem_model_bytes"], r["mem_model_unfrozen_bytes"] = mib * 2**20, 159 * 2**20
+    _rewrite(run, rows)
+    drawn = plot_memory(load_run(run), tmp_path / "m.png")
+    lo, hi = drawn.axes[0].get_ylim()
+    assert lo == 0 and hi >= 159
+    assert _lines(drawn)["modelled training memory (mem_model_bytes)"][1] == pytest.approx([159, 150, 130, 121])
+
+
+def test_flops_vs_accuracy_has_a_dense_reference(tmp_path):
+    from spfde.report import load_runs
+    from spfde.report.plots import plot_flops_vs_accuracy
+
+    a = make_fake_run(tmp_path, "sparse")
+    drawn = plot_flops_vs_accuracy(load_runs([a]), tmp_path / "fa.png")
+    ref = _lines(drawn)["dense training, same epochs (sparse)"]
+    assert ref[0] == [1.0, 1.0]  # dense_train_flops = 1e12: where a dense run of the same epochs ends
+    assert drawn.axes[0].get_xlim()[0] == 0 and drawn.axes[0].get_xlim()[1] > 1.0
+    # with a dense run among the runs, that run is the reference
+    dense = make_fake_run(tmp_path, "dense", full=False, sparsity=0.0)
+    cfg = yaml.safe_load((dense / "config.yaml").read_text())
+    cfg["sparsity"] = {"method": "dense", "target": 0.0}
+    (dense / "config.yaml").write_text(yaml.safe_dump(cfg))
+    summ = json.loads((dense / "summary.json").read_text())
+    (dense / "summary.json").write_text(json.dumps({**summ, "method": "dense", "sparsity": 0.0,
+                                                    "freeze_target": 0.0, "sieve_ratio": 0.0}))
+    labels = set(_lines(plot_flops_vs_accuracy(load_runs([a, dense]), tmp_path / "fb.png")))
+    assert labels == {"sparse", "dense (dense run)"}
+
+
+def test_summary_table_shows_every_fraction_as_percent(tmp_path):
+    run = make_fake_run(tmp_path, "r")
+    summ = json.loads((run / "summary.json").read_text())
+    summ.update(mem_saving_avg=0.4147, mem_saving_min=0.6786, samples_per_s=393.2,
+                time_to_acc={"0.50": 13.94, "0.80": None}, time_to_final_acc_s=25.6)
+    (run / "summary.json").write_text(json.dumps(summ))
+    md = write_report([run], probe=torch.randn(4, 1, 8, 8)).read_text()
+    for row in ("| mem_saving_avg | 41.47 % |", "| mem_saving_min | 67.86 % |", "| flops_saving | 20.00 % |",
+                "| sparsity | 80.00 % |", "| samples_per_s | 393 /s |", "| time_to_final_acc_s | 25.6 s |",
+                "| time_to_acc | 50%: 13.9 s, 80%: - |"):
+        assert row in md, row
+
+
+# --------------------------------------------------------------------------------------------
+# compare: wall-clock beside FLOPs, time to accuracy, runs/* with strays, different data
+
+
+def _set_summary(run: Path, **kw) -> None:
+    s = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**s, **kw}))
+
+
+def test_compare_skips_non_runs_and_warns_about_different_data(tmp_path, capsys):
+    a = make_fake_run(tmp_path, "a", full=False)
+    b = make_fake_run(tmp_path, "b", full=False, sparsity=0.9)
+    _set_summary(a, train_size=2000, dataset="fashion_mnist")
+    _set_summary(b, train_size=20000, dataset="fashion_mnist")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "README.txt").write_text("x")
+    running = make_fake_run(tmp_path, "running", summary=False, full=False)
+    notes: list[str] = []
+    rows = compare_runs([a, b, tmp_path / "notes", tmp_path / "README.txt", running], notes=notes)
+    assert [r["name"] for r in rows] == ["a", "b"]
+    assert sum("skipped" in n for n in notes) == 3 and any("running" in n and "not finished" in n for n in notes)
+    assert any("different data" in n and "2000" in n and "20000" in n for n in notes)
+    # the command line: same table on stdout, the notes on stderr
+    assert compare_main([str(p) for p in (a, b, tmp_path / "notes")]) == 0
+    out, err = capsys.readouterr()
+    assert "note: skipped" in err and "different data" in err and "note:" not in out
+    with pytest.raises(SpfdeError, match="no finished run"):
+        compare_runs([tmp_path / "notes"])
+
+
+def test_compare_puts_wall_clock_beside_flops_and_time_to_a_common_accuracy(tmp_path):
+    sparse = make_fake_run(tmp_path, "sparse", full=False, final_acc=0.8)
+    dense = make_fake_run(tmp_path, "dense", full=False, final_acc=0.6, sparsity=0.0)
+    _set_summary(sparse, wall_s=6.0)
+    _set_summary(dense, wall_s=8.0, method="dense", sparsity=0.0, freeze_target=0.0, sieve_ratio=0.0,
+                 flops_saving=0.0)
+    rows = {r["name"]: r for r in compare_runs([sparse, dense])}
+    assert rows["sparse"]["dense_ref"] == "dense" and rows["sparse"]["wall_saving"] == pytest.approx(0.25)
+    assert rows["dense"]["wall_saving"] is None
+    # accuracy 0.8·(e+1)/4 and 0.6·(e+1)/4 at wall 1.5·(e+1) (epoch 1 not evaluated): common = 60% - 0.5
+    assert rows["sparse"]["common_acc"] == pytest.approx(0.595)
+    assert rows["sparse"]["time_to_common_acc_s"] == pytest.approx(4.5)  # 0.8·3/4 = 0.6 at epoch 2
+    assert rows["dense"]["time_to_common_acc_s"] == pytest.approx(6.0)
+    assert rows["sparse"]["time_to_final_acc_s"] == pytest.approx(6.0)
+    table = format_compare_table(list(rows.values()))
+    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    cells = [c.strip() for c in table.splitlines()[2].strip("|").split("|")]
+    assert header.index("wall-clock s") == header.index("FLOPs saving %") + 1
+    assert cells[header.index("wall-clock saving %")] == "25.0"
+    assert cells[header.index("s to common acc")] == "4.5"
+    from spfde.report.compare import compare_footnotes
+
+    assert "against the dense run `dense`" in " ".join(compare_footnotes(list(rows.values())))
+    alone = compare_runs([sparse])
+    assert alone[0]["wall_saving"] is None and "not measured" in compare_footnotes(alone)[0]

@@ -66,6 +66,31 @@ def test_outputs_and_contract_fields(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.name in text
 
 
+def test_console_and_summary_are_wall_clock_first(tmp_path, capsys):
+    summary = train(tiny_cfg(*SPFDE), tmp_path / "run", quiet=False)
+    out = capsys.readouterr().out.splitlines()
+    # one line saying how many threads and why, one saying how epochs are numbered (0-based everywhere)
+    assert out[0] == "threads 1 (set by train.threads)"
+    assert out[1].startswith("epochs 0..3 (0-based, as in metrics.jsonl")
+    lines = [line for line in out if line.startswith("epoch ")]
+    assert [line.split()[1] for line in lines] == ["0/3", "1/3", "2/3", "3/3"]
+    assert all("samples/s" in line and " ETA " in line for line in lines)
+    assert lines[-1].endswith("ETA 0s")
+    # MEST trains at s' = s - 0.05 until search_end: the console says so instead of a bare 0.250
+    assert "(MEST search phase at s'=0.750; target 0.800 from epoch 3)" in lines[0]
+    assert "MEST search" not in lines[3]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["threads"] == 1 and summary["train_size"] == 256
+    assert summary["samples_per_s"] == pytest.approx(sum(r["samples_seen"] for r in rows) / summary["wall_s"])
+    final = rows[-1]["test_acc"]
+    first_close = next(r["wall_s"] for r in rows if r["test_acc"] >= final - 0.005)
+    assert summary["time_to_final_acc_s"] == pytest.approx(first_close)
+    assert set(summary["time_to_acc"]) == {"0.50", "0.60", "0.70", "0.80", "0.85", "0.90", "0.95"}
+    for key, t in summary["time_to_acc"].items():
+        reached = [r["wall_s"] for r in rows if r["test_acc"] >= float(key)]
+        assert t == (reached[0] if reached else None)
+
+
 def test_same_seed_bit_identical(tmp_path):
     a = train(tiny_cfg(*SPFDE), tmp_path / "a", quiet=True)
     b = train(tiny_cfg(*SPFDE), tmp_path / "b", quiet=True)

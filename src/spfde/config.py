@@ -38,8 +38,8 @@ class DataConfig:
     name: Literal["fashion_mnist", "cifar10", "cifar100", "imagefolder", "digits", "synthetic"] = _f(
         "fashion_mnist", doc="dataset")
     root: str | None = _f(None, doc="dataset folder; default: $SPFDE_DATA or the dataset's usual place")
-    subset: int | None = _f(None, lo=1, doc="use only the first N training samples")
-    test_subset: int | None = _f(None, lo=1, doc="use only the first N test samples")
+    subset: int | None = _f(None, lo=1, doc="train on N samples: class-stratified, drawn from the seed")
+    test_subset: int | None = _f(None, lo=1, doc="test on N samples: class-stratified, drawn from the seed")
     batch_size: int = _f(128, lo=1)
     eval_batch_size: int = _f(1000, lo=1)
     augment: bool = _f(True, doc="random crop with padding + horizontal flip")
@@ -56,8 +56,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = _f("resnet20", doc="a name from `spfde models`")
+    name: str = _f("resnet20", doc="a name from `spfde models`, or your own model as 'package.module:callable'")
     width: float = _f(1.0, lo=0.0, lo_open=True, doc="width multiplier (ResNet-32 2x: 2.0)")
+    kwargs: dict[str, Any] = _f(default_factory=dict, doc="keyword arguments for model.name's callable")
 
 
 @dataclass
@@ -80,7 +81,7 @@ class TrainConfig:
     channels_last: Literal["auto", "on", "off"] = _f("auto")
     amp: Literal["auto", "on", "off"] = _f("auto", doc="mixed precision on CUDA")
     eval_every: int = _f(1, lo=1)
-    threads: int | None = _f(None, lo=1, doc="torch CPU threads")
+    threads: int | None = _f(None, lo=1, doc="torch CPU threads; null: the free cores at start (README, Threads)")
 
 
 @dataclass
@@ -230,7 +231,8 @@ def _describe(tp: Any) -> str:
     if origin is dict:
         k, v = typing.get_args(tp)
         return f"a mapping of {_describe(k)} to {_describe(v)}"
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
+    names = {int: "an integer", float: "a number", bool: "true/false", str: "a string", Any: "any value"}
+    return names.get(tp, str(tp))
 
 
 _NO = object()
@@ -239,6 +241,8 @@ _NO = object()
 def _coerce(value: Any, tp: Any) -> Any:
     """Return ``value`` converted to ``tp`` or ``_NO`` when it does not fit."""
     origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
     if origin is Literal:
         return value if value in typing.get_args(tp) and not isinstance(value, bool) or (
             isinstance(value, bool) and value in typing.get_args(tp)) else _NO

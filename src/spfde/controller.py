@@ -33,6 +33,7 @@ are still active, then update the training dataset from the interval's sample st
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,8 @@ class SpFDE:
     Args:
         model: the network (a DDP wrapper is fine; its ``.module`` is used).
         optimizer: an optimizer over the model's parameters. When freezing with block-wise LR is
-            enabled, its param groups are split per block (before the first step). The cosine
+            enabled under ``optim.schedule: cosine``, its param groups are split per block (before
+            the first step), and the controller sets every group's lr at each step. The cosine
             schedule (``optim.schedule``) starts from the learning rate this optimizer was built
             with (its first group's ``initial_lr`` or ``lr``) and ends at ``optim.end_lr``;
             ``optim.lr`` is only what the built-in trainer builds its optimizer with.
@@ -165,6 +167,7 @@ class SpFDE:
         self._bp_saved = 0
         self._skipped: int | torch.Tensor = 0  # steps the loop reported skipped this epoch
         self._last_step: tuple[int, dict[str, float], set[str]] | None = None
+        self._lr_warned = False
         self._set_lr(0.0)
 
     # ------------------------------------------------------------------ set-up helpers
@@ -206,7 +209,7 @@ class SpFDE:
                 self.sparsity.set_final_updates(self.sparsity.schedule.last_update_epochs(
                     names, lambda e: self.frozen_modules_at(e)))
                 self.sparsity.apply_masks()
-            if cfg.freezing.block_lr:
+            if cfg.freezing.block_lr and cfg.optim.schedule == "cosine":  # per-block groups only serve BlockLR
                 split_param_groups_by_block(self.optimizer, net, self.blocks)
             self.freezer = Freezer(net, self.blocks, self.plan, self.optimizer)
         if cfg.optim.schedule == "cosine":
@@ -500,8 +503,19 @@ class SpFDE:
         return float(self.optimizer.param_groups[-1]["lr"])
 
     def _set_lr(self, epoch_float: float) -> None:
-        if self.block_lr is not None:
-            self.block_lr.set(epoch_float)
+        if self.block_lr is None:
+            return
+        changed = self.block_lr.changed_outside()
+        if changed is not None and not self._lr_warned:
+            self._lr_warned = True
+            i, was, now = changed
+            warnings.warn(
+                f"spfde: param group {i}'s learning rate was changed outside the controller (set to {was:.4g}, "
+                f"found {now:.4g}: an LR scheduler or your code?). With optim.schedule: cosine the controller "
+                "sets every group's lr at each step and overwrites that change. To keep your own schedule, set "
+                "optim.schedule: constant (the controller then leaves the lr alone); README, 'Use it in your "
+                "own loop'", UserWarning, stacklevel=3)
+        self.block_lr.set(epoch_float)
 
     def _require_epoch(self, what: str) -> None:
         if not self._in_epoch:
@@ -542,6 +556,8 @@ class SpFDE:
         if self.freezer is not None:
             self.freezer.drop_optimizer_state()
         self.sparsity.mask_optimizer_state(self.optimizer)
+        if self.block_lr is not None:  # the loaded rates are ours from before the checkpoint, not a user's
+            self.block_lr.forget()
 
 
 def _prefixes(name: str) -> list[str]:

@@ -53,12 +53,13 @@ def data_shape(cfg: Config) -> DataShape:
 def planned_run(cfg: Config) -> dict[str, Any]:
     """``{"flops": {...}, "plan": FreezePlan.to_json() or None}`` for a config."""
     from spfde.controller import SpFDE
-    from spfde.models import create_model
+    from spfde.models import create_model, resolve_model
 
+    resolve_model(cfg.model.name, cfg.model.kwargs)  # a bad model fails before an ImageFolder is read
     shape = data_shape(cfg)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model.name, num_classes=shape.num_classes, in_channels=shape.in_channels,
-                         width=cfg.model.width)
+                         width=cfg.model.width, **cfg.model.kwargs)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
     x = torch.zeros(1, shape.in_channels, shape.image_size, shape.image_size)
     ctl = SpFDE(model, opt, cfg, train_size=shape.train_size, example_input=x)

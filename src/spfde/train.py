@@ -23,6 +23,7 @@ from spfde import distributed as dist_utils
 from spfde.config import Config, dump_config, load_config
 from spfde.controller import SpFDE
 from spfde.errors import SpfdeError
+from spfde.units import format_duration, time_to_acc_fields
 from spfde.utils import (
     atomic_torch_save,
     atomic_write_json,
@@ -31,6 +32,7 @@ from spfde.utils import (
     rng_states,
     seed_everything,
     set_rng_states,
+    set_threads,
     state_dict_sha256,
 )
 
@@ -51,6 +53,19 @@ def _use_amp(cfg: Config, device: torch.device) -> bool:
             raise SpfdeError("train.amp=on needs a CUDA device; use train.amp=auto or off on CPU")
         return True
     return cfg.train.amp == "auto" and device.type == "cuda"
+
+
+def _density_note(cfg: Config, epoch: int) -> str:
+    """MEST trains denser than its target until ``search_end`` (the soft bound s'): say so."""
+    sp = cfg.sparsity
+    if sp.method != "mest" or sp.target <= 0 or epoch >= cfg.search_end:
+        return ""
+    from spfde.sparsity import Schedule
+
+    s = Schedule.from_config(cfg).sparsity_during(sp.target, epoch)
+    if s >= sp.target:
+        return ""
+    return f" (MEST search phase at s'={s:.3f}; target {sp.target:.3f} from epoch {cfg.search_end})"
 
 
 def check_out_dir(out: Path, force: bool) -> None:
@@ -119,8 +134,7 @@ class Trainer:
             self.device = torch.device("cuda", local_rank)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise SpfdeError("train.device asks for CUDA but no GPU is available; use train.device=cpu")
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+        self.threads = set_threads(cfg.train.threads)  # before any work: the rule reads the load at start
         self.channels_last = _use_channels_last(cfg, self.device)
         self.amp = _use_amp(cfg, self.device)
 
@@ -130,7 +144,8 @@ class Trainer:
         seed_everything(cfg.seed)
         self.train_set, self.test_set, self.info = load_datasets(cfg.data, seed=cfg.seed)
         self.model = create_model(cfg.model.name, num_classes=self.info.num_classes,
-                                  in_channels=self.info.in_channels, width=cfg.model.width).to(self.device)
+                                  in_channels=self.info.in_channels, width=cfg.model.width,
+                                  **cfg.model.kwargs).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(
@@ -172,6 +187,7 @@ class Trainer:
             "rng": rng_states(),
             "metrics": self.metrics,
             "wall_s": self.wall_s,
+            "threads": self.threads.threads,
         }
         atomic_torch_save(state, self.out / "checkpoints" / "last.pt")
 
@@ -199,6 +215,8 @@ class Trainer:
         self.metrics = list(ckpt["metrics"])
         self.wall_s = float(ckpt["wall_s"])
         self.start_epoch = int(ckpt["epoch"]) + 1
+        if ckpt.get("threads"):
+            self.threads = set_threads(self.cfg.train.threads, keep=int(ckpt["threads"]))
 
     # ------------------------------------------------------------------ epochs
     def train_epoch(self, epoch: int) -> dict[str, Any]:
@@ -211,7 +229,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         count = 0
-        bar = self._bar(len(self.train_loader), f"epoch {epoch + 1}/{cfg.train.epochs}")
+        bar = self._bar(len(self.train_loader), f"epoch {epoch}/{cfg.train.epochs - 1}")
         per_sample = cfg.sieving.criterion == "loss"  # the sieve ranks samples by their own loss
         losses = None
         for x, y, idx in self.train_loader:
@@ -282,6 +300,11 @@ class Trainer:
             self.tensorboard = TensorBoardLogger(self.out / "tensorboard")
         for note in self.ctl.notes:
             self._log(f"note: {note}")
+        last = cfg.train.epochs - 1
+        if self.start_epoch <= last:
+            self._log(f"threads {self.threads.threads} ({self.threads.reason})")
+            self._log(f"epochs {self.start_epoch}..{last} (0-based, as in metrics.jsonl, the report and `spfde plan`)")
+        session_t0, session_start = time.perf_counter(), self.start_epoch
         for epoch in range(self.start_epoch, cfg.train.epochs):
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
@@ -318,9 +341,13 @@ class Trainer:
             self._write_metrics()
             self.checkpoint(epoch)
             acc = "-" if test_acc is None else f"{100 * test_acc:.2f}%"
-            self._log(f"epoch {epoch + 1:3d}/{cfg.train.epochs}  loss {row['train_loss']:.4f}  "
-                      f"train {100 * row['train_acc']:.2f}%  test {acc}  density {row['density']:.3f}  "
-                      f"frozen {len(row['frozen_blocks'])}  samples {row['samples_seen']}  {epoch_s:.1f}s")
+            # the whole run's pace, evaluation and checkpoints included
+            eta = (time.perf_counter() - session_t0) / (epoch + 1 - session_start) * (last - epoch)
+            self._log(f"epoch {epoch:3d}/{last}  loss {row['train_loss']:.4f}  "
+                      f"train {100 * row['train_acc']:.2f}%  test {acc}  density {row['density']:.3f}"
+                      f"{_density_note(cfg, epoch)}  frozen {len(row['frozen_blocks'])}  "
+                      f"samples {row['samples_seen']}  {epoch_s:.1f}s  "
+                      f"{row['samples_seen'] / max(epoch_s, 1e-9):.0f} samples/s  ETA {format_duration(eta)}")
         return self.finish()
 
     def _write_metrics(self) -> None:
@@ -361,6 +388,12 @@ class Trainer:
             "mem_model_unfrozen_avg_bytes": sum(unfrozen) / len(unfrozen) if unfrozen else None,
             "mem_saving_avg": 1 - sum(mem) / sum(unfrozen) if mem else None,
             "mem_saving_min": 1 - min(mem) / min(unfrozen) if mem else None,
+            # wall-clock first (docs/design.md): what a user waits for, beside what the ledger counts
+            "threads": self.threads.threads,
+            "train_size": len(self.train_set),
+            "samples_per_s": (sum(r.get("samples_seen") or 0 for r in self.metrics) / self.wall_s
+                              if self.wall_s > 0 else None),
+            **time_to_acc_fields(self.metrics),
         }
         if self.ctl.plan is not None:
             # the freezing reduction against the same run replayed without freezing: total, and the
@@ -383,15 +416,13 @@ def train(cfg: Config, out_dir: str | Path, force: bool = False, quiet: bool = F
     building the trainer before the folder is touched, so a failed start neither leaves a half-made
     run behind nor, with ``force``, deletes the run that was there.
     """
-    from spfde.errors import ConfigError
-    from spfde.models import list_models
+    from spfde.models import resolve_model
 
     out = Path(out_dir)
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prepares the directory
     if main:
         check_out_dir(out, force)
-    if cfg.model.name not in list_models():
-        raise ConfigError(f"config field 'model.name' = {cfg.model.name!r}; allowed: {', '.join(list_models())}")
+    resolve_model(cfg.model.name, cfg.model.kwargs)  # a bad name, import path or kwargs fails before data loads
     trainer = Trainer(cfg, out, quiet=quiet)
     if main:
         prepare_out_dir(out, force)

@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes, hashing, seeding, devices."""
+"""Small shared helpers: atomic writes, hashing, seeding, devices, CPU threads."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import json
 import os
 import random
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +141,107 @@ def probe_forward(model: torch.nn.Module, handles: list[Any]) -> Iterator[None]:
             h.remove()
         for m, t in modes.items():
             m.training = t
+
+
+# ------------------------------------------------------------------ CPU threads
+# On a shared CPU, torch's default (one intra-op thread per core) collapses: its threads wait on
+# each other at every parallel region while other processes hold the cores, and a run can be 10x
+# slower than with one thread. The default below takes what the process may use and what is busy.
+
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    """How many torch intra-op threads a run uses and why (one line for the console)."""
+
+    threads: int
+    reason: str
+
+
+def choose_threads(configured: int | None, env: Mapping[str, str], usable_cores: int, load: float,
+                   torch_threads: int) -> ThreadChoice:
+    """The thread-count rule, a pure function of what the process can see.
+
+    1. ``train.threads`` when set; 2. ``OMP_NUM_THREADS`` (or ``MKL_NUM_THREADS``) when set to a
+    positive integer; 3. otherwise the cores this process may run on (its CPU affinity) minus the
+    load already there (rounded), at least 1, at most torch's own count (its default, one per
+    physical core, or what ``torch.set_num_threads`` chose before).
+    """
+    if configured:
+        return ThreadChoice(int(configured), "set by train.threads")
+    from_env = _env_threads(env)
+    if from_env is not None:
+        return ThreadChoice(from_env[0], f"set by {from_env[1]}")
+    usable = max(1, int(usable_cores))
+    free = usable - round(max(load, 0.0))
+    threads = max(1, min(free, int(torch_threads), usable))
+    reason = f"{usable} usable core{'s' if usable != 1 else ''}, load {load:.1f} at start"
+    if threads == torch_threads and free > torch_threads:
+        reason += f"; torch's count {torch_threads}"
+    return ThreadChoice(threads, reason + "; set train.threads to choose")
+
+
+def _env_threads(env: Mapping[str, str]) -> tuple[int, str] | None:
+    for var in THREAD_ENV:
+        raw = env.get(var, "").strip()
+        if raw.isdigit() and int(raw) > 0:
+            return int(raw), var
+    return None
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity: taskset, cgroup cpusets), else ``cpu_count``."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def visible_load(samples: int = 5, gap_s: float = 0.02) -> float:
+    """Other work competing for the cores now: the larger of the 1-minute load average and the
+    number of other runnable threads (median of a few readings of ``/proc/loadavg``).
+
+    The load average lags a competitor started seconds ago; the instantaneous count does not.
+    """
+    try:
+        avg = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+    running = []
+    for i in range(samples):
+        try:
+            with open("/proc/loadavg") as f:
+                running.append(int(f.read().split()[3].split("/")[0]) - 1)  # minus this reader
+        except (OSError, IndexError, ValueError):
+            break
+        if i + 1 < samples:
+            time.sleep(gap_s)
+    now = float(sorted(running)[len(running) // 2]) if running else 0.0
+    return max(avg, now)
+
+
+_THREADS_SET: int | None = None  # what set_threads last gave torch
+_TORCH_THREADS: int | None = None  # torch's count before that (its default or the user's choice)
+
+
+def set_threads(configured: int | None = None, keep: int | None = None) -> ThreadChoice:
+    """Choose (:func:`choose_threads`) and apply the intra-op thread count of a run.
+
+    ``keep``: the count a resumed run used before, applied unless ``train.threads`` or the
+    environment says otherwise: the thread count changes floating-point reduction order, so a
+    resume is bit-identical only with the same count.
+    """
+    global _THREADS_SET, _TORCH_THREADS
+    current = torch.get_num_threads()
+    if _THREADS_SET is None or current != _THREADS_SET:  # changed by someone else since: theirs
+        _TORCH_THREADS = current
+    if keep and not configured and _env_threads(os.environ) is None:
+        choice = ThreadChoice(int(keep), "kept from before the resume, so it stays bit-identical")
+    else:
+        explicit = bool(configured) or _env_threads(os.environ) is not None
+        load = 0.0 if explicit else visible_load()  # reading it takes a few short samples: only when used
+        choice = choose_threads(configured, os.environ, usable_cores(), load, _TORCH_THREADS or current)
+    torch.set_num_threads(choice.threads)
+    _THREADS_SET = choice.threads
+    return choice

@@ -43,6 +43,7 @@ from spfde.data.datasets import (
     make_synthetic,
     parse_idx,
     read_idx,
+    stratified_subset,
 )
 from spfde.data.fetch import ensure_fashion_mnist
 from spfde.data.loader import EpochShuffleSampler, TensorLoader, TorchLoader, make_eval_loader, make_train_loader
@@ -52,4 +53,5 @@ __all__ = [
     "augment_batch", "channel_stats", "ensure_fashion_mnist", "find_cifar_folder", "find_fashion_mnist",
     "load_cifar", "load_datasets", "load_digits", "load_fashion_mnist", "load_image_folder", "make_eval_loader",
     "make_synthetic", "make_train_loader", "normalize", "parse_idx", "random_crop", "random_flip", "read_idx",
+    "stratified_subset",
 ]

@@ -10,15 +10,17 @@ What it does
     data sieving (paper Section 4.3, Algorithm 1) are keyed by.
 Datasets
     ``cifar10`` / ``cifar100`` (python-pickle folders; the paper's benchmarks, Section 5 and
-    Table A3), ``imagefolder`` (``root/train/<class>/*.png``; small datasets are held in memory,
+    Table A3), ``imagefolder`` (``root/train/<class>/*.png`` and ``root/val/<class>/*.png``, or
+    ``root/test/``; class names are the sorted folder names of ``train/``; small datasets are held in memory,
     ImageNet-scale data, the paper's other benchmark, needs the streaming
     :class:`ImageFolderDataset` with ``data.loader=torch``), ``fashion_mnist`` (idx ``.gz``
     files, 60k/10k, the project's CPU-sized demo; optional zero padding 28->32 and grey->RGB so
     the CIFAR ResNets run unchanged), ``digits`` (scikit-learn 8x8 digits, for tests and demos) and
     ``synthetic`` (class-dependent random patterns, deterministic from the seed).
 Hyper-parameters
-    ``data.subset`` / ``data.test_subset`` keep the first N samples (the Fashion-MNIST demo preset
-    uses 30k of the 60k training images); ``pad_to_32``, ``channels``, ``image_size``.
+    ``data.subset`` / ``data.test_subset`` keep N samples with the class proportions of the full
+    split, drawn from the run's seed (the Fashion-MNIST demo preset uses 20k of the 60k training
+    images); ``pad_to_32``, ``channels``, ``image_size``.
 Normalization
     Per-channel mean/std are computed exactly from the full training set (a histogram over the
     256 byte values), except ImageFolder data, which uses the ImageNet constants.
@@ -146,11 +148,12 @@ class ArrayDataset(_IndexedDataset):
         opts = {"augment": self.augment, "padding": self.padding, "flip": self.flip, "seed": self.seed, **kw}
         return ArrayDataset(self.images, self.labels, self.mean, self.std, **opts)
 
-    def subset(self, n: int | None) -> ArrayDataset:
-        """The first ``n`` samples (a view: no copy)."""
+    def subset(self, n: int | None, seed: int = 0) -> ArrayDataset:
+        """``n`` samples, class-stratified and drawn from ``seed`` (:func:`stratified_subset`)."""
         if n is None or n >= len(self):
             return self
-        return ArrayDataset(self.images[:n], self.labels[:n], self.mean, self.std, augment=self.augment,
+        keep = stratified_subset(self.labels, n, seed)
+        return ArrayDataset(self.images[keep], self.labels[keep], self.mean, self.std, augment=self.augment,
                             padding=self.padding, flip=self.flip, seed=self.seed)
 
     def state_dict(self) -> dict[str, Any]:
@@ -195,11 +198,13 @@ class ImageFolderDataset(_IndexedDataset):
             setattr(out, k, v)
         return out
 
-    def subset(self, n: int | None) -> ImageFolderDataset:
+    def subset(self, n: int | None, seed: int = 0) -> ImageFolderDataset:
+        """``n`` samples, class-stratified and drawn from ``seed`` (:func:`stratified_subset`)."""
         if n is None or n >= len(self):
             return self
+        keep = stratified_subset(self.labels, n, seed)
         out = self.with_options()
-        out.paths, out.labels = self.paths[:n], self.labels[:n]
+        out.paths, out.labels = [self.paths[i] for i in keep.tolist()], self.labels[keep]
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -210,7 +215,33 @@ class ImageFolderDataset(_IndexedDataset):
 
 
 # --------------------------------------------------------------------------------------------
-# statistics and shape options
+# subsets, statistics and shape options
+
+
+def stratified_subset(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """Sorted indices of ``n`` samples keeping the class proportions of ``labels`` (``data.subset``).
+
+    Each class gets ``n * count / N`` samples rounded by largest remainder (ties broken at random,
+    so a subset smaller than the number of classes does not always favour the first classes);
+    within a class, samples are drawn uniformly with a generator seeded by ``(seed, "subset")``.
+    Taking the first ``n`` instead would give a class-sorted folder (ImageFolder) a single class.
+    """
+    total = int(labels.numel())
+    if n >= total:
+        return torch.arange(total)
+    g = make_generator(seed, "subset")
+    perm = torch.randperm(total, generator=g)
+    classes, counts = torch.unique(labels, return_counts=True)
+    exact = counts.double() * n / total
+    quota = exact.floor().long()
+    tie = torch.rand(len(classes), generator=g, dtype=torch.float64)
+    frac = (exact - quota.double()).tolist()
+    order = sorted(range(len(classes)), key=lambda i: (-frac[i], float(tie[i])))
+    for i in order[: n - int(quota.sum())]:
+        quota[i] += 1
+    shuffled = labels[perm]
+    keep = [perm[shuffled == c][: int(q)] for c, q in zip(classes.tolist(), quota.tolist(), strict=True)]
+    return torch.cat(keep).sort().values
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -600,7 +631,8 @@ def load_datasets(cfg: Any, seed: int = 0) -> tuple[Any, Any, DatasetInfo]:
 
     The training set carries ``cfg.augment``/``crop_padding``/``flip`` and ``seed`` for the
     per-sample (torch DataLoader) path; the test set never augments. ``subset``/``test_subset``
-    keep the first N samples, after the normalization statistics are taken from the full set.
+    keep a class-stratified random N samples drawn from ``seed`` (:func:`stratified_subset`),
+    after the normalization statistics are taken from the full set.
     """
     name = cfg.name
     if name == "fashion_mnist":
@@ -626,7 +658,7 @@ def load_datasets(cfg: Any, seed: int = 0) -> tuple[Any, Any, DatasetInfo]:
     else:
         raise SpfdeError(f"unknown dataset data.name={name!r}; allowed: fashion_mnist, cifar10, cifar100, "
                          "imagefolder, digits, synthetic")
-    train = train.subset(cfg.subset).with_options(augment=cfg.augment, padding=cfg.crop_padding, flip=cfg.flip,
-                                                  seed=seed)
-    test = test.subset(cfg.test_subset).with_options(augment=False)
+    train = train.subset(cfg.subset, seed).with_options(augment=cfg.augment, padding=cfg.crop_padding,
+                                                        flip=cfg.flip, seed=seed)
+    test = test.subset(cfg.test_subset, seed).with_options(augment=False)
     return train, test, info

@@ -101,6 +101,7 @@ class BlockLR:
         self.warmup_epochs = warmup_epochs
         self._end = {name: plan.active_end_epoch(i) for i, (name, _) in enumerate(plan.blocks)} if plan else {}
         self._lrs: dict[str, float] = {}
+        self._set_last: list[float] | None = None  # each group's lr as set() left it
         for group in optimizer.param_groups:  # as torch's schedulers do: the schedule's start stays readable
             group.setdefault("initial_lr", self.base_lr)
 
@@ -122,6 +123,19 @@ class BlockLR:
             group["lr"] = lr
             lrs[block if block is not None else "all"] = lr
         self._lrs = lrs
+        self._set_last = [g["lr"] for g in self.optimizer.param_groups]
+
+    def changed_outside(self) -> tuple[int, float, float] | None:
+        """``(group index, lr set here, lr now)`` of the first group whose lr someone else changed
+        since the last :meth:`set` (an LR scheduler, user code), else ``None``."""
+        for i, (was, group) in enumerate(zip(self._set_last or [], self.optimizer.param_groups, strict=False)):
+            if group["lr"] != was:
+                return i, was, group["lr"]
+        return None
+
+    def forget(self) -> None:
+        """After ``optimizer.load_state_dict``: the loaded rates are the new reference."""
+        self._set_last = None
 
     def lrs(self) -> dict[str, float]:
         """``{block name: lr}`` as last set (groups without a block under ``"all"``)."""

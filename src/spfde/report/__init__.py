@@ -1,34 +1,35 @@
 """Run reports with plots (``spfde report``) and run comparison tables (``spfde compare``).
 
 - :func:`write_report`: ``report.md``/``report.html`` + PNG plots for one or more run directories
-  (the files of docs/design.md, "Run outputs").
-- :func:`compare_runs`, :func:`format_compare_table`: one row per experiment, seeds grouped, final
-  accuracy as mean ± std, training FLOPs and their saving, wall-clock and peak memory.
+  (the files of docs/design.md, "Run outputs"); each plot answers one question, stated beside it.
+- :func:`compare_runs`, :func:`format_compare_table`, :func:`compare_footnotes`: one row per
+  experiment, seeds grouped, final accuracy as mean ± std, training FLOPs and their saving beside
+  wall-clock, time to accuracy, peak memory.
 - :class:`TensorBoardLogger`: the per-epoch metrics as TensorBoard scalars (``logging.tensorboard``).
 - :func:`report_main`, :func:`compare_main`: argparse entry points taking an argument list.
+
+Names are imported on first use, so ``spfde --help`` (which adds the report/compare arguments
+from :mod:`spfde.report.cli`) loads neither matplotlib nor torch.
 """
 
-from spfde.analysis.artifacts import save_forgetting_histogram
-from spfde.report.cli import compare_main, report_main
-from spfde.report.compare import compare_runs, format_compare_table
-from spfde.report.document import build_report, render_html, render_markdown, report_images, write_report
-from spfde.report.runs import Run, load_run, load_runs
-from spfde.report.tensorboard import TensorBoardLogger, metrics_to_scalars
+from importlib import import_module
 
-__all__ = [
-    "Run",
-    "TensorBoardLogger",
-    "build_report",
-    "compare_main",
-    "compare_runs",
-    "format_compare_table",
-    "load_run",
-    "load_runs",
-    "metrics_to_scalars",
-    "render_html",
-    "render_markdown",
-    "report_images",
-    "report_main",
-    "save_forgetting_histogram",
-    "write_report",
-]
+_WHERE = {
+    "save_forgetting_histogram": "spfde.analysis.artifacts",
+    "compare_main": "spfde.report.cli", "report_main": "spfde.report.cli",
+    "compare_footnotes": "spfde.report.compare", "compare_runs": "spfde.report.compare",
+    "format_compare_table": "spfde.report.compare",
+    "build_report": "spfde.report.document", "render_html": "spfde.report.document",
+    "render_markdown": "spfde.report.document", "report_images": "spfde.report.document",
+    "write_report": "spfde.report.document",
+    "Run": "spfde.report.runs", "load_run": "spfde.report.runs", "load_runs": "spfde.report.runs",
+    "TensorBoardLogger": "spfde.report.tensorboard", "metrics_to_scalars": "spfde.report.tensorboard",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'spfde.report' has no attribute {name!r}")

@@ -1,13 +1,20 @@
 """``spfde report``: a Markdown (or HTML) report with PNG plots for one or more run directories.
 
-Figures (each skipped with a one-line note when its data is absent):
+Each figure answers one question, printed in bold above it (:mod:`spfde.report.plots`); a
+figure without data, or whose answer is trivial (a dense run's density map), is replaced by a
+one-line note saying why.
 
 - all runs on one plot: accuracy and loss per epoch (train and test), test accuracy versus
-  cumulative training FLOPs (the paper's accuracy/cost trade-off, Tables 1-2);
-- per run: learning rate per block, density per layer, the freezing timeline, the partial
-  training set size, the forgetting-count histograms, memory per epoch, the per-layer gradient
-  norms and their change (Fig. 3b), structural similarity to the final mask (Fig. 1a) and linear
-  CKA to the final model (Fig. 1b) when snapshots exist.
+  cumulative training FLOPs with the dense cost as reference (the paper's accuracy/cost
+  trade-off, Tables 1-2), test accuracy versus training wall-clock;
+- per run: learning rate per block (blocks sharing a schedule share a line), density per layer,
+  the freezing timeline, the sieve's rotation (samples returned/removed per update, samples never
+  trained on), forgetting events at every sieving update, memory per epoch, the per-layer
+  gradient norms and their change (Fig. 3b), structural similarity to the final mask (Fig. 1a)
+  and linear CKA to the final model (Fig. 1b) when snapshots exist.
+
+The summary table shows every fraction as a percent; the ledger's FLOPs saving is followed by
+wall-clock (measured against a dense run when the report holds one).
 """
 
 from __future__ import annotations
@@ -29,16 +36,22 @@ from spfde.analysis import (
 )
 from spfde.errors import SpfdeError
 from spfde.report import plots
-from spfde.report.compare import COMPARE_COLUMNS, compare_row_cells, compare_runs
+from spfde.report.compare import COMPARE_COLUMNS, compare_footnotes, compare_row_cells, compare_runs
 from spfde.report.runs import Run, load_runs
 from spfde.utils import atomic_write_text
 
-SUMMARY_FIELDS = ("final_test_acc", "best_test_acc", "epochs", "wall_s", "seed", "method", "model", "dataset",
-                  "sparsity", "freeze_target", "sieve_ratio", "train_flops", "dense_train_flops", "flops_saving",
-                  "peak_mem_bytes", "mem_model_avg_bytes", "mem_model_min_bytes", "weights_sha256")
+SUMMARY_FIELDS = ("final_test_acc", "best_test_acc", "epochs", "wall_s", "samples_per_s", "time_to_final_acc_s",
+                  "time_to_acc", "seed", "method", "model", "dataset", "train_size", "sparsity", "freeze_target",
+                  "sieve_ratio", "train_flops", "dense_train_flops", "flops_saving", "peak_mem_bytes",
+                  "mem_model_avg_bytes", "mem_model_min_bytes", "mem_model_unfrozen_avg_bytes", "mem_saving_avg",
+                  "mem_saving_min", "threads", "weights_sha256")
+
+# fractions in [0, 1], all shown as percent (never a fraction beside a percent)
+_PERCENT = ("flops_saving", "sparsity", "freeze_target", "sieve_ratio", "mem_saving_avg", "mem_saving_min")
 
 # a report is a list of blocks rendered to Markdown or HTML:
-# ("h", level, text) | ("p", text) | ("note", text) | ("img", relative path, caption) | ("table", header, rows)
+# ("h", level, text) | ("p", text) | ("note", text) | ("img", relative path, caption, question)
+# | ("table", header, rows)
 Block = tuple
 
 
@@ -47,17 +60,24 @@ def _slug(text: str) -> str:
 
 
 def _fmt_summary(key: str, v: Any) -> str:
+    """One summary.json value with its unit: percent for every fraction, MiB, ×1e12 FLOPs, s."""
     if v is None:
         return "-"
     if isinstance(v, bool):
         return str(v)
-    if key.endswith("acc") or key in ("flops_saving", "sparsity", "freeze_target", "sieve_ratio"):
+    if key == "time_to_acc" and isinstance(v, dict):
+        return ", ".join(f"{100 * float(t):g}%: {'-' if s is None else f'{float(s):.1f} s'}" for t, s in v.items())
+    if isinstance(v, (dict, list)):
+        return f"`{v}`"
+    if key.endswith("acc") or key in _PERCENT:
         return f"{100 * float(v):.2f} %"
     if key.endswith("bytes"):
         return f"{float(v) / 2**20:.1f} MiB"
     if key.endswith("flops"):
         return f"{float(v) / 1e12:.4g} ×1e12"
-    if key == "wall_s":
+    if key == "samples_per_s":
+        return f"{float(v):.0f} /s"
+    if key.endswith("_s"):
         return f"{float(v):.1f} s"
     if key == "weights_sha256":
         return f"`{str(v)[:12]}…`"
@@ -71,6 +91,20 @@ def _summary_table(runs: list[Run]) -> Block:
     extra = sorted({k for r in runs for k in (r.summary or {}) if k not in SUMMARY_FIELDS})
     rows = [[k] + [_fmt_summary(k, (r.summary or {}).get(k)) for r in runs] for k in keys + extra]
     return ("table", ["field"] + [r.label for r in runs], rows)
+
+
+def _cost_note(runs: list[Run], rows: list[dict[str, Any]] | None) -> list[Block]:
+    """The ledger's FLOPs saving never stands alone: wall-clock beside it, measured or not."""
+    if rows:
+        return [("p", " ".join(compare_footnotes(rows)))]
+    parts = []
+    for r in runs:
+        s = r.summary or {}
+        if s.get("flops_saving") and s.get("wall_s") is not None:
+            parts.append(f"`{r.label}`: FLOPs {100 * s['flops_saving']:.1f}% below dense (the ledger's count); "
+                         f"wall-clock {s['wall_s']:.1f} s (no dense run in this report: the wall-clock saving is "
+                         "not measured; masked weights are counted as saved, dense kernels still compute them)")
+    return [("p", "; ".join(parts) + ".")] if parts else []
 
 
 def _infer_shapes(state: dict[str, torch.Tensor]) -> tuple[int, int]:
@@ -106,7 +140,8 @@ def _cka(run: Run, snaps: list, probe: torch.Tensor | None) -> dict[str, list[tu
     gen = torch.random.fork_rng(devices=[])  # model init draws from the global RNG; leave it as it was
     with gen:
         torch.manual_seed(0)
-        model = create_model(name, num_classes=num_classes, in_channels=in_channels, width=float(width))
+        model = create_model(name, num_classes=num_classes, in_channels=in_channels, width=float(width),
+                             **(run.cfg("model.kwargs") or {}))
     if torch.cuda.is_available():  # dozens of forward passes over the probe: use the GPU when there is one
         model = model.cuda()
     return layer_cka_over_time(model, snaps, final, probe)
@@ -118,19 +153,16 @@ def _run_section(run: Run, plot_dir: Path, out_dir: Path, probe: torch.Tensor | 
         blocks.append(("note", "no summary.json: the run has not finished (plots show the epochs so far)"))
     d = plot_dir / _slug(run.label)
 
-    def add(fn_result: str | None, path: Path, caption: str) -> None:
-        if fn_result is None:
-            blocks.append(("img", os.path.relpath(path, out_dir), caption))
-        else:
-            blocks.append(("note", fn_result))
+    def add(result: plots.Drawn | str, path: Path, caption: str) -> None:
+        blocks.append(_image(result, path, out_dir, caption))
 
     add(plots.plot_lr(run, d / "lr.png"), d / "lr.png", "Learning rate per block")
     add(plots.plot_density(run, d / "density.png"), d / "density.png", "Density per layer")
     add(plots.plot_freezing(run, d / "freezing.png"), d / "freezing.png", "Freezing timeline")
-    add(plots.plot_sieve(run, d / "sieve.png"), d / "sieve.png", "Partial training set size")
+    add(plots.plot_sieve(run, d / "sieve.png"), d / "sieve.png", "Data sieving: the partial set's rotation")
     hists = load_forgetting_histograms(run.path)
     add(plots.plot_forgetting(run, hists, d / "forgetting.png"), d / "forgetting.png",
-        "Forgetting-count histograms")
+        "Forgetting events at each sieving update")
     add(plots.plot_memory(run, d / "memory.png"), d / "memory.png", "Memory per epoch")
     history = [r["grad_norms"] for r in run.metrics if isinstance(r.get("grad_norms"), dict) and r["grad_norms"]]
     add(plots.plot_grad_norms(run, grad_norm_change(history), d / "grad_norms.png"), d / "grad_norms.png",
@@ -143,7 +175,8 @@ def _run_section(run: Run, plot_dir: Path, out_dir: Path, probe: torch.Tensor | 
     sim = structural_similarity_over_time(snaps, snaps[-1][1])
     add(plots.plot_layer_heatmap(run, sim, d / "structural_similarity.png",
                                  "structural similarity to the final mask (top-50% weights, Fig. 1a)",
-                                 "structural similarity (%)"),
+                                 "structural similarity (%)",
+                                 question="From which epoch does each layer's mask stop changing (Fig. 1a)?"),
         d / "structural_similarity.png", "Structural similarity")
     try:
         cka = _cka(run, snaps, probe)
@@ -151,9 +184,17 @@ def _run_section(run: Run, plot_dir: Path, out_dir: Path, probe: torch.Tensor | 
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         blocks.append(("note", f"linear CKA ({run.label}) skipped: {msg}"))
     else:
-        add(plots.plot_layer_heatmap(run, cka, d / "cka.png", "linear CKA to the final model (Fig. 1b)",
-                                     "CKA (%)"), d / "cka.png", "Linear CKA")
+        add(plots.plot_layer_heatmap(run, cka, d / "cka.png", "linear CKA to the final model (Fig. 1b)", "CKA (%)",
+                                     question="From which epoch does each layer compute what it computes at the "
+                                              "end (Fig. 1b)?"),
+            d / "cka.png", "Linear CKA")
     return blocks
+
+
+def _image(result: plots.Drawn | str, path: Path, out_dir: Path, caption: str) -> Block:
+    if isinstance(result, str):
+        return ("note", result)
+    return ("img", os.path.relpath(path, out_dir), caption, result.question)
 
 
 def build_report(runs: list[Run], out_dir: Path, probe: torch.Tensor | None = None) -> list[Block]:
@@ -166,17 +207,20 @@ def build_report(runs: list[Run], out_dir: Path, probe: torch.Tensor | None = No
     else:
         blocks.append(("note", "no run has a summary.json yet"))
     finished = [r for r in runs if r.summary is not None]
+    rows = None
     if len(finished) > 1:
         rows = compare_runs([r.path for r in finished])
         blocks += [("h", 2, "Comparison (seeds grouped, mean ± std)"),
                    ("table", list(COMPARE_COLUMNS), [compare_row_cells(r) for r in rows])]
+    blocks += _cost_note(finished, rows)
     blocks.append(("h", 2, "All runs"))
     for fn, name, caption in ((plots.plot_accuracy, "accuracy.png", "Accuracy per epoch"),
                               (plots.plot_loss, "loss.png", "Loss per epoch"),
                               (plots.plot_flops_vs_accuracy, "flops_vs_accuracy.png",
-                               "Test accuracy versus cumulative training FLOPs")):
-        note = fn(runs, plot_dir / name)
-        blocks.append(("note", note) if note else ("img", os.path.relpath(plot_dir / name, out_dir), caption))
+                               "Test accuracy versus cumulative training FLOPs"),
+                              (plots.plot_accuracy_vs_time, "accuracy_vs_time.png",
+                               "Test accuracy versus training wall-clock")):
+        blocks.append(_image(fn(runs, plot_dir / name), plot_dir / name, out_dir, caption))
     for r in runs:
         blocks += _run_section(r, plot_dir, out_dir, probe)
     return blocks
@@ -193,7 +237,7 @@ def render_markdown(blocks: list[Block]) -> str:
         elif kind == "note":
             out.append(f"*Skipped: {b[1]}*" if not b[1].startswith("no summary") else f"*{b[1]}*")
         elif kind == "img":
-            out.append(f"![{b[2]}]({Path(b[1]).as_posix()})")
+            out.append(f"**{b[3]}**\n\n![{b[2]}]({Path(b[1]).as_posix()})")
         elif kind == "table":
             header, rows = b[1], b[2]
             out.append("| " + " | ".join(header) + " |")
@@ -222,8 +266,8 @@ def render_html(blocks: list[Block]) -> str:
             out.append(f"<p class=\"note\">Skipped: {_md_inline(b[1])}</p>")
         elif kind == "img":
             src = html.escape(Path(b[1]).as_posix())
-            out.append(f"<figure><img src=\"{src}\" alt=\"{html.escape(b[2])}\">"
-                       f"<figcaption>{html.escape(b[2])}</figcaption></figure>")
+            out.append(f"<figure><figcaption><b>{html.escape(b[3])}</b></figcaption>"
+                       f"<img src=\"{src}\" alt=\"{html.escape(b[2])}\"></figure>")
         elif kind == "table":
             out.append("<table><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in b[1]) + "</tr>")
             out += ["<tr>" + "".join(f"<td>{_md_inline(str(c))}</td>" for c in row) + "</tr>" for row in b[2]]

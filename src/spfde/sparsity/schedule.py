@@ -135,6 +135,10 @@ class Schedule:
             return 0.0
         return 0.5 * self.drop_fraction * (1.0 + math.cos(math.pi * min(epoch, self.search_end) / self.search_end))
 
+    def sparsity_during(self, target: float, epoch: int) -> float:
+        """Sparsity a never-frozen layer with target ``target`` trains at during ``epoch``."""
+        return self.replay({"": target}, epoch + 1)[-1][""]
+
     def replay(self, target: Mapping[str, float], epochs: int,
                frozen_at: Callable[[int], Iterable[str]] | None = None,
                final_update: Mapping[str, int] | None = None) -> list[dict[str, float]]:

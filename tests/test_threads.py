@@ -1,0 +1,71 @@
+"""The default CPU thread count (spfde.utils.choose_threads / set_threads): a shared machine must
+not collapse, explicit choices win, a resumed run keeps its count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spfde import utils
+from spfde.utils import choose_threads, set_threads
+
+
+def test_explicit_settings_win_in_order() -> None:
+    busy = dict(usable_cores=8, load=7.9, torch_threads=8)
+    assert choose_threads(3, {"OMP_NUM_THREADS": "2"}, **busy).threads == 3
+    c = choose_threads(None, {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "5"}, **busy)
+    assert (c.threads, c.reason) == (2, "set by OMP_NUM_THREADS")
+    assert choose_threads(None, {"MKL_NUM_THREADS": "5"}, **busy).threads == 5
+    # a value that is not a positive count is ignored, as torch ignores it
+    assert choose_threads(None, {"OMP_NUM_THREADS": "0"}, **busy).threads == 1
+    assert choose_threads(None, {"OMP_NUM_THREADS": "auto"}, **busy).threads == 1
+
+
+@pytest.mark.parametrize(("cores", "load", "torch_threads", "expected"), [
+    (2, 0.1, 2, 2),    # idle 2-core box: both cores
+    (2, 2.0, 2, 1),    # another job keeps both cores busy: one thread, never zero
+    (2, 1.4, 2, 1),    # load rounds: 1.4 -> 1 busy core
+    (16, 3.6, 16, 12),
+    (16, 0.0, 8, 8),   # never above torch's own count (physical cores, or the user's set_num_threads)
+    (4, 0.0, 64, 4),   # never above the cores the affinity mask allows
+])
+def test_free_cores_are_the_default(cores, load, torch_threads, expected) -> None:
+    c = choose_threads(None, {}, cores, load, torch_threads)
+    assert c.threads == expected
+    assert f"{cores} usable core" in c.reason and f"load {load:.1f}" in c.reason
+
+
+def test_set_threads_reads_affinity_and_load_and_keeps_a_resumed_count(monkeypatch) -> None:
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setattr(utils, "usable_cores", lambda: 2)
+    monkeypatch.setattr(utils, "visible_load", lambda: 2.0)
+    try:
+        assert set_threads(None).threads == 1 == torch.get_num_threads()
+        # a resumed run keeps the count it ran with (bit-identical resume), unless told otherwise
+        kept = set_threads(None, keep=2)
+        assert kept.threads == 2 == torch.get_num_threads() and "resume" in kept.reason
+        assert set_threads(1, keep=2).threads == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert set_threads(None, keep=2).threads == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_visible_load_sees_a_competitor_the_load_average_has_not_caught_up_with(monkeypatch) -> None:
+    monkeypatch.setattr(utils.os, "getloadavg", lambda: (0.2, 0.1, 0.1))
+    readings = iter(["0.2 0.1 0.1 3/200 99\n"] * 5)
+
+    class Fake:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def read(self):
+            return next(readings)
+
+    monkeypatch.setattr("builtins.open", lambda *a, **k: Fake())
+    assert utils.visible_load(gap_s=0.0) == 2.0  # three runnable threads, one of them the reader
