@@ -113,6 +113,12 @@ class FreezingConfig:
     block_lr: bool = _f(True, doc="block-wise cosine LR over each block's active epochs")
     prune_on_freeze: bool = _f(True, doc="a layer frozen above its target density (MEST's soft bound) is first "
                                          "pruned to exactly its target sparsity")
+    cache: Literal["auto", "off", "on"] = _f(
+        "auto", doc="serve the frozen blocks' output from a per-sample cache (no forward for them): auto where "
+                    "exact (no augmentation, dropout or batch statistics in the frozen blocks, not distributed) "
+                    "and within cache_max_bytes; on: an error where it cannot be exact")
+    cache_max_bytes: int | None = _f(None, lo=0, doc="auto: largest cache; default a quarter of the device's free "
+                                                     "memory at start")
 
 
 @dataclass
@@ -196,6 +202,8 @@ def _coerce(value: Any, tp: Any) -> Any:
     """Return ``value`` converted to ``tp`` or ``_NO`` when it does not fit."""
     origin = typing.get_origin(tp)
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(typing.get_args(tp)):
+            return "on" if value else "off"  # YAML 1.1 reads a bare on/off as true/false
         return value if value in typing.get_args(tp) and not isinstance(value, bool) or (
             isinstance(value, bool) and value in typing.get_args(tp)) else _NO
     if origin in (Union, types.UnionType):

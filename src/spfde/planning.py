@@ -63,4 +63,6 @@ def planned_run(cfg: Config) -> dict[str, Any]:
     x = torch.zeros(1, shape.in_channels, shape.image_size, shape.image_size)
     ctl = SpFDE(model, opt, cfg, train_size=shape.train_size, example_input=x)
     plan = ctl.plan
-    return {"flops": ctl.planned_flops(), "plan": plan.to_json() if plan is not None else None}
+    # the cache is assumed only where the run must use it (`on`); `auto` decides at run time
+    flops = ctl.planned_flops(with_cache=cfg.freezing.cache == "on")
+    return {"flops": flops, "plan": plan.to_json() if plan is not None else None}

@@ -138,6 +138,7 @@ class Trainer:
         self.train_loader = make_train_loader(cfg.data, self.train_set, self.ctl.sampler, self.device,
                                               cfg.seed, channels_last=self.channels_last)
         self.eval_loader = make_eval_loader(cfg.data, self.test_set, self.device)
+        self.ctl.cache.inputs = self.train_loader.inputs  # fills the activation cache at each freeze
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
         self.metrics: list[dict[str, Any]] = []
         self.start_epoch = 0
@@ -202,7 +203,8 @@ class Trainer:
         bar = self._bar(len(self.train_loader), f"epoch {epoch + 1}/{cfg.train.epochs}")
         for x, y, idx in self.train_loader:
             with torch.autocast(self.device.type, enabled=self.amp):
-                logits = self.ddp(x)
+                with ctl.cache.batch(x, idx):  # frozen blocks served from the activation cache
+                    logits = self.ddp(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=cfg.optim.label_smoothing)
             opt.zero_grad(set_to_none=True)
             if self.scaler is not None:
@@ -258,6 +260,7 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
+        self.ctl.cache.set_log(self._log)
         if cfg.logging.tensorboard and self.is_main and self.tensorboard is None:
             from spfde.report import TensorBoardLogger
 
