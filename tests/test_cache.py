@@ -20,6 +20,7 @@ from spfde import SpFDE
 from spfde.accounting.flops import modules_forward_flops, per_sample_flops
 from spfde.config import load_config
 from spfde.errors import ConfigError
+from spfde.freezing.blocks import resolve_blocks
 from spfde.freezing.cache import (
     ActivationCache,
     Layout,
@@ -30,7 +31,6 @@ from spfde.freezing.cache import (
     served_samples,
     static_reasons,
 )
-from spfde.freezing.blocks import resolve_blocks
 from spfde.train import Trainer
 from spfde.utils import state_dict_sha256
 

@@ -467,6 +467,7 @@ class SpFDE:
         if self.grad_norms is not None and state.get("grad_norms") is not None:
             self.grad_norms.load_state_dict(state["grad_norms"])
         self.sparsity.apply_masks()
+        self.cache.reset()  # derived data: rebuilt from the restored model at the next epoch start
         self._in_epoch = False
 
     def optimizer_loaded(self) -> None:

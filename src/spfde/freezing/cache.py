@@ -382,6 +382,7 @@ class ActivationCache:
     @contextmanager
     def batch(self, x: Any, idx: Any) -> Iterator[None]:
         """Around the training forward of the batch ``x`` with sample indices ``idx``."""
+        self._step = frozenset()
         store = self._ready(x, idx)
         if store is None:
             yield
@@ -402,6 +403,11 @@ class ActivationCache:
                 yield
         else:
             yield
+
+    def reset(self) -> None:
+        """Forget every row (after loading a checkpoint): the next ``set_frozen`` fills again."""
+        self._store = self._old = None
+        self._boundary, self._boundary_off, self._pending = None, None, False
 
     def step_modules(self) -> frozenset[str]:
         """Module names served from the cache in the last forward (for the ledger); resets."""
@@ -654,11 +660,8 @@ class ActivationCache:
         changed = (fingerprint(x).cpu() != store.fp[idx]).any(1)
         if bool(changed.any()):
             i = int(idx[changed.nonzero()[0]].item())
-            reason = (f"sample {i}'s input differs from the input its cached row was computed from (a random "
-                      "transform in the input pipeline?)")
-            if self.mode == "on":
-                self._refuse(reason)
-            self._disable(reason)
+            self._disable(f"sample {i}'s input differs from the input its cached row was computed from (a random "
+                          "transform in the input pipeline?)")
             return False
         return True
 
@@ -691,6 +694,8 @@ class ActivationCache:
         self._note(f"freezing.cache: not used from epoch {self._epoch} at block {name!r}: {reason}")
 
     def _disable(self, reason: str) -> None:
+        if self.mode == "on":
+            self._refuse(reason)
         self._off = reason
         self._store = self._old = None
         self._note(f"freezing.cache: off from epoch {self._epoch}: {reason}")
