@@ -229,10 +229,14 @@ def _parent(name: str) -> str | None:
     return None if not name else (name.rsplit(".", 1)[0] if "." in name else "")
 
 
-def top_modules(block: Block) -> list[str]:
-    """A block's outermost modules: those whose parent module is not in the block."""
+def top_modules(block: Block, modules: set[str]) -> list[str]:
+    """A block's outermost modules: those whose parent module is not in the block.
+
+    ``modules`` are the model's module names: a block can also list root parameters (``cls_token``),
+    which are no modules, and the root module itself is never overridden.
+    """
     inside = set(block.module_names)
-    return [m for m in block.module_names if _parent(m) not in inside]
+    return [m for m in block.module_names if m and m in modules and _parent(m) not in inside]
 
 
 def _rng_state(device: torch.device) -> list[torch.Tensor]:
@@ -337,7 +341,8 @@ class ActivationCache:
         self.inputs: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.log: Callable[[str], None] | None = None
         self.notes: list[str] = []
-        self._tops = [top_modules(b) for b in self.blocks]
+        names = {n for n, _ in net.named_modules()}
+        self._tops = [top_modules(b, names) for b in self.blocks]
         self._off: str | None = "freezing.cache is off" if mode == "off" else off_reason
         self._epoch = -1
         self._boundary: int | None = None
@@ -482,7 +487,7 @@ class ActivationCache:
                 for chunk, n in fill_chunks(have, store.ref):
                     rows = self._extend(old, chunk.to(old.rows.device), store.module)
                     store.put(chunk[:n], rows[:n], old.fp[chunk[:n]])
-                self._fills.append((int(have.numel()), self._block_modules(old.k + 1, k)))
+                self._filled(int(have.numel()), old.k + 1, k)
                 del old
             if provider is not None:
                 missing = (~store.have).nonzero().flatten()
@@ -490,7 +495,7 @@ class ActivationCache:
                     xs = store.in_layout.conform(provider(chunk))
                     rows = self._prefix(xs, store.module)
                     store.put(chunk[:n], rows[:n], fingerprint(xs[:n]))
-                self._fills.append((int(missing.numel()), self._block_modules(0, k)))
+                self._filled(int(missing.numel()), 0, k)
         self._note(f"freezing.cache: from epoch {self._epoch}, blocks {self.blocks[0].name!r}..{self.blocks[k].name!r} "
                    f"are served from the cache ({human_bytes(store.nbytes)} for {self.n} samples"
                    + (", filled now)" if provider is not None else ", filled as the training batches run)"))
@@ -670,7 +675,12 @@ class ActivationCache:
         return self.net.get_submodule(name)  # by name each time: a module may be swapped after set-up
 
     def _modules(self, k: int) -> list[tuple[str, nn.Module]]:
-        return [(m, self._module(m)) for b in self.blocks[:k + 1] for m in b.module_names]
+        named = dict(self.net.named_modules())
+        return [(m, named[m]) for b in self.blocks[:k + 1] for m in b.module_names if m in named]
+
+    def _filled(self, rows: int, first: int, last: int) -> None:
+        if rows:
+            self._fills.append((rows, self._block_modules(first, last)))
 
     def _block_modules(self, first: int, last: int) -> frozenset[str]:
         return frozenset(m for b in self.blocks[first:last + 1] for m in b.module_names)
