@@ -329,7 +329,7 @@ def test_cache_direct_use_without_a_controller():
         p.requires_grad_(False)
     cache = ActivationCache(net, blocks, "on", 8)
     cache.inputs = lambda idx: x[idx]
-    cache.set_frozen(1, epoch=0)
+    cache.set_frozen(1)
     with torch.no_grad():
         want = net(x)
         with cache.batch(x, torch.arange(8)):
@@ -378,7 +378,7 @@ def test_vit_layout_with_a_root_parameter_in_the_first_block():
         for p in frozen:
             for q in (p.parameters() if isinstance(p, nn.Module) else [p]):
                 q.requires_grad_(False)
-        cache.set_frozen(k, epoch=k)
+        cache.set_frozen(k)
         for s in range(0, 48, 16):
             idx = torch.arange(s, s + 16)
             want = net(x[idx])

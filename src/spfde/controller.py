@@ -302,7 +302,7 @@ class SpFDE:
         info: dict[str, Any] = {}
         if self.freezer is not None:
             info.update(self.freezer.apply(epoch) or {})
-            self.cache.set_frozen(len(self.freezer.frozen), epoch)
+            self.cache.set_frozen(len(self.freezer.frozen))
         frozen_params = self.freezer.frozen_param_names() if self.freezer else set()
         info["sparsity_update"] = self.sparsity.update(epoch, frozen_params=frozen_params)
         self._dense_grad_pending = bool(self.sparsity.needs_dense_grad(epoch))

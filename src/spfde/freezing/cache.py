@@ -151,11 +151,13 @@ def served_samples(n: int, batch_size: int, ref: int) -> int:
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB"):
         n /= 1024
-    return f"{n:.1f} GiB"
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GiB"
 
 
 def default_max_bytes(device: torch.device) -> int | None:
@@ -325,7 +327,7 @@ class ActivationCache:
         off_reason: why it is off for the whole run (:func:`static_reasons`), if it is.
         max_bytes: ``auto``'s memory limit (``None``: no limit).
 
-    Use: ``set_frozen(n, epoch)`` after each freezing change, ``with cache.batch(x, idx):`` around the
+    Use: ``set_frozen(n)`` after each freezing change, ``with cache.batch(x, idx):`` around the
     training forward; ``step_modules()`` / ``pop_fills()`` for the ledger, ``end_epoch()`` for metrics.
     """
 
@@ -344,7 +346,6 @@ class ActivationCache:
         names = {n for n, _ in net.named_modules()}
         self._tops = [top_modules(b, names) for b in self.blocks]
         self._off: str | None = "freezing.cache is off" if mode == "off" else off_reason
-        self._epoch = -1
         self._boundary: int | None = None
         self._boundary_off: str | None = None
         self._pending = False
@@ -371,15 +372,14 @@ class ActivationCache:
                 log(note)
 
     # ------------------------------------------------------------------ the call points
-    def set_frozen(self, n_frozen: int, epoch: int) -> None:
-        """Blocks ``0..n_frozen-1`` are frozen from ``epoch`` on (call at every epoch start)."""
-        self._epoch = int(epoch)
+    def set_frozen(self, n_frozen: int) -> None:
+        """Blocks ``0..n_frozen-1`` are frozen now (call at every epoch start, after the freezer)."""
         k = n_frozen - 1 if n_frozen > 0 else None
         if k == self._boundary:
             return
         self._boundary, self._boundary_off, self._pending = k, None, k is not None and self._off is None
         if self._store is not None and (k is None or self._store.k > k):  # defrosted: the rows are stale
-            self._note(f"freezing.cache: dropped the cached rows at epoch {epoch} (blocks defrosted)")
+            self._note("freezing.cache: dropped the cached rows (blocks defrosted)")
             self._store = self._old = None
         elif self._store is not None:  # the next block froze: extend from these rows
             self._old, self._store = self._store, None
@@ -442,7 +442,7 @@ class ActivationCache:
         if self._store is None:
             return ("waiting: no training forward ran inside cache.batch(x, idx) since block "
                     f"{name!r} froze")
-        return f"on: blocks {self.blocks[0].name!r}..{name!r} served ({human_bytes(self._store.nbytes)})"
+        return f"on: {self._span(self._boundary)} served ({human_bytes(self._store.nbytes)})"
 
     # ------------------------------------------------------------------ activation
     def _ready(self, x: Any, idx: Any) -> _Store | None:
@@ -496,8 +496,8 @@ class ActivationCache:
                     rows = self._prefix(xs, store.module)
                     store.put(chunk[:n], rows[:n], fingerprint(xs[:n]))
                 self._filled(int(missing.numel()), 0, k)
-        self._note(f"freezing.cache: from epoch {self._epoch}, blocks {self.blocks[0].name!r}..{self.blocks[k].name!r} "
-                   f"are served from the cache ({human_bytes(store.nbytes)} for {self.n} samples"
+        self._note(f"freezing.cache: {self._span(k)} now served from the cache ({human_bytes(store.nbytes)} for "
+                   f"{self.n} samples"
                    + (", filled now)" if provider is not None else ", filled as the training batches run)"))
 
     def _check_provider(self, x: torch.Tensor, idx: torch.Tensor, store: _Store) -> Any:
@@ -678,6 +678,10 @@ class ActivationCache:
         named = dict(self.net.named_modules())
         return [(m, named[m]) for b in self.blocks[:k + 1] for m in b.module_names if m in named]
 
+    def _span(self, k: int) -> str:
+        names = [b.name for b in self.blocks[:k + 1]]
+        return f"block {names[0]!r}" if k == 0 else f"blocks {names[0]!r}..{names[-1]!r}"
+
     def _filled(self, rows: int, first: int, last: int) -> None:
         if rows:
             self._fills.append((rows, self._block_modules(first, last)))
@@ -701,14 +705,14 @@ class ActivationCache:
         self._boundary_off = reason
         self._store = None
         name = self.blocks[self._boundary].name if self._boundary is not None else "?"
-        self._note(f"freezing.cache: not used from epoch {self._epoch} at block {name!r}: {reason}")
+        self._note(f"freezing.cache: not used while block {name!r} is the last frozen one: {reason}")
 
     def _disable(self, reason: str) -> None:
         if self.mode == "on":
             self._refuse(reason)
         self._off = reason
         self._store = self._old = None
-        self._note(f"freezing.cache: off from epoch {self._epoch}: {reason}")
+        self._note(f"freezing.cache: off from now on: {reason}")
 
 
 def build_cache(net: nn.Module, model: nn.Module, blocks: Sequence[Block] | None, plan: Any, cfg: Any,
