@@ -126,6 +126,12 @@ class FreezingConfig:
                                          "its target sparsity and grows nothing")
     planner: Literal["algorithm1", "exact"] = _f("algorithm1", doc="algorithm1: the paper's arithmetic; exact: "
                                                  "re-plan until the exact FLOPs ledger meets the target")
+    cache: Literal["auto", "off", "on"] = _f(
+        "auto", doc="serve the frozen blocks' output from a per-sample cache (no forward for them): auto where "
+                    "exact (no augmentation, dropout or batch statistics in the frozen blocks, not distributed) "
+                    "and within cache_max_bytes; on: an error where it cannot be exact")
+    cache_max_bytes: int | None = _f(None, lo=0, doc="auto: largest cache; default a quarter of the device's free "
+                                                     "memory at start")
 
 
 @dataclass
@@ -244,6 +250,8 @@ def _coerce(value: Any, tp: Any) -> Any:
     if tp is Any:
         return value
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(typing.get_args(tp)):
+            return "on" if value else "off"  # YAML 1.1 reads a bare on/off as true/false
         return value if value in typing.get_args(tp) and not isinstance(value, bool) or (
             isinstance(value, bool) and value in typing.get_args(tp)) else _NO
     if origin in (Union, types.UnionType):

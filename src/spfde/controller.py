@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spfde.accounting.flops import FlopsLedger, forward_flops_breakdown
+from spfde.accounting.flops import FlopsLedger, forward_flops_breakdown, modules_forward_flops
 from spfde.config import Config, from_dict, load_config
 from spfde.errors import ConfigError, SpfdeError
 from spfde.sieving import NoSieve, SieveSampler, build_sieve, build_tracker
@@ -151,6 +151,10 @@ class SpFDE:
         self.freezer = None
         self.block_lr = None
         self._setup_freezing(net, x0, blocks)
+        from spfde.freezing.cache import build_cache
+
+        # frozen-prefix activation cache: wrap the forward in `with ctl.cache.batch(x, idx):` to use it
+        self.cache = build_cache(net, model, self.blocks, self.plan, cfg, self.train_size, world_size)
 
         self.grad_norms = None
         if cfg.analysis.grad_norms:
@@ -166,6 +170,7 @@ class SpFDE:
         self.track_seen = False
         self._bp_saved = 0
         self._skipped: int | torch.Tensor = 0  # steps the loop reported skipped this epoch
+        self._fwd_saved = self._fill_flops = 0.0
         self._last_step: tuple[int, dict[str, float], set[str]] | None = None
         self._lr_warned = False
         self._set_lr(0.0)
@@ -269,14 +274,19 @@ class SpFDE:
         frozen = plan.frozen_at(epoch)
         return {m for m, b in self._module_block().items() if b in frozen}
 
-    def planned_flops(self, plan: Any = None, with_freezing: bool = True) -> dict[str, Any]:
-        """The ledger replayed over the whole run without training (``spfde flops``)."""
+    def planned_flops(self, plan: Any = None, with_freezing: bool = True, with_cache: bool = False) -> dict[str, Any]:
+        """The ledger replayed over the whole run without training (``spfde flops``).
+
+        ``with_cache``: assume the activation cache serves every frozen block (``freezing.cache: on``);
+        the freezing plan itself never assumes it, so the cache cannot change which blocks freeze.
+        """
         from spfde.accounting.flops import forward_flops_summary, planned_flops
 
         plan = plan if plan is not None else self.plan
         frozen_fn = (lambda e: self.frozen_modules_at(e, plan)) if with_freezing and plan is not None else None
         out = planned_flops(self.cfg, self.layer_flops, self.train_size, frozen_fn=frozen_fn,
-                            samples_per_epoch=self.sieve.planned_samples, engine=self.sparsity)
+                            samples_per_epoch=self.sieve.planned_samples, engine=self.sparsity,
+                            cache=with_cache and with_freezing and plan is not None)
         return {**out, **forward_flops_summary(self.layer_flops, self.other_forward_flops)}
 
     def realized_reduction(self, plan: Any) -> float:
@@ -331,6 +341,7 @@ class SpFDE:
         info: dict[str, Any] = {}
         if self.freezer is not None:
             info.update(self.freezer.apply(epoch) or {})
+            self.cache.set_frozen(len(self.freezer.frozen))
         frozen_params = self.freezer.frozen_param_names() if self.freezer else set()
         info["sparsity_update"] = self.sparsity.update(epoch, frozen_params=frozen_params)
         info.update(self.sieve.step_epoch(epoch, self.tracker))
@@ -340,6 +351,7 @@ class SpFDE:
         self._seen = 0
         self._bp_saved = 0
         self._skipped = 0
+        self._fwd_saved = self._fill_flops = 0.0
         self._seen_indices = torch.zeros(self.train_size, dtype=torch.bool) if self.track_seen else None
         self._epoch_info = info
         self._set_lr(float(epoch))
@@ -390,14 +402,21 @@ class SpFDE:
                 self.tracker.record(indices.cpu(), status.cpu())
         # every rank runs the same number of equally sized steps (DistributedSieveSampler)
         b = n * self.world_size
-        charged = self.ledger.charge(b, density, frozen)
+        for rows, modules in self.cache.pop_fills():  # rows the cache computed in this step's forward
+            fill = rows * modules_forward_flops(self.layer_flops, density, modules)
+            self.ledger.add(fill)
+            self._fill_flops += fill
+        cached = self.cache.step_modules()  # served from the cache: no forward either
+        charged = self.ledger.charge(b, density, frozen, cached=cached)
         if dense_grad_kept:  # RigL's update reads this step's unmasked gradient: it was computed densely
             if self.sparsity.schedule.per_step:
                 self.ledger.add(self.ledger.dense_grad_surcharge(b, density, frozen))
             else:  # surcharged in end_epoch once we know which kept step was the last
                 self._last_step = (b, density, frozen)
         if frozen:  # the ledger's own difference, so accounting.backward: exact is honoured too
-            self._bp_saved += self.ledger.cost(b, density) - charged
+            as_run = self.ledger.cost(b, density, frozen) if cached else charged
+            self._bp_saved += self.ledger.cost(b, density) - as_run
+            self._fwd_saved += as_run - charged
         if self._seen_indices is not None:
             self._seen_indices[indices.cpu()] = True
         self._set_lr(progress)
@@ -453,6 +472,9 @@ class SpFDE:
             "active_params": self.active_params(),
             "bp_flops_saved": int(self._bp_saved),
             "skipped_steps": int(self._skipped),
+            "fwd_flops_saved": int(self._fwd_saved),
+            "cache_fill_flops": int(self._fill_flops),
+            **self.cache.end_epoch(),
             "sparsity_updated": bool(info.get("sparsity_update", {}).get("updated", False)),
         }
         m["mem_model_bytes"] = int(self.memory_model()["total"])
@@ -544,6 +566,7 @@ class SpFDE:
         if self.grad_norms is not None and state.get("grad_norms") is not None:
             self.grad_norms.load_state_dict(state["grad_norms"])
         self.sparsity.apply_masks()
+        self.cache.reset()  # derived data: rebuilt from the restored model at the next epoch start
         self._in_epoch = False
 
     def optimizer_loaded(self) -> None:

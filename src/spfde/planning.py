@@ -64,7 +64,8 @@ def planned_run(cfg: Config) -> dict[str, Any]:
     x = torch.zeros(1, shape.in_channels, shape.image_size, shape.image_size)
     ctl = SpFDE(model, opt, cfg, train_size=shape.train_size, example_input=x)
     plan = ctl.plan
-    flops = ctl.planned_flops()
+    # the cache is assumed only where the run must use it (`on`); `auto` decides at run time
+    flops = ctl.planned_flops(with_cache=cfg.freezing.cache == "on")
     if plan is None:
         return {"flops": flops, "plan": None}
     from spfde.accounting.flops import forward_flops_summary

@@ -165,6 +165,7 @@ class Trainer:
         self.train_loader = make_train_loader(cfg.data, self.train_set, self.ctl.sampler, self.device,
                                               cfg.seed, channels_last=self.channels_last)
         self.eval_loader = make_eval_loader(cfg.data, self.test_set, self.device)
+        self.ctl.cache.inputs = self.train_loader.inputs  # fills the activation cache at each freeze
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
         self.metrics: list[dict[str, Any]] = []
         self.start_epoch = 0
@@ -234,7 +235,8 @@ class Trainer:
         losses = None
         for x, y, idx in self.train_loader:
             with torch.autocast(self.device.type, enabled=self.amp):
-                logits = self.ddp(x)
+                with ctl.cache.batch(x, idx):  # frozen blocks served from the activation cache
+                    logits = self.ddp(x)
                 if per_sample:
                     losses = F.cross_entropy(logits, y, label_smoothing=cfg.optim.label_smoothing, reduction="none")
                     loss = losses.mean()
@@ -298,12 +300,13 @@ class Trainer:
             from spfde.report import TensorBoardLogger
 
             self.tensorboard = TensorBoardLogger(self.out / "tensorboard")
-        for note in self.ctl.notes:
-            self._log(f"note: {note}")
         last = cfg.train.epochs - 1
         if self.start_epoch <= last:
             self._log(f"threads {self.threads.threads} ({self.threads.reason})")
             self._log(f"epochs {self.start_epoch}..{last} (0-based, as in metrics.jsonl, the report and `spfde plan`)")
+        for note in self.ctl.notes:
+            self._log(f"note: {note}")
+        self.ctl.cache.set_log(self._log)
         session_t0, session_start = time.perf_counter(), self.start_epoch
         for epoch in range(self.start_epoch, cfg.train.epochs):
             if self.device.type == "cuda":

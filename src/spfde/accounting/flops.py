@@ -19,7 +19,10 @@ The ledger (:class:`FlopsLedger`, paper Section 5 / Table 2 convention)
     For a batch of ``B`` samples, per layer ``l`` with dense forward FLOPs ``F_l`` and density
     ``d_l``:
 
-    * forward ``d_l·F_l`` for every layer (frozen layers still run forward, Section 4.2.1);
+    * forward ``d_l·F_l`` for every layer (frozen layers still run forward, Section 4.2.1), except
+      layers served from the frozen-prefix activation cache (``cached``, :mod:`spfde.freezing.cache`):
+      they do not run, so they cost no forward either; filling the cache is charged once per row
+      computed (:func:`modules_forward_flops`);
     * backward ``2·d_l·F_l`` for layers that are not frozen: an input-gradient half and a
       weight-gradient half, each ``d_l·F_l``; frozen layers cost no backward;
     * ``backward="exact"``: the first non-frozen layer in forward order has no earlier layer that
@@ -100,22 +103,33 @@ def _frozen_layers(names: Iterable[str], frozen: Iterable[str]) -> set[str]:
 
 def per_sample_flops(layer_flops: Mapping[str, int], density: Mapping[str, float],
                      frozen: Iterable[str] = (), backward: str = "paper", dense_grad: bool = False,
-                     layer_order: list[str] | None = None) -> dict[str, float]:
-    """Training FLOPs of one sample: ``{"forward", "backward", "total"}`` (see the module card)."""
+                     layer_order: list[str] | None = None, cached: Iterable[str] = ()) -> dict[str, float]:
+    """Training FLOPs of one sample: ``{"forward", "backward", "total"}`` (see the module card).
+
+    ``cached``: module names served from the activation cache (frozen too): no forward.
+    """
     order = list(layer_order) if layer_order is not None else list(layer_flops)
     fz = _frozen_layers(order, frozen)
+    cz = _frozen_layers(order, cached)
     first_active = next((n for n in order if n not in fz), None)
     fwd = bwd = 0.0
     for n in order:
         f = float(layer_flops[n])
         d = float(density.get(n, 1.0))
-        fwd += d * f
+        if n not in cz:
+            fwd += d * f
         if n in fz:
             continue
         wgrad = f if dense_grad else d * f
         igrad = 0.0 if backward == "exact" and n == first_active else d * f
         bwd += wgrad + igrad
     return {"forward": fwd, "backward": bwd, "total": fwd + bwd}
+
+
+def modules_forward_flops(layer_flops: Mapping[str, int], density: Mapping[str, float],
+                          modules: Iterable[str]) -> float:
+    """Forward FLOPs of one sample through the layers in ``modules`` (or under them): ``Σ d·F``."""
+    return sum(float(density.get(n, 1.0)) * float(layer_flops[n]) for n in _frozen_layers(layer_flops, modules))
 
 
 def bp_flops(layer_flops: Mapping[str, int], density: Mapping[str, float] | None = None,
@@ -152,15 +166,16 @@ class FlopsLedger:
         self._total = 0.0
 
     def cost(self, batch_size: int, density: Mapping[str, float], frozen: Iterable[str] = (),
-             dense_grad: bool = False) -> float:
+             dense_grad: bool = False, cached: Iterable[str] = ()) -> float:
         """FLOPs of one step of ``batch_size`` samples (nothing is charged)."""
         return batch_size * per_sample_flops(self.layer_flops, density, frozen, self.backward, dense_grad,
-                                             self.layer_order)["total"]
+                                             self.layer_order, cached)["total"]
 
     def charge(self, batch_size: int, density: Mapping[str, float], frozen: Iterable[str] = frozenset(),
-               dense_grad: bool = False) -> float:
-        """Add one step; ``density`` maps modules to densities (missing: 1), ``frozen`` are module names."""
-        c = self.cost(batch_size, density, frozen, dense_grad)
+               dense_grad: bool = False, cached: Iterable[str] = frozenset()) -> float:
+        """Add one step; ``density`` maps modules to densities (missing: 1), ``frozen`` are module names,
+        ``cached`` the modules served from the activation cache in this step (no forward)."""
+        c = self.cost(batch_size, density, frozen, dense_grad, cached)
         self._epoch += c
         self._total += c
         return c
@@ -232,6 +247,7 @@ def planned_flops(
     layer_sparsity: Mapping[str, float] | None = None,
     epochs: int | None = None,
     batch_size: int | None = None,
+    cache: bool = False,
 ) -> dict[str, Any]:
     """Planned training FLOPs of a run following ``cfg`` (no training).
 
@@ -250,14 +266,20 @@ def planned_flops(
             counts are used (densities then match the masks to the weight).
             Without it, ``layer_sparsity`` ``{module: s}``; without that, ``uniform`` from ``cfg``
             over the layers of ``layer_flops`` (``erk`` needs an engine).
+        cache: assume the built-in trainer's frozen-prefix activation cache serves every frozen
+            block (``freezing.cache: on``): each frozen layer's forward is charged once per
+            training sample when it joins the cache (all ``n_train`` rows are filled, extended from
+            the previous boundary's rows), and then not at all, except in batches of another size
+            than the first (the short last batch runs the prefix for real).
 
     Returns:
         ``{"train_flops", "dense_train_flops", "dense_forward_flops_per_sample", "flops_saving",
         "epochs", "samples_per_epoch", "method", "epoch_flops": [...], "final_density",
-        "bp_flops_saved"}``; ``bp_flops_saved`` is what freezing takes off the ledger at the densities
+        "bp_flops_saved", "cache_assumed"}``; ``bp_flops_saved`` is what freezing takes off the ledger at the densities
         the run has (the backward FLOPs of the frozen blocks, the paper's definition of the saving).
     """
     from spfde.errors import ConfigError
+    from spfde.freezing.cache import served_samples
     from spfde.sparsity.schedule import Schedule
 
     sp = cfg.sparsity
@@ -311,13 +333,28 @@ def planned_flops(
     per_epoch: list[int] = []
     saved = 0.0
     step = 0
+    in_cache: set[str] = set()  # layers whose rows the cache holds (its current boundary)
+    ref = 0                     # the batch size the rows were computed at
     for e in range(epochs):
         frozen = frozen_of(e)
         density = {m: _density(v, numel.get(m)) for m, v in sparsity_per_epoch[e].items()}
         n = int(samples_at(e))
-        charged = ledger.charge(n, density, frozen)
-        if frozen:
-            saved += ledger.cost(n, density) - charged
+        frozen_layers = frozen_layers_at(e)
+        if cache and frozen_layers:
+            if frozen_layers != in_cache:  # filled at the freeze: extended from the old rows, else from the input
+                extend = bool(in_cache) and in_cache <= frozen_layers and ref == min(batch_size, n)
+                ref = min(batch_size, n)
+                new = frozen_layers - in_cache if extend else frozen_layers
+                ledger.add(int(n_train) * modules_forward_flops(layer_flops, density, new))
+                in_cache = frozen_layers
+            served = served_samples(n, batch_size, ref)
+            ledger.charge(served, density, frozen, cached=frozen)
+            ledger.charge(n - served, density, frozen)
+        else:
+            in_cache = set()
+            ledger.charge(n, density, frozen)
+        if frozen:  # backward only (the paper's definition), with or without the cache
+            saved += ledger.cost(n, density) - ledger.cost(n, density, frozen)
         steps = math.ceil(n / batch_size) if n > 0 else 0
         last_batch = n - batch_size * (steps - 1)
         if schedule.needs_dense_grad(e) and n > 0:  # RigL keeps the epoch's last gradient: last batch
@@ -345,4 +382,5 @@ def planned_flops(
         "epoch_flops": per_epoch,
         "final_density": {m: _density(v, numel.get(m)) for m, v in last.items()},
         "bp_flops_saved": int(round(saved)),
+        "cache_assumed": bool(cache),
     }

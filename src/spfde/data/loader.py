@@ -141,13 +141,21 @@ class TensorLoader:
             idx = order[start:start + bs]
             if self.drop_last and idx.numel() < bs:
                 break
-            x = self.images.index_select(0, idx)
-            if gen is not None:
-                x = augment_batch(x, gen, self.padding, self.flip)
-            x = normalize(x, self.mean, self.std)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels.index_select(0, idx), idx
+            yield self._inputs(idx, gen), self.labels.index_select(0, idx), idx
+
+    def _inputs(self, idx: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        x = self.images.index_select(0, idx)
+        if gen is not None:
+            x = augment_batch(x, gen, self.padding, self.flip)
+        x = normalize(x, self.mean, self.std)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def inputs(self, idx: torch.Tensor) -> torch.Tensor:
+        """The un-augmented input batch of the samples ``idx``, exactly as an epoch yields them when
+        augmentation is off (the activation cache's input provider)."""
+        return self._inputs(torch.as_tensor(idx).to(self.device), None)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch}
@@ -188,6 +196,12 @@ class TorchLoader:
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    def inputs(self, idx: torch.Tensor) -> torch.Tensor:
+        """The input batch of the samples ``idx`` as the dataset gives them (the activation cache's
+        input provider; the cache checks it against the training batches before using it)."""
+        x = torch.stack([self.dataset[int(i)][0] for i in torch.as_tensor(idx).tolist()]).to(self.device)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def __iter__(self) -> Iterator[Batch]:
         nb = self.device.type == "cuda"

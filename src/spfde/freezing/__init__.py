@@ -21,16 +21,19 @@ sparsity); training memory drops once blocks freeze (Section 5.2 / Fig. 4: the m
 42.2-43.9% below the DST methods' minimum).
 
 Pieces: :func:`resolve_blocks` -> :func:`plan_freezing` (pure) -> :class:`Freezer` (stateful, at
-epoch boundaries) plus :func:`split_param_groups_by_block` and :class:`BlockLR`.
+epoch boundaries) plus :func:`split_param_groups_by_block` and :class:`BlockLR`; the frozen prefix's
+output served per sample from :class:`ActivationCache` (``freezing.cache``, :mod:`spfde.freezing.cache`).
 """
 
 from spfde.freezing.blocks import Block, block_of_params, resolve_blocks
+from spfde.freezing.cache import ActivationCache
 from spfde.freezing.freezer import Freezer
 from spfde.freezing.lr import BlockLR, block_lr, split_param_groups_by_block
 from spfde.freezing.planner import SCHEMES, FreezePlan, plan_freezing, plan_reduction
 
 __all__ = [
     "SCHEMES",
+    "ActivationCache",
     "Block",
     "BlockLR",
     "FreezePlan",
