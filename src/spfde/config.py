@@ -99,6 +99,8 @@ class SparsityConfig:
     grow_switch: float = _f(0.75, lo=0.0, hi=1.0, doc="fraction of the search where grow_late starts")
     drop_fraction: float = _f(0.3, lo=0.0, hi=1.0, doc="SET/RigL initial drop fraction")
     static_init: Literal["random", "snip"] = _f("random")
+    kernels: Literal["auto", "dense", "sparse"] = _f(
+        "auto", doc="kernels of masked layers: auto (sparse where measured faster), dense, sparse (docs/kernels.md)")
 
 
 @dataclass

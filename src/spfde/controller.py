@@ -159,6 +159,11 @@ class SpFDE:
         self._last_step: tuple[int, dict[str, float], set[str]] | None = None
         self._set_lr(0.0)
 
+        # ---- sparse kernels for the masked layers (sparsity.kernels, docs/kernels.md)
+        from spfde.sparsity.kernels import SparseExecution
+
+        self.kernels = SparseExecution(net, self.sparsity, cfg.sparsity.kernels)
+
     # ------------------------------------------------------------------ set-up helpers
     @staticmethod
     def _check_optimizer(net: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -295,6 +300,7 @@ class SpFDE:
         frozen_params = self.freezer.frozen_param_names() if self.freezer else set()
         info["sparsity_update"] = self.sparsity.update(epoch, frozen_params=frozen_params)
         self._dense_grad_pending = bool(self.sparsity.needs_dense_grad(epoch))
+        self.kernels.refresh()
         info.update(self.sieve.step_epoch(epoch, self.tracker))
         self.sampler.set_epoch(epoch)
         self.epoch = epoch
@@ -366,7 +372,10 @@ class SpFDE:
             "active_params": self.active_params(),
             "bp_flops_saved": int(self._bp_saved),
             "sparsity_updated": bool(info.get("sparsity_update", {}).get("updated", False)),
+            "kernels": self.kernels.choices(),
         }
+        if self.kernels.speedups():
+            m["kernel_speedup"] = self.kernels.speedups()
         m["mem_model_bytes"] = int(self.memory_model()["total"])
         # the same sparse model with nothing frozen: Fig. 4's "DST methods Min." baseline
         m["mem_model_unfrozen_bytes"] = (int(self.memory_model(frozen=False)["total"]) if m["frozen_blocks"]
@@ -432,6 +441,7 @@ class SpFDE:
             "ledger": self.ledger.state_dict(),
             "freezer": self.freezer.state_dict() if self.freezer else None,
             "grad_norms": self.grad_norms.state_dict() if self.grad_norms is not None else None,
+            "kernels": self.kernels.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -445,6 +455,7 @@ class SpFDE:
         if self.grad_norms is not None and state.get("grad_norms") is not None:
             self.grad_norms.load_state_dict(state["grad_norms"])
         self.sparsity.apply_masks()
+        self.kernels.load_state_dict(state.get("kernels") or {})
         self._in_epoch = False
 
     def optimizer_loaded(self) -> None:

@@ -9,8 +9,22 @@ the engine's gradient masking stays valid.
 from __future__ import annotations
 
 import hashlib
+import warnings
 
 import torch
+
+
+class KernelWarning(RuntimeWarning):
+    """A sparse kernel fell back to the dense one (a failed build, an unsupported layer)."""
+
+
+_WARNED: dict = {}
+
+
+def warn_once(message: str) -> None:
+    """One warning line (no source line under it), shown once per message and process."""
+    warnings.warn_explicit(message, KernelWarning, "spfde.sparsity.kernels", 0, registry=_WARNED,
+                           module="spfde.sparsity.kernels")
 
 
 def is_dense_storage(t: torch.Tensor) -> bool:

@@ -16,6 +16,7 @@ from torch import nn
 from spfde.sparsity.kernels import native
 from spfde.sparsity.kernels.common import NonzeroIndex, index_counts, is_dense_storage
 
+
 def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
@@ -145,17 +146,18 @@ class SparseConv2dFunction(torch.autograd.Function):
 
 
 def conv_input_ok(module: nn.Conv2d, x: torch.Tensor) -> bool:
-    """True when this call can run sparse (else the module's dense forward runs)."""
+    """True when this call can run sparse (else the module's dense forward runs); the native
+    library is checked separately (:func:`spfde.sparsity.kernels.native.load`)."""
     w = module.weight
     if x.dim() != 4 or x.dtype != torch.float32 or w.dtype != torch.float32 or x.numel() == 0:
         return False
     if x.device.type != "cpu" or w.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
         return False
     kh, kw = w.shape[2:]
-    (sh, sw), (ph, pw) = _pair(module.stride), conv_padding(module)
+    ph, pw = conv_padding(module)
     if x.shape[2] + 2 * ph < kh or x.shape[3] + 2 * pw < kw or x.shape[1] != w.shape[1]:
         return False  # let PyTorch raise its own error
-    return is_dense_storage(w) and native.load() is not None
+    return is_dense_storage(w)
 
 
 def conv_padding(module: nn.Conv2d) -> tuple[int, int]:

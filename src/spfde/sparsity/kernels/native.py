@@ -10,7 +10,8 @@ machine's compiler and loaded with :mod:`ctypes`, which releases the GIL during 
   flags, so a changed source, compiler or machine builds afresh and a shared home folder never
   loads a library built for another CPU.
 * Compiler: ``$SPFDE_CXX``, else ``$CXX``, else ``g++``/``c++``/``clang++``; flags
-  ``-O3 -march=native -fopenmp -shared -fPIC`` (without ``-fopenmp`` when the compiler lacks it).
+  ``-O3 -march=native -fopenmp -shared -fPIC`` (without ``-fopenmp`` when the compiler lacks it)
+  plus ``$SPFDE_CXXFLAGS`` (e.g. ``-mno-avx512f`` for the portable code path).
 * A failed build is never fatal: it prints ONE warning line per process and every convolution
   runs PyTorch's dense kernel (``SPFDE_CXX=/nonexistent`` forces that path).
 """
@@ -21,32 +22,21 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
-import warnings
 from pathlib import Path
+
+from spfde.sparsity.kernels.common import warn_once
 
 SOURCE = Path(__file__).with_name("sparse_conv.cpp")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17")
 ABI_VERSION = 2
 
 _lock = threading.Lock()
-
-
-class KernelWarning(RuntimeWarning):
-    """The sparse kernels fell back to dense ones (a build failure, an unsupported setting)."""
-
-
-def warn_once(message: str) -> None:
-    """One warning line (no source line under it), shown once per message and process."""
-    warnings.warn_explicit(message, KernelWarning, "spfde.sparsity.kernels", 0,
-                           registry=_WARNED, module="spfde.sparsity.kernels")
-
-
-_WARNED: dict = {}
 _state: dict[str, object] = {"lib": None, "tried": False, "error": None, "path": None}
 
 _c_i64 = ctypes.c_int64
@@ -78,6 +68,10 @@ def compiler() -> str | None:
     return None
 
 
+def _flags() -> tuple[str, ...]:
+    return FLAGS + tuple(shlex.split(os.environ.get("SPFDE_CXXFLAGS", "")))
+
+
 def _cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -98,7 +92,7 @@ def _library_path(cxx: str) -> Path:
     except (OSError, subprocess.SubprocessError):
         version = ""
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), cxx.encode(), version.encode(), " ".join(FLAGS).encode(),
+    for part in (SOURCE.read_bytes(), cxx.encode(), version.encode(), " ".join(_flags()).encode(),
                  _cpu_flags().encode(), platform.machine().encode()):
         h.update(part)
         h.update(b"\0")
@@ -109,7 +103,7 @@ def _compile(cxx: str, out: Path) -> str | None:
     """Compile into ``out`` (atomically, with OpenMP when the compiler has it); an error text or None."""
     out.parent.mkdir(parents=True, exist_ok=True)
     error = "no compiler run"
-    for flags in (FLAGS + ("-fopenmp",), FLAGS):
+    for flags in (_flags() + ("-fopenmp",), _flags()):
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
         os.close(fd)
         try:
