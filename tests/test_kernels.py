@@ -493,3 +493,20 @@ def test_build_sparsity_engine_drives_execution_end_to_end():
         for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
             q.copy_(p)
     _close(model(x), ref(x))
+
+
+def test_report_shows_the_kernel_table(tmp_path):
+    import yaml
+
+    from spfde.report import write_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "resnet20"}, "sparsity": {"kernels": "auto"}}))
+    rows = [{"epoch": e, "train_loss": 1.0, "test_acc": 0.5, "kernels": {"layer1.0.conv1": k, "head": "dense"},
+             **({"kernel_speedup": {"layer1.0.conv1": 1.8 + e}} if k == "sparse" else {})}
+            for e, k in enumerate(["dense", "sparse", "sparse"])]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = write_report([run]).read_text()
+    assert "### Kernels per layer (run)" in text
+    assert "| `layer1.0.conv1` | sparse | 2/3 | 3.80x |" in text and "| `head` | dense | 0/3 | - |" in text
