@@ -110,6 +110,21 @@ def test_sparse_conv_batch_128_and_all_zero_rows():
 
 
 @needs_native
+def test_dense_weight_gradient_variant_for_rigl():
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1).to(memory_format=torch.channels_last)
+    mask = _mask(conv.weight.shape, 0.3)
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    x = torch.randn(9, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    xd, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    gd = _grads(conv(xd), [xd, conv.weight])
+    gs = _grads(sparse_conv2d(conv, xs, make_conv_plan(conv, mask), dense_weight_grad=True), [xs, conv.weight])
+    _close(gs[0], gd[0])
+    _close(gs[1], gd[1])  # dense: nonzero at pruned positions too
+    assert torch.count_nonzero(gs[1][~mask]) > 0
+
+
+@needs_native
 def test_sparse_conv_bit_identical_for_any_thread_count():
     conv = nn.Conv2d(16, 12, 3, stride=2, padding=1)
     mask = _mask(conv.weight.shape, 0.2)
@@ -218,6 +233,9 @@ def test_execution_replaces_forward_only_and_removes_cleanly():
     x = torch.randn(6, 4, 5, 5)
     _close(model(x), ref(x))
     torch.testing.assert_close(model(x, need_weights=True), ref(x, need_weights=True))  # dense fallback
+    from spfde.accounting.flops import layer_forward_flops
+
+    assert layer_forward_flops(model, x[:1]) == layer_forward_flops(ref, x[:1])  # FlopCounterMode sees dense
     copied = copy.deepcopy(model)  # a deep copy computes with its own weights
     with torch.no_grad():
         copied.head.weight.mul_(2)
@@ -302,7 +320,7 @@ def test_auto_times_a_frozen_layer_forward_only(monkeypatch):
     assert key[:3] == (False, False, False) and not backward
 
 
-def test_auto_choices_replay_from_state_and_reset_on_a_new_mask(monkeypatch):
+def test_auto_choices_replay_from_state_and_retime_when_the_density_moves(monkeypatch):
     calls: list = []
     monkeypatch.setattr(execution, "race", _fake_race(1.0, 0.5, calls))
     torch.manual_seed(0)
@@ -319,9 +337,31 @@ def test_auto_choices_replay_from_state_and_reset_on_a_new_mask(monkeypatch):
     monkeypatch.setattr(execution, "race", _fake_race(0.5, 1.0, calls))  # timing would now say dense
     other(x).sum().backward()
     assert len(calls) == 1 and exe2.choices() == {"0": "sparse"}  # replayed, not re-timed
-    engine2._set_mask("0.weight", _mask((512, 512), 0.25, seed=9))
+    swapped = engine2.masks["0.weight"].flatten()[torch.randperm(512 * 512)].view(512, 512)
+    engine2._set_mask("0.weight", swapped)  # a Prune&Grow at the same density
     other(x).sum().backward()
-    assert len(calls) == 2 and exe2.choices() == {"0": "dense"}  # a new mask is timed afresh
+    assert len(calls) == 1 and exe2.layers["0"].plan.nnz == int(swapped.sum())  # rebuilt, not re-timed
+    engine2._set_mask("0.weight", _mask((512, 512), 0.1, seed=9))  # the density moved
+    other(x).sum().backward()
+    assert len(calls) == 2 and exe2.choices() == {"0": "dense"}  # timed afresh
+
+
+class _Attn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(64, 4, dropout=0.5, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_timing_leaves_the_global_rng_alone():
+    model = _Attn().train()
+    exe = SparseExecution(model, _engine(model, {"attn": "attn.in_proj_weight"}), "auto")
+    x = torch.randn(8, 64, 64, requires_grad=True)
+    state = torch.get_rng_state()
+    exe.layers["attn"].time((True, True, False, tuple(x.shape)), x, (x, x, x), {"need_weights": False})
+    assert torch.equal(torch.get_rng_state(), state)  # dropout ran inside the timing, on a forked RNG
 
 
 def test_rigl_dense_gradient_epoch_keeps_the_dense_gradient():
@@ -478,7 +518,7 @@ def test_portable_build_without_avx512_is_correct(tmp_path, monkeypatch):
 
 
 def test_build_sparsity_engine_drives_execution_end_to_end():
-    """The engine from the config (MEST) and the execution agree after a Prune&Grow update."""
+    """After a real MEST Prune&Grow the sparse layers compute with the new masks."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
     cfg = from_dict({"train": {"epochs": 4, "interval": 1}, "sparsity": {"method": "mest", "target": 0.8}})
@@ -486,12 +526,18 @@ def test_build_sparsity_engine_drives_execution_end_to_end():
     engine.apply_masks()
     ref = copy.deepcopy(model)
     exe = SparseExecution(model, engine, "sparse")
+    model(torch.randn(3, 32))
+    old = {n: m.clone() for n, m in engine.masks.items()}
     engine.update(1)  # Prune&Grow (no recorded gradient: magnitude only)
     exe.refresh()
-    x = torch.randn(8, 32)
-    with torch.no_grad():
-        for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+    assert any(not torch.equal(old[n], engine.masks[n]) for n in old)
+    with torch.no_grad():  # give the grown positions values, as training would
+        for n, p in model.named_parameters():
+            if n in engine.masks:
+                p.copy_(torch.randn(p.shape) * engine.masks[n])
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
             q.copy_(p)
+    x = torch.randn(8, 32)
     _close(model(x), ref(x))
 
 

@@ -8,7 +8,6 @@ the engine's gradient masking stays valid.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 
 import torch
@@ -61,7 +60,6 @@ class NonzeroIndex:
         self.stride = tuple(weight_stride)
         self.offsets = sum(c * s for c, s in zip(self.coords, self.stride, strict=True)) if self.coords else self.flat
         self.nnz = int(self.flat.numel())
-        self.signature = hashlib.sha1(repr(self.shape).encode() + self.flat.numpy().tobytes()).hexdigest()
 
     def gather(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight's values at the nonzeros, in CSR order (a new contiguous tensor)."""

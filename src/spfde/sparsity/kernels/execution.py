@@ -20,7 +20,7 @@ Hyper-parameters
     * ``sparse``: every supported layer runs its sparse kernel (unsupported layers or calls, e.g.
       CUDA, bf16, groups, dilation, a failed native build: dense, with one warning line).
     * ``auto``: each layer is timed on its real input (shape, and whether the input and weight
-      need gradients) at its first call after a change of its mask: a few interleaved
+      need gradients) at its first call, and again after its nonzero count changed: a few interleaved
       repetitions of dense and sparse forward + backward (forward alone for a frozen layer),
       medians compared, sparse kept only when at least ``MARGIN`` faster, so ``auto`` is not
       slower than dense beyond timing noise. Calls below ``TINY_MACS`` multiply-adds run dense
@@ -28,15 +28,18 @@ Hyper-parameters
       (GPU 2:4 semi-structured kernels are future work, docs/kernels.md).
 Dynamic masks
     A layer's index structures are rebuilt only when the engine installs a new mask (Prune&Grow,
-    prune-on-freeze, a loaded checkpoint), detected by the mask tensor's identity; decisions are
-    kept while the mask's nonzero pattern (its signature) is unchanged. In an epoch where RigL
+    prune-on-freeze, a loaded checkpoint), detected by the mask tensor's identity; ``auto``'s
+    decisions are kept while the layer's nonzero count stays within ``RETIME_NNZ_CHANGE`` of the
+    count they were timed at (the kernels' cost depends on shapes and the number of nonzeros, not
+    on their positions), so it re-times at the start, when MEST's density steps (grow switch,
+    search end) and when a layer freezes (a forward-only key). In an epoch where RigL
     records its dense gradient (``engine.needs_dense_grad``), sparse layers compute the dense
     weight gradient (forward and input gradient stay sparse); the ledger charges as before.
 Determinism
     ``dense`` and ``sparse`` give bit-identical fresh runs and resumes on CPU (every kernel sums in
     a fixed order). ``auto`` is bit-identical given the same choices: the choices are part of the
     controller's state, so a resumed run replays the ones in force at the checkpoint; a later
-    re-timing (after the next mask change) may pick differently between two runs.
+    re-timing (after the next density change) may pick differently between two runs.
 Expected effect
     CPU fwd+bwd per layer (bench/kernels.py): CSR Linear 1024x1024 ~1.7x at 90%, conv 3x3 ~2-5x at
     95% on ResNet-20 shapes (busy-machine hints; docs/benchmarks.md).
@@ -64,28 +67,30 @@ KERNEL_MODES = ("auto", "dense", "sparse")
 TINY_MACS = 1 << 22
 #: auto keeps the sparse kernel only when its median time is at most (1 - MARGIN) x dense
 MARGIN = 0.05
-#: distinct call keys (input shape, gradient needs) timed per layer and mask; later ones reuse the first
+#: distinct call keys (input shape, gradient needs) timed per layer; later ones reuse the first
 MAX_KEYS = 8
 #: timing budget per layer and key, and the bounds on interleaved repetitions per variant
 TIME_BUDGET_S = 0.03
 MIN_REPS, MAX_REPS = 3, 9
+#: a new mask keeps the layer's decisions while its nonzero count is within this fraction of the
+#: count they were timed at: both kernels' cost follows the shapes and the number of nonzeros, not
+#: where the nonzeros are, so a Prune&Grow that swaps positions at constant density is not re-timed
+RETIME_NNZ_CHANGE = 0.1
 
 # (input needs grad, weight needs grad, dense weight grad, input shape)
 Key = tuple[bool, bool, bool, tuple[int, ...]]
 
 
+try:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+except ImportError:  # pragma: no cover - older torch
+    _get_current_dispatch_mode = lambda: None  # noqa: E731
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+
+
 def _traced() -> bool:
     """Tracing, compiling or a dispatch mode (FlopCounterMode, fake tensors): run the dense forward."""
-    if torch.jit.is_tracing():
-        return True
-    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    if compiling is not None and compiling():
-        return True
-    try:
-        from torch.utils._python_dispatch import _get_current_dispatch_mode
-    except ImportError:  # pragma: no cover - older torch
-        return False
-    return _get_current_dispatch_mode() is not None
+    return torch.jit.is_tracing() or _is_compiling() or _get_current_dispatch_mode() is not None
 
 
 def _clock(fn) -> float:
@@ -130,7 +135,7 @@ class _Layer:
         self.exe, self.name, self.param, self.module, self.kind = exe, name, param, module, kind
         self.plan: Any = None
         self._mask: torch.Tensor | None = None
-        self.signature: str | None = None
+        self.basis_nnz: int | None = None  # the nonzero count the decisions were timed at
         self.decisions: dict[Key, str] = {}
         self.speedups: dict[Key, float] = {}
         self.primary: Key | None = None
@@ -153,16 +158,17 @@ class _Layer:
             return self.plan
         self.plan = make_conv_plan(self.module, mask) if self.kind == "conv" else LinearPlan(mask, w)
         self._mask = mask
-        sig = self.plan.index.signature
-        if self.pending is not None:
+        if self.pending is not None:  # choices from a checkpoint
             saved, self.pending = self.pending, None
-            self._restore(saved if saved.get("signature") == sig else {})
-        elif sig != self.signature:
+            self._restore(saved)
+        nnz = self.plan.nnz
+        if self.basis_nnz is None or abs(nnz - self.basis_nnz) > RETIME_NNZ_CHANGE * max(self.basis_nnz, 1):
             self._restore({})
-        self.signature = sig
+            self.basis_nnz = nnz
         return self.plan
 
     def _restore(self, saved: dict[str, Any]) -> None:
+        self.basis_nnz = saved.get("basis_nnz")
         self.decisions = {_decode(d[:4]): str(d[4]) for d in saved.get("decisions", [])}
         self.speedups = {_decode(d[:4]): float(d[5]) for d in saved.get("decisions", []) if d[5] is not None}
         self.primary = _decode(saved["primary"]) if saved.get("primary") is not None else None
@@ -224,7 +230,7 @@ class _Layer:
         else:
             td, ts = self.time(key, x, args, kwargs)
             choice = "sparse" if ts <= (1.0 - MARGIN) * td else "dense"
-            self.speedups[key] = td / ts if ts > 0 else float("inf")
+            self.speedups[key] = td / max(ts, 1e-12)
         self.decisions[key] = choice
         grad = torch.is_grad_enabled()
         if self.primary is None or (grad and not self._primary_grad):
@@ -250,7 +256,8 @@ class _Layer:
         def dense(xx: torch.Tensor) -> Any:
             return self.dense(*(_swap(a, x, xx) for a in args), **{k: _swap(v, x, xx) for k, v in kwargs.items()})
 
-        return race(run(dense), run(lambda xx: self.sparse(xx, dense_w)))
+        with torch.random.fork_rng(devices=[]):  # dropout inside (attention) must not move the run's RNG
+            return race(run(dense), run(lambda xx: self.sparse(xx, dense_w)))
 
     # ------------------------------------------------------------------ reporting and state
     def choice(self) -> str:
@@ -259,7 +266,7 @@ class _Layer:
         return self.used or "sparse"
 
     def state(self) -> dict[str, Any]:
-        return {"signature": self.signature, "primary": _encode(self.primary) if self.primary else None,
+        return {"basis_nnz": self.basis_nnz, "primary": _encode(self.primary) if self.primary else None,
                 "primary_grad": self._primary_grad,
                 "decisions": [_encode(k) + [c, self.speedups.get(k)] for k, c in self.decisions.items()]}
 
@@ -352,7 +359,7 @@ class SparseExecution:
         return {"mode": self.mode, "layers": {name: layer.state() for name, layer in self.layers.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Replay saved choices for every layer whose mask is still the one they were made for."""
+        """Replay saved choices (each layer re-times only if its nonzero count moved since)."""
         if not state or state.get("mode") != self.mode:
             return
         for name, saved in state.get("layers", {}).items():
