@@ -37,7 +37,7 @@ FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17")
 ABI_VERSION = 2
 
 _lock = threading.Lock()
-_state: dict[str, object] = {"lib": None, "tried": False, "error": None, "path": None}
+_state: dict[str, object] = {"lib": None, "tried": False, "error": None, "path": None, "warned": False}
 
 _c_i64 = ctypes.c_int64
 _c_int = ctypes.c_int
@@ -135,28 +135,32 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 def load(build: bool = True, quiet: bool = False) -> ctypes.CDLL | None:
     """The loaded library, building it first when needed; None (and one warning line) on failure."""
     with _lock:
-        if _state["tried"]:
-            return _state["lib"]  # type: ignore[return-value]
-        _state["tried"] = True
-        lib, error = None, None
-        cxx = compiler()
-        try:
-            if cxx is None:
-                error = "no C++ compiler found; set SPFDE_CXX"
-            else:
-                path = _library_path(cxx)
-                if not path.exists():
-                    error = _compile(cxx, path) if build else "not built yet"
-                if error is None:
-                    lib = _bind(ctypes.CDLL(str(path)))
-                    _state["path"] = str(path)
-        except (OSError, subprocess.SubprocessError, AttributeError) as e:
-            lib, error = None, (str(e).splitlines() or [type(e).__name__])[0]
-        _state["lib"], _state["error"] = lib, error
-        if lib is None and not quiet:
-            warn_once(f"native sparse convolution kernel unavailable ({error}); convolutions run "
+        if not _state["tried"]:
+            _state["tried"] = True
+            _state["lib"], _state["error"] = _load(build)
+        lib = _state["lib"]
+        if lib is None and not quiet and not _state["warned"]:
+            _state["warned"] = True
+            warn_once(f"native sparse convolution kernel unavailable ({_state['error']}); convolutions run "
                       "PyTorch's dense kernels")
-        return lib
+        return lib  # type: ignore[return-value]
+
+
+def _load(build: bool) -> tuple[ctypes.CDLL | None, str | None]:
+    cxx = compiler()
+    if cxx is None:
+        return None, "no C++ compiler found; set SPFDE_CXX"
+    try:
+        path = _library_path(cxx)
+        if not path.exists():
+            error = _compile(cxx, path) if build else "not built yet"
+            if error is not None:
+                return None, error
+        lib = _bind(ctypes.CDLL(str(path)))
+        _state["path"] = str(path)
+        return lib, None
+    except (OSError, subprocess.SubprocessError, AttributeError) as e:
+        return None, (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def status() -> dict[str, object]:
@@ -168,7 +172,7 @@ def status() -> dict[str, object]:
 def _reset_for_tests() -> None:
     """Forget the loaded library so the next :func:`load` builds/loads again (tests only)."""
     with _lock:
-        _state.update(lib=None, tried=False, error=None, path=None)
+        _state.update(lib=None, tried=False, error=None, path=None, warned=False)
 
 
 def main() -> int:
