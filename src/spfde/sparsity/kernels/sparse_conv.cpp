@@ -29,6 +29,9 @@
 
 #if defined(_OPENMP)
 #include <omp.h>
+#else
+static inline int omp_get_thread_num() { return 0; }
+static inline int omp_get_num_threads() { return 1; }
 #endif
 
 typedef int64_t i64;
@@ -256,22 +259,6 @@ static void weight_grad_block(const float* xb, i64 Wp, const float* gb, i64 Gh, 
   }
 }
 
-static inline int thread_id() {
-#if defined(_OPENMP)
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
-
-static inline int thread_count() {
-#if defined(_OPENMP)
-  return omp_get_num_threads();
-#else
-  return 1;
-#endif
-}
-
 extern "C" {
 
 int spfde_abi_version() { return 2; }
@@ -362,7 +349,7 @@ int spfde_conv2d_backward(const float* x, i64 xsN, i64 xsC, i64 xsH, i64 xsW, co
 #pragma omp parallel num_threads(nthreads)
   {
     // weight gradient: this thread's output channels, balanced by nonzeros
-    const i64 t = thread_id(), T = thread_count();
+    const i64 t = omp_get_thread_num(), T = omp_get_num_threads();
     i64 lo = 0;
     while (lo < OC && rowptr[lo] * T < t * nnz) ++lo;
     i64 hi = lo;
