@@ -305,6 +305,25 @@ def test_auto_keeps_sparse_only_when_faster_by_the_margin(monkeypatch, sparse_s,
     assert len(calls) == 2
     lin(torch.randn(2, 512))  # tiny: dense, untimed
     assert len(calls) == 2 and exe.layers["0"].decisions[(False, True, False, (2, 512))] == "dense"
+    lin(torch.randn(20, 512)).sum().backward()  # a short last batch reuses the batch-64 decision
+    assert len(calls) == 2 and exe.layers["0"].decisions[(False, True, False, (20, 512))] == expect
+
+
+def test_auto_times_a_large_batch_on_a_slice(monkeypatch):
+    def race(dense, sparse):  # run each once, then call dense the faster
+        dense(), sparse()
+        return 1.0, 2.0
+
+    monkeypatch.setattr(execution, "race", race)
+    monkeypatch.setattr(execution, "TIME_MAX_BATCH", 16)
+    model = nn.Sequential(nn.Linear(256, 256))
+    exe = SparseExecution(model, _engine(model, {"0": "0.weight"}), "auto")
+    shapes = []
+    monkeypatch.setattr(exe.layers["0"], "sparse",
+                        lambda xx, dw: shapes.append(xx.shape[0]) or xx @ model[0].weight.t())
+    with torch.no_grad():
+        model(torch.randn(400, 256))
+    assert shapes == [16] and exe.layers["0"].decisions == {(False, False, False, (400, 256)): "dense"}
 
 
 def test_auto_times_a_frozen_layer_forward_only(monkeypatch):

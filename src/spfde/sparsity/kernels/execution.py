@@ -20,12 +20,14 @@ Hyper-parameters
     * ``sparse``: every supported layer runs its sparse kernel (unsupported layers or calls, e.g.
       CUDA, bf16, groups, dilation, a failed native build: dense, with one warning line).
     * ``auto``: each layer is timed on its real input (shape, and whether the input and weight
-      need gradients) at its first call, and again after its nonzero count changed: a few interleaved
-      repetitions of dense and sparse forward + backward (forward alone for a frozen layer),
-      medians compared, sparse kept only when at least ``MARGIN`` faster, so ``auto`` is not
-      slower than dense beyond timing noise. Calls below ``TINY_MACS`` multiply-adds run dense
-      untimed (the sparse path's fixed cost cannot win there). On CUDA every call runs dense
-      (GPU 2:4 semi-structured kernels are future work, docs/kernels.md).
+      need gradients) at its first call, and again after its nonzero count changed: a few
+      interleaved repetitions of dense and sparse forward + backward (forward alone for a frozen
+      layer), medians compared, sparse kept only when at least ``MARGIN`` faster, so ``auto`` is
+      not slower than dense beyond timing noise. The same call at another batch size (a short
+      last batch) reuses the decision; a large batch is timed on its first ``TIME_MAX_BATCH``
+      samples. Calls below ``TINY_MACS`` multiply-adds run dense untimed (the sparse path's fixed
+      cost cannot win there). On CUDA every call runs dense (GPU 2:4 semi-structured kernels are
+      future work, docs/kernels.md).
 Dynamic masks
     A layer's index structures are rebuilt only when the engine installs a new mask (Prune&Grow,
     prune-on-freeze, a loaded checkpoint), detected by the mask tensor's identity; ``auto``'s
@@ -71,7 +73,12 @@ MARGIN = 0.05
 MAX_KEYS = 8
 #: timing budget per layer and key, and the bounds on interleaved repetitions per variant
 TIME_BUDGET_S = 0.03
-MIN_REPS, MAX_REPS = 3, 9
+MIN_REPS, MAX_REPS = 2, 9
+#: a call is timed on at most this many samples (both kernels scale linearly in the batch beyond it)
+TIME_MAX_BATCH = 64
+#: a new batch size reuses the decision of the same call at a batch at most this many times larger
+#: (a short last batch, a larger evaluation batch is timed on TIME_MAX_BATCH samples anyway)
+REUSE_BATCH_RATIO = 4
 #: a new mask keeps the layer's decisions while its nonzero count is within this fraction of the
 #: count they were timed at: both kernels' cost follows the shapes and the number of nonzeros, not
 #: where the nonzeros are, so a Prune&Grow that swaps positions at constant density is not re-timed
@@ -225,7 +232,11 @@ class _Layer:
             return choice
         if len(self.decisions) >= MAX_KEYS:
             return self.decisions.get(self.primary, "dense") if self.primary is not None else "dense"
-        if self.macs(x) < TINY_MACS or (self.kind == "conv" and native.load() is None):
+        similar = [c for k, c in self.decisions.items() if k[:3] == key[:3] and k[3][1:] == key[3][1:]
+                   and k[3][0] <= REUSE_BATCH_RATIO * key[3][0]] if self.kind != "mha" else []
+        if similar:  # the same call at another batch size (a short last batch)
+            choice = similar[0]
+        elif self.macs(x) < TINY_MACS or (self.kind == "conv" and native.load() is None):
             choice = "dense"
         else:
             td, ts = self.time(key, x, args, kwargs)
@@ -241,6 +252,10 @@ class _Layer:
         """(dense, sparse) median seconds of this call's work on a detached copy of its input."""
         need_x, need_w, dense_w, _ = key
         w = self.weight
+        if self.kind != "mha" and x.shape[0] > TIME_MAX_BATCH:
+            part = x[:TIME_MAX_BATCH]
+            args, kwargs = tuple(_swap(a, x, part) for a in args), {k: _swap(v, x, part) for k, v in kwargs.items()}
+            x = part
 
         def run(fn):
             def go() -> None:
