@@ -496,7 +496,7 @@ def test_cli_run_without_a_compiler_prints_one_warning_line(tmp_path):
     env = {**os.environ, "SPFDE_CXX": "/nonexistent/c++", "SPFDE_KERNEL_CACHE": str(tmp_path / "cache"),
            "OMP_NUM_THREADS": "1"}
     (tmp_path / "run.yaml").write_text("seed: 0\n")
-    args = [a for kv in [*DIGITS, "train.epochs=2", "sparsity.search_end=1", "sparsity.kernels=sparse"]
+    args = [a for kv in [*DIGITS, "train.epochs=1", "sparsity.search_end=1", "sparsity.kernels=sparse"]
             for a in ("--set", kv)]
     r = subprocess.run([sys.executable, "-m", "spfde.cli", "train", "--config", str(tmp_path / "run.yaml"),
                         "--out", str(tmp_path / "run"), "--quiet", *args],

@@ -89,7 +89,8 @@ class SparseLinearFunction(torch.autograd.Function):
         g2 = gy.reshape(-1, plan.shape[0]).float()
         gx = gw = gb = None
         if need_x:
-            gx = torch.sparse.mm(plan.transposed(vals), g2.t()).t().contiguous().view(ctx.x_shape)
+            # a row-major gy^T: MKL's CSR x dense is 2-3x faster on it for long batches (ViT tokens)
+            gx = torch.sparse.mm(plan.transposed(vals), g2.t().contiguous()).t().contiguous().view(ctx.x_shape)
         if need_w and ctx.dense_weight_grad:  # RigL's update reads the dense weight gradient
             gw = g2.t() @ x2
         elif need_w:
