@@ -307,6 +307,9 @@ def test_auto_keeps_sparse_only_when_faster_by_the_margin(monkeypatch, sparse_s,
     assert len(calls) == 2 and exe.layers["0"].decisions[(False, True, False, (2, 512))] == "dense"
     lin(torch.randn(20, 512)).sum().backward()  # a short last batch reuses the batch-64 decision
     assert len(calls) == 2 and exe.layers["0"].decisions[(False, True, False, (20, 512))] == expect
+    lin(torch.randn(2, 512, requires_grad=True)).sum().backward()  # tiny, dense: must not decide for batch 64
+    lin(torch.randn(64, 512, requires_grad=True)).sum().backward()
+    assert len(calls) == 3
 
 
 def test_auto_times_a_large_batch_on_a_slice(monkeypatch):

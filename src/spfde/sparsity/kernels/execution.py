@@ -23,9 +23,9 @@ Hyper-parameters
       need gradients) at its first call, and again after its nonzero count changed: a few
       interleaved repetitions of dense and sparse forward + backward (forward alone for a frozen
       layer), medians compared, sparse kept only when at least ``MARGIN`` faster, so ``auto`` is
-      not slower than dense beyond timing noise. The same call at another batch size (a short
-      last batch) reuses the decision; a large batch is timed on its first ``TIME_MAX_BATCH``
-      samples. Calls below ``TINY_MACS`` multiply-adds run dense untimed (the sparse path's fixed
+      not slower than dense beyond timing noise. The same call at a somewhat smaller batch (a
+      short last batch) reuses the decision; a large batch is timed on its first
+      ``TIME_MAX_BATCH`` samples. Calls below ``TINY_MACS`` multiply-adds run dense untimed (the sparse path's fixed
       cost cannot win there). On CUDA every call runs dense (GPU 2:4 semi-structured kernels are
       future work, docs/kernels.md).
 Dynamic masks
@@ -76,8 +76,8 @@ TIME_BUDGET_S = 0.03
 MIN_REPS, MAX_REPS = 2, 9
 #: a call is timed on at most this many samples (both kernels scale linearly in the batch beyond it)
 TIME_MAX_BATCH = 64
-#: a new batch size reuses the decision of the same call at a batch at most this many times larger
-#: (a short last batch, a larger evaluation batch is timed on TIME_MAX_BATCH samples anyway)
+#: a smaller batch reuses the decision of the same call at a batch at most this many times larger
+#: (a short last batch); a larger batch is timed (on TIME_MAX_BATCH samples)
 REUSE_BATCH_RATIO = 4
 #: a new mask keeps the layer's decisions while its nonzero count is within this fraction of the
 #: count they were timed at: both kernels' cost follows the shapes and the number of nonzeros, not
@@ -233,8 +233,8 @@ class _Layer:
         if len(self.decisions) >= MAX_KEYS:
             return self.decisions.get(self.primary, "dense") if self.primary is not None else "dense"
         similar = [c for k, c in self.decisions.items() if k[:3] == key[:3] and k[3][1:] == key[3][1:]
-                   and k[3][0] <= REUSE_BATCH_RATIO * key[3][0]] if self.kind != "mha" else []
-        if similar:  # the same call at another batch size (a short last batch)
+                   and key[3][0] <= k[3][0] <= REUSE_BATCH_RATIO * key[3][0]] if self.kind != "mha" else []
+        if similar:  # the same call at a somewhat smaller batch (a short last batch)
             choice = similar[0]
         elif self.macs(x) < TINY_MACS or (self.kind == "conv" and native.load() is None):
             choice = "dense"
