@@ -215,7 +215,9 @@ class Net(nn.Module):
         return self.head(t.mean(1))
 
 
-NET_LAYERS = {"conv": "conv.weight", "odd": "odd.weight", "attn": "attn.in_proj_weight", "head": "head.weight"}
+# unit name -> parameter: an attention projection's unit is its parameter's name (sparsity.masks.unit_name)
+NET_LAYERS = {"conv": "conv.weight", "odd": "odd.weight", "attn.in_proj_weight": "attn.in_proj_weight",
+              "head": "head.weight"}
 
 
 def test_execution_replaces_forward_only_and_removes_cleanly():
@@ -227,7 +229,7 @@ def test_execution_replaces_forward_only_and_removes_cleanly():
     keys, names = list(model.state_dict()), [n for n, _ in model.named_parameters()]
     with pytest.warns(KernelWarning, match="'odd': dilation != 1"):
         exe = SparseExecution(model, engine, "sparse")
-    assert set(exe.layers) == {"conv", "attn", "head"}
+    assert set(exe.layers) == {"conv", "attn.in_proj_weight", "head"}
     assert exe.unsupported == {"odd": "dilation != 1"}
     assert list(model.state_dict()) == keys and [n for n, _ in model.named_parameters()] == names
     x = torch.randn(6, 4, 5, 5)
@@ -379,10 +381,10 @@ class _Attn(nn.Module):
 
 def test_timing_leaves_the_global_rng_alone():
     model = _Attn().train()
-    exe = SparseExecution(model, _engine(model, {"attn": "attn.in_proj_weight"}), "auto")
+    exe = SparseExecution(model, _engine(model, {"attn.in_proj_weight": "attn.in_proj_weight"}), "auto")
     x = torch.randn(8, 64, 64, requires_grad=True)
     state = torch.get_rng_state()
-    exe.layers["attn"].time((True, True, False, tuple(x.shape)), x, (x, x, x), {"need_weights": False})
+    exe.layers["attn.in_proj_weight"].time((True, True, False, tuple(x.shape)), x, (x, x, x), {"need_weights": False})
     assert torch.equal(torch.get_rng_state(), state)  # dropout ran inside the timing, on a forked RNG
 
 

@@ -286,19 +286,18 @@ class _Layer:
                 "decisions": [_encode(k) + [c, self.speedups.get(k)] for k, c in self.decisions.items()]}
 
 
-def _kind(module: nn.Module | None, module_name: str, param: str) -> tuple[str | None, str | None]:
-    """(kind, None) for a layer with a sparse path, (None, reason) otherwise."""
-    own = param[len(module_name) + 1:] if module_name else param
-    if isinstance(module, nn.Conv2d) and own == "weight":
+def _kind(module: nn.Module | None, attr: str) -> tuple[str | None, str | None]:
+    """(kind, None) when parameter ``attr`` of ``module`` has a sparse path, else (None, reason)."""
+    if isinstance(module, nn.Conv2d) and attr == "weight":
         reason = unsupported_conv(module)
         return ("conv", None) if reason is None else (None, reason)
-    if isinstance(module, nn.Linear) and own == "weight":
+    if isinstance(module, nn.Linear) and attr == "weight":
         reason = unsupported_linear(module)
         return ("linear", None) if reason is None else (None, reason)
-    if isinstance(module, nn.MultiheadAttention) and own == "in_proj_weight":
+    if isinstance(module, nn.MultiheadAttention) and attr == "in_proj_weight":
         reason = unsupported_mha(module)
         return ("mha", None) if reason is None else (None, reason)
-    return None, f"no sparse kernel for {type(module).__name__}.{own}"
+    return None, f"no sparse kernel for {type(module).__name__}.{attr}"
 
 
 class SparseExecution:
@@ -326,8 +325,11 @@ class SparseExecution:
             return
         modules = dict(model.named_modules())
         for lay in engine.masked_layers:
-            m = modules.get(lay.module)
-            kind, reason = _kind(m, lay.module, lay.param)
+            # the parameter's owner: lay.module is the unit name metrics use ("<mha>.in_proj_weight"
+            # names the parameter itself)
+            owner, _, attr = lay.param.rpartition(".")
+            m = modules.get(owner)
+            kind, reason = _kind(m, attr)
             if kind is not None and "forward" in vars(m):
                 kind, reason = None, "its forward is already replaced on the instance"
             if kind is None:
