@@ -73,7 +73,7 @@ MARGIN = 0.05
 MAX_KEYS = 8
 #: timing budget per layer and key, and the bounds on interleaved repetitions per variant
 TIME_BUDGET_S = 0.03
-MIN_REPS, MAX_REPS = 2, 9
+MIN_REPS, MAX_REPS = 3, 9
 #: a call is timed on at most this many samples (both kernels scale linearly in the batch beyond it)
 TIME_MAX_BATCH = 64
 #: a smaller batch reuses the decision of the same call at a batch at most this many times larger
