@@ -416,8 +416,12 @@ def test_config_rejects_an_unknown_kernel_mode():
 
 # ----------------------------------------------------------------------------- training runs
 
+# lr 0.02: the sparse and dense trajectories stay within float rounding (2e-7) for the whole run. At
+# lr 0.05 a ReLU input within rounding of zero can flip in one of the runs, the two runs then drift
+# apart by 1e-4 within an epoch and MEST's ranking can flip a near tie: dynamics, not the kernels
+# (the per-step gradients agree to 3e-6 from identical weights).
 DIGITS = ["data.name=digits", "data.subset=256", "data.test_subset=64", "data.image_size=16", "data.batch_size=64",
-          "data.augment=false", "model.name=resnet20", "model.width=0.5", "optim.lr=0.05", "train.epochs=4",
+          "data.augment=false", "model.name=resnet20", "model.width=0.5", "optim.lr=0.02", "train.epochs=4",
           "train.interval=1", "train.threads=1", "logging.progress=false", "sparsity.method=mest",
           "sparsity.target=0.8", "sparsity.search_end=3"]
 
@@ -440,7 +444,7 @@ def test_mest_run_with_sparse_kernels_matches_dense_kernels(tmp_path):
     assert all(torch.equal(masks["dense"][n], masks["sparse"][n]) for n in masks["dense"])
     for name, w in runs["dense"]["model"].items():
         if w.is_floating_point():
-            torch.testing.assert_close(runs["sparse"]["model"][name], w, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(runs["sparse"]["model"][name], w, rtol=1e-5, atol=1e-5)
     # a fresh sparse run is bit-identical
     from spfde.utils import state_dict_sha256
 

@@ -34,7 +34,7 @@ from spfde.sparsity.kernels.common import warn_once
 
 SOURCE = Path(__file__).with_name("sparse_conv.cpp")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17")
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"lib": None, "tried": False, "error": None, "path": None, "warned": False}

@@ -17,10 +17,11 @@
 //                over the row's nonzeros and stored once; parallel over output positions.
 //   input grad   CSC columns (input channels), split by stride-parity class so the gather
 //                needs no divisibility test; also stored once; parallel over input positions.
-//   weight grad  CSR rows; each nonzero's dot product over (batch, output positions) is owned
-//                by one thread (a contiguous range of output channels per thread).
-// No thread ever sums into memory another thread writes, and every sum runs in the same order
-// whatever the thread count, so results are bit-identical for any number of threads.
+//   weight grad  CSR rows; each nonzero's dot product over (output positions, samples) within a
+//                batch block is owned by one thread; the blocks' shares are summed in block order.
+// Threads run whole batch blocks when there are enough of them, else share each block. No thread
+// ever sums into memory another thread writes, and every sum runs in the same order whatever the
+// thread count, so results are bit-identical for any number of threads.
 
 #include <cstdint>
 #include <cstdlib>
@@ -227,10 +228,13 @@ static void unpack_unit(const float* blk, const Act& a, i64 nb, i64 u, const flo
     for (int v = 0; v < nv; ++v) dst[v * a.sN + xx * a.sW] = row[xx * V + v] + b;
 }
 
-// acc += weight gradient contributions of one batch block for output channels [lo, hi)
+// acc += weight gradient contributions of one batch block for output channels [lo, hi), then
+// partial[k] = the lane sum of acc[k] (acc is zeroed first): the block's share of every gradient.
 static void weight_grad_block(const float* xb, i64 Wp, const float* gb, i64 Gh, i64 Gw, i64 mt, i64 ml,
                               i64 OH, i64 OW, i64 sh, i64 sw, const int32_t* rowptr, const i64* off, i64 lo, i64 hi,
-                              float* accbuf) {
+                              float* accbuf, float* partial) {
+  if (lo >= hi) return;
+  std::memset(accbuf + rowptr[lo] * V, 0, sizeof(float) * (rowptr[hi] - rowptr[lo]) * V);
   for (i64 oy = 0; oy < OH; ++oy) {
     const float* g0 = gb + ((oy + mt) * Gw + ml) * V;
     const float* x = xb + oy * sh * Wp * V;
@@ -257,11 +261,74 @@ static void weight_grad_block(const float* xb, i64 Wp, const float* gb, i64 Gh, 
       }
     }
   }
+  for (i64 k = rowptr[lo]; k < rowptr[hi]; ++k) {
+    float t = 0.0f;
+    for (int v = 0; v < V; ++v) t += accbuf[k * V + v];
+    partial[k] = t;
+  }
 }
+
+// Output rows [oy0, oy1) of one batch block of the forward.
+static void forward_rows(const float* xb, i64 Wp, i64 OC, i64 OH, i64 OW, i64 sh, i64 sw, const int32_t* rowptr,
+                         const i64* off, const float* vals, float* yb, i64 oy0, i64 oy1) {
+  for (i64 oy = oy0; oy < oy1; ++oy)
+    for (i64 ox0 = 0; ox0 < OW; ox0 += R) {
+      const i64 cnt = OW - ox0 < R ? OW - ox0 : R;
+      const float* src = xb + (oy * sh * Wp + ox0 * sw) * V;
+      for (i64 oc = 0; oc < OC; ++oc) {
+        const i64 s = rowptr[oc], n = rowptr[oc + 1] - s;
+        float* dst = yb + ((oc * OH + oy) * OW + ox0) * V;
+        if (n == 0)
+          zero_positions(dst, V, cnt);
+        else
+          gather_row(src, sw * V, off + s, vals + s, n, dst, V, cnt);
+      }
+    }
+}
+
+// Input rows [iy0, iy1) of one batch block of the input gradient.
+static void input_grad_rows(const float* gb, i64 Gw, i64 C, i64 H, i64 W, i64 sh, i64 sw, const int32_t* colptr,
+                            const i64* coff, const float* cw, float* gxb, i64 iy0, i64 iy1) {
+  for (i64 iy = iy0; iy < iy1; ++iy) {
+    const i64 py = iy % sh, a = iy / sh;
+    const float* g = gb + a * Gw * V;
+    for (i64 px = 0; px < sw; ++px) {
+      const i64 nB = W > px ? (W - px + sw - 1) / sw : 0;
+      for (i64 b0 = 0; b0 < nB; b0 += R) {
+        const i64 cnt = nB - b0 < R ? nB - b0 : R;
+        for (i64 c = 0; c < C; ++c) {
+          const i64 cls = (c * sh + py) * sw + px;
+          const i64 s = colptr[cls], n = colptr[cls + 1] - s;
+          float* dst = gxb + ((c * H + iy) * W + sw * b0 + px) * V;
+          if (n == 0)
+            zero_positions(dst, sw * V, cnt);
+          else
+            gather_row(g + b0 * V, V, coff + s, cw + s, n, dst, sw * V, cnt);
+        }
+      }
+    }
+  }
+}
+
+// With enough batch blocks each thread runs whole blocks with its own scratch (no barrier inside
+// the call); otherwise all threads share one block at a time. Either way every output element is
+// computed by one thread in the same order, so the results do not depend on the choice.
+static bool own_blocks(i64 NB, int nthreads) { return nthreads > 1 && (NB % nthreads == 0 || NB >= 2 * nthreads); }
+
+// Scratch of `count` equal slices (one per thread in own-block mode), 64-byte aligned, optionally zeroed.
+struct Scratch {
+  float* p = nullptr;
+  i64 slice = 0;
+  Scratch(i64 n, int count, bool zero) : slice((n + 15) / 16 * 16) {
+    p = count ? alloc_floats(slice * count, zero) : nullptr;
+  }
+  ~Scratch() { free(p); }
+  float* at(int t) const { return p + t * slice; }
+};
 
 extern "C" {
 
-int spfde_abi_version() { return 2; }
+int spfde_abi_version() { return 3; }
 int spfde_vector_width() { return V; }
 
 // y = conv2d(x, W, bias) for the nonzeros of W in CSR order (row = output channel): rowptr[OC + 1]
@@ -275,37 +342,31 @@ int spfde_conv2d_forward(const float* x, i64 N, i64 C, i64 H, i64 W, i64 xsN, i6
   const i64 NB = (N + V - 1) / V, Hp = H + 2 * ph, Wp = W + 2 * pw, nnz = rowptr[OC];
   std::vector<i64> off(nnz > 0 ? nnz : 1);
   for (i64 k = 0; k < nnz; ++k) off[k] = ((i64(ic[k]) * Hp + ky[k]) * Wp + kx[k]) * V;
-  float* xb = alloc_floats(C * Hp * Wp * V, true);
-  float* yb = alloc_floats(OC * OH * OW * V, false);
-  if (!xb || !yb) {
-    free(xb);
-    free(yb);
-    return 1;
+  const bool own = own_blocks(NB, nthreads);
+  const int slices = own ? nthreads : 1;
+  Scratch xs(C * Hp * Wp * V, slices, true), ys(OC * OH * OW * V, slices, false);
+  if (!xs.p || !ys.p) return 1;
+  if (own) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (i64 nb = 0; nb < NB; ++nb) {
+      const int t = omp_get_thread_num();
+      float *xb = xs.at(t), *yb = ys.at(t);
+      for (i64 u = 0; u < xa.units(); ++u) pack_unit(xa, nb, u, xb, Hp, Wp, ph, pw);
+      forward_rows(xb, Wp, OC, OH, OW, sh, sw, rowptr, off.data(), vals, yb, 0, OH);
+      for (i64 u = 0; u < ya.units(); ++u) unpack_unit(yb, ya, nb, u, bias);
+    }
+    return 0;
   }
-  const i64 nblk = (OW + R - 1) / R;
+  float *xb = xs.at(0), *yb = ys.at(0);
 #pragma omp parallel num_threads(nthreads)
   for (i64 nb = 0; nb < NB; ++nb) {
 #pragma omp for schedule(static)
     for (i64 u = 0; u < xa.units(); ++u) pack_unit(xa, nb, u, xb, Hp, Wp, ph, pw);
-#pragma omp for collapse(2) schedule(static)
-    for (i64 oy = 0; oy < OH; ++oy)
-      for (i64 bx = 0; bx < nblk; ++bx) {
-        const i64 ox0 = bx * R, cnt = OW - ox0 < R ? OW - ox0 : R;
-        const float* src = xb + (oy * sh * Wp + ox0 * sw) * V;
-        for (i64 oc = 0; oc < OC; ++oc) {
-          const i64 s = rowptr[oc], n = rowptr[oc + 1] - s;
-          float* dst = yb + ((oc * OH + oy) * OW + ox0) * V;
-          if (n == 0)
-            zero_positions(dst, V, cnt);
-          else
-            gather_row(src, sw * V, off.data() + s, vals + s, n, dst, V, cnt);
-        }
-      }
+#pragma omp for schedule(static)
+    for (i64 oy = 0; oy < OH; ++oy) forward_rows(xb, Wp, OC, OH, OW, sh, sw, rowptr, off.data(), vals, yb, oy, oy + 1);
 #pragma omp for schedule(static)
     for (i64 u = 0; u < ya.units(); ++u) unpack_unit(yb, ya, nb, u, bias);
   }
-  free(xb);
-  free(yb);
   return 0;
 }
 
@@ -315,6 +376,7 @@ int spfde_conv2d_forward(const float* x, i64 N, i64 C, i64 H, i64 W, i64 xsN, i6
 // px = (kx - pw) mod sw: colptr[C * sh * sw + 1]; cidx[j] is the nonzero's CSR position. Input
 // position (sh*a + py, sw*b + px) gathers gy[oc][a + dy][b + dx], dy = (py + ph - ky) / sh and
 // dx = (px + pw - kx) / sw (exact divisions), from gy packed with zero margins mt/mb/ml/mr.
+// gw[k] sums the batch blocks' shares in block order.
 int spfde_conv2d_backward(const float* x, i64 xsN, i64 xsC, i64 xsH, i64 xsW, const float* gy, i64 gsN, i64 gsC,
                           i64 gsH, i64 gsW, i64 N, i64 C, i64 H, i64 W, i64 OC, i64 OH, i64 OW, i64 sh, i64 sw,
                           i64 ph, i64 pw, i64 mt, i64 mb, i64 ml, i64 mr, const int32_t* rowptr, const int32_t* ic,
@@ -335,71 +397,72 @@ int spfde_conv2d_backward(const float* x, i64 xsN, i64 xsC, i64 xsH, i64 xsW, co
     coff[j] = ((i64(coc[j]) * Gh + dy + mt) * Gw + dx + ml) * V;
     cw[j] = vals[cidx[j]];
   }
-  float* gb = alloc_floats(OC * Gh * Gw * V, true);
-  float* xb = gw ? alloc_floats(C * Hp * Wp * V, true) : nullptr;
-  float* gxb = gx ? alloc_floats(C * H * W * V, false) : nullptr;
-  float* accbuf = gw ? alloc_floats(nnz * V, true) : nullptr;
-  if (!gb || (gw && (!xb || !accbuf)) || (gx && !gxb)) {
-    free(gb);
-    free(xb);
-    free(gxb);
-    free(accbuf);
-    return 1;
-  }
-#pragma omp parallel num_threads(nthreads)
-  {
-    // weight gradient: this thread's output channels, balanced by nonzeros
-    const i64 t = omp_get_thread_num(), T = omp_get_num_threads();
-    i64 lo = 0;
-    while (lo < OC && rowptr[lo] * T < t * nnz) ++lo;
-    i64 hi = lo;
-    while (hi < OC && rowptr[hi] * T < (t + 1) * nnz) ++hi;
-    if (t == T - 1) hi = OC;
+  const bool own = own_blocks(NB, nthreads);
+  const int slices = own ? nthreads : 1;
+  Scratch gs(OC * Gh * Gw * V, slices, true), xs(C * Hp * Wp * V, gw ? slices : 0, true),
+      dxs(C * H * W * V, gx ? slices : 0, false), accs(nnz * V, gw ? slices : 0, false),
+      parts(NB * nnz, gw ? 1 : 0, false);
+  if (!gs.p || (gw && (!xs.p || !accs.p || !parts.p)) || (gx && !dxs.p)) return 1;
+  if (own) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
     for (i64 nb = 0; nb < NB; ++nb) {
-#pragma omp for schedule(static) nowait
+      const int t = omp_get_thread_num();
+      float* gb = gs.at(t);
       for (i64 u = 0; u < ga.units(); ++u) pack_unit(ga, nb, u, gb, Gh, Gw, mt, ml);
-      if (gw) {
-#pragma omp for schedule(static) nowait
-        for (i64 u = 0; u < xa.units(); ++u) pack_unit(xa, nb, u, xb, Hp, Wp, ph, pw);
-      }
-#pragma omp barrier
       if (gx) {
-#pragma omp for collapse(2) schedule(static)
-        for (i64 iy = 0; iy < H; ++iy)
-          for (i64 px = 0; px < sw; ++px) {
-            const i64 py = iy % sh, a = iy / sh;
-            const i64 nB = W > px ? (W - px + sw - 1) / sw : 0;
-            const float* g = gb + a * Gw * V;
-            for (i64 b0 = 0; b0 < nB; b0 += R) {
-              const i64 cnt = nB - b0 < R ? nB - b0 : R;
-              for (i64 c = 0; c < C; ++c) {
-                const i64 cls = (c * sh + py) * sw + px;
-                const i64 s = colptr[cls], n = colptr[cls + 1] - s;
-                float* dst = gxb + ((c * H + iy) * W + sw * b0 + px) * V;
-                if (n == 0)
-                  zero_positions(dst, sw * V, cnt);
-                else
-                  gather_row(g + b0 * V, V, coff.data() + s, cw.data() + s, n, dst, sw * V, cnt);
-              }
-            }
-          }
-#pragma omp for schedule(static) nowait
+        float* gxb = dxs.at(t);
+        input_grad_rows(gb, Gw, C, H, W, sh, sw, colptr, coff.data(), cw.data(), gxb, 0, H);
         for (i64 u = 0; u < da.units(); ++u) unpack_unit(gxb, da, nb, u, nullptr);
       }
-      if (gw) weight_grad_block(xb, Wp, gb, Gh, Gw, mt, ml, OH, OW, sh, sw, rowptr, off.data(), lo, hi, accbuf);
+      if (gw) {
+        float* xb = xs.at(t);
+        for (i64 u = 0; u < xa.units(); ++u) pack_unit(xa, nb, u, xb, Hp, Wp, ph, pw);
+        weight_grad_block(xb, Wp, gb, Gh, Gw, mt, ml, OH, OW, sh, sw, rowptr, off.data(), 0, OC, accs.at(t),
+                          parts.at(0) + nb * nnz);
+      }
+    }
+  } else {
+    float *gb = gs.at(0), *xb = gw ? xs.at(0) : nullptr, *gxb = gx ? dxs.at(0) : nullptr;
+#pragma omp parallel num_threads(nthreads)
+    {
+      // weight gradient: this thread's output channels, balanced by nonzeros
+      const i64 t = omp_get_thread_num(), T = omp_get_num_threads();
+      i64 lo = 0;
+      while (lo < OC && rowptr[lo] * T < t * nnz) ++lo;
+      i64 hi = lo;
+      while (hi < OC && rowptr[hi] * T < (t + 1) * nnz) ++hi;
+      if (t == T - 1) hi = OC;
+      for (i64 nb = 0; nb < NB; ++nb) {
+#pragma omp for schedule(static) nowait
+        for (i64 u = 0; u < ga.units(); ++u) pack_unit(ga, nb, u, gb, Gh, Gw, mt, ml);
+        if (gw) {
+#pragma omp for schedule(static) nowait
+          for (i64 u = 0; u < xa.units(); ++u) pack_unit(xa, nb, u, xb, Hp, Wp, ph, pw);
+        }
 #pragma omp barrier
+        if (gx) {
+#pragma omp for schedule(static)
+          for (i64 iy = 0; iy < H; ++iy)
+            input_grad_rows(gb, Gw, C, H, W, sh, sw, colptr, coff.data(), cw.data(), gxb, iy, iy + 1);
+#pragma omp for schedule(static) nowait
+          for (i64 u = 0; u < da.units(); ++u) unpack_unit(gxb, da, nb, u, nullptr);
+        }
+        if (gw)
+          weight_grad_block(xb, Wp, gb, Gh, Gw, mt, ml, OH, OW, sh, sw, rowptr, off.data(), lo, hi, accs.at(0),
+                            parts.at(0) + nb * nnz);
+#pragma omp barrier
+      }
     }
   }
-  if (gw)
+  if (gw) {
+    const float* part = parts.at(0);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
     for (i64 k = 0; k < nnz; ++k) {
       float t = 0.0f;
-      for (int v = 0; v < V; ++v) t += accbuf[k * V + v];
+      for (i64 nb = 0; nb < NB; ++nb) t += part[nb * nnz + k];
       gw[k] = t;
     }
-  free(gb);
-  free(xb);
-  free(gxb);
-  free(accbuf);
+  }
   return 0;
 }
 
