@@ -260,6 +260,20 @@ def test_dense_mode_installs_nothing_and_unsupported_calls_fall_back():
     assert torch.equal(lin.bfloat16()(xb), ref.bfloat16()(xb))  # bf16: the module's own dense forward
     with pytest.raises(ConfigError, match="sparsity.kernels"):
         SparseExecution(lin, _engine(lin, {"0": "0.weight"}), "fast")
+    from spfde.sparsity.kernels.conv import unsupported_conv
+
+    assert unsupported_conv(nn.Conv2d(4, 4, 3, groups=2)) == "groups != 1"
+    assert unsupported_conv(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")) == "padding_mode 'reflect'"
+    assert unsupported_conv(nn.Conv2d(4, 4, 3, padding="same")) == "padding 'same'"
+    assert unsupported_conv(nn.Conv2d(4, 4, 3, padding="valid")) is None
+    conv = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1))
+    ref = copy.deepcopy(conv)
+    SparseExecution(conv, _engine(conv, {"0": "0.weight"}), "sparse")
+    _engine(ref, {"0": "0.weight"})
+    xb = torch.randn(3, 4, 6, 6).bfloat16()
+    assert torch.equal(conv.bfloat16()(xb), ref.bfloat16()(xb))  # bf16 conv: dense
+    x = torch.randn(4, 6, 6)  # unbatched input: dense
+    assert torch.equal(conv.float()(x), ref.float()(x))
 
 
 def test_plan_rebuilt_only_when_the_mask_changes():
@@ -584,3 +598,34 @@ def test_report_shows_the_kernel_table(tmp_path):
     text = write_report([run]).read_text()
     assert "### Kernels per layer (run)" in text
     assert "| `layer1.0.conv1` | sparse | 2/3 | 3.80x |" in text and "| `head` | dense | 0/3 | - |" in text
+
+
+@needs_native
+@pytest.mark.slow
+def test_auto_resume_replays_the_checkpointed_choices(tmp_path, monkeypatch):
+    from spfde.config import dump_config, load_config
+    from spfde.train import Trainer, resume, train
+
+    cfg = load_config(None, [*DIGITS, "model.width=1.0", "train.epochs=3", "sparsity.search_end=1",
+                             "sparsity.kernels=auto"])  # width 1: layers above TINY_MACS
+    monkeypatch.setattr(execution, "race", lambda dense, sparse: (1.0, 0.5))  # sparse measured faster
+    full = train(cfg, tmp_path / "full", quiet=True)
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "config.yaml").write_text(dump_config(cfg))
+    tr = Trainer(cfg, part, quiet=True)
+    for epoch in range(2):  # the density steps at epoch 1 (search_end): the last re-timing
+        m = tr.train_epoch(epoch)
+        tr.metrics.append({"epoch": epoch, **m, "test_acc": None, "wall_s": 0.0})
+        tr.checkpoint(epoch)
+    assert m["kernels"]["layer1.0.conv1"] == "sparse"
+    timed_with_grad = []  # timing a training call now would pick dense
+    monkeypatch.setattr(execution, "race",
+                        lambda dense, sparse: timed_with_grad.append(torch.is_grad_enabled()) or (0.5, 1.0))
+    resumed = resume(part, quiet=True)
+    # the training calls replayed the checkpoint's choices (only the evaluation's forward-only calls,
+    # never run in this process, were timed)
+    assert not any(timed_with_grad)
+    assert resumed["weights_sha256"] == full["weights_sha256"]
+    rows = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["kernels"]["layer1.0.conv1"] == "sparse"
