@@ -20,6 +20,8 @@ $(STAMP): $(BIN)/python pyproject.toml
 	  || $(BIN)/python -m pip install -q --index-url https://download.pytorch.org/whl/cpu "torch>=2.2" \
 	  || $(BIN)/python -m pip install -q "torch>=2.2"
 	$(BIN)/python -m pip install -q $(FIND) -e ".[test,lightning,hf]"
+	# the optional native sparse-conv kernel; a failed build is not fatal (dense fallback)
+	-$(BIN)/python -m spfde.sparsity.kernels.native
 	touch $(STAMP)
 
 setup: $(STAMP)

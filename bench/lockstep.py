@@ -28,7 +28,9 @@ BASE = ["data.name=fashion_mnist", "data.augment=false", "model.name=resnet20", 
         "logging.progress=false",
         # freezing's own effect, as the paper times it: frozen blocks still run forward
         # (bench/cache.py measures the activation cache)
-        "freezing.cache=off"]
+        "freezing.cache=off",
+        # masked weights on dense kernels, as the paper times them (bench/kernels.py, bench/end_to_end.py)
+        "sparsity.kernels=dense"]
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:

@@ -108,6 +108,8 @@ class SparsityConfig:
                                                             "epochs, or every update_interval_steps steps")
     update_interval_steps: int = _f(100, lo=1, doc="ΔT in optimizer steps for update_unit: step (RigL: 100)")
     static_init: Literal["random", "snip"] = _f("random")
+    kernels: Literal["auto", "dense", "sparse"] = _f(
+        "auto", doc="kernels of masked layers: auto (sparse where measured faster), dense, sparse (docs/kernels.md)")
 
 
 @dataclass

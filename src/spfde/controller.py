@@ -175,6 +175,11 @@ class SpFDE:
         self._lr_warned = False
         self._set_lr(0.0)
 
+        # ---- sparse kernels for the masked layers (sparsity.kernels, docs/kernels.md)
+        from spfde.sparsity.kernels import SparseExecution
+
+        self.kernels = SparseExecution(net, self.sparsity, cfg.sparsity.kernels)
+
     # ------------------------------------------------------------------ set-up helpers
     @staticmethod
     def _check_optimizer(net: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -344,6 +349,7 @@ class SpFDE:
             self.cache.set_frozen(len(self.freezer.frozen))
         frozen_params = self.freezer.frozen_param_names() if self.freezer else set()
         info["sparsity_update"] = self.sparsity.update(epoch, frozen_params=frozen_params)
+        self.kernels.refresh()
         info.update(self.sieve.step_epoch(epoch, self.tracker))
         self.sampler.set_epoch(epoch)
         self.epoch = epoch
@@ -476,7 +482,11 @@ class SpFDE:
             "cache_fill_flops": int(self._fill_flops),
             **self.cache.end_epoch(),
             "sparsity_updated": bool(info.get("sparsity_update", {}).get("updated", False)),
+            "kernels": self.kernels.choices(),
         }
+        speedups = self.kernels.speedups()
+        if speedups:  # only what sparsity.kernels: auto timed
+            m["kernel_speedup"] = speedups
         m["mem_model_bytes"] = int(self.memory_model()["total"])
         # the same sparse model with nothing frozen: Fig. 4's "DST methods Min." baseline
         m["mem_model_unfrozen_bytes"] = (int(self.memory_model(frozen=False)["total"]) if m["frozen_blocks"]
@@ -553,6 +563,7 @@ class SpFDE:
             "ledger": self.ledger.state_dict(),
             "freezer": self.freezer.state_dict() if self.freezer else None,
             "grad_norms": self.grad_norms.state_dict() if self.grad_norms is not None else None,
+            "kernels": self.kernels.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -567,6 +578,7 @@ class SpFDE:
             self.grad_norms.load_state_dict(state["grad_norms"])
         self.sparsity.apply_masks()
         self.cache.reset()  # derived data: rebuilt from the restored model at the next epoch start
+        self.kernels.load_state_dict(state.get("kernels") or {})
         self._in_epoch = False
 
     def optimizer_loaded(self) -> None:

@@ -37,6 +37,7 @@ from spfde.analysis import (
 from spfde.errors import SpfdeError
 from spfde.report import plots
 from spfde.report.compare import COMPARE_COLUMNS, compare_footnotes, compare_row_cells, compare_runs
+from spfde.report.kernels import kernel_blocks
 from spfde.report.runs import Run, load_runs
 from spfde.utils import atomic_write_text
 
@@ -164,6 +165,7 @@ def _run_section(run: Run, plot_dir: Path, out_dir: Path, probe: torch.Tensor | 
     add(plots.plot_forgetting(run, hists, d / "forgetting.png"), d / "forgetting.png",
         "Forgetting events at each sieving update")
     add(plots.plot_memory(run, d / "memory.png"), d / "memory.png", "Memory per epoch")
+    blocks += kernel_blocks(run.metrics, run.label)
     history = [r["grad_norms"] for r in run.metrics if isinstance(r.get("grad_norms"), dict) and r["grad_norms"]]
     add(plots.plot_grad_norms(run, grad_norm_change(history), d / "grad_norms.png"), d / "grad_norms.png",
         "Per-layer gradient norms and their change")

@@ -159,6 +159,11 @@ class SparseEngine:
             return self.schedule.is_update_step(self.step + 1, self.epoch)
         return self._recording
 
+    def needs_dense_grad_now(self) -> bool:
+        """True when the coming step's unmasked weight gradient feeds an update (RigL), so sparse
+        kernels must compute it densely (:mod:`spfde.sparsity.kernels`)."""
+        return self.grad_stat == "dense_last" and self._recording_now()
+
     @torch.no_grad()
     def before_step(self) -> None:
         """Zero the gradients at pruned positions; compute the update's gradient statistic if due."""

@@ -1,0 +1,166 @@
+"""Per-layer speed of the sparse kernels against the masked dense layer (issue 13, docs/kernels.md).
+
+For each layer shape and sparsity (80/90/95/98% by default) and each thread count, forward +
+backward (input and weight gradients, as in training) of the sparse kernel and of PyTorch's dense
+kernel on the masked weight are timed in ONE process, interleaved repetition by repetition
+(dense, sparse, sparse, dense, ...), and the ratio of the medians is reported (> 1: sparse is
+faster). ``--forward`` adds the forward-only ratio (what a frozen layer runs).
+
+Shapes: Linear 1024x1024 at batch 128; the 3x3 convolutions of ResNet-20 (= ResNet-32 at width 1)
+and ResNet-32 2x on 32x32 CIFAR inputs at batch 128 (channels_last, the trainer's CPU layout);
+ViT-tiny's linear layers (dim 192, MLP 768, 65 tokens, batch 32).
+Targets (benchmarks, not tests): sparse Linear at 90% >= 1.5x on 2 threads; conv at 95% >= 1.5x.
+
+    python bench/kernels.py                     # Markdown table
+    python bench/kernels.py --quick             # fewer shapes and repetitions (a smoke run)
+    python bench/kernels.py --json              # one JSON object: {"rows": [...], "targets": {...}}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spfde.sparsity.kernels import native
+from spfde.sparsity.kernels.conv import make_conv_plan, sparse_conv2d
+from spfde.sparsity.kernels.linear import LinearPlan, sparse_linear
+
+# (name, kind, spec): linear spec = (batch rows, in, out); conv spec = (batch, in, out, stride, size)
+SHAPES = [
+    ("linear 1024x1024", "linear", (128, 1024, 1024)),
+    ("resnet20 conv 16-16 32x32", "conv", (128, 16, 16, 1, 32)),
+    ("resnet20 conv 16-32 s2 32x32", "conv", (128, 16, 32, 2, 32)),
+    ("resnet20 conv 32-32 16x16", "conv", (128, 32, 32, 1, 16)),
+    ("resnet20 conv 32-64 s2 16x16", "conv", (128, 32, 64, 2, 16)),
+    ("resnet20 conv 64-64 8x8", "conv", (128, 64, 64, 1, 8)),
+    ("resnet32x2 conv 32-32 32x32", "conv", (128, 32, 32, 1, 32)),
+    ("resnet32x2 conv 64-64 16x16", "conv", (128, 64, 64, 1, 16)),
+    ("resnet32x2 conv 128-128 8x8", "conv", (128, 128, 128, 1, 8)),
+    ("vit-tiny qkv 192-576", "linear", (32 * 65, 192, 576)),
+    ("vit-tiny proj 192-192", "linear", (32 * 65, 192, 192)),
+    ("vit-tiny fc1 192-768", "linear", (32 * 65, 192, 768)),
+    ("vit-tiny fc2 768-192", "linear", (32 * 65, 768, 192)),
+]
+QUICK = {"linear 1024x1024", "resnet20 conv 16-16 32x32", "resnet20 conv 64-64 8x8", "vit-tiny fc1 192-768"}
+
+
+def _layer(kind: str, spec: tuple, sparsity: float, gen: torch.Generator):
+    """(dense fn, sparse fn) running forward (+ backward when ``backward``) on one fixed input."""
+    if kind == "linear":
+        rows, fin, fout = spec
+        mod = nn.Linear(fin, fout)
+        x = torch.randn(rows, fin, generator=gen)
+    else:
+        n, cin, cout, stride, size = spec
+        mod = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False).to(memory_format=torch.channels_last)
+        x = torch.randn(n, cin, size, size, generator=gen).contiguous(memory_format=torch.channels_last)
+    mask = torch.rand(mod.weight.shape, generator=gen) >= sparsity
+    with torch.no_grad():
+        mod.weight.mul_(mask)
+    if kind == "linear":
+        plan = LinearPlan(mask, mod.weight)
+        return mod, x, (lambda xx: F.linear(xx, mod.weight, mod.bias)), (
+            lambda xx: sparse_linear(xx, mod.weight, mod.bias, plan))
+    plan = make_conv_plan(mod, mask)
+    return mod, x, (lambda xx: F.conv2d(xx, mod.weight, None, mod.stride, mod.padding)), (
+        lambda xx: sparse_conv2d(mod, xx, plan))
+
+
+def _runner(fn, mod: nn.Module, x: torch.Tensor, backward: bool):
+    def run() -> None:
+        if not backward:
+            with torch.no_grad():
+                fn(x)
+            return
+        xx = x.detach().requires_grad_()
+        out = fn(xx)
+        torch.autograd.grad(out, [xx, mod.weight], torch.ones_like(out))
+    return run
+
+
+def _ratio(dense, sparse, reps: int) -> tuple[float, float, float]:
+    """(dense ms, sparse ms, dense / sparse) from medians of interleaved repetitions."""
+    for _ in range(2):
+        dense(), sparse()
+    td, ts = [], []
+    for i in range(reps):
+        pair = ((td, dense), (ts, sparse)) if i % 2 == 0 else ((ts, sparse), (td, dense))
+        for out, fn in pair:
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+    d, s = statistics.median(td), statistics.median(ts)
+    return 1e3 * d, 1e3 * s, d / s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sparsities", default="0.8,0.9,0.95,0.98")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--reps", type=int, default=15, help="interleaved repetitions per variant")
+    ap.add_argument("--quick", action="store_true", help="4 shapes, 5 repetitions")
+    ap.add_argument("--forward", action="store_true", help="also time forward only (frozen layers)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    threads = [int(t) for t in args.threads.split(",")]
+    reps = 5 if args.quick else args.reps
+    shapes = [s for s in SHAPES if not args.quick or s[0] in QUICK]
+    if not native.status()["available"]:
+        shapes = [s for s in shapes if s[1] != "conv"]
+        print(f"# native kernel unavailable ({native.status()['error']}): conv rows skipped")
+    passes = [("fwd+bwd", True)] + ([("fwd", False)] if args.forward else [])
+    rows = []
+    saved = torch.get_num_threads()
+    try:
+        for name, kind, spec in shapes:
+            for t in threads:
+                torch.set_num_threads(t)
+                for label, backward in passes:
+                    row = {"layer": name, "threads": t, "pass": label, "speedup": {}, "dense_ms": {}, "sparse_ms": {}}
+                    for s in sparsities:
+                        gen = torch.Generator().manual_seed(0)
+                        mod, x, dense, sparse = _layer(kind, spec, s, gen)
+                        d, sp, r = _ratio(_runner(dense, mod, x, backward), _runner(sparse, mod, x, backward), reps)
+                        key = f"{round(100 * s)}%"
+                        row["speedup"][key], row["dense_ms"][key], row["sparse_ms"][key] = (
+                            round(r, 2), round(d, 3), round(sp, 3))
+                    rows.append(row)
+                    if not args.json:
+                        print(f"{name:30s} {t}t {label:8s} " + "  ".join(
+                            f"{k}: {v:5.2f}x" for k, v in row["speedup"].items()) +
+                            f"   (dense {statistics.median(row['dense_ms'].values()):.2f} ms)", flush=True)
+    finally:
+        torch.set_num_threads(saved)
+
+    def pick(prefix: str, key: str) -> list[float]:
+        return [r["speedup"].get(key, 0.0) for r in rows if r["layer"].startswith(prefix) and r["threads"] == 2
+                and r["pass"] == "fwd+bwd"]
+
+    lin, conv = pick("linear 1024", "90%"), [v for p in ("resnet20 conv", "resnet32x2 conv") for v in pick(p, "95%")]
+    targets = {
+        "linear_1024_90pct_2threads": {"goal": ">= 1.5", "value": min(lin) if lin else None},
+        "conv_95pct_2threads_min": {"goal": ">= 1.5", "value": min(conv) if conv else None},
+    }
+    if args.json:
+        print(json.dumps({"rows": rows, "targets": targets, "reps": reps}))
+        return
+    keys = [f"{round(100 * s)}%" for s in sparsities]
+    print("\n| layer | threads | pass | " + " | ".join(keys) + " | dense ms |")
+    print("|---|---|---|" + "---|" * len(keys) + "---|")
+    for r in rows:
+        print(f"| {r['layer']} | {r['threads']} | {r['pass']} | " + " | ".join(f"{r['speedup'][k]:.2f}x" for k in keys)
+              + f" | {statistics.median(r['dense_ms'].values()):.2f} |")
+    for name, t in targets.items():
+        v = t["value"]
+        print(f"target {name}: {t['goal']}x, measured {'-' if v is None else f'{v:.2f}x'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""Sparse kernels for masked layers, chosen per layer (``sparsity.kernels``; docs/kernels.md).
+
+=====================  ==========================================================================
+``execution``          :class:`SparseExecution` (install, refresh, choose by measurement, state)
+``linear``             CSR autograd function for ``nn.Linear``
+``attention``          packed q/k/v projection of ``nn.MultiheadAttention`` through the CSR path
+``conv``               native direct sparse ``nn.Conv2d`` (``sparse_conv.cpp``)
+``native``             build/load of the C++ library (``python -m spfde.sparsity.kernels.native``)
+=====================  ==========================================================================
+"""
+
+from spfde.sparsity.kernels.common import KernelWarning
+from spfde.sparsity.kernels.conv import ConvPlan, SparseConv2dFunction, make_conv_plan, sparse_conv2d
+from spfde.sparsity.kernels.execution import KERNEL_MODES, SparseExecution
+from spfde.sparsity.kernels.linear import LinearPlan, SparseLinearFunction, sparse_linear
+
+__all__ = [
+    "KERNEL_MODES",
+    "ConvPlan",
+    "KernelWarning",
+    "LinearPlan",
+    "SparseConv2dFunction",
+    "SparseExecution",
+    "SparseLinearFunction",
+    "make_conv_plan",
+    "sparse_conv2d",
+    "sparse_linear",
+]

@@ -1,0 +1,84 @@
+"""What the sparse layers share: the nonzero index of a mask, and gather/scatter on dense weights.
+
+The model keeps its dense, masked parameters (optimizer, state and checkpoints unchanged). A
+sparse layer gathers the values at the mask's nonzeros from the dense weight every step and
+writes its weight gradient back into a dense tensor that is zero at every pruned position, so
+the engine's gradient masking stays valid.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+
+class KernelWarning(RuntimeWarning):
+    """A sparse kernel fell back to the dense one (a failed build, an unsupported layer)."""
+
+
+_WARNED: dict = {}
+
+
+def warn_once(message: str) -> None:
+    """One warning line (no source line under it), shown once per message and process."""
+    warnings.warn_explicit(message, KernelWarning, "spfde.sparsity.kernels", 0, registry=_WARNED,
+                           module="spfde.sparsity.kernels")
+
+
+def is_dense_storage(t: torch.Tensor) -> bool:
+    """True when ``t``'s elements fill its storage span exactly once (contiguous, channels_last, ...)."""
+    if t.numel() == 0:
+        return False
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape, strict=True) if sz != 1)
+    expect = 1
+    for st, sz in dims:
+        if st != expect:
+            return False
+        expect *= sz
+    return True
+
+
+def flat_storage(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of ``t``'s elements in storage order (``t`` must satisfy :func:`is_dense_storage`)."""
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+class NonzeroIndex:
+    """The nonzeros of one boolean mask: logical flat indices (row-major), coordinates and the
+    storage offsets of the same elements in a weight with the given strides."""
+
+    def __init__(self, mask: torch.Tensor, weight_stride: tuple[int, ...]) -> None:
+        self.shape = tuple(mask.shape)
+        self.flat = mask.reshape(-1).nonzero().squeeze(1)  # row-major order = CSR order
+        coords = []
+        rest = self.flat
+        for size in reversed(self.shape):
+            coords.append(rest % size)
+            rest = rest // size
+        self.coords = list(reversed(coords))
+        self.stride = tuple(weight_stride)
+        self.offsets = sum(c * s for c, s in zip(self.coords, self.stride, strict=True)) if self.coords else self.flat
+        self.nnz = int(self.flat.numel())
+
+    def gather(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight's values at the nonzeros, in CSR order (a new contiguous tensor)."""
+        return flat_storage(weight).index_select(0, self.offsets)
+
+    def scatter(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A dense tensor shaped and strided like ``like``: ``values`` at the nonzeros, zero elsewhere."""
+        out = torch.zeros_like(like)
+        if out.stride() == self.stride:
+            flat_storage(out).index_copy_(0, self.offsets, values.to(out.dtype))
+        else:  # zeros_like kept another layout: index by logical position instead
+            out = torch.zeros(self.shape, dtype=like.dtype, device=like.device)
+            out.view(-1).index_copy_(0, self.flat, values.to(out.dtype))
+        return out
+
+
+def index_counts(keys: torch.Tensor, bins: int) -> torch.Tensor:
+    """CSR-style pointer array (int32): ``ptr[i+1] - ptr[i]`` = number of keys equal to ``i``."""
+    ptr = torch.zeros(bins + 1, dtype=torch.int64)
+    if keys.numel():
+        ptr[1:] = torch.bincount(keys, minlength=bins).cumsum(0)
+    return ptr.to(torch.int32)

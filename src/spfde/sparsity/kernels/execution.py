@@ -1,0 +1,388 @@
+"""Sparse execution: run every masked layer with a sparse kernel where it is faster.
+
+Method card
+-----------
+What it does
+    Weight sparsity saves FLOPs on paper only while masked layers run dense kernels. A
+    :class:`SparseExecution` puts a sparse forward and backward (work proportional to the
+    nonzeros) in place of each masked layer's forward: CSR Linear (:mod:`.linear`), packed
+    attention input projection (:mod:`.attention`), native direct Conv2d (:mod:`.conv`). The
+    model's parameters, optimizer, optimizer state and checkpoints are untouched (dense, masked):
+    each step gathers the nonzero values from the dense weight and writes the weight gradient
+    into the dense ``.grad`` at the nonzeros, zero elsewhere, so the engine's masking stays valid.
+Paper
+    Section 2 and 5.3 / Appendix F count the savings of unstructured sparsity in FLOPs; this
+    makes a share of them wall-clock on CPU.
+Hyper-parameters
+    ``sparsity.kernels``: ``auto`` (default) | ``dense`` | ``sparse``.
+
+    * ``dense``: nothing is installed; bit-identical to a run without this module.
+    * ``sparse``: every supported layer runs its sparse kernel (unsupported layers or calls, e.g.
+      CUDA, bf16, groups, dilation, a failed native build: dense, with one warning line).
+    * ``auto``: each layer is timed on its real input (shape, and whether the input and weight
+      need gradients) at its first call, and again after its nonzero count changed: a few
+      interleaved repetitions of dense and sparse forward + backward (forward alone for a frozen
+      layer), medians compared, sparse kept only when at least ``MARGIN`` faster, so ``auto`` is
+      not slower than dense beyond timing noise. The same call at a somewhat smaller batch (a
+      short last batch) reuses the decision; a large batch is timed on its first
+      ``TIME_MAX_BATCH`` samples. Calls below ``TINY_MACS`` multiply-adds run dense untimed (the sparse path's fixed
+      cost cannot win there). On CUDA every call runs dense (GPU 2:4 semi-structured kernels are
+      future work, docs/kernels.md).
+Dynamic masks
+    A layer's index structures are rebuilt only when the engine installs a new mask (Prune&Grow,
+    prune-on-freeze, a loaded checkpoint), detected by the mask tensor's identity; ``auto``'s
+    decisions are kept while the layer's nonzero count stays within ``RETIME_NNZ_CHANGE`` of the
+    count they were timed at (the kernels' cost depends on shapes and the number of nonzeros, not
+    on their positions), so it re-times at the start, when MEST's density steps (grow switch,
+    search end) and when a layer freezes (a forward-only key). In an epoch where RigL
+    records its dense gradient (``engine.needs_dense_grad``), sparse layers compute the dense
+    weight gradient (forward and input gradient stay sparse); the ledger charges as before.
+Determinism
+    ``dense`` and ``sparse`` give bit-identical fresh runs and resumes on CPU (every kernel sums in
+    a fixed order). ``auto`` is bit-identical given the same choices: the choices are part of the
+    controller's state, so a resumed run replays the ones in force at the checkpoint; a later
+    re-timing (after the next density change) may pick differently between two runs.
+Expected effect
+    CPU fwd+bwd per layer (bench/kernels.py): CSR Linear 1024x1024 ~1.7x at 90%, conv 3x3 ~2-5x at
+    95% on ResNet-20 shapes (busy-machine hints; docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+from spfde.errors import ConfigError
+from spfde.sparsity.kernels import native
+from spfde.sparsity.kernels.attention import mha_input, sparse_mha, unsupported_mha
+from spfde.sparsity.kernels.common import warn_once
+from spfde.sparsity.kernels.conv import conv_input_ok, make_conv_plan, sparse_conv2d, unsupported_conv
+from spfde.sparsity.kernels.linear import LinearPlan, linear_input_ok, sparse_linear, unsupported_linear
+
+KERNEL_MODES = ("auto", "dense", "sparse")
+#: calls with fewer dense multiply-adds than this run dense without timing (auto)
+TINY_MACS = 1 << 22
+#: auto keeps the sparse kernel only when its median time is at most (1 - MARGIN) x dense
+MARGIN = 0.05
+#: distinct call keys (input shape, gradient needs) timed per layer; later ones reuse the first
+MAX_KEYS = 8
+#: timing budget per layer and key, and the bounds on interleaved repetitions per variant
+TIME_BUDGET_S = 0.03
+MIN_REPS, MAX_REPS = 3, 9
+#: a call is timed on at most this many samples (both kernels scale linearly in the batch beyond it)
+TIME_MAX_BATCH = 64
+#: a smaller batch reuses the decision of the same call at a batch at most this many times larger
+#: (a short last batch); a larger batch is timed (on TIME_MAX_BATCH samples)
+REUSE_BATCH_RATIO = 4
+#: a new mask keeps the layer's decisions while its nonzero count is within this fraction of the
+#: count they were timed at: both kernels' cost follows the shapes and the number of nonzeros, not
+#: where the nonzeros are, so a Prune&Grow that swaps positions at constant density is not re-timed
+RETIME_NNZ_CHANGE = 0.1
+
+# (input needs grad, weight needs grad, dense weight grad, input shape)
+Key = tuple[bool, bool, bool, tuple[int, ...]]
+
+
+try:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+except ImportError:  # pragma: no cover - older torch
+    _get_current_dispatch_mode = lambda: None  # noqa: E731
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+
+
+def _traced() -> bool:
+    """Tracing, compiling or a dispatch mode (FlopCounterMode, fake tensors): run the dense forward."""
+    return torch.jit.is_tracing() or _is_compiling() or _get_current_dispatch_mode() is not None
+
+
+def _clock(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def race(dense, sparse) -> tuple[float, float]:
+    """Median seconds of ``dense()`` and ``sparse()``, interleaved after one warm-up run each."""
+    warm = _clock(dense) + _clock(sparse)
+    reps = min(MAX_REPS, max(MIN_REPS, int(TIME_BUDGET_S / max(warm, 1e-9))))
+    td, ts = [], []
+    for i in range(reps):
+        order = ((td, dense), (ts, sparse)) if i % 2 == 0 else ((ts, sparse), (td, dense))
+        for out, fn in order:
+            out.append(_clock(fn))
+    return statistics.median(td), statistics.median(ts)
+
+
+def _swap(obj: Any, old: torch.Tensor, new: torch.Tensor) -> Any:
+    return new if obj is old else obj
+
+
+def _forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The instance forward SparseExecution installs; the class forward is the dense path."""
+    return self._spfde_kernel(*args, **kwargs)
+
+
+def _encode(key: Key) -> list:
+    return [key[0], key[1], key[2], list(key[3])]
+
+
+def _decode(data: list) -> Key:
+    return (bool(data[0]), bool(data[1]), bool(data[2]), tuple(int(d) for d in data[3]))
+
+
+class _Layer:
+    """The sparse path of one masked layer, called in place of the module's forward."""
+
+    def __init__(self, exe: SparseExecution, name: str, param: str, module: nn.Module, kind: str) -> None:
+        self.exe, self.name, self.param, self.module, self.kind = exe, name, param, module, kind
+        self.plan: Any = None
+        self._mask: torch.Tensor | None = None
+        self.basis_nnz: int | None = None  # the nonzero count the decisions were timed at
+        self.decisions: dict[Key, str] = {}
+        self.speedups: dict[Key, float] = {}
+        self.primary: Key | None = None
+        self._primary_grad = False
+        self.used: str | None = None  # what the latest call with autograd on ran
+        self.pending: dict[str, Any] | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.in_proj_weight if self.kind == "mha" else self.module.weight
+
+    # ------------------------------------------------------------------ index structures
+    def sync(self) -> Any:
+        """The plan for the engine's current mask; rebuilt only when a new mask was installed."""
+        mask = self.exe.engine.masks.get(self.param)
+        if mask is None:
+            return None
+        w = self.weight
+        if self.plan is not None and mask is self._mask and self.plan.index.stride == tuple(w.stride()):
+            return self.plan
+        self.plan = make_conv_plan(self.module, mask) if self.kind == "conv" else LinearPlan(mask, w)
+        self._mask = mask
+        if self.pending is not None:  # choices from a checkpoint
+            saved, self.pending = self.pending, None
+            self._restore(saved)
+        nnz = self.plan.nnz
+        if self.basis_nnz is None or abs(nnz - self.basis_nnz) > RETIME_NNZ_CHANGE * max(self.basis_nnz, 1):
+            self._restore({})
+            self.basis_nnz = nnz
+        return self.plan
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        self.basis_nnz = saved.get("basis_nnz")
+        self.decisions = {_decode(d[:4]): str(d[4]) for d in saved.get("decisions", [])}
+        self.speedups = {_decode(d[:4]): float(d[5]) for d in saved.get("decisions", []) if d[5] is not None}
+        self.primary = _decode(saved["primary"]) if saved.get("primary") is not None else None
+        self._primary_grad = bool(saved.get("primary_grad", False))
+
+    # ------------------------------------------------------------------ the call
+    def _input(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        if self.kind == "mha":
+            return mha_input(self.module, args, kwargs)
+        x = args[0] if args else kwargs.get("input")
+        if not torch.is_tensor(x):
+            return None
+        ok = conv_input_ok(self.module, x) if self.kind == "conv" else linear_input_ok(self.module.weight, x)
+        return x if ok else None
+
+    def dense(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def sparse(self, x: torch.Tensor, dense_weight_grad: bool) -> Any:
+        m = self.module
+        if self.kind == "conv":
+            return sparse_conv2d(m, x, self.plan, dense_weight_grad)
+        if self.kind == "mha":
+            return sparse_mha(m, x, self.plan, dense_weight_grad)
+        return sparse_linear(x, m.weight, m.bias, self.plan, dense_weight_grad)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        x = self._input(args, kwargs)
+        if x is None or _traced() or self.sync() is None:
+            return self.dense(*args, **kwargs)
+        grad = torch.is_grad_enabled()
+        w_grad = grad and self.weight.requires_grad
+        key = (grad and x.requires_grad, w_grad, w_grad and self.exe.dense_weight_grad, tuple(x.shape))
+        choice = self.choose(key, x, args, kwargs)
+        if grad:
+            self.used = choice
+        if choice == "dense":
+            return self.dense(*args, **kwargs)
+        return self.sparse(x, key[2])
+
+    # ------------------------------------------------------------------ the choice
+    def macs(self, x: torch.Tensor) -> int:
+        w = self.weight
+        if self.kind == "conv":
+            oh, ow = self.plan.out_size(x.shape[2], x.shape[3])
+            return x.shape[0] * oh * ow * w.numel()
+        return x.numel() * w.shape[0]
+
+    def choose(self, key: Key, x: torch.Tensor, args: tuple, kwargs: dict) -> str:
+        if self.exe.mode == "sparse":
+            return "dense" if self.kind == "conv" and native.load() is None else "sparse"
+        choice = self.decisions.get(key)
+        if choice is not None:
+            return choice
+        if len(self.decisions) >= MAX_KEYS:
+            return self.decisions.get(self.primary, "dense") if self.primary is not None else "dense"
+        similar = [c for k, c in self.decisions.items() if k[:3] == key[:3] and k[3][1:] == key[3][1:]
+                   and key[3][0] <= k[3][0] <= REUSE_BATCH_RATIO * key[3][0]] if self.kind != "mha" else []
+        if similar:  # the same call at a somewhat smaller batch (a short last batch)
+            choice = similar[0]
+        elif self.macs(x) < TINY_MACS or (self.kind == "conv" and native.load() is None):
+            choice = "dense"
+        else:
+            td, ts = self.time(key, x, args, kwargs)
+            choice = "sparse" if ts <= (1.0 - MARGIN) * td else "dense"
+            self.speedups[key] = td / max(ts, 1e-12)
+        self.decisions[key] = choice
+        grad = torch.is_grad_enabled()
+        if self.primary is None or (grad and not self._primary_grad):
+            self.primary, self._primary_grad = key, grad
+        return choice
+
+    def time(self, key: Key, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[float, float]:
+        """(dense, sparse) median seconds of this call's work on a detached copy of its input."""
+        need_x, need_w, dense_w, _ = key
+        w = self.weight
+        if self.kind != "mha" and x.shape[0] > TIME_MAX_BATCH:
+            part = x[:TIME_MAX_BATCH]
+            args, kwargs = tuple(_swap(a, x, part) for a in args), {k: _swap(v, x, part) for k, v in kwargs.items()}
+            x = part
+
+        def run(fn):
+            def go() -> None:
+                xx = x.detach().requires_grad_(need_x)
+                with torch.set_grad_enabled(need_x or need_w):
+                    out = fn(xx)
+                    out = out[0] if isinstance(out, tuple) else out
+                    if need_x or need_w:  # autograd.grad: nothing accumulates into .grad
+                        inputs = [t for t, need in ((xx, need_x), (w, need_w)) if need]
+                        torch.autograd.grad(out, inputs, torch.ones_like(out))
+            return go
+
+        def dense(xx: torch.Tensor) -> Any:
+            return self.dense(*(_swap(a, x, xx) for a in args), **{k: _swap(v, x, xx) for k, v in kwargs.items()})
+
+        with torch.random.fork_rng(devices=[]):  # dropout inside (attention) must not move the run's RNG
+            return race(run(dense), run(lambda xx: self.sparse(xx, dense_w)))
+
+    # ------------------------------------------------------------------ reporting and state
+    def choice(self) -> str:
+        if self.exe.mode == "auto":
+            return self.decisions.get(self.primary, "dense") if self.primary is not None else "dense"
+        return self.used or "sparse"
+
+    def state(self) -> dict[str, Any]:
+        return {"basis_nnz": self.basis_nnz, "primary": _encode(self.primary) if self.primary else None,
+                "primary_grad": self._primary_grad,
+                "decisions": [_encode(k) + [c, self.speedups.get(k)] for k, c in self.decisions.items()]}
+
+
+def _kind(module: nn.Module | None, attr: str) -> tuple[str | None, str | None]:
+    """(kind, None) when parameter ``attr`` of ``module`` has a sparse path, else (None, reason)."""
+    if isinstance(module, nn.Conv2d) and attr == "weight":
+        reason = unsupported_conv(module)
+        return ("conv", None) if reason is None else (None, reason)
+    if isinstance(module, nn.Linear) and attr == "weight":
+        reason = unsupported_linear(module)
+        return ("linear", None) if reason is None else (None, reason)
+    if isinstance(module, nn.MultiheadAttention) and attr == "in_proj_weight":
+        reason = unsupported_mha(module)
+        return ("mha", None) if reason is None else (None, reason)
+    return None, f"no sparse kernel for {type(module).__name__}.{attr}"
+
+
+class SparseExecution:
+    """Installs and drives the sparse path of every masked layer of ``model``.
+
+    Args:
+        model: the (unwrapped) network the engine masks.
+        engine: its :class:`~spfde.sparsity.engine.SparseEngine` (masks, epoch, RigL's needs).
+        mode: ``auto`` | ``dense`` | ``sparse`` (``sparsity.kernels``).
+
+    The controller creates it after the masks are applied and calls :meth:`refresh` at every
+    epoch start (after Prune&Grow); :meth:`choices` goes into ``metrics.jsonl`` as ``kernels``.
+    :meth:`remove` restores every module's own forward.
+    """
+
+    def __init__(self, model: nn.Module, engine: Any, mode: str = "auto") -> None:
+        if mode not in KERNEL_MODES:
+            raise ConfigError(f"config field 'sparsity.kernels' = {mode!r}; allowed: {', '.join(KERNEL_MODES)}")
+        self.model, self.engine, self.mode = model, engine, mode
+        self.layers: dict[str, _Layer] = {}
+        self.unsupported: dict[str, str] = {}
+        self._order = [lay.module for lay in engine.masked_layers]
+        if mode == "dense":
+            return
+        modules = dict(model.named_modules())
+        for lay in engine.masked_layers:
+            # the parameter's owner: lay.module is the unit name metrics use ("<mha>.in_proj_weight"
+            # names the parameter itself)
+            owner, _, attr = lay.param.rpartition(".")
+            m = modules.get(owner)
+            kind, reason = _kind(m, attr)
+            if kind is not None and "forward" in vars(m):
+                kind, reason = None, "its forward is already replaced on the instance"
+            if kind is None:
+                self.unsupported[lay.module] = str(reason)
+                continue
+            layer = _Layer(self, lay.module, lay.param, m, kind)
+            m._spfde_kernel = layer
+            m.forward = types.MethodType(_forward, m)
+            self.layers[lay.module] = layer
+        if mode == "sparse" and self.unsupported:
+            name, why = next(iter(self.unsupported.items()))
+            warn_once(f"sparsity.kernels=sparse: {len(self.unsupported)} masked layer(s) run dense kernels "
+                      f"({name!r}: {why})")
+        self.refresh()
+
+    @property
+    def dense_weight_grad(self) -> bool:
+        """RigL: the coming step's dense weight gradient feeds an update (per epoch or per step)."""
+        return bool(self.engine.needs_dense_grad_now())
+
+    def refresh(self) -> None:
+        """Rebuild the index structures of layers whose mask changed; follow RigL's dense-gradient epochs."""
+        for layer in self.layers.values():
+            layer.sync()
+
+    def choices(self) -> dict[str, str]:
+        """``{layer: "sparse" | "dense"}`` for every masked layer (metrics.jsonl ``kernels``)."""
+        return {name: self.layers[name].choice() if name in self.layers else "dense" for name in self._order}
+
+    def speedups(self) -> dict[str, float]:
+        """``{layer: dense time / sparse time}`` measured by ``auto`` for the layer's main call."""
+        out = {}
+        for name, layer in self.layers.items():
+            s = layer.speedups.get(layer.primary) if layer.primary is not None else None
+            if s is not None:
+                out[name] = round(float(s), 3)
+        return out
+
+    def remove(self) -> None:
+        """Put every module's own forward back (the model is then exactly as it was)."""
+        for layer in self.layers.values():
+            vars(layer.module).pop("forward", None)
+            vars(layer.module).pop("_spfde_kernel", None)
+        self.layers = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "layers": {name: layer.state() for name, layer in self.layers.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replay saved choices (each layer re-times only if its nonzero count moved since)."""
+        if not state or state.get("mode") != self.mode:
+            return
+        for name, saved in state.get("layers", {}).items():
+            layer = self.layers.get(name)
+            if layer is not None:
+                layer.pending, layer.plan = dict(saved), None
+                layer.sync()

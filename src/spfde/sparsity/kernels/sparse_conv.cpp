@@ -1,0 +1,469 @@
+// spfde: direct sparse 2-D convolution (forward, input gradient, weight gradient) on CPU.
+//
+// Plain C++ with extern "C" entry points on raw float pointers: no torch headers, so no ABI or
+// build-isolation trouble. Built by spfde/sparsity/kernels/native.py with the machine's compiler
+// (-O3 -march=native -fopenmp) and called through ctypes, which releases the GIL.
+//
+// Layout. The batch is cut into blocks of V = 16 samples. Each block is transposed into a scratch
+// buffer [C][H][W][V] with the samples innermost (zero lanes past a short last batch), so every
+// multiply-add works on a vector of 16 samples with one weight (SparseProp's idea, Nikdan et al.
+// 2023); the result is transposed back into the caller's layout (NCHW, channels_last or any
+// strides) block by block, so the scratch stays in cache and the op moves no more memory than a
+// dense convolution does. Zero padding is explicit in the scratch (margins around the packed
+// output gradient for the input gradient), so the inner loops have no bounds checks.
+//
+// Work is proportional to the nonzeros: every kernel loops over the nonzero weights only.
+//   forward      CSR rows (output channels); each output vector is accumulated in registers
+//                over the row's nonzeros and stored once; parallel over output positions.
+//   input grad   CSC columns (input channels), split by stride-parity class so the gather
+//                needs no divisibility test; also stored once; parallel over input positions.
+//   weight grad  CSR rows; each nonzero's dot product over (output positions, samples) within a
+//                batch block is owned by one thread; the blocks' shares are summed in block order.
+// Threads run whole batch blocks when there are enough of them, else share each block. No thread
+// ever sums into memory another thread writes, and every sum runs in the same order whatever the
+// thread count, so results are bit-identical for any number of threads.
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#else
+static inline int omp_get_thread_num() { return 0; }
+static inline int omp_get_num_threads() { return 1; }
+#endif
+
+typedef int64_t i64;
+
+constexpr int V = 16;
+typedef float vf __attribute__((vector_size(V * sizeof(float))));
+typedef float vfu __attribute__((vector_size(V * sizeof(float)), aligned(4)));
+
+#if defined(__AVX512F__)
+constexpr int R = 8;  // output positions per register block: R accumulators of V floats
+#else
+constexpr int R = 4;
+#endif
+
+static inline vf ld(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+static inline void st(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+static inline vf splat(float a) { return vf{} + a; }
+
+// dst[r * dstep + 0..V) = sum_k w[k] * src[off[k] + r * sstep + 0..V) for r in [0, B)
+template <int B>
+static inline void gather_acc(const float* __restrict src, i64 sstep, const i64* __restrict off,
+                              const float* __restrict w, i64 n, float* __restrict dst, i64 dstep) {
+  vf acc[B];
+  for (int r = 0; r < B; ++r) acc[r] = vf{};
+  for (i64 k = 0; k < n; ++k) {
+    const float* p = src + off[k];
+    const vf wk = splat(w[k]);
+    for (int r = 0; r < B; ++r) acc[r] += wk * ld(p + r * sstep);
+  }
+  for (int r = 0; r < B; ++r) st(dst + r * dstep, acc[r]);
+}
+
+// `count` output positions in a row, R at a time, the rest in smaller blocks
+static void gather_row(const float* src, i64 sstep, const i64* off, const float* w, i64 n, float* dst,
+                       i64 dstep, i64 count) {
+  i64 b = 0;
+  for (; b + R <= count; b += R) gather_acc<R>(src + b * sstep, sstep, off, w, n, dst + b * dstep, dstep);
+  if (R > 4 && b + 4 <= count) {
+    gather_acc<4>(src + b * sstep, sstep, off, w, n, dst + b * dstep, dstep);
+    b += 4;
+  }
+  if (b + 2 <= count) {
+    gather_acc<2>(src + b * sstep, sstep, off, w, n, dst + b * dstep, dstep);
+    b += 2;
+  }
+  if (b < count) gather_acc<1>(src + b * sstep, sstep, off, w, n, dst + b * dstep, dstep);
+}
+
+// acc[k] += sum_r g[r] * x[off[k] + r * sstep] for a block of B output positions
+template <int B>
+static inline void dot_block(const float* __restrict g, const float* __restrict x, i64 sstep,
+                             const i64* __restrict off, i64 n, float* __restrict acc) {
+  vf gr[B];
+  for (int r = 0; r < B; ++r) gr[r] = ld(g + r * V);
+  for (i64 k = 0; k < n; ++k) {
+    const float* p = x + off[k];
+    vf t0 = ld(acc + k * V), t1 = vf{};
+    for (int r = 0; r + 1 < B; r += 2) {
+      t0 += gr[r] * ld(p + r * sstep);
+      t1 += gr[r + 1] * ld(p + (r + 1) * sstep);
+    }
+    if (B % 2) t0 += gr[B - 1] * ld(p + (B - 1) * sstep);
+    st(acc + k * V, t0 + t1);
+  }
+}
+
+static void zero_positions(float* dst, i64 dstep, i64 count) {
+  for (i64 b = 0; b < count; ++b) st(dst + b * dstep, vf{});
+}
+
+// Transposing copies of tiles of at most 16 x 16 floats move data between (sample, column) or
+// (sample, channel) tiles of the caller's layout and the batch-innermost layout.
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+  }
+}
+#endif
+
+// dst row j (j < nd), lane i (i < nl) = src row i, column j, + (addv ? addv[i] : adds).
+// Source rows i >= ni and columns j >= nj read as zero.
+static inline void tile(const float* __restrict src, i64 ss, int ni, int nj, float* __restrict dst, i64 ds, int nd,
+                        int nl, const float* addv, float adds) {
+#if defined(__AVX512F__)
+  const __mmask16 in_mask = __mmask16((1u << nj) - 1u), out_mask = __mmask16((1u << nl) - 1u);
+  __m512 r[16];
+  for (int i = 0; i < 16; ++i) r[i] = i < ni ? _mm512_maskz_loadu_ps(in_mask, src + i * ss) : _mm512_setzero_ps();
+  transpose16(r);
+  const __m512 a = addv ? _mm512_maskz_loadu_ps(out_mask, addv) : _mm512_set1_ps(adds);
+  for (int j = 0; j < nd; ++j) _mm512_mask_storeu_ps(dst + j * ds, out_mask, _mm512_add_ps(r[j], a));
+#else
+  for (int j = 0; j < nd; ++j)
+    for (int i = 0; i < nl; ++i)
+      dst[j * ds + i] = (i < ni && j < nj ? src[i * ss + j] : 0.0f) + (addv ? addv[i] : adds);
+#endif
+}
+
+
+static float* alloc_floats(i64 n, bool zero) {
+  void* p = nullptr;
+  const size_t bytes = size_t((n > 0 ? n : 1) * i64(sizeof(float)) + 63) / 64 * 64;
+  if (posix_memalign(&p, 64, bytes) != 0) return nullptr;
+  if (zero) std::memset(p, 0, bytes);
+  return static_cast<float*>(p);
+}
+
+// An activation (N, C, H, W) with element strides.
+struct Act {
+  float* p;
+  i64 N, C, H, W, sN, sC, sH, sW;
+  bool channels_last() const { return sC == 1 && C > 1; }
+  // work units of a block copy: one spatial row (channels_last) or one (channel, row)
+  i64 units() const { return channels_last() ? H : C * H; }
+};
+
+// Copy unit u of batch block nb into blk [C][Hp][Wp][V] at offset (pt, pl); lanes past the batch's
+// end are written as zeros. Padding positions are never written (the caller zeroes them once).
+static void pack_unit(const Act& a, i64 nb, i64 u, float* blk, i64 Hp, i64 Wp, i64 pt, i64 pl) {
+  const int nv = int(a.N - nb * V < V ? a.N - nb * V : V);
+  const float* base = a.p + nb * V * a.sN;
+  const i64 plane = Hp * Wp * V;
+  if (a.channels_last()) {
+    const i64 y = u;
+    for (i64 xx = 0; xx < a.W; ++xx)
+      for (i64 c0 = 0; c0 < a.C; c0 += V) {
+        const int k = int(a.C - c0 < V ? a.C - c0 : V);
+        tile(base + y * a.sH + xx * a.sW + c0, a.sN, nv, k, blk + c0 * plane + ((y + pt) * Wp + xx + pl) * V, plane,
+             k, V, nullptr, 0.0f);
+      }
+    return;
+  }
+  const i64 c = u / a.H, y = u % a.H;
+  float* row = blk + c * plane + ((y + pt) * Wp + pl) * V;
+  const float* src = base + c * a.sC + y * a.sH;
+  if (a.sW == 1) {
+    for (i64 x0 = 0; x0 < a.W; x0 += V) {
+      const int k = int(a.W - x0 < V ? a.W - x0 : V);
+      tile(src + x0, a.sN, nv, k, row + x0 * V, V, k, V, nullptr, 0.0f);
+    }
+    return;
+  }
+  for (i64 xx = 0; xx < a.W; ++xx)
+    for (int v = 0; v < V; ++v) row[xx * V + v] = v < nv ? src[v * a.sN + xx * a.sW] : 0.0f;
+}
+
+// Copy unit u of blk [C][H][W][V] back into batch block nb of a, adding bias[c] when given.
+static void unpack_unit(const float* blk, const Act& a, i64 nb, i64 u, const float* bias) {
+  const int nv = int(a.N - nb * V < V ? a.N - nb * V : V);
+  float* base = a.p + nb * V * a.sN;
+  const i64 plane = a.H * a.W * V;
+  if (a.channels_last()) {
+    const i64 y = u;
+    for (i64 xx = 0; xx < a.W; ++xx)
+      for (i64 c0 = 0; c0 < a.C; c0 += V) {
+        const int k = int(a.C - c0 < V ? a.C - c0 : V);
+        tile(blk + c0 * plane + (y * a.W + xx) * V, plane, k, V, base + y * a.sH + xx * a.sW + c0, a.sN, nv, k,
+             bias ? bias + c0 : nullptr, 0.0f);
+      }
+    return;
+  }
+  const i64 c = u / a.H, y = u % a.H;
+  const float* row = blk + c * plane + y * a.W * V;
+  float* dst = base + c * a.sC + y * a.sH;
+  const float b = bias ? bias[c] : 0.0f;
+  if (a.sW == 1) {
+    for (i64 x0 = 0; x0 < a.W; x0 += V) {
+      const int k = int(a.W - x0 < V ? a.W - x0 : V);
+      tile(row + x0 * V, V, k, V, dst + x0, a.sN, nv, k, nullptr, b);
+    }
+    return;
+  }
+  for (i64 xx = 0; xx < a.W; ++xx)
+    for (int v = 0; v < nv; ++v) dst[v * a.sN + xx * a.sW] = row[xx * V + v] + b;
+}
+
+// acc += weight gradient contributions of one batch block for output channels [lo, hi), then
+// partial[k] = the lane sum of acc[k] (acc is zeroed first): the block's share of every gradient.
+static void weight_grad_block(const float* xb, i64 Wp, const float* gb, i64 Gh, i64 Gw, i64 mt, i64 ml,
+                              i64 OH, i64 OW, i64 sh, i64 sw, const int32_t* rowptr, const i64* off, i64 lo, i64 hi,
+                              float* accbuf, float* partial) {
+  if (lo >= hi) return;
+  std::memset(accbuf + rowptr[lo] * V, 0, sizeof(float) * (rowptr[hi] - rowptr[lo]) * V);
+  for (i64 oy = 0; oy < OH; ++oy) {
+    const float* g0 = gb + ((oy + mt) * Gw + ml) * V;
+    const float* x = xb + oy * sh * Wp * V;
+    for (i64 ox0 = 0; ox0 < OW; ox0 += R) {
+      const i64 cnt = OW - ox0 < R ? OW - ox0 : R;
+      const float* xo = x + ox0 * sw * V;
+      for (i64 oc = lo; oc < hi; ++oc) {
+        const i64 s = rowptr[oc], n = rowptr[oc + 1] - s;
+        if (n == 0) continue;
+        const float* g = g0 + oc * Gh * Gw * V + ox0 * V;
+        float* acc = accbuf + s * V;
+        const i64* o = off + s;
+        i64 r = 0;
+        for (; r + R <= cnt; r += R) dot_block<R>(g + r * V, xo + r * sw * V, sw * V, o, n, acc);
+        if (R > 4 && r + 4 <= cnt) {
+          dot_block<4>(g + r * V, xo + r * sw * V, sw * V, o, n, acc);
+          r += 4;
+        }
+        if (r + 2 <= cnt) {
+          dot_block<2>(g + r * V, xo + r * sw * V, sw * V, o, n, acc);
+          r += 2;
+        }
+        if (r < cnt) dot_block<1>(g + r * V, xo + r * sw * V, sw * V, o, n, acc);
+      }
+    }
+  }
+  for (i64 k = rowptr[lo]; k < rowptr[hi]; ++k) {
+    float t = 0.0f;
+    for (int v = 0; v < V; ++v) t += accbuf[k * V + v];
+    partial[k] = t;
+  }
+}
+
+// Output rows [oy0, oy1) of one batch block of the forward.
+static void forward_rows(const float* xb, i64 Wp, i64 OC, i64 OH, i64 OW, i64 sh, i64 sw, const int32_t* rowptr,
+                         const i64* off, const float* vals, float* yb, i64 oy0, i64 oy1) {
+  for (i64 oy = oy0; oy < oy1; ++oy)
+    for (i64 ox0 = 0; ox0 < OW; ox0 += R) {
+      const i64 cnt = OW - ox0 < R ? OW - ox0 : R;
+      const float* src = xb + (oy * sh * Wp + ox0 * sw) * V;
+      for (i64 oc = 0; oc < OC; ++oc) {
+        const i64 s = rowptr[oc], n = rowptr[oc + 1] - s;
+        float* dst = yb + ((oc * OH + oy) * OW + ox0) * V;
+        if (n == 0)
+          zero_positions(dst, V, cnt);
+        else
+          gather_row(src, sw * V, off + s, vals + s, n, dst, V, cnt);
+      }
+    }
+}
+
+// Input rows [iy0, iy1) of one batch block of the input gradient.
+static void input_grad_rows(const float* gb, i64 Gw, i64 C, i64 H, i64 W, i64 sh, i64 sw, const int32_t* colptr,
+                            const i64* coff, const float* cw, float* gxb, i64 iy0, i64 iy1) {
+  for (i64 iy = iy0; iy < iy1; ++iy) {
+    const i64 py = iy % sh, a = iy / sh;
+    const float* g = gb + a * Gw * V;
+    for (i64 px = 0; px < sw; ++px) {
+      const i64 nB = W > px ? (W - px + sw - 1) / sw : 0;
+      for (i64 b0 = 0; b0 < nB; b0 += R) {
+        const i64 cnt = nB - b0 < R ? nB - b0 : R;
+        for (i64 c = 0; c < C; ++c) {
+          const i64 cls = (c * sh + py) * sw + px;
+          const i64 s = colptr[cls], n = colptr[cls + 1] - s;
+          float* dst = gxb + ((c * H + iy) * W + sw * b0 + px) * V;
+          if (n == 0)
+            zero_positions(dst, sw * V, cnt);
+          else
+            gather_row(g + b0 * V, V, coff + s, cw + s, n, dst, sw * V, cnt);
+        }
+      }
+    }
+  }
+}
+
+// With enough batch blocks each thread runs whole blocks with its own scratch (no barrier inside
+// the call); otherwise all threads share one block at a time. Either way every output element is
+// computed by one thread in the same order, so the results do not depend on the choice.
+static bool own_blocks(i64 NB, int nthreads) { return nthreads > 1 && (NB % nthreads == 0 || NB >= 2 * nthreads); }
+
+// Scratch of `count` equal slices (one per thread in own-block mode), 64-byte aligned, optionally zeroed.
+struct Scratch {
+  float* p = nullptr;
+  i64 slice = 0;
+  Scratch(i64 n, int count, bool zero) : slice((n + 15) / 16 * 16) {
+    p = count ? alloc_floats(slice * count, zero) : nullptr;
+  }
+  ~Scratch() { free(p); }
+  float* at(int t) const { return p + t * slice; }
+};
+
+extern "C" {
+
+int spfde_abi_version() { return 3; }
+int spfde_vector_width() { return V; }
+
+// y = conv2d(x, W, bias) for the nonzeros of W in CSR order (row = output channel): rowptr[OC + 1]
+// and, per nonzero, its input channel ic, tap ky/kx and value. Returns 0, or 1 when out of memory.
+int spfde_conv2d_forward(const float* x, i64 N, i64 C, i64 H, i64 W, i64 xsN, i64 xsC, i64 xsH, i64 xsW, i64 OC,
+                         i64 OH, i64 OW, i64 sh, i64 sw, i64 ph, i64 pw, const int32_t* rowptr, const int32_t* ic,
+                         const int32_t* ky, const int32_t* kx, const float* vals, const float* bias, float* y,
+                         i64 ysN, i64 ysC, i64 ysH, i64 ysW, int nthreads) {
+  const Act xa{const_cast<float*>(x), N, C, H, W, xsN, xsC, xsH, xsW};
+  const Act ya{y, N, OC, OH, OW, ysN, ysC, ysH, ysW};
+  const i64 NB = (N + V - 1) / V, Hp = H + 2 * ph, Wp = W + 2 * pw, nnz = rowptr[OC];
+  std::vector<i64> off(nnz > 0 ? nnz : 1);
+  for (i64 k = 0; k < nnz; ++k) off[k] = ((i64(ic[k]) * Hp + ky[k]) * Wp + kx[k]) * V;
+  const bool own = own_blocks(NB, nthreads);
+  const int slices = own ? nthreads : 1;
+  Scratch xs(C * Hp * Wp * V, slices, true), ys(OC * OH * OW * V, slices, false);
+  if (!xs.p || !ys.p) return 1;
+  if (own) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (i64 nb = 0; nb < NB; ++nb) {
+      const int t = omp_get_thread_num();
+      float *xb = xs.at(t), *yb = ys.at(t);
+      for (i64 u = 0; u < xa.units(); ++u) pack_unit(xa, nb, u, xb, Hp, Wp, ph, pw);
+      forward_rows(xb, Wp, OC, OH, OW, sh, sw, rowptr, off.data(), vals, yb, 0, OH);
+      for (i64 u = 0; u < ya.units(); ++u) unpack_unit(yb, ya, nb, u, bias);
+    }
+    return 0;
+  }
+  float *xb = xs.at(0), *yb = ys.at(0);
+#pragma omp parallel num_threads(nthreads)
+  for (i64 nb = 0; nb < NB; ++nb) {
+#pragma omp for schedule(static)
+    for (i64 u = 0; u < xa.units(); ++u) pack_unit(xa, nb, u, xb, Hp, Wp, ph, pw);
+#pragma omp for schedule(static)
+    for (i64 oy = 0; oy < OH; ++oy) forward_rows(xb, Wp, OC, OH, OW, sh, sw, rowptr, off.data(), vals, yb, oy, oy + 1);
+#pragma omp for schedule(static)
+    for (i64 u = 0; u < ya.units(); ++u) unpack_unit(yb, ya, nb, u, bias);
+  }
+  return 0;
+}
+
+// Gradients of the forward above: gx (skipped when NULL) and gw, the weight gradient at the
+// nonzeros in CSR order (skipped when NULL). The input gradient reads the nonzeros in CSC order
+// grouped by (input channel, row parity py, column parity px), py = (ky - ph) mod sh and
+// px = (kx - pw) mod sw: colptr[C * sh * sw + 1]; cidx[j] is the nonzero's CSR position. Input
+// position (sh*a + py, sw*b + px) gathers gy[oc][a + dy][b + dx], dy = (py + ph - ky) / sh and
+// dx = (px + pw - kx) / sw (exact divisions), from gy packed with zero margins mt/mb/ml/mr.
+// gw[k] sums the batch blocks' shares in block order.
+int spfde_conv2d_backward(const float* x, i64 xsN, i64 xsC, i64 xsH, i64 xsW, const float* gy, i64 gsN, i64 gsC,
+                          i64 gsH, i64 gsW, i64 N, i64 C, i64 H, i64 W, i64 OC, i64 OH, i64 OW, i64 sh, i64 sw,
+                          i64 ph, i64 pw, i64 mt, i64 mb, i64 ml, i64 mr, const int32_t* rowptr, const int32_t* ic,
+                          const int32_t* ky, const int32_t* kx, const float* vals, const int32_t* colptr,
+                          const int32_t* cidx, const int32_t* coc, const int32_t* cky, const int32_t* ckx,
+                          float* gx, i64 dsN, i64 dsC, i64 dsH, i64 dsW, float* gw, int nthreads) {
+  const Act xa{const_cast<float*>(x), N, C, H, W, xsN, xsC, xsH, xsW};
+  const Act ga{const_cast<float*>(gy), N, OC, OH, OW, gsN, gsC, gsH, gsW};
+  const Act da{gx, N, C, H, W, dsN, dsC, dsH, dsW};
+  const i64 NB = (N + V - 1) / V, Hp = H + 2 * ph, Wp = W + 2 * pw, Gh = OH + mt + mb, Gw = OW + ml + mr;
+  const i64 nnz = rowptr[OC];
+  std::vector<i64> off(nnz > 0 ? nnz : 1), coff(nnz > 0 ? nnz : 1);
+  std::vector<float> cw(nnz > 0 ? nnz : 1);
+  for (i64 k = 0; k < nnz; ++k) off[k] = ((i64(ic[k]) * Hp + ky[k]) * Wp + kx[k]) * V;
+  for (i64 j = 0; j < nnz; ++j) {
+    const i64 py = ((cky[j] - ph) % sh + sh) % sh, px = ((ckx[j] - pw) % sw + sw) % sw;
+    const i64 dy = (py + ph - cky[j]) / sh, dx = (px + pw - ckx[j]) / sw;
+    coff[j] = ((i64(coc[j]) * Gh + dy + mt) * Gw + dx + ml) * V;
+    cw[j] = vals[cidx[j]];
+  }
+  const bool own = own_blocks(NB, nthreads);
+  const int slices = own ? nthreads : 1;
+  Scratch gs(OC * Gh * Gw * V, slices, true), xs(C * Hp * Wp * V, gw ? slices : 0, true),
+      dxs(C * H * W * V, gx ? slices : 0, false), accs(nnz * V, gw ? slices : 0, false),
+      parts(NB * nnz, gw ? 1 : 0, false);
+  if (!gs.p || (gw && (!xs.p || !accs.p || !parts.p)) || (gx && !dxs.p)) return 1;
+  if (own) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (i64 nb = 0; nb < NB; ++nb) {
+      const int t = omp_get_thread_num();
+      float* gb = gs.at(t);
+      for (i64 u = 0; u < ga.units(); ++u) pack_unit(ga, nb, u, gb, Gh, Gw, mt, ml);
+      if (gx) {
+        float* gxb = dxs.at(t);
+        input_grad_rows(gb, Gw, C, H, W, sh, sw, colptr, coff.data(), cw.data(), gxb, 0, H);
+        for (i64 u = 0; u < da.units(); ++u) unpack_unit(gxb, da, nb, u, nullptr);
+      }
+      if (gw) {
+        float* xb = xs.at(t);
+        for (i64 u = 0; u < xa.units(); ++u) pack_unit(xa, nb, u, xb, Hp, Wp, ph, pw);
+        weight_grad_block(xb, Wp, gb, Gh, Gw, mt, ml, OH, OW, sh, sw, rowptr, off.data(), 0, OC, accs.at(t),
+                          parts.at(0) + nb * nnz);
+      }
+    }
+  } else {
+    float *gb = gs.at(0), *xb = gw ? xs.at(0) : nullptr, *gxb = gx ? dxs.at(0) : nullptr;
+#pragma omp parallel num_threads(nthreads)
+    {
+      // weight gradient: this thread's output channels, balanced by nonzeros
+      const i64 t = omp_get_thread_num(), T = omp_get_num_threads();
+      i64 lo = 0;
+      while (lo < OC && rowptr[lo] * T < t * nnz) ++lo;
+      i64 hi = lo;
+      while (hi < OC && rowptr[hi] * T < (t + 1) * nnz) ++hi;
+      if (t == T - 1) hi = OC;
+      for (i64 nb = 0; nb < NB; ++nb) {
+#pragma omp for schedule(static) nowait
+        for (i64 u = 0; u < ga.units(); ++u) pack_unit(ga, nb, u, gb, Gh, Gw, mt, ml);
+        if (gw) {
+#pragma omp for schedule(static) nowait
+          for (i64 u = 0; u < xa.units(); ++u) pack_unit(xa, nb, u, xb, Hp, Wp, ph, pw);
+        }
+#pragma omp barrier
+        if (gx) {
+#pragma omp for schedule(static)
+          for (i64 iy = 0; iy < H; ++iy)
+            input_grad_rows(gb, Gw, C, H, W, sh, sw, colptr, coff.data(), cw.data(), gxb, iy, iy + 1);
+#pragma omp for schedule(static) nowait
+          for (i64 u = 0; u < da.units(); ++u) unpack_unit(gxb, da, nb, u, nullptr);
+        }
+        if (gw)
+          weight_grad_block(xb, Wp, gb, Gh, Gw, mt, ml, OH, OW, sh, sw, rowptr, off.data(), lo, hi, accs.at(0),
+                            parts.at(0) + nb * nnz);
+#pragma omp barrier
+      }
+    }
+  }
+  if (gw) {
+    const float* part = parts.at(0);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (i64 k = 0; k < nnz; ++k) {
+      float t = 0.0f;
+      for (i64 nb = 0; nb < NB; ++nb) t += part[nb * nnz + k];
+      gw[k] = t;
+    }
+  }
+  return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,671 @@
+"""Sparse kernels (issue 13): equality with the masked dense layer, dynamic masks, auto's choice,
+fallbacks, determinism, state replay and the failed-build path."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spfde.config import from_dict
+from spfde.controller import SpFDE
+from spfde.errors import ConfigError
+from spfde.sparsity import build_sparsity
+from spfde.sparsity.engine import SparseEngine
+from spfde.sparsity.kernels import KernelWarning, SparseExecution, execution, native
+from spfde.sparsity.kernels.attention import sparse_mha
+from spfde.sparsity.kernels.conv import make_conv_plan, sparse_conv2d
+from spfde.sparsity.kernels.linear import LinearPlan, sparse_linear
+from spfde.sparsity.masks import PrunableLayer
+from spfde.sparsity.schedule import Schedule
+
+NATIVE = native.status()
+needs_native = pytest.mark.skipif(not NATIVE["available"], reason=f"native kernel not built: {NATIVE['error']}")
+
+
+def _mask(shape, density: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=g) < density
+
+
+def _grads(out: torch.Tensor, inputs: list[torch.Tensor], seed: int = 1) -> list[torch.Tensor]:
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    return list(torch.autograd.grad(out, inputs, g))
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- conv: masked-dense equality
+
+CONVS = [  # (in, out, kernel, stride, padding, spatial)
+    (5, 6, 3, 1, 1, 9),
+    (5, 6, 3, 2, 1, 9),
+    (6, 4, 1, 2, 0, 8),
+    (4, 7, 3, 1, 0, 7),
+    (3, 5, (3, 1), (2, 1), (1, 0), 10),
+    (4, 3, 5, 3, 2, 11),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("batch", [1, 7, 8, 33])
+@pytest.mark.parametrize("spec", CONVS, ids=lambda s: f"{s[0]}-{s[1]}k{s[2]}s{s[3]}p{s[4]}")
+def test_sparse_conv_matches_masked_dense(spec, batch, channels_last):
+    cin, cout, k, s, p, size = spec
+    torch.manual_seed(batch)
+    conv = nn.Conv2d(cin, cout, k, stride=s, padding=p, bias=True)
+    mask = _mask(conv.weight.shape, 0.3, seed=batch)
+    x = torch.randn(batch, cin, size, size)
+    if channels_last:
+        conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        mask = mask.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    xd, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dense = F.conv2d(xd, conv.weight, conv.bias, s, p)
+    sparse = sparse_conv2d(conv, xs, make_conv_plan(conv, mask))
+    _close(sparse, dense)
+    assert sparse.stride() == dense.stride()  # the memory format follows PyTorch's
+    gd = _grads(dense, [xd, conv.weight, conv.bias])
+    gs = _grads(sparse, [xs, conv.weight, conv.bias])
+    _close(gs[0], gd[0])
+    assert gs[0].stride() == xs.stride()
+    _close(gs[1], gd[1] * mask)
+    assert torch.all(gs[1][~mask] == 0)  # exact zeros at pruned positions
+    _close(gs[2], gd[2])
+
+
+@needs_native
+def test_sparse_conv_batch_128_and_all_zero_rows():
+    conv = nn.Conv2d(8, 6, 3, padding=1, bias=False)
+    mask = _mask(conv.weight.shape, 0.1)
+    mask[2] = False  # an output channel with no nonzero at all
+    mask[:, 3] = False  # an input channel no weight reads
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    x = torch.randn(128, 8, 6, 6, requires_grad=True)
+    xs = x.detach().clone().requires_grad_()
+    dense, sparse = conv(x), sparse_conv2d(conv, xs, make_conv_plan(conv, mask))
+    _close(sparse, dense)
+    assert torch.all(sparse[:, 2] == 0)
+    (gxd, gwd), (gxs, gws) = _grads(dense, [x, conv.weight]), _grads(sparse, [xs, conv.weight])
+    _close(gxs, gxd)
+    assert torch.all(gxs[:, 3] == 0)
+    _close(gws, gwd * mask)
+    # a gradient with stride-0 (expanded) layout: y.sum()
+    (g_sum,) = torch.autograd.grad(sparse_conv2d(conv, xs, make_conv_plan(conv, mask)).sum(), [xs])
+    (g_ref,) = torch.autograd.grad(conv(x).sum(), [x])
+    _close(g_sum, g_ref)
+
+
+@needs_native
+def test_dense_weight_gradient_variant_for_rigl():
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1).to(memory_format=torch.channels_last)
+    mask = _mask(conv.weight.shape, 0.3)
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    x = torch.randn(9, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    xd, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    gd = _grads(conv(xd), [xd, conv.weight])
+    gs = _grads(sparse_conv2d(conv, xs, make_conv_plan(conv, mask), dense_weight_grad=True), [xs, conv.weight])
+    _close(gs[0], gd[0])
+    _close(gs[1], gd[1])  # dense: nonzero at pruned positions too
+    assert torch.count_nonzero(gs[1][~mask]) > 0
+
+
+@needs_native
+def test_sparse_conv_bit_identical_for_any_thread_count():
+    conv = nn.Conv2d(16, 12, 3, stride=2, padding=1)
+    mask = _mask(conv.weight.shape, 0.2)
+    x = torch.randn(40, 16, 12, 12)
+    plan = make_conv_plan(conv, mask)
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            xs = x.clone().requires_grad_()
+            y = sparse_conv2d(conv, xs, plan)
+            outs.append([y, *_grads(y, [xs, conv.weight])])
+    finally:
+        torch.set_num_threads(threads)
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other, strict=True))
+
+
+# ----------------------------------------------------------------------------- linear and attention
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 24), (7, 24), (33, 3, 24), (128, 24)], ids=str)
+def test_sparse_linear_matches_masked_dense(shape, bias):
+    torch.manual_seed(len(shape))
+    lin = nn.Linear(24, 20, bias=bias)
+    mask = _mask(lin.weight.shape, 0.2)
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+    x = torch.randn(*shape)
+    xd, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dense = lin(xd)
+    sparse = sparse_linear(xs, lin.weight, lin.bias, LinearPlan(mask, lin.weight))
+    _close(sparse, dense)
+    params = [lin.weight] + ([lin.bias] if bias else [])
+    gd, gs = _grads(dense, [xd, *params]), _grads(sparse, [xs, *params])
+    _close(gs[0], gd[0])
+    _close(gs[1], gd[1] * mask)
+    assert torch.all(gs[1][~mask] == 0)
+    if bias:
+        _close(gs[2], gd[2])
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_sparse_attention_projection_matches_dense(batch_first):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+    mask = _mask(mha.in_proj_weight.shape, 0.3)
+    with torch.no_grad():
+        mha.in_proj_weight.mul_(mask)
+    x = torch.randn(3, 5, 16) if batch_first else torch.randn(5, 3, 16)
+    xd, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dense, _ = mha(xd, xd, xd, need_weights=False)
+    sparse, _ = sparse_mha(mha, xs, LinearPlan(mask, mha.in_proj_weight))
+    _close(sparse, dense)
+    params = [mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight]
+    gd, gs = _grads(dense, [xd, *params]), _grads(sparse, [xs, *params])
+    _close(gs[0], gd[0])
+    _close(gs[1], gd[1] * mask)
+    _close(gs[2], gd[2])
+    _close(gs[3], gd[3])
+
+
+# ----------------------------------------------------------------------------- SparseExecution
+
+
+def _engine(model: nn.Module, layers: dict[str, str], density: float = 0.25, seed: int = 0) -> SparseEngine:
+    params = dict(model.named_parameters())
+    lays = [PrunableLayer(m, p, tuple(params[p].shape)) for m, p in layers.items()]
+    engine = SparseEngine(model, lays, {m: 1 - density for m in layers}, Schedule(method="static"), seed=seed)
+    engine.apply_masks()
+    return engine
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.odd = nn.Conv2d(8, 8, 3, padding=2, dilation=2)  # dilation: dense fallback
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor, need_weights: bool = False) -> torch.Tensor:
+        x = F.relu(self.odd(F.relu(self.conv(x))))
+        t = x.flatten(2).transpose(1, 2)
+        t = t + self.attn(t, t, t, need_weights=need_weights)[0]
+        return self.head(t.mean(1))
+
+
+# unit name -> parameter: an attention projection's unit is its parameter's name (sparsity.masks.unit_name)
+NET_LAYERS = {"conv": "conv.weight", "odd": "odd.weight", "attn.in_proj_weight": "attn.in_proj_weight",
+              "head": "head.weight"}
+
+
+def test_execution_replaces_forward_only_and_removes_cleanly():
+    torch.manual_seed(0)
+    model = Net()
+    ref = copy.deepcopy(model)
+    engine = _engine(model, NET_LAYERS)
+    _engine(ref, NET_LAYERS)  # same seed: same masks
+    keys, names = list(model.state_dict()), [n for n, _ in model.named_parameters()]
+    with pytest.warns(KernelWarning, match="'odd': dilation != 1"):
+        exe = SparseExecution(model, engine, "sparse")
+    assert set(exe.layers) == {"conv", "attn.in_proj_weight", "head"}
+    assert exe.unsupported == {"odd": "dilation != 1"}
+    assert list(model.state_dict()) == keys and [n for n, _ in model.named_parameters()] == names
+    x = torch.randn(6, 4, 5, 5)
+    _close(model(x), ref(x))
+    torch.testing.assert_close(model(x, need_weights=True), ref(x, need_weights=True))  # dense fallback
+    from spfde.accounting.flops import layer_forward_flops
+
+    assert layer_forward_flops(model, x[:1]) == layer_forward_flops(ref, x[:1])  # FlopCounterMode sees dense
+    copied = copy.deepcopy(model)  # a deep copy computes with its own weights
+    with torch.no_grad():
+        copied.head.weight.mul_(2)
+    assert not torch.allclose(copied(x), model(x))
+    exe.remove()
+    assert all("forward" not in vars(m) for m in model.modules())
+    assert torch.equal(model(x), ref(x))
+
+
+def test_dense_mode_installs_nothing_and_unsupported_calls_fall_back():
+    model = Net()
+    exe = SparseExecution(model, _engine(model, NET_LAYERS), "dense")
+    assert not exe.layers and all("forward" not in vars(m) for m in model.modules())
+    assert exe.choices() == {name: "dense" for name in NET_LAYERS}
+    lin = nn.Sequential(nn.Linear(16, 16))
+    ref = copy.deepcopy(lin)
+    SparseExecution(lin, _engine(lin, {"0": "0.weight"}), "sparse")
+    _engine(ref, {"0": "0.weight"})
+    xb = torch.randn(4, 16).bfloat16()
+    assert torch.equal(lin.bfloat16()(xb), ref.bfloat16()(xb))  # bf16: the module's own dense forward
+    with pytest.raises(ConfigError, match="sparsity.kernels"):
+        SparseExecution(lin, _engine(lin, {"0": "0.weight"}), "fast")
+    from spfde.sparsity.kernels.conv import unsupported_conv
+
+    assert unsupported_conv(nn.Conv2d(4, 4, 3, groups=2)) == "groups != 1"
+    assert unsupported_conv(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")) == "padding_mode 'reflect'"
+    assert unsupported_conv(nn.Conv2d(4, 4, 3, padding="same")) == "padding 'same'"
+    assert unsupported_conv(nn.Conv2d(4, 4, 3, padding="valid")) is None
+    conv = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1))
+    ref = copy.deepcopy(conv)
+    SparseExecution(conv, _engine(conv, {"0": "0.weight"}), "sparse")
+    _engine(ref, {"0": "0.weight"})
+    xb = torch.randn(3, 4, 6, 6).bfloat16()
+    assert torch.equal(conv.bfloat16()(xb), ref.bfloat16()(xb))  # bf16 conv: dense
+    x = torch.randn(4, 6, 6)  # unbatched input: dense
+    assert torch.equal(conv.float()(x), ref.float()(x))
+
+
+def test_plan_rebuilt_only_when_the_mask_changes():
+    lin = nn.Sequential(nn.Linear(32, 16))
+    engine = _engine(lin, {"0": "0.weight"})
+    exe = SparseExecution(lin, engine, "sparse")
+    layer = exe.layers["0"]
+    x = torch.randn(9, 32)
+    lin(x)
+    plan = layer.plan
+    lin(x)
+    exe.refresh()
+    assert layer.plan is plan  # same mask: nothing rebuilt
+    new = _mask((16, 32), 0.5, seed=3)
+    engine._set_mask("0.weight", new)  # what Prune&Grow does
+    engine.apply_masks()
+    xs = x.clone().requires_grad_()
+    y = lin(xs)
+    assert layer.plan is not plan and layer.plan.nnz == int(new.sum())
+    _close(y, F.linear(x, lin[0].weight * new, lin[0].bias))
+    (gw,) = torch.autograd.grad(y.sum(), [lin[0].weight])
+    assert torch.all(gw[~new] == 0) and torch.any(gw[new] != 0)
+
+
+def _fake_race(dense_s: float, sparse_s: float, calls: list):
+    def race(dense, sparse):
+        calls.append((dense, sparse))
+        return dense_s, sparse_s
+    return race
+
+
+@pytest.mark.parametrize(("sparse_s", "expect"), [(0.5, "sparse"), (0.97, "dense")])
+def test_auto_keeps_sparse_only_when_faster_by_the_margin(monkeypatch, sparse_s, expect):
+    calls: list = []
+    monkeypatch.setattr(execution, "race", _fake_race(1.0, sparse_s, calls))
+    lin = nn.Sequential(nn.Linear(512, 512))
+    exe = SparseExecution(lin, _engine(lin, {"0": "0.weight"}), "auto")
+    x = torch.randn(64, 512)  # 16.8M multiply-adds: timed
+    for _ in range(3):
+        lin(x).sum().backward()
+    assert len(calls) == 1  # decided once for this shape and gradient need
+    assert exe.choices() == {"0": expect} and exe.speedups() == {"0": round(1.0 / sparse_s, 3)}
+    with torch.no_grad():
+        lin(x)  # a forward-only call is a different key: timed separately
+    assert len(calls) == 2
+    lin(torch.randn(2, 512))  # tiny: dense, untimed
+    assert len(calls) == 2 and exe.layers["0"].decisions[(False, True, False, (2, 512))] == "dense"
+    lin(torch.randn(20, 512)).sum().backward()  # a short last batch reuses the batch-64 decision
+    assert len(calls) == 2 and exe.layers["0"].decisions[(False, True, False, (20, 512))] == expect
+    lin(torch.randn(2, 512, requires_grad=True)).sum().backward()  # tiny, dense: must not decide for batch 64
+    lin(torch.randn(64, 512, requires_grad=True)).sum().backward()
+    assert len(calls) == 3
+
+
+def test_auto_times_a_large_batch_on_a_slice(monkeypatch):
+    def race(dense, sparse):  # run each once, then call dense the faster
+        dense(), sparse()
+        return 1.0, 2.0
+
+    monkeypatch.setattr(execution, "race", race)
+    monkeypatch.setattr(execution, "TIME_MAX_BATCH", 16)
+    model = nn.Sequential(nn.Linear(256, 256))
+    exe = SparseExecution(model, _engine(model, {"0": "0.weight"}), "auto")
+    shapes = []
+    monkeypatch.setattr(exe.layers["0"], "sparse",
+                        lambda xx, dw: shapes.append(xx.shape[0]) or xx @ model[0].weight.t())
+    with torch.no_grad():
+        model(torch.randn(400, 256))
+    assert shapes == [16] and exe.layers["0"].decisions == {(False, False, False, (400, 256)): "dense"}
+
+
+def test_auto_times_a_frozen_layer_forward_only(monkeypatch):
+    lin = nn.Sequential(nn.Linear(512, 512))
+    exe = SparseExecution(lin, _engine(lin, {"0": "0.weight"}), "auto")
+    lin[0].weight.requires_grad_(False)
+    lin[0].bias.requires_grad_(False)
+    backward = []
+    real_grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: backward.append(1) or real_grad(*a, **k))
+    lin(torch.randn(64, 512))
+    (key,) = exe.layers["0"].decisions
+    assert key[:3] == (False, False, False) and not backward
+
+
+def test_auto_choices_replay_from_state_and_retime_when_the_density_moves(monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(execution, "race", _fake_race(1.0, 0.5, calls))
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Linear(512, 512))
+    other = copy.deepcopy(lin)
+    exe = SparseExecution(lin, _engine(lin, {"0": "0.weight"}), "auto")
+    x = torch.randn(64, 512)
+    lin(x).sum().backward()
+    state = json.loads(json.dumps(exe.state_dict()))  # checkpoint-safe plain data
+
+    engine2 = _engine(other, {"0": "0.weight"})  # the same seed draws the same mask
+    exe2 = SparseExecution(other, engine2, "auto")
+    exe2.load_state_dict(state)
+    monkeypatch.setattr(execution, "race", _fake_race(0.5, 1.0, calls))  # timing would now say dense
+    other(x).sum().backward()
+    assert len(calls) == 1 and exe2.choices() == {"0": "sparse"}  # replayed, not re-timed
+    swapped = engine2.masks["0.weight"].flatten()[torch.randperm(512 * 512)].view(512, 512)
+    engine2._set_mask("0.weight", swapped)  # a Prune&Grow at the same density
+    other(x).sum().backward()
+    assert len(calls) == 1 and exe2.layers["0"].plan.nnz == int(swapped.sum())  # rebuilt, not re-timed
+    engine2._set_mask("0.weight", _mask((512, 512), 0.1, seed=9))  # the density moved
+    other(x).sum().backward()
+    assert len(calls) == 2 and exe2.choices() == {"0": "dense"}  # timed afresh
+
+
+class _Attn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(64, 4, dropout=0.5, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_timing_leaves_the_global_rng_alone():
+    model = _Attn().train()
+    exe = SparseExecution(model, _engine(model, {"attn.in_proj_weight": "attn.in_proj_weight"}), "auto")
+    x = torch.randn(8, 64, 64, requires_grad=True)
+    state = torch.get_rng_state()
+    exe.layers["attn.in_proj_weight"].time((True, True, False, tuple(x.shape)), x, (x, x, x), {"need_weights": False})
+    assert torch.equal(torch.get_rng_state(), state)  # dropout ran inside the timing, on a forked RNG
+
+
+def test_rigl_dense_gradient_epoch_keeps_the_dense_gradient():
+    torch.manual_seed(0)
+    cfg = {"train": {"epochs": 3, "interval": 1}, "sparsity": {"method": "rigl", "target": 0.8, "kernels": "sparse",
+                                                               "dense_first_layer": False}}
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctl = SpFDE(model, opt, cfg, train_size=32, example_input=torch.randn(2, 64))
+    x, y = torch.randn(32, 64), torch.randint(0, 4, (32,))
+    ctl.start_epoch(0)
+    assert ctl.sparsity.needs_dense_grad(0) and ctl.kernels.dense_weight_grad
+    logits = model(x)
+    opt.zero_grad()
+    F.cross_entropy(logits, y).backward()
+    dense_grad = model[0].weight.grad.clone()
+    ctl.before_step()
+    mask = ctl.sparsity.masks["0.weight"]
+    assert torch.count_nonzero(dense_grad[~mask]) > 0  # RigL sees the gradient at pruned positions
+    assert torch.all(model[0].weight.grad[~mask] == 0)  # and the step still sees it masked
+    opt.step()
+    ctl.after_step(logits, y, torch.arange(32))  # the step is kept: its dense gradient is RigL's statistic
+    _close(ctl.sparsity._grad_buf["0.weight"], dense_grad)
+
+
+def test_config_rejects_an_unknown_kernel_mode():
+    with pytest.raises(ConfigError, match="sparsity.kernels"):
+        from_dict({"sparsity": {"kernels": "fast"}})
+
+
+# ----------------------------------------------------------------------------- training runs
+
+# lr 0.02: the sparse and dense trajectories stay within float rounding (2e-7) for the whole run. At
+# lr 0.05 a ReLU input within rounding of zero can flip in one of the runs, the two runs then drift
+# apart by 1e-4 within an epoch and MEST's ranking can flip a near tie: dynamics, not the kernels
+# (the per-step gradients agree to 3e-6 from identical weights).
+DIGITS = ["data.name=digits", "data.subset=256", "data.test_subset=64", "data.image_size=16", "data.batch_size=64",
+          "data.augment=false", "model.name=resnet20", "model.width=0.5", "optim.lr=0.02", "train.epochs=4",
+          "train.interval=1", "train.threads=1", "logging.progress=false", "sparsity.method=mest",
+          "sparsity.target=0.8", "sparsity.search_end=3"]
+
+
+@pytest.mark.slow
+def test_mest_run_with_sparse_kernels_matches_dense_kernels(tmp_path):
+    from spfde.config import load_config
+    from spfde.train import train
+
+    runs = {}
+    for mode in ("dense", "sparse"):
+        train(load_config(None, [*DIGITS, f"sparsity.kernels={mode}"]), tmp_path / mode, quiet=True)
+        runs[mode] = torch.load(tmp_path / mode / "checkpoints" / "last.pt", weights_only=False)
+        rows = [json.loads(line) for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+        want = "sparse" if mode == "sparse" and NATIVE["available"] else "dense"
+        assert rows[-1]["kernels"]["layer1.0.conv1"] == want
+        assert "head" not in rows[-1]["kernels"]  # the classifier stays dense (sparsity.dense_last_layer)
+    masks = {m: r["controller"]["sparsity"]["masks"] for m, r in runs.items()}
+    assert masks["dense"].keys() == masks["sparse"].keys()
+    assert all(torch.equal(masks["dense"][n], masks["sparse"][n]) for n in masks["dense"])
+    for name, w in runs["dense"]["model"].items():
+        if w.is_floating_point():
+            # float rounding of two kernels compounds over 16 steps (BN running variances move most);
+            # per-step agreement is asserted to 1e-5 by the layer tests above
+            torch.testing.assert_close(runs["sparse"]["model"][name], w, rtol=2e-3, atol=2e-3)
+    # a fresh sparse run is bit-identical
+    from spfde.utils import state_dict_sha256
+
+    again = train(load_config(None, [*DIGITS, "sparsity.kernels=sparse"]), tmp_path / "again", quiet=True)
+    assert again["weights_sha256"] == state_dict_sha256(runs["sparse"]["model"])
+
+
+def test_controller_logs_kernels_and_checkpoints_the_choices():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    cfg = {"train": {"epochs": 2, "interval": 1}, "sparsity": {"method": "mest", "target": 0.8}}
+    ctl = SpFDE(model, opt, cfg, train_size=16, example_input=torch.randn(2, 3, 8, 8))
+    ctl.start_epoch(0)
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    logits = model(x)
+    F.cross_entropy(logits, y).backward()
+    ctl.before_step()
+    opt.step()
+    ctl.after_step(logits, y, torch.arange(16))
+    m = ctl.end_epoch()
+    assert m["kernels"] == {"2": "dense"}  # tiny layers: dense, untimed (first and last layer unmasked)
+    state = ctl.state_dict()
+    assert state["kernels"]["mode"] == "auto" and set(state["kernels"]["layers"]) == {"2"}
+
+
+# ----------------------------------------------------------------------------- native build
+
+
+def test_failed_build_falls_back_to_dense_with_one_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPFDE_CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("SPFDE_KERNEL_CACHE", str(tmp_path / "cache"))
+    native._reset_for_tests()
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        ref = copy.deepcopy(model)
+        exe = SparseExecution(model, _engine(model, {"0": "0.weight", "2": "2.weight"}), "sparse")
+        _engine(ref, {"0": "0.weight", "2": "2.weight"})
+        x = torch.randn(5, 4, 6, 6)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert not native.status()["available"]  # a quiet query does not use up the warning
+            for _ in range(3):
+                out = model(x)
+                out.sum().backward()
+        kernel_warnings = [w for w in caught if issubclass(w.category, KernelWarning)]
+        assert len(kernel_warnings) == 1 and "unavailable" in str(kernel_warnings[0].message)
+        assert torch.equal(out, ref(x))  # the dense path, bit for bit
+        assert exe.choices() == {"0": "dense", "2": "dense"}
+    finally:
+        native._reset_for_tests()
+
+
+@pytest.mark.slow
+def test_cli_run_without_a_compiler_prints_one_warning_line(tmp_path):
+    env = {**os.environ, "SPFDE_CXX": "/nonexistent/c++", "SPFDE_KERNEL_CACHE": str(tmp_path / "cache"),
+           "OMP_NUM_THREADS": "1"}
+    (tmp_path / "run.yaml").write_text("seed: 0\n")
+    args = [a for kv in [*DIGITS, "train.epochs=1", "sparsity.search_end=1", "sparsity.kernels=sparse"]
+            for a in ("--set", kv)]
+    r = subprocess.run([sys.executable, "-m", "spfde.cli", "train", "--config", str(tmp_path / "run.yaml"),
+                        "--out", str(tmp_path / "run"), "--quiet", *args],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "KernelWarning" in lines[0] and "dense" in lines[0], r.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["kernels"]["layer1.0.conv1"] == "dense"
+
+
+@pytest.mark.slow
+def test_portable_build_without_avx512_is_correct(tmp_path, monkeypatch):
+    if not NATIVE["available"]:
+        pytest.skip("no working compiler")
+    monkeypatch.setenv("SPFDE_CXXFLAGS", "-mno-avx512f")
+    monkeypatch.setenv("SPFDE_KERNEL_CACHE", str(tmp_path))
+    native._reset_for_tests()
+    try:
+        assert native.status()["available"], native.status()
+        for cin, cout, k, s, p, size in CONVS[:3]:
+            for batch, cl in ((7, False), (20, True)):
+                conv = nn.Conv2d(cin, cout, k, stride=s, padding=p)
+                mask = _mask(conv.weight.shape, 0.3)
+                with torch.no_grad():
+                    conv.weight.mul_(mask)
+                x = torch.randn(batch, cin, size, size)
+                if cl:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                xd, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+                dense, sparse = conv(xd), sparse_conv2d(conv, xs, make_conv_plan(conv, mask))
+                _close(sparse, dense)
+                gd, gs = _grads(dense, [xd, conv.weight]), _grads(sparse, [xs, conv.weight])
+                _close(gs[0], gd[0])
+                _close(gs[1], gd[1] * mask)
+    finally:
+        native._reset_for_tests()
+
+
+def test_build_sparsity_engine_drives_execution_end_to_end():
+    """After a real MEST Prune&Grow the sparse layers compute with the new masks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    cfg = from_dict({"train": {"epochs": 4, "interval": 1}, "sparsity": {"method": "mest", "target": 0.8}})
+    engine = build_sparsity(model, cfg, example_input=torch.randn(2, 32))
+    engine.apply_masks()
+    ref = copy.deepcopy(model)
+    exe = SparseExecution(model, engine, "sparse")
+    model(torch.randn(3, 32))
+    old = {n: m.clone() for n, m in engine.masks.items()}
+    engine.update(1)  # Prune&Grow (no recorded gradient: magnitude only)
+    exe.refresh()
+    assert any(not torch.equal(old[n], engine.masks[n]) for n in old)
+    with torch.no_grad():  # give the grown positions values, as training would
+        for n, p in model.named_parameters():
+            if n in engine.masks:
+                p.copy_(torch.randn(p.shape) * engine.masks[n])
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+            q.copy_(p)
+    x = torch.randn(8, 32)
+    _close(model(x), ref(x))
+
+
+def test_report_shows_the_kernel_table(tmp_path):
+    import yaml
+
+    from spfde.report import write_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "resnet20"}, "sparsity": {"kernels": "auto"}}))
+    rows = [{"epoch": e, "train_loss": 1.0, "test_acc": 0.5, "kernels": {"layer1.0.conv1": k, "head": "dense"},
+             **({"kernel_speedup": {"layer1.0.conv1": 1.8 + e}} if k == "sparse" else {})}
+            for e, k in enumerate(["dense", "sparse", "sparse"])]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = write_report([run]).read_text()
+    assert "### Kernels per layer (run)" in text
+    assert "| `layer1.0.conv1` | sparse | 2/3 | 3.80x |" in text and "| `head` | dense | 0/3 | - |" in text
+
+
+@needs_native
+@pytest.mark.slow
+def test_auto_resume_replays_the_checkpointed_choices(tmp_path, monkeypatch):
+    from spfde.config import dump_config, load_config
+    from spfde.train import Trainer, resume, train
+
+    cfg = load_config(None, [*DIGITS, "model.width=1.0", "train.epochs=3", "sparsity.search_end=1",
+                             "sparsity.kernels=auto"])  # width 1: layers above TINY_MACS
+    monkeypatch.setattr(execution, "race", lambda dense, sparse: (1.0, 0.5))  # sparse measured faster
+    full = train(cfg, tmp_path / "full", quiet=True)
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "config.yaml").write_text(dump_config(cfg))
+    tr = Trainer(cfg, part, quiet=True)
+    for epoch in range(2):  # the density steps at epoch 1 (search_end): the last re-timing
+        m = tr.train_epoch(epoch)
+        tr.metrics.append({"epoch": epoch, **m, "test_acc": None, "wall_s": 0.0})
+        tr.checkpoint(epoch)
+    assert m["kernels"]["layer1.0.conv1"] == "sparse"
+    timed_with_grad = []  # timing a training call now would pick dense
+    monkeypatch.setattr(execution, "race",
+                        lambda dense, sparse: timed_with_grad.append(torch.is_grad_enabled()) or (0.5, 1.0))
+    resumed = resume(part, quiet=True)
+    # the training calls replayed the checkpoint's choices (only the evaluation's forward-only calls,
+    # never run in this process, were timed)
+    assert not any(timed_with_grad)
+    assert resumed["weights_sha256"] == full["weights_sha256"]
+    rows = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["kernels"]["layer1.0.conv1"] == "sparse"
+
+
+def test_rigl_step_updates_get_their_dense_gradient_from_sparse_kernels():
+    """update_unit: step: RigL grows where the dense gradient of the step before an update is large;
+    sparse kernels must compute that step's weight gradient densely (mid-epoch), or growth is blind."""
+    import torch.nn.functional as F
+
+    from spfde import SpFDE
+
+    def run(kernels: str) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+        x, y = torch.randn(256, 64), torch.randint(0, 10, (256,))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        cfg = {"train": {"epochs": 2, "interval": 1},
+               "sparsity": {"method": "rigl", "target": 0.9, "update_unit": "step", "update_interval_steps": 3,
+                            "kernels": kernels, "dense_first_layer": False}}
+        ctl = SpFDE(model, opt, cfg, train_size=256, example_input=x[:2], blocks=["0", "2", "4"])
+        for e in range(2):
+            ctl.start_epoch(e)
+            for i in range(0, 256, 32):
+                idx = torch.arange(i, i + 32)
+                out = model(x[idx])
+                opt.zero_grad()
+                F.cross_entropy(out, y[idx]).backward()
+                ctl.before_step()
+                opt.step()
+                ctl.after_step(out, y[idx], idx)
+            ctl.end_epoch()
+        assert ctl.sparsity.step >= 3  # updates happened mid-epoch
+        return {k: v.clone() for k, v in ctl.sparsity.masks.items()}
+
+    dense, sparse = run("dense"), run("sparse")
+    assert set(dense) == set(sparse) and dense
+    for name in dense:
+        assert torch.equal(dense[name], sparse[name]), name
