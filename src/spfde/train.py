@@ -5,6 +5,11 @@ label smoothing, evaluation each epoch, channels_last on CPU, AMP on CUDA. Every
 an atomic checkpoint; a killed run resumed with ``resume=True`` ends bit-identical to an
 uninterrupted one on CPU, because every random choice derives from ``(seed, purpose, epoch)``
 and the checkpoint holds the model, optimizer, controller and RNG states.
+
+Robustness (issue 15): checkpoints are verified and loaded without code execution
+(:mod:`spfde.checkpoint`); a resumed run refuses a config.yaml edited since its checkpoint; a
+NaN/inf training loss stops the run at that step (``train.on_nonfinite: stop``, exit 3) or skips
+the step (``skip``); running out of memory while a run starts is a config error (exit 2).
 """
 
 from __future__ import annotations
@@ -20,11 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from spfde import distributed as dist_utils
+from spfde.checkpoint import FORMAT, check_resume_config, load_latest, read_checkpoint, save_checkpoint
 from spfde.config import Config, dump_config, load_config
 from spfde.controller import SpFDE
-from spfde.errors import SpfdeError
+from spfde.errors import ConfigError, NonFiniteLossError, SpfdeError, config_caused, memory_errors
 from spfde.utils import (
-    atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
     resolve_device,
@@ -34,7 +39,7 @@ from spfde.utils import (
     state_dict_sha256,
 )
 
-CHECKPOINT_FORMAT = "spfde-checkpoint-v1"
+CHECKPOINT_FORMAT = FORMAT
 
 
 def _use_channels_last(cfg: Config, device: torch.device) -> bool:
@@ -48,7 +53,7 @@ def _use_channels_last(cfg: Config, device: torch.device) -> bool:
 def _use_amp(cfg: Config, device: torch.device) -> bool:
     if cfg.train.amp == "on":
         if device.type != "cuda":
-            raise SpfdeError("train.amp=on needs a CUDA device; use train.amp=auto or off on CPU")
+            raise ConfigError("config field 'train.amp' = 'on' needs a CUDA device; use train.amp=auto or off on CPU")
         return True
     return cfg.train.amp == "auto" and device.type == "cuda"
 
@@ -79,17 +84,21 @@ def prepare_out_dir(out: Path, force: bool) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise SpfdeError(f"checkpoint {str(path)!r} not found") from None
-    except Exception as e:  # a torn or foreign file: torch raises many different types here
-        raise SpfdeError(
-            f"checkpoint {str(path)!r} is truncated or not a spfde checkpoint ({type(e).__name__}); "
-            "delete it to restart the run from scratch") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise SpfdeError(f"{str(path)!r} is not a spfde checkpoint (format {CHECKPOINT_FORMAT} expected)")
-    return ckpt
+    """One verified checkpoint file (:func:`spfde.checkpoint.read_checkpoint`)."""
+    return read_checkpoint(path)
+
+
+def check_device(name: str) -> torch.device:
+    """``train.device`` as a device this machine has (a config error otherwise)."""
+    device = resolve_device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"config field 'train.device' = {name!r} asks for a GPU but none is available; "
+                              "use train.device=cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"config field 'train.device' = {name!r}: this machine has "
+                              f"{torch.cuda.device_count()} GPU(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 class Trainer:
@@ -98,6 +107,7 @@ class Trainer:
     def __init__(self, cfg: Config, out_dir: str | Path, quiet: bool = False) -> None:
         self.cfg = cfg
         self.out = Path(out_dir)
+        check_device(cfg.train.device)
         # under torchrun: one process per device, decisions identical on every rank (docs/distributed.md)
         self.rank, self.world_size, local_rank = dist_utils.init_from_env(device=cfg.train.device)
         self.is_main = self.rank == 0
@@ -105,8 +115,6 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         if self.world_size > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", local_rank)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise SpfdeError("train.device asks for CUDA but no GPU is available; use train.device=cpu")
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.channels_last = _use_channels_last(cfg, self.device)
@@ -131,8 +139,9 @@ class Trainer:
             items = [self.train_set[i] for i in range(n)]
             snip = (torch.stack([it[0] for it in items]).to(self.device),
                     torch.tensor([int(it[1]) for it in items], device=self.device))
-        self.ctl = SpFDE(self.model, self.optimizer, cfg, train_size=len(self.train_set), example_input=example,
-                         snip_batch=snip, rank=self.rank, world_size=self.world_size)
+        with config_caused():  # every input of the controller here comes from the config
+            self.ctl = SpFDE(self.model, self.optimizer, cfg, train_size=len(self.train_set),
+                             example_input=example, snip_batch=snip, rank=self.rank, world_size=self.world_size)
         # the module that runs forward: a DDP wrapper under torchrun, re-wrapped when freezing changes
         self.ddp = dist_utils.wrap_ddp(self.model, device_ids=[local_rank] if self.device.type == "cuda" else None)
         self.train_loader = make_train_loader(cfg.data, self.train_set, self.ctl.sampler, self.device,
@@ -143,6 +152,7 @@ class Trainer:
         self.start_epoch = 0
         self.wall_s = 0.0
         self.tensorboard = None  # opened by run(): nothing is written before the output folder is ready
+        self.last_rejected = False  # resume fell back to prev.pt: the next save overwrites the bad last.pt
         if cfg.logging.tensorboard and self.is_main:
             from spfde.report.tensorboard import require_tensorboard
 
@@ -153,6 +163,7 @@ class Trainer:
         state = {
             "format": CHECKPOINT_FORMAT,
             "epoch": epoch,
+            "config": self.cfg.to_dict(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "controller": self.ctl.state_dict(),
@@ -161,7 +172,8 @@ class Trainer:
             "metrics": self.metrics,
             "wall_s": self.wall_s,
         }
-        atomic_torch_save(state, self.out / "checkpoints" / "last.pt")
+        save_checkpoint(state, self.out / "checkpoints", rotate=not self.last_rejected)
+        self.last_rejected = False
 
     def restore(self, ckpt: dict[str, Any], path: Path | None = None) -> None:
         try:
@@ -200,10 +212,21 @@ class Trainer:
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         count = 0
         bar = self._bar(len(self.train_loader), f"epoch {epoch + 1}/{cfg.train.epochs}")
-        for x, y, idx in self.train_loader:
+        steps = skipped = 0
+        for step, (x, y, idx) in enumerate(self.train_loader):
+            steps += 1
             with torch.autocast(self.device.type, enabled=self.amp):
                 logits = self.ddp(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=cfg.optim.label_smoothing)
+            if self._nonfinite(loss):
+                if cfg.train.on_nonfinite == "stop":
+                    raise NonFiniteLossError(self._nonfinite_message(loss, epoch, step))
+                # skip: no backward, no optimizer step; the batch's samples get no forgetting
+                # statistics and the ledger does not charge the step
+                skipped += 1
+                if bar is not None:
+                    bar.update(1)
+                continue
             opt.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -224,12 +247,30 @@ class Trainer:
                 bar.update(1)
         if bar is not None:
             bar.close()
+        if skipped and skipped == steps:
+            raise NonFiniteLossError(f"every one of the {steps} steps of epoch {epoch} had a non-finite training "
+                                     f"loss (train.on_nonfinite=skip); {self._last_good()}; lower optim.lr")
         m = ctl.end_epoch()
+        m["nonfinite_skipped"] = skipped
         dist_utils.sync_buffers(model)  # BN statistics: rank 0's, as evaluated and checkpointed
         loss_sum, correct, count = dist_utils.all_reduce_sum(loss_sum, correct, count)
         m["train_loss"] = float(loss_sum / max(count, 1))
         m["train_acc"] = float(correct) / max(count, 1)
         return m
+
+    def _nonfinite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is NaN/inf on any rank (all ranks decide alike: one tiny all-reduce)."""
+        return dist_utils.all_reduce_sum(~torch.isfinite(loss.detach()))[0] > 0
+
+    def _last_good(self) -> str:
+        last = self.out / "checkpoints" / "last.pt"
+        return (f"the last good checkpoint {str(last)!r} is intact" if last.exists()
+                else "no checkpoint was written yet")
+
+    def _nonfinite_message(self, loss: torch.Tensor, epoch: int, step: int) -> str:
+        return (f"the training loss is {float(loss.detach())} at epoch {epoch}, step {step} (both counted from 0; "
+                f"train.on_nonfinite=stop); {self._last_good()}; lower optim.lr, or set "
+                "train.on_nonfinite=skip to skip such steps")
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
@@ -354,38 +395,64 @@ def train(cfg: Config, out_dir: str | Path, force: bool = False, quiet: bool = F
 
     Everything that can fail on bad input (model name, data files, the freezing plan) is checked by
     building the trainer before the folder is touched, so a failed start neither leaves a half-made
-    run behind nor, with ``force``, deletes the run that was there.
+    run behind nor, with ``force``, deletes the run that was there. An interruption
+    (KeyboardInterrupt, SIGTERM in the CLI) carries ``run_dir``: the folder to resume, or None when
+    the run had not started (nothing to resume).
     """
-    from spfde.errors import ConfigError
     from spfde.models import list_models
 
     out = Path(out_dir)
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prepares the directory
-    if main:
-        check_out_dir(out, force)
-    if cfg.model.name not in list_models():
-        raise ConfigError(f"config field 'model.name' = {cfg.model.name!r}; allowed: {', '.join(list_models())}")
-    trainer = Trainer(cfg, out, quiet=quiet)
-    if main:
-        prepare_out_dir(out, force)
-        atomic_write_text(out / "config.yaml", dump_config(cfg))
-    return trainer.run()
+    started = False
+    try:
+        if main:
+            check_out_dir(out, force)
+        if cfg.model.name not in list_models():
+            raise ConfigError(f"config field 'model.name' = {cfg.model.name!r}; allowed: {', '.join(list_models())}")
+        with memory_errors(at_start=True):
+            trainer = Trainer(cfg, out, quiet=quiet)
+        if main:
+            prepare_out_dir(out, force)
+            atomic_write_text(out / "config.yaml", dump_config(cfg))
+        started = True
+        with memory_errors(at_start=False):
+            return trainer.run()
+    except KeyboardInterrupt as e:
+        e.run_dir = str(out) if started else None
+        raise
 
 
-def resume(out_dir: str | Path, quiet: bool = False) -> dict[str, Any]:
-    """Continue the run in ``out_dir`` from its last checkpoint (or from scratch if it has none)."""
+def resume(out_dir: str | Path, quiet: bool = False, allow_config_change: bool = False) -> dict[str, Any]:
+    """Continue the run in ``out_dir`` from its newest intact checkpoint (or from scratch if it
+    has none). The checkpoint is verified and its config compared with ``config.yaml`` before
+    anything is built: a changed key that shapes the run is refused (a :class:`ConfigError`
+    listing the changes); ``allow_config_change`` accepts the few safe ones
+    (:data:`spfde.checkpoint.ALLOWED_WITH_FLAG`)."""
     out = Path(out_dir)
     cfg_path = out / "config.yaml"
-    if not cfg_path.exists():
-        raise SpfdeError(f"cannot resume {str(out)!r}: no config.yaml there (is it a spfde run directory?)")
+    if not cfg_path.is_file():
+        raise ConfigError(f"cannot resume {str(out)!r}: no config.yaml there, so it is not a spfde run directory; "
+                          "start a run with --config FILE --out DIR")
     cfg = load_config(cfg_path)
-    trainer = Trainer(cfg, out, quiet=quiet)
-    ckpt_path = out / "checkpoints" / "last.pt"
-    if ckpt_path.exists():
-        trainer.restore(load_checkpoint(ckpt_path), ckpt_path)
-    for stale in (out / "checkpoints").glob(".last.pt.*.tmp") if (out / "checkpoints").exists() else []:
-        if trainer.is_main:
+    found = load_latest(out / "checkpoints")
+    changes: list[str] = []
+    if found is not None:
+        old = found[1].get("config")
+        if not isinstance(old, dict):
+            raise SpfdeError(f"checkpoint {str(found[0])!r} does not hold the config it was trained with")
+        changes = check_resume_config(old, cfg.to_dict(), allow_config_change, str(out))
+    with memory_errors(at_start=True):
+        trainer = Trainer(cfg, out, quiet=quiet)
+    if found is not None:
+        path, ckpt, rejected = found
+        trainer.restore(ckpt, path)
+        trainer.last_rejected = rejected
+    if changes:
+        trainer._log(f"resuming with config changes: {', '.join(changes)}")
+    if trainer.is_main and (out / "checkpoints").is_dir():
+        for stale in (out / "checkpoints").glob(".*.tmp"):  # temp files of a write that was killed
             os.unlink(stale)
     if trainer.start_epoch >= cfg.train.epochs and (out / "summary.json").exists():
         return json.loads((out / "summary.json").read_text())
-    return trainer.run()
+    with memory_errors(at_start=False):
+        return trainer.run()
