@@ -397,21 +397,23 @@ def _split_override(text: str) -> tuple[list[str], str]:
     return [p.strip() for p in parts], raw
 
 
-def _yaml_value(raw: str) -> Any:
-    """``raw`` read as a YAML value; text that is not valid YAML stays the text itself."""
+def _yaml_value(raw: str) -> tuple[Any, str | None]:
+    """``raw`` read as a YAML value, and the YAML problem when it is not valid YAML (the value
+    is then the text itself)."""
     if not raw.strip():
-        return None
+        return None, None
     try:
-        return yaml.load(raw, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
-    except (yaml.YAMLError, RecursionError):
-        return raw.strip()
+        return yaml.load(raw, Loader=_Loader), None  # noqa: S506 - _Loader is a SafeLoader
+    except (yaml.YAMLError, RecursionError) as e:
+        problem = getattr(e, "problem", None) or type(e).__name__
+        return raw.strip(), str(problem)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
     """``"optim.lr=0.1"`` -> ``("optim.lr", 0.1)``; the value is parsed as YAML (without a schema:
     :func:`apply_overrides` reads it by the field's type)."""
     parts, raw = _split_override(text)
-    value = _yaml_value(raw)
+    value, _ = _yaml_value(raw)
     if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
         try:
             value = float(value)
@@ -441,15 +443,17 @@ def _schema_path(parts: list[str]) -> tuple[list[str], Any]:
     return parts, None
 
 
-def _typed_value(raw: str, tp: Any) -> Any:
+def _typed_value(text: str, raw: str, tp: Any) -> Any:
     """The override's value as the field's type reads it: ``data.root=inf`` stays the string
     "inf", ``optim.lr=1e-3`` is a number, ``train.amp=on`` is "on"."""
-    value = _yaml_value(raw)
+    value, problem = _yaml_value(raw)
     if tp is None or _coerce(value, tp) is not _NO:
         return value
     for alt in (raw.strip(), _float_or_none(raw)):
         if alt is not None and _coerce(alt, tp) is not _NO:
             return alt
+    if problem is not None:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem})")
     return value  # does not fit: validation names the field and what it takes
 
 
@@ -471,7 +475,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
             node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: '{part}' is not a section")
-        node[parts[-1]] = _typed_value(raw, tp)
+        node[parts[-1]] = _typed_value(text, raw, tp)
     return data
 
 

@@ -101,6 +101,12 @@ def check_device(name: str) -> torch.device:
     return device
 
 
+def _finite_grads(model: torch.nn.Module) -> bool:
+    """All gradients finite (after DDP's all-reduce they are equal on every rank: one decision)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
 class Trainer:
     """Builds data, model, optimizer and controller from a config and runs the epochs."""
 
@@ -203,7 +209,7 @@ class Trainer:
     # ------------------------------------------------------------------ epochs
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         cfg = self.cfg
-        model, opt, ctl = self.model, self.optimizer, self.ctl
+        model, ctl = self.model, self.ctl
         ctl.start_epoch(epoch)
         self.ddp = dist_utils.maybe_rewrap_ddp(self.ddp)
         self.train_loader.set_epoch(epoch)
@@ -221,23 +227,17 @@ class Trainer:
             if self._nonfinite(loss):
                 if cfg.train.on_nonfinite == "stop":
                     raise NonFiniteLossError(self._nonfinite_message(loss, epoch, step))
-                # skip: no backward, no optimizer step; the batch's samples get no forgetting
-                # statistics and the ledger does not charge the step
+                applied = False
+            else:
+                applied = self._backward_and_step(loss)
+            if not applied:
+                # train.on_nonfinite=skip: the step is not applied. The batch's samples get no
+                # forgetting statistics this step and the ledger does not charge it (the
+                # controller's skipped-step call belongs here once it has one).
                 skipped += 1
                 if bar is not None:
                     bar.update(1)
                 continue
-            opt.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.unscale_(opt)
-                ctl.before_step()
-                self.scaler.step(opt)
-                self.scaler.update()
-            else:
-                loss.backward()
-                ctl.before_step()
-                opt.step()
             ctl.after_step(logits, y, idx)
             n = y.numel()
             loss_sum += loss.detach().double() * n
@@ -248,8 +248,8 @@ class Trainer:
         if bar is not None:
             bar.close()
         if skipped and skipped == steps:
-            raise NonFiniteLossError(f"every one of the {steps} steps of epoch {epoch} had a non-finite training "
-                                     f"loss (train.on_nonfinite=skip); {self._last_good()}; lower optim.lr")
+            raise NonFiniteLossError(f"every one of the {steps} steps of epoch {epoch} had a non-finite loss or "
+                                     f"gradient (train.on_nonfinite=skip); {self._last_good()}; lower optim.lr")
         m = ctl.end_epoch()
         m["nonfinite_skipped"] = skipped
         dist_utils.sync_buffers(model)  # BN statistics: rank 0's, as evaluated and checkpointed
@@ -257,6 +257,26 @@ class Trainer:
         m["train_loss"] = float(loss_sum / max(count, 1))
         m["train_acc"] = float(correct) / max(count, 1)
         return m
+
+    def _backward_and_step(self, loss: torch.Tensor) -> bool:
+        """Backward pass and optimizer step; False when the step was skipped (``skip`` mode and a
+        NaN/inf gradient: a finite but huge loss can still overflow the backward pass)."""
+        opt, ctl = self.optimizer, self.ctl
+        opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:  # GradScaler skips the steps with inf/NaN gradients itself
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(opt)
+            ctl.before_step()
+            self.scaler.step(opt)
+            self.scaler.update()
+            return True
+        loss.backward()
+        if self.cfg.train.on_nonfinite == "skip" and not _finite_grads(self.model):
+            opt.zero_grad(set_to_none=True)
+            return False
+        ctl.before_step()
+        opt.step()
+        return True
 
     def _nonfinite(self, loss: torch.Tensor) -> bool:
         """Whether the loss is NaN/inf on any rank (all ranks decide alike: one tiny all-reduce)."""
