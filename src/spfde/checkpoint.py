@@ -160,7 +160,8 @@ HARMLESS_ON_RESUME = frozenset({
     "data.num_workers", "analysis.probe_size"})
 #: changes accepted with ``--allow-config-change``: they change what is measured or where, not the
 #: schedule of the epochs already trained (``train.epochs`` only where nothing depends on it)
-ALLOWED_WITH_FLAG = frozenset({"train.epochs", "train.device", "data.test_subset", "analysis.snapshots"})
+ALLOWED_WITH_FLAG = frozenset({"train.epochs", "train.device", "data.test_subset", "analysis.snapshots",
+                               "train.on_nonfinite"})
 
 
 def _flat(cfg: dict[str, Any]) -> dict[str, Any]:

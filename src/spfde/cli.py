@@ -39,7 +39,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: accept the safe edits of DIR/config.yaml (more epochs where the schedule "
-                        "allows it, train.device, data.test_subset, analysis.snapshots); see docs/design.md")
+                        "allows it, train.device, data.test_subset, analysis.snapshots, train.on_nonfinite); see "
+                        "docs/design.md")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or per-epoch lines")
 
