@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from spfde.errors import ConfigError, SpfdeError
-from spfde.utils import read_sha256, sha256_path, torch_save_temp, write_sha256
+from spfde.utils import atomic_torch_save, read_sha256, sha256_path
 
 FORMAT = "spfde-checkpoint-v2"
 LAST, PREV = "last.pt", "prev.pt"
@@ -45,29 +45,11 @@ ALLOWED_TYPES = (dict, OrderedDict, list, tuple, str, int, float, bool, type(Non
 
 def save_checkpoint(state: dict[str, Any], folder: str | os.PathLike, rotate: bool = True) -> Path:
     """Write ``state`` as ``folder/last.pt`` with its checksum; the previous ``last.pt`` becomes
-    ``prev.pt`` (``rotate=False``: it is overwritten, for a ``last.pt`` known to be bad).
-
-    Order: temp file (synced) -> rotate -> checksum -> rename. A failed write raises
-    :class:`SpfdeError` naming the file and the cause, with the previous checkpoint intact.
-    """
+    ``prev.pt`` (``rotate=False``: it is overwritten, for a ``last.pt`` known to be bad). A failed
+    write raises :class:`SpfdeError` naming the file and the cause, the previous checkpoint intact."""
     folder = Path(folder)
-    last, prev = folder / LAST, folder / PREV
-    tmp, digest = torch_save_temp(state, last)
-    try:
-        if rotate and last.exists():
-            os.replace(last, prev)
-            if sha256_path(last).exists():
-                os.replace(sha256_path(last), sha256_path(prev))
-        write_sha256(last, digest)
-        os.replace(tmp, last)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise SpfdeError(f"cannot write checkpoint {str(last)!r}: {e.strerror or e}; the previous "
-                             "checkpoint is intact") from None
-        raise
-    return last
+    atomic_torch_save(state, folder / LAST, keep_previous=folder / PREV if rotate else None)
+    return folder / LAST
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,7 +125,7 @@ def load_latest(folder: str | os.PathLike) -> tuple[Path, dict[str, Any], bool] 
         except SpfdeError as e:
             problems.append(str(e))
             continue
-        if problems:
+        if problems and os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 speaks for the run
             print(f"warning: {problems[0]}; resuming from {str(p)!r} (epoch {ckpt['epoch']}) instead",
                   file=sys.stderr, flush=True)
         return p, ckpt, p.name != LAST
@@ -181,8 +163,10 @@ def _epochs_independent(cfg: dict[str, Any]) -> str | None:
         return f"the {cfg['optim']['schedule']} learning-rate schedule spans train.epochs"
     if cfg["freezing"]["target"] > 0:
         return "the freezing plan (Algorithm 1) is made for train.epochs"
-    if cfg["sparsity"]["search_end"] is None and cfg["sparsity"]["method"] not in ("dense", "static"):
-        return "sparsity.search_end defaults to 3/4 of train.epochs"
+    search_end = cfg["sparsity"]["search_end"]  # None (3/4 of train.epochs) or a fraction of it follow it
+    if not (isinstance(search_end, int) and not isinstance(search_end, bool)) and \
+            cfg["sparsity"]["method"] not in ("dense", "static"):
+        return "sparsity.search_end is a share of train.epochs (set it to an epoch)"
     return None
 
 

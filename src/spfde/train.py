@@ -131,8 +131,9 @@ class Trainer:
 
         seed_everything(cfg.seed)
         self.train_set, self.test_set, self.info = load_datasets(cfg.data, seed=cfg.seed)
-        self.model = create_model(cfg.model.name, num_classes=self.info.num_classes,
-                                  in_channels=self.info.in_channels, width=cfg.model.width).to(self.device)
+        with config_caused():  # the model comes from the config alone
+            self.model = create_model(cfg.model.name, num_classes=self.info.num_classes,
+                                      in_channels=self.info.in_channels, width=cfg.model.width).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(

@@ -114,12 +114,22 @@ def torch_save_temp(obj: Any, path: str | os.PathLike) -> tuple[str, str]:
         raise
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> str:
+def atomic_torch_save(obj: Any, path: str | os.PathLike, keep_previous: str | os.PathLike | None = None) -> str:
     """``torch.save`` through a temp file and rename, so a kill never leaves a torn file; also
-    writes ``<path>.sha256`` (``sha256sum`` format). Returns the SHA-256 of the file."""
+    writes ``<path>.sha256`` (``sha256sum`` format). Returns the SHA-256 of the file.
+
+    ``keep_previous``: the current ``path`` (and its checksum) is renamed to it first, so the
+    previous good file survives (checkpoint rotation). Order: temp file (synced, hashed) ->
+    rotate -> checksum -> rename. A failed write raises :class:`SpfdeError` naming the file and
+    the cause, with the previous file intact.
+    """
     path = Path(path)
     tmp, digest = torch_save_temp(obj, path)
     try:
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
+            if sha256_path(path).exists():
+                os.replace(sha256_path(path), sha256_path(keep_previous))
         write_sha256(path, digest)
         os.replace(tmp, path)
     except BaseException as e:
