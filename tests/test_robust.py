@@ -255,7 +255,7 @@ def test_allocation_failure_at_start_is_a_config_error(tmp_path):
 
 
 @pytest.mark.parametrize("content, words", [
-    (b"1: 2\n", ["unknown config key '1'"]),
+    (b"seed: 0\n1: 2\nx: 3\n", ["unknown config key '1'", "unknown config key 'x'"]),  # mixed-type keys
     (b"\xff\xfe", ["UTF-16"]),
     (b"seed: 0\nmodel: \xff\n", ["line 2 column 8", "not UTF-8"]),
     (b"seed: " + b"[" * 20000, ["line 1 column", "nested more than"]),
@@ -372,7 +372,7 @@ def test_config_caused_errors_exit_2(tmp_path, overrides, words):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
-@pytest.mark.parametrize("override", ["train.device=cuda", "train.device=cuda:1", "train.amp=on"])
+@pytest.mark.parametrize("override", ["train.device=cuda", "train.device=cuda:1", "train.amp='on'"])
 def test_gpu_settings_without_a_gpu_exit_2(tmp_path, override):
     code, _, err = run_main("train", *DEMO, "--set", override, "-o", str(tmp_path / "r"), "-q")
     assert_one_error(code, err, 2, override.split("=")[0])
