@@ -195,7 +195,7 @@ def valid_mutations(draw) -> tuple[str, list[str]]:
 
 
 @pytest.mark.slow
-@fuzz_settings(25)
+@fuzz_settings(40)
 @given(valid_mutations())
 def test_valid_mutations_start(case):
     text, overrides = case
@@ -270,7 +270,7 @@ def mutations(draw) -> tuple[str | bytes, list[str]]:
 
 
 @pytest.mark.slow
-@fuzz_settings(120)
+@fuzz_settings(300)
 @given(mutations())
 def test_any_mutation_exits_0_or_2_with_one_line(case):
     text, overrides = case
