@@ -58,3 +58,21 @@ def torchrun(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_main(*argv: str) -> tuple[int, str, str]:
+    """``spfde ARGV`` in this process: ``(exit code, stdout, stderr)``. An exception escaping
+    ``spfde.cli.main`` (a traceback for the user) propagates and fails the test."""
+    import contextlib
+    import io
+
+    from spfde.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]

@@ -59,7 +59,8 @@ def test_plan_json_contract():
 
 def test_plan_unreachable_target_is_a_clear_error():
     r = cli("plan", "--config", "cifar100-resnet32x2", "--set", "freezing.target=0.9")
-    assert r.returncode == 2 and "unreachable" in r.stderr and "Traceback" not in r.stderr  # a config error
+    # a config error (issue 15): exit 2
+    assert r.returncode == 2 and "unreachable" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_models_lists_registry():

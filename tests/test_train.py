@@ -126,15 +126,21 @@ def test_refuses_non_empty_out_dir(tmp_path):
 
 
 def test_truncated_and_foreign_checkpoints(tmp_path):
+    from spfde.utils import file_sha256, write_sha256
+
     bad = tmp_path / "last.pt"
     bad.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(SpfdeError, match="cannot be verified"):  # no checksum beside it
+        load_checkpoint(bad)
+    write_sha256(bad, file_sha256(bad))  # the checksum matches: the content itself is refused
     with pytest.raises(SpfdeError, match="truncated or not a spfde checkpoint"):
         load_checkpoint(bad)
     torch.save({"model": {}}, bad)
+    write_sha256(bad, file_sha256(bad))
     with pytest.raises(SpfdeError, match="not a spfde checkpoint"):
         load_checkpoint(bad)
-    r = cli("train", "--resume", str(tmp_path / "nothing-here"))
-    assert r.returncode == 1 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+    r = cli("train", "--resume", str(tmp_path / "nothing-here"))  # not a run: a usage error
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
 
 
 def test_resume_in_process_matches(tmp_path):

@@ -1,7 +1,9 @@
 """The ``spfde`` command line.
 
 Every user error (config, file, model) is printed as one ``error: ...`` line on stderr with a
-non-zero exit code (2 for configuration errors, 1 otherwise); tracebacks are for bugs only.
+non-zero exit code; tracebacks are for bugs only. Exit codes (docs/design.md, "Exit codes"): 0 done,
+1 a user error that is not the config's (a file, the disk, a checkpoint), 2 a config or usage
+error, 3 a non-finite training loss, 130 interrupted (SIGINT), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -9,7 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +52,10 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, required=False)
     p.add_argument("--out", "-o", help="run directory (config.yaml, metrics.jsonl, summary.json, checkpoints/)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: accept the safe edits of DIR/config.yaml (more epochs where the schedule "
+                        "allows it, train.device, data.test_subset, analysis.snapshots, train.on_nonfinite); see "
+                        "docs/design.md")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or per-epoch lines")
 
@@ -114,9 +123,11 @@ def _train(args: argparse.Namespace) -> int:
 
         if args.config or args.overrides:
             raise ConfigError("--resume takes the run's own config.yaml; drop --config/--set")
-        summary = resume(args.resume, quiet=args.quiet)
+        summary = resume(args.resume, quiet=args.quiet, allow_config_change=args.allow_config_change)
         out = args.resume
     else:
+        if args.allow_config_change:
+            raise ConfigError("--allow-config-change goes with --resume DIR")
         if not args.config or not args.out:
             raise ConfigError("spfde train needs --config FILE and --out DIR (or --resume DIR)")
         cfg = load_config(args.config, args.overrides)
@@ -265,6 +276,42 @@ def main(argv: list[str] | None = None) -> int:
     return code if sd is None else sd.exit_process(code)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised wherever the process is, like Ctrl-C's KeyboardInterrupt (exit 143)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM handled like SIGINT: the epoch in progress is discarded (checkpoints are written
+    atomically), one line says how to go on, and the exit code is 143."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: signals stay as they are
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(args: argparse.Namespace, e: KeyboardInterrupt) -> str:
+    what = "terminated" if isinstance(e, Terminated) else "interrupted"
+    if args.command == "reproduce":
+        return f"{what}; run the same command again: finished runs are skipped and half-done ones resumed"
+    if args.command not in ("train", "demo"):
+        return what
+    run = getattr(args, "resume", None) or getattr(e, "run_dir", None)
+    if run is None:
+        return f"{what} before the run started; nothing was trained, nothing to resume"
+    return f"{what}; resume with `spfde train --resume {run}`"
+
+
 def _main(argv: list[str] | None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
@@ -272,9 +319,10 @@ def _main(argv: list[str] | None) -> int:
         parser.print_help()
         return 2
     try:
-        return COMMANDS[args.command](args)
+        with _sigterm_as_interrupt():
+            return COMMANDS[args.command](args)
     except SpfdeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message holds
         return e.exit_code
     except BrokenPipeError:  # `spfde ... | head`: the reader left; nothing more to say
         sys.stderr.close()
@@ -283,11 +331,12 @@ def _main(argv: list[str] | None) -> int:
         where = f" {e.filename!r}" if getattr(e, "filename", None) else ""
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        again = ("run the same command again: finished runs are skipped and half-done ones resumed"
-                 if args.command == "reproduce" else "resume with `spfde train --resume DIR`")
-        print(f"interrupted; {again}", file=sys.stderr)
-        return 130
+    except MemoryError:
+        print("error: out of memory; lower data.batch_size, model.width or data.image_size", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        print(_interrupted(args, e), file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":

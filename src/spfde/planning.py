@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from spfde.config import Config
+from spfde.errors import config_caused, memory_errors
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,12 @@ def planned_run(cfg: Config) -> dict[str, Any]:
     resolve_model(cfg.model.name, cfg.model.kwargs)  # a bad model fails before an ImageFolder is read
     shape = data_shape(cfg)
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model.name, num_classes=shape.num_classes, in_channels=shape.in_channels,
-                         width=cfg.model.width, **cfg.model.kwargs)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
-    x = torch.zeros(1, shape.in_channels, shape.image_size, shape.image_size)
-    ctl = SpFDE(model, opt, cfg, train_size=shape.train_size, example_input=x)
+    with memory_errors(at_start=True), config_caused():  # every input below comes from the config
+        model = create_model(cfg.model.name, num_classes=shape.num_classes, in_channels=shape.in_channels,
+                             width=cfg.model.width, **cfg.model.kwargs)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+        x = torch.zeros(1, shape.in_channels, shape.image_size, shape.image_size)
+        ctl = SpFDE(model, opt, cfg, train_size=shape.train_size, example_input=x)
     plan = ctl.plan
     # the cache is assumed only where the run must use it (`on`); `auto` decides at run time
     flops = ctl.planned_flops(with_cache=cfg.freezing.cache == "on")

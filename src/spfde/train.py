@@ -5,6 +5,11 @@ label smoothing, evaluation each epoch, channels_last on CPU, AMP on CUDA. Every
 an atomic checkpoint; a killed run resumed with ``resume=True`` ends bit-identical to an
 uninterrupted one on CPU, because every random choice derives from ``(seed, purpose, epoch)``
 and the checkpoint holds the model, optimizer, controller and RNG states.
+
+Robustness (issue 15): checkpoints are verified and loaded without code execution
+(:mod:`spfde.checkpoint`); a resumed run refuses a config.yaml edited since its checkpoint; a
+NaN/inf training loss stops the run at that step (``train.on_nonfinite: stop``, exit 3) or skips
+the step (``skip``); running out of memory while a run starts is a config error (exit 2).
 """
 
 from __future__ import annotations
@@ -20,12 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from spfde import distributed as dist_utils
+from spfde.checkpoint import FORMAT, check_resume_config, load_latest, read_checkpoint, save_checkpoint
 from spfde.config import Config, dump_config, load_config
 from spfde.controller import SpFDE
-from spfde.errors import SpfdeError
+from spfde.errors import ConfigError, NonFiniteLossError, SpfdeError, config_caused, memory_errors
 from spfde.units import format_duration, time_to_acc_fields
 from spfde.utils import (
-    atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
     resolve_device,
@@ -36,7 +41,7 @@ from spfde.utils import (
     state_dict_sha256,
 )
 
-CHECKPOINT_FORMAT = "spfde-checkpoint-v1"
+CHECKPOINT_FORMAT = FORMAT
 
 
 def _use_channels_last(cfg: Config, device: torch.device) -> bool:
@@ -50,7 +55,7 @@ def _use_channels_last(cfg: Config, device: torch.device) -> bool:
 def _use_amp(cfg: Config, device: torch.device) -> bool:
     if cfg.train.amp == "on":
         if device.type != "cuda":
-            raise SpfdeError("train.amp=on needs a CUDA device; use train.amp=auto or off on CPU")
+            raise ConfigError("config field 'train.amp' = 'on' needs a CUDA device; use train.amp=auto or off on CPU")
         return True
     return cfg.train.amp == "auto" and device.type == "cuda"
 
@@ -94,17 +99,27 @@ def prepare_out_dir(out: Path, force: bool) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise SpfdeError(f"checkpoint {str(path)!r} not found") from None
-    except Exception as e:  # a torn or foreign file: torch raises many different types here
-        raise SpfdeError(
-            f"checkpoint {str(path)!r} is truncated or not a spfde checkpoint ({type(e).__name__}); "
-            "delete it to restart the run from scratch") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise SpfdeError(f"{str(path)!r} is not a spfde checkpoint (format {CHECKPOINT_FORMAT} expected)")
-    return ckpt
+    """One verified checkpoint file (:func:`spfde.checkpoint.read_checkpoint`)."""
+    return read_checkpoint(path)
+
+
+def check_device(name: str) -> torch.device:
+    """``train.device`` as a device this machine has (a config error otherwise)."""
+    device = resolve_device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"config field 'train.device' = {name!r} asks for a GPU but none is available; "
+                              "use train.device=cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"config field 'train.device' = {name!r}: this machine has "
+                              f"{torch.cuda.device_count()} GPU(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def _finite_grads(model: torch.nn.Module) -> bool:
+    """All gradients finite (after DDP's all-reduce they are equal on every rank: one decision)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 def amp_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> torch.Tensor:
@@ -125,6 +140,7 @@ class Trainer:
     def __init__(self, cfg: Config, out_dir: str | Path, quiet: bool = False) -> None:
         self.cfg = cfg
         self.out = Path(out_dir)
+        check_device(cfg.train.device)
         # under torchrun: one process per device, decisions identical on every rank (docs/distributed.md)
         self.rank, self.world_size, local_rank = dist_utils.init_from_env(device=cfg.train.device)
         self.is_main = self.rank == 0
@@ -132,8 +148,6 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         if self.world_size > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", local_rank)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise SpfdeError("train.device asks for CUDA but no GPU is available; use train.device=cpu")
         self.threads = set_threads(cfg.train.threads)  # before any work: the rule reads the load at start
         self.channels_last = _use_channels_last(cfg, self.device)
         self.amp = _use_amp(cfg, self.device)
@@ -143,9 +157,10 @@ class Trainer:
 
         seed_everything(cfg.seed)
         self.train_set, self.test_set, self.info = load_datasets(cfg.data, seed=cfg.seed)
-        self.model = create_model(cfg.model.name, num_classes=self.info.num_classes,
-                                  in_channels=self.info.in_channels, width=cfg.model.width,
-                                  **cfg.model.kwargs).to(self.device)
+        with config_caused():  # the model comes from the config alone
+            self.model = create_model(cfg.model.name, num_classes=self.info.num_classes,
+                                      in_channels=self.info.in_channels, width=cfg.model.width,
+                                      **cfg.model.kwargs).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(
@@ -158,8 +173,9 @@ class Trainer:
             items = [self.train_set[i] for i in range(n)]
             snip = (torch.stack([it[0] for it in items]).to(self.device),
                     torch.tensor([int(it[1]) for it in items], device=self.device))
-        self.ctl = SpFDE(self.model, self.optimizer, cfg, train_size=len(self.train_set), example_input=example,
-                         snip_batch=snip, rank=self.rank, world_size=self.world_size)
+        with config_caused():  # every input of the controller here comes from the config
+            self.ctl = SpFDE(self.model, self.optimizer, cfg, train_size=len(self.train_set),
+                             example_input=example, snip_batch=snip, rank=self.rank, world_size=self.world_size)
         # the module that runs forward: a DDP wrapper under torchrun, re-wrapped when freezing changes
         self.ddp = dist_utils.wrap_ddp(self.model, device_ids=[local_rank] if self.device.type == "cuda" else None)
         self.train_loader = make_train_loader(cfg.data, self.train_set, self.ctl.sampler, self.device,
@@ -171,6 +187,7 @@ class Trainer:
         self.start_epoch = 0
         self.wall_s = 0.0
         self.tensorboard = None  # opened by run(): nothing is written before the output folder is ready
+        self.last_rejected = False  # resume fell back to prev.pt: the next save overwrites the bad last.pt
         if cfg.logging.tensorboard and self.is_main:
             from spfde.report.tensorboard import require_tensorboard
 
@@ -181,6 +198,7 @@ class Trainer:
         state = {
             "format": CHECKPOINT_FORMAT,
             "epoch": epoch,
+            "config": self.cfg.to_dict(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "controller": self.ctl.state_dict(),
@@ -190,7 +208,8 @@ class Trainer:
             "wall_s": self.wall_s,
             "threads": self.threads.threads,
         }
-        atomic_torch_save(state, self.out / "checkpoints" / "last.pt")
+        save_checkpoint(state, self.out / "checkpoints", rotate=not self.last_rejected)
+        self.last_rejected = False
 
     def restore(self, ckpt: dict[str, Any], path: Path | None = None) -> None:
         try:
@@ -222,7 +241,7 @@ class Trainer:
     # ------------------------------------------------------------------ epochs
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         cfg = self.cfg
-        model, opt, ctl = self.model, self.optimizer, self.ctl
+        model, ctl = self.model, self.ctl
         ctl.start_epoch(epoch)
         self.ddp = dist_utils.maybe_rewrap_ddp(self.ddp)
         self.train_loader.set_epoch(epoch)
@@ -233,7 +252,9 @@ class Trainer:
         bar = self._bar(len(self.train_loader), f"epoch {epoch}/{cfg.train.epochs - 1}")
         per_sample = cfg.sieving.criterion == "loss"  # the sieve ranks samples by their own loss
         losses = None
-        for x, y, idx in self.train_loader:
+        steps = nonfinite = 0
+        for step, (x, y, idx) in enumerate(self.train_loader):
+            steps += 1
             with torch.autocast(self.device.type, enabled=self.amp):
                 with ctl.cache.batch(x, idx):  # frozen blocks served from the activation cache
                     logits = self.ddp(x)
@@ -242,18 +263,20 @@ class Trainer:
                     loss = losses.mean()
                 else:
                     loss = F.cross_entropy(logits, y, label_smoothing=cfg.optim.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            skipped: bool | torch.Tensor = False
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.unscale_(opt)  # before before_step: the statistics see unscaled gradients
-                ctl.before_step()
-                skipped = amp_step(self.scaler, opt)
+            if self._nonfinite(loss):
+                if cfg.train.on_nonfinite == "stop":
+                    raise NonFiniteLossError(self._nonfinite_message(loss, epoch, step))
+                applied, skipped = False, True
             else:
-                loss.backward()
-                ctl.before_step()
-                opt.step()
-            ctl.after_step(logits, y, idx, losses=None if losses is None else losses.detach(), skipped=skipped)
+                applied, skipped = self._backward_and_step(loss)
+            step_losses = None if losses is None or not applied else losses.detach()
+            # a step not applied (train.on_nonfinite=skip) leaves no statistic; its FLOPs are charged
+            ctl.after_step(logits, y, idx, losses=step_losses, skipped=skipped)
+            if not applied:
+                nonfinite += 1
+                if bar is not None:
+                    bar.update(1)
+                continue
             n = y.numel()
             loss_sum += loss.detach().double() * n
             correct += (logits.detach().argmax(1) == y).sum()
@@ -262,12 +285,50 @@ class Trainer:
                 bar.update(1)
         if bar is not None:
             bar.close()
+        if nonfinite and nonfinite == steps:
+            raise NonFiniteLossError(f"every one of the {steps} steps of epoch {epoch} had a non-finite loss or "
+                                     f"gradient (train.on_nonfinite=skip); {self._last_good()}; lower optim.lr")
         m = ctl.end_epoch()
+        m["nonfinite_skipped"] = nonfinite
         dist_utils.sync_buffers(model)  # BN statistics: rank 0's, as evaluated and checkpointed
         loss_sum, correct, count = dist_utils.all_reduce_sum(loss_sum, correct, count)
         m["train_loss"] = float(loss_sum / max(count, 1))
         m["train_acc"] = float(correct) / max(count, 1)
         return m
+
+    def _backward_and_step(self, loss: torch.Tensor) -> tuple[bool, bool | torch.Tensor]:
+        """Backward pass and optimizer step: ``(applied, skipped)``. ``applied`` is False when the
+        step was not taken (``skip`` mode and a NaN/inf gradient: a finite but huge loss can still
+        overflow the backward pass); ``skipped`` is what the controller is told (under AMP, whether
+        GradScaler skipped the step, as a 0-dim tensor: no host sync)."""
+        opt, ctl = self.optimizer, self.ctl
+        opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:  # GradScaler skips the steps with inf/NaN gradients itself
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(opt)  # before before_step: the statistics see unscaled gradients
+            ctl.before_step()
+            return True, amp_step(self.scaler, opt)
+        loss.backward()
+        if self.cfg.train.on_nonfinite == "skip" and not _finite_grads(self.model):
+            opt.zero_grad(set_to_none=True)
+            return False, True
+        ctl.before_step()
+        opt.step()
+        return True, False
+
+    def _nonfinite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is NaN/inf on any rank (all ranks decide alike: one tiny all-reduce)."""
+        return dist_utils.all_reduce_sum(~torch.isfinite(loss.detach()))[0] > 0
+
+    def _last_good(self) -> str:
+        last = self.out / "checkpoints" / "last.pt"
+        return (f"the last good checkpoint {str(last)!r} is intact" if last.exists()
+                else "no checkpoint was written yet")
+
+    def _nonfinite_message(self, loss: torch.Tensor, epoch: int, step: int) -> str:
+        return (f"the training loss is {float(loss.detach())} at epoch {epoch}, step {step} (both counted from 0; "
+                f"train.on_nonfinite=stop); {self._last_good()}; lower optim.lr, or set "
+                "train.on_nonfinite=skip to skip such steps")
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
@@ -417,36 +478,64 @@ def train(cfg: Config, out_dir: str | Path, force: bool = False, quiet: bool = F
 
     Everything that can fail on bad input (model name, data files, the freezing plan) is checked by
     building the trainer before the folder is touched, so a failed start neither leaves a half-made
-    run behind nor, with ``force``, deletes the run that was there.
+    run behind nor, with ``force``, deletes the run that was there. An interruption
+    (KeyboardInterrupt, SIGTERM in the CLI) carries ``run_dir``: the folder to resume, or None when
+    the run had not started (nothing to resume).
     """
     from spfde.models import resolve_model
 
     out = Path(out_dir)
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prepares the directory
-    if main:
-        check_out_dir(out, force)
-    resolve_model(cfg.model.name, cfg.model.kwargs)  # a bad name, import path or kwargs fails before data loads
-    trainer = Trainer(cfg, out, quiet=quiet)
-    if main:
-        prepare_out_dir(out, force)
-        atomic_write_text(out / "config.yaml", dump_config(cfg))
-    return trainer.run()
+    started = False
+    try:
+        if main:
+            check_out_dir(out, force)
+        with config_caused():  # a bad name, import path or kwargs fails before data loads
+            resolve_model(cfg.model.name, cfg.model.kwargs)
+        with memory_errors(at_start=True):
+            trainer = Trainer(cfg, out, quiet=quiet)
+        if main:
+            prepare_out_dir(out, force)
+            atomic_write_text(out / "config.yaml", dump_config(cfg))
+        started = True
+        with memory_errors(at_start=False):
+            return trainer.run()
+    except KeyboardInterrupt as e:
+        e.run_dir = str(out) if started else None
+        raise
 
 
-def resume(out_dir: str | Path, quiet: bool = False) -> dict[str, Any]:
-    """Continue the run in ``out_dir`` from its last checkpoint (or from scratch if it has none)."""
+def resume(out_dir: str | Path, quiet: bool = False, allow_config_change: bool = False) -> dict[str, Any]:
+    """Continue the run in ``out_dir`` from its newest intact checkpoint (or from scratch if it
+    has none). The checkpoint is verified and its config compared with ``config.yaml`` before
+    anything is built: a changed key that shapes the run is refused (a :class:`ConfigError`
+    listing the changes); ``allow_config_change`` accepts the few safe ones
+    (:data:`spfde.checkpoint.ALLOWED_WITH_FLAG`)."""
     out = Path(out_dir)
     cfg_path = out / "config.yaml"
-    if not cfg_path.exists():
-        raise SpfdeError(f"cannot resume {str(out)!r}: no config.yaml there (is it a spfde run directory?)")
+    if not cfg_path.is_file():
+        raise ConfigError(f"cannot resume {str(out)!r}: no config.yaml there, so it is not a spfde run directory; "
+                          "start a run with --config FILE --out DIR")
     cfg = load_config(cfg_path)
-    trainer = Trainer(cfg, out, quiet=quiet)
-    ckpt_path = out / "checkpoints" / "last.pt"
-    if ckpt_path.exists():
-        trainer.restore(load_checkpoint(ckpt_path), ckpt_path)
-    for stale in (out / "checkpoints").glob(".last.pt.*.tmp") if (out / "checkpoints").exists() else []:
-        if trainer.is_main:
+    found = load_latest(out / "checkpoints")
+    changes: list[str] = []
+    if found is not None:
+        old = found[1].get("config")
+        if not isinstance(old, dict):
+            raise SpfdeError(f"checkpoint {str(found[0])!r} does not hold the config it was trained with")
+        changes = check_resume_config(old, cfg.to_dict(), allow_config_change, str(out))
+    with memory_errors(at_start=True):
+        trainer = Trainer(cfg, out, quiet=quiet)
+    if found is not None:
+        path, ckpt, rejected = found
+        trainer.restore(ckpt, path)
+        trainer.last_rejected = rejected
+    if changes:
+        trainer._log(f"resuming with config changes: {', '.join(changes)}")
+    if trainer.is_main and (out / "checkpoints").is_dir():
+        for stale in (out / "checkpoints").glob(".*.tmp"):  # temp files of a write that was killed
             os.unlink(stale)
     if trainer.start_epoch >= cfg.train.epochs and (out / "summary.json").exists():
         return json.loads((out / "summary.json").read_text())
-    return trainer.run()
+    with memory_errors(at_start=False):
+        return trainer.run()

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -16,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from spfde.errors import SpfdeError
 
 
 def _read_umask() -> int:
@@ -28,21 +31,48 @@ def _read_umask() -> int:
 _FILE_MODE = 0o666 & ~_read_umask()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so a reader never sees a partial file (temp file + rename)."""
-    path = Path(path)
+def _write_failed(path: Path, e: BaseException) -> SpfdeError:
+    """One line naming the file and the cause (a full disk, a read-only folder, torch's writer)."""
+    if isinstance(e, OSError) and e.strerror:
+        cause = e.strerror
+    else:  # torch.save's RuntimeError does not say ENOSPC: report the free space instead
+        lines = str(e).strip().splitlines()
+        cause = (lines[-1] if lines else type(e).__name__)[:200]
+        try:
+            cause += f" ({shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free on its disk)"
+        except OSError:
+            pass
+    return SpfdeError(f"cannot write {str(path)!r}: {cause}; the previous version of the file is intact")
+
+
+def _temp_beside(path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return tmp
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so a reader never sees a partial file (temp file + rename).
+
+    A failed write (a full disk, a read-only folder) raises :class:`SpfdeError` naming ``path``
+    and the cause; ``path`` keeps its previous content.
+    """
+    path = Path(path)
+    tmp = None
     try:
-        with os.fdopen(fd, "wb") as f:
+        tmp = _temp_beside(path)
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; outputs get the usual umask permissions
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _write_failed(path, e) from None
         raise
 
 
@@ -54,22 +84,83 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` through a temp file and rename, so a kill never leaves a torn checkpoint."""
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def torch_save_temp(obj: Any, path: str | os.PathLike) -> tuple[str, str]:
+    """``torch.save`` into a synced temp file beside ``path``: ``(temp path, its SHA-256)``.
+
+    The caller renames it into place. A failed write (``torch.save`` raises RuntimeError on a
+    full disk, the OS raises OSError) removes the temp file and raises :class:`SpfdeError`
+    naming ``path`` and the cause.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        tmp = _temp_beside(path)
         torch.save(obj, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)
+        return tmp, file_sha256(tmp)
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, (OSError, RuntimeError)):
+            raise _write_failed(path, e) from None
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike, keep_previous: str | os.PathLike | None = None) -> str:
+    """``torch.save`` through a temp file and rename, so a kill never leaves a torn file; also
+    writes ``<path>.sha256`` (``sha256sum`` format). Returns the SHA-256 of the file.
+
+    ``keep_previous``: the current ``path`` (and its checksum) is renamed to it first, so the
+    previous good file survives (checkpoint rotation). Order: temp file (synced, hashed) ->
+    rotate -> checksum -> rename. A failed write raises :class:`SpfdeError` naming the file and
+    the cause, with the previous file intact.
+    """
+    path = Path(path)
+    tmp, digest = torch_save_temp(obj, path)
+    try:
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
+            if sha256_path(path).exists():
+                os.replace(sha256_path(path), sha256_path(keep_previous))
+        write_sha256(path, digest)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _write_failed(path, e) from None
         raise
+    return digest
+
+
+def sha256_path(path: str | os.PathLike) -> Path:
+    """Where the checksum of ``path`` lives: ``<path>.sha256`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def write_sha256(path: str | os.PathLike, digest: str) -> None:
+    atomic_write_text(sha256_path(path), f"{digest}  {Path(path).name}\n")
+
+
+def read_sha256(path: str | os.PathLike) -> str | None:
+    """The digest recorded beside ``path``, or None when there is none (or it is unreadable)."""
+    try:
+        text = sha256_path(path).read_text(errors="replace")
+    except OSError:
+        return None
+    word = text.split(maxsplit=1)[0] if text.strip() else ""
+    return word.lower() if len(word) == 64 and all(c in "0123456789abcdefABCDEF" for c in word) else None
 
 
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
@@ -102,9 +193,14 @@ def make_generator(seed: int, *salt: int | str, device: str | torch.device = "cp
 
 
 def rng_states() -> dict[str, Any]:
+    """The global RNG states as tensors and plain Python values only, so a checkpoint holding
+    them loads with ``torch.load(weights_only=True)`` (docs/design.md, "Checkpoints")."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     states: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -113,8 +209,10 @@ def rng_states() -> dict[str, Any]:
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    py, npy = states["python"], states["numpy"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])

@@ -11,6 +11,8 @@ epoch and after the last epoch)::
                 "masks": {param name: bool tensor}},  # the sparse masks ({} for a dense run)
                "snapshots/epoch_{epoch:04d}.pt")
 
+with its SHA-256 in ``epoch_XXXX.pt.sha256`` beside it; read back with ``weights_only=True``.
+
 Forgetting histogram (``sieve/forgetting_epoch_XXXX.json``, written at each data-sieving update,
 paper Section 4.3)::
 
@@ -31,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from spfde.errors import SpfdeError
-from spfde.utils import atomic_torch_save, atomic_write_json
+from spfde.utils import atomic_torch_save, atomic_write_json, file_sha256, read_sha256
 
 SNAPSHOT_DIR = "snapshots"
 SIEVE_DIR = "sieve"
@@ -72,10 +74,14 @@ def save_snapshot(run_dir: str | Path, epoch: int, model: nn.Module, masks: Any 
 def load_snapshot(path: str | Path) -> dict[str, Any]:
     """One snapshot file as ``{"epoch", "model", "masks"}``; a bad file raises :class:`SpfdeError`."""
     path = Path(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+    recorded = read_sha256(path)  # written beside every snapshot; older runs have none
+    if recorded is not None and file_sha256(path) != recorded:
+        raise SpfdeError(f"snapshot {str(path)!r} fails its SHA-256 check; delete the damaged file")
+    try:  # tensors and plain containers only: a crafted file cannot run code
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a damaged file to the user
-        raise SpfdeError(f"cannot read snapshot {str(path)!r}: {e}; delete the damaged file") from None
+        reason = " ".join(str(e).split())[:200]
+        raise SpfdeError(f"cannot read snapshot {str(path)!r}: {reason}; delete the damaged file") from None
     if not isinstance(obj, dict) or "model" not in obj or "epoch" not in obj:
         raise SpfdeError(f"snapshot {str(path)!r} is not a spfde snapshot (needs keys 'epoch' and 'model')")
     obj.setdefault("masks", {})

@@ -178,6 +178,7 @@ class ImageFolderDataset(_IndexedDataset):
         split_dir = _image_split_dir(self.root, split)
         self.paths, labels, self.classes = scan_image_folder(split_dir, classes)
         self.labels = torch.tensor(labels, dtype=torch.int64)
+        check_labels(self.labels, len(self.classes), f"image folder {str(split_dir)!r}")
         self.image_size = image_size
         self.channels = channels
         self.mean, self.std = _imagenet_stats(channels)
@@ -379,7 +380,7 @@ def load_fashion_mnist(root: str | os.PathLike | None = None, pad_to_32: bool = 
         if stats is None:
             stats = _grey_stats(x, channels)
         sets.append((set_channels(x, channels), torch.from_numpy(labels.astype(np.int64))))
-    return _finish("fashion_mnist", sets, 10, FASHION_MNIST_CLASSES, stats)
+    return _finish("fashion_mnist", sets, 10, FASHION_MNIST_CLASSES, stats, where=f" in {str(folder)!r}")
 
 
 def _grey_stats(x: torch.Tensor, channels: int | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -389,10 +390,22 @@ def _grey_stats(x: torch.Tensor, channels: int | None) -> tuple[tuple[float, ...
     return (m,) * c, (s,) * c
 
 
+def check_labels(labels: torch.Tensor, num_classes: int, what: str, hint: str = "") -> None:
+    """Every label in ``0..num_classes-1``, checked when a dataset is loaded: a label out of range
+    would otherwise surface as an IndexError deep inside the loss."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        bad = int(labels.max()) if int(labels.max()) >= num_classes else int(labels.min())
+        count = int(((labels < 0) | (labels >= num_classes)).sum())
+        raise SpfdeError(f"{what}: {count} label(s) out of range (e.g. {bad}; labels range over "
+                         f"{int(labels.min())}..{int(labels.max())}, expected 0..{num_classes - 1}){hint}")
+
+
 def _finish(name: str, sets: list[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
             class_names: list[str] | None, stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
-            ) -> tuple[ArrayDataset, ArrayDataset, DatasetInfo]:
+            where: str = "") -> tuple[ArrayDataset, ArrayDataset, DatasetInfo]:
     (xtr, ytr), (xte, yte) = sets
+    for split, y in (("train", ytr), ("test", yte)):
+        check_labels(y, num_classes, f"{name} {split} labels{where}", "; is data.name right for this data?")
     mean, std = stats if stats is not None else channel_stats(xtr)
     info = DatasetInfo(name, num_classes, int(xtr.shape[1]), int(xtr.shape[2]), mean, std, class_names)
     return ArrayDataset(xtr, ytr, mean, std), ArrayDataset(xte, yte, mean, std), info
@@ -490,11 +503,7 @@ def load_cifar(name: str, root: str | os.PathLike | None = None,
         meta = _unpickle(folder / spec["meta"])
         if spec["names"] in meta:
             names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[spec["names"]]]
-    for split, (_, y) in zip(("train", "test"), sets, strict=True):
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= spec["classes"]):
-            raise SpfdeError(f"{name} {split} labels range over {int(y.min())}..{int(y.max())}, expected "
-                             f"0..{spec['classes'] - 1}; is data.name right for {str(folder)!r}?")
-    return _finish(name, sets, spec["classes"], names)
+    return _finish(name, sets, spec["classes"], names, where=f" in {str(folder)!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -546,8 +555,9 @@ def load_image(path: Path, image_size: int, channels: int = 3) -> torch.Tensor:
             left, top = (nw - image_size) // 2, (nh - image_size) // 2
             im = im.crop((left, top, left + image_size, top + image_size))
             arr = np.asarray(im, dtype=np.uint8)
-    except OSError as e:
-        raise SpfdeError(f"cannot read image {str(path)!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, ValueError, DecompressionBombError, ...
+        raise SpfdeError(f"cannot read image {str(path)!r}: {' '.join(str(e).split()) or type(e).__name__}; "
+                         "replace or remove the file") from None
     t = torch.from_numpy(arr.copy())
     t = t[None] if t.dim() == 2 else t.permute(2, 0, 1)
     return set_channels(t[None], channels)[0]

@@ -205,7 +205,7 @@ class TorchLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         nb = self.device.type == "cuda"
-        for x, y, idx in self.loader:
+        for x, y, idx in _one_line_worker_errors(self.loader):
             x = x.to(self.device, non_blocking=nb)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -216,6 +216,24 @@ class TorchLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.set_epoch(int(state["epoch"]))
+
+
+def _one_line_worker_errors(loader: Iterable[Any]) -> Iterator[Any]:
+    """Iterate ``loader``; a :class:`SpfdeError` raised in a worker process (a bad image) comes
+    back from torch wrapped in the worker's traceback text: re-raise it with its own message."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except SpfdeError as e:
+            text = str(e)
+            if "Original Traceback" not in text:
+                raise
+            last = [line for line in text.strip().splitlines() if line.strip()][-1]
+            raise type(e)(last.split(": ", 1)[1] if ": " in last else last) from None
+        yield batch
 
 
 def make_train_loader(cfg: Any, train_ds: Any, sampler: Iterable[int] | None, device: str | torch.device,

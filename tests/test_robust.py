@@ -1,0 +1,524 @@
+"""Issue 15: nothing a user types or a disk does gives a traceback, a silent wrong run or code
+execution; issue 16 items 3 (every problem of a config at once) and 4 (on/off words).
+
+One test (or parametrized group) per item of the issue, in its order. The property-based fuzz
+test over the demo config is tests/test_fuzz_config.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from helpers import error_lines, run_main
+from spfde.checkpoint import FORMAT, read_checkpoint
+from spfde.config import load_config
+from spfde.errors import ConfigError, NonFiniteLossError, SpfdeError
+from spfde.train import Trainer, load_checkpoint, resume, train
+from spfde.utils import file_sha256, write_sha256
+from test_train import SPFDE, TINY, tiny_cfg
+
+DEMO = ["-c", "fmnist-demo", "--set", "data.subset=256", "--set", "data.test_subset=64"]
+
+
+def sets(*overrides: str) -> list[str]:
+    return [a for kv in overrides for a in ("--set", kv)]
+
+
+def tiny_yaml(tmp_path: Path) -> list[str]:
+    (tmp_path / "tiny.yaml").write_text("seed: 0\n")
+    return ["-c", str(tmp_path / "tiny.yaml"), *sets(*TINY)]
+
+
+def assert_one_error(code: int, err: str, expected: int, *words: str) -> str:
+    lines = error_lines(err)
+    assert code == expected, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def interrupt_after(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
+    """Raise KeyboardInterrupt right after epoch ``epoch``'s checkpoint (a kill at that point)."""
+    original = Trainer.checkpoint
+
+    def checkpoint(self: Trainer, e: int) -> None:
+        original(self, e)
+        if e == epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "checkpoint", checkpoint)
+
+
+def edit_config(run: Path, **changes: object) -> None:
+    data = yaml.safe_load((run / "config.yaml").read_text())
+    for key, value in changes.items():
+        section, name = key.split("__")
+        data[section][name] = value
+    (run / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+# ------------------------------------------------------------------------------------------
+# security
+
+
+class _Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_checkpoint_cannot_run_code(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg("train.epochs=1"), run, quiet=True)
+    last = run / "checkpoints" / "last.pt"
+    marker = tmp_path / "code-ran"
+    torch.save({"format": FORMAT, "epoch": 0, "payload": _Evil(marker)}, last)
+    write_sha256(last, file_sha256(last))  # whoever crafts the file can write its checksum too
+    with pytest.raises(SpfdeError, match="allow-list"):
+        load_checkpoint(last)
+    code, _, err = run_main("train", "--resume", str(run), "-q")
+    assert_one_error(code, err, 1, "last.pt", "allow-list")
+    assert not marker.exists()
+
+
+def test_checkpoint_allow_list_is_explicit(tmp_path):
+    """torch's weights_only loader accepts more than a checkpoint holds (torch.Size, devices, ...):
+    the allow-list refuses any of it, naming where."""
+    path = tmp_path / "last.pt"
+    torch.save({"format": FORMAT, "epoch": 0, "model": {"w": torch.zeros(2)}, "x": [torch.Size([2])]}, path)
+    write_sha256(path, file_sha256(path))
+    with pytest.raises(SpfdeError, match=r"holds a Size at 'x\[0\]'"):
+        read_checkpoint(path)
+
+
+# ------------------------------------------------------------------------------------------
+# silent wrong runs
+
+
+def test_resume_refuses_an_edited_config(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    interrupt_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(*SPFDE), run, quiet=True)
+    monkeypatch.undo()
+    edit_config(run, sieving__ratio=0.4, sparsity__target=0.7, train__epochs=6)
+    for allow in (False, True):  # the flag does not make these changes safe
+        with pytest.raises(ConfigError) as e:
+            resume(run, quiet=True, allow_config_change=allow)
+        msg = str(e.value)
+        assert "sieving.ratio 0.25 -> 0.4" in msg and "sparsity.target 0.8 -> 0.7" in msg
+        assert "train.epochs 4 -> 6" in msg
+    code, _, err = run_main("train", "--resume", str(run), "-q")
+    assert_one_error(code, err, 2, "sieving.ratio")
+    assert not (run / "summary.json").exists()
+
+
+SAFE = ["optim.schedule=constant", "sparsity.method=set", "sparsity.target=0.8", "sparsity.search_end=2",
+        "sieving.method=circular", "sieving.ratio=0.25"]
+
+
+def test_resume_allows_safe_changes_behind_the_flag(tmp_path):
+    """More epochs where nothing depends on train.epochs (constant LR, no freezing plan, explicit
+    search_end): the extended run is bit-identical to one planned that long."""
+    ref = train(tiny_cfg(*SAFE, "train.epochs=4"), tmp_path / "ref", quiet=True)
+    run = tmp_path / "run"
+    train(tiny_cfg(*SAFE, "train.epochs=3"), run, quiet=True)
+    edit_config(run, train__epochs=4, train__eval_every=2, logging__tensorboard=False)
+    with pytest.raises(ConfigError, match="--allow-config-change"):
+        resume(run, quiet=True)
+    summary = resume(run, quiet=True, allow_config_change=True)
+    assert summary["weights_sha256"] == ref["weights_sha256"] and summary["epochs"] == 4
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    # harmless keys alone need no flag
+    edit_config(run, train__threads=2, logging__progress=False)
+    assert resume(run, quiet=True)["weights_sha256"] == ref["weights_sha256"]
+
+
+def test_resume_refuses_more_epochs_under_a_cosine_schedule(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg("train.epochs=2"), run, quiet=True)
+    edit_config(run, train__epochs=3)
+    with pytest.raises(ConfigError, match="cosine learning-rate schedule"):
+        resume(run, quiet=True, allow_config_change=True)
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, monkeypatch, capsys):
+    ref = train(tiny_cfg(*SPFDE), tmp_path / "ref", quiet=True)
+    run = tmp_path / "run"
+    interrupt_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(*SPFDE), run, quiet=True)
+    monkeypatch.undo()
+    ckpts = run / "checkpoints"
+    assert read_checkpoint(ckpts / "last.pt")["epoch"] == 2 and read_checkpoint(ckpts / "prev.pt")["epoch"] == 1
+    assert (ckpts / "last.pt.sha256").read_text() == f"{file_sha256(ckpts / 'last.pt')}  last.pt\n"
+    raw = bytearray((ckpts / "last.pt").read_bytes())
+    mid = len(raw) // 2
+    raw[mid:mid + 64] = bytes(b ^ 0x5A for b in raw[mid:mid + 64])  # the issue's damage
+    (ckpts / "last.pt").write_bytes(bytes(raw))
+    capsys.readouterr()
+    summary = resume(run, quiet=True)
+    err = capsys.readouterr().err
+    assert "SHA-256" in err and "prev.pt" in err and "epoch 1" in err and len(err.strip().splitlines()) == 1
+    assert summary["weights_sha256"] == ref["weights_sha256"]
+    # the bad file was overwritten, not kept as the fallback
+    assert read_checkpoint(ckpts / "last.pt")["epoch"] == 3 and read_checkpoint(ckpts / "prev.pt")["epoch"] == 2
+    for name in ("last.pt", "prev.pt"):
+        (ckpts / name).write_bytes(b"garbage")
+    code, _, err = run_main("train", "--resume", str(run), "-q")
+    assert_one_error(code, err, 1, "no intact checkpoint")
+
+
+def nan_loss_at(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
+    """The ``call``-th training loss (0-based, evaluation excluded) becomes NaN."""
+    original = torch.nn.functional.cross_entropy
+    count = {"n": 0}
+
+    def cross_entropy(*args, **kwargs):
+        loss = original(*args, **kwargs)
+        if "label_smoothing" in kwargs:  # the trainer's training loss; evaluation sums instead
+            if count["n"] == call:
+                loss = loss * float("nan")
+            count["n"] += 1
+        return loss
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", cross_entropy)
+
+
+STEPS = 8  # TINY: 256 samples, batches of 32
+
+
+def test_nonfinite_loss_stops_the_run_with_exit_3(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    nan_loss_at(monkeypatch, STEPS + 3)  # epoch 1, step 3
+    with pytest.raises(NonFiniteLossError) as e:
+        train(tiny_cfg("train.epochs=3"), run, quiet=True)
+    assert e.value.exit_code == 3 and "epoch 1, step 3" in str(e.value) and "is intact" in str(e.value)
+    assert read_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 0  # the last good checkpoint
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1 and not (run / "summary.json").exists()
+    nan_loss_at(monkeypatch, STEPS + 3)
+    code, _, err = run_main("train", *tiny_yaml(tmp_path), *sets("train.epochs=3"), "-o", str(tmp_path / "b"), "-q")
+    assert_one_error(code, err, 3, "epoch 1, step 3", "train.on_nonfinite")
+
+
+def test_nonfinite_loss_skip_mode(tmp_path, monkeypatch):
+    nan_loss_at(monkeypatch, STEPS + 3)
+    train(tiny_cfg("train.epochs=3", "train.on_nonfinite=skip"), tmp_path / "run", quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nonfinite_skipped"] for r in rows] == [0, 1, 0]
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in rows)
+    model = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.isfinite(t).all() for t in model.values() if t.is_floating_point())
+
+
+@pytest.mark.slow
+def test_a_diverging_run_exits_3(tmp_path):
+    code, _, err = run_main("train", *tiny_yaml(tmp_path), *sets("optim.lr=1000", "optim.schedule=constant",
+                                                                 "train.epochs=3"), "-o", str(tmp_path / "r"), "-q")
+    assert_one_error(code, err, 3, "the training loss is", "train.on_nonfinite")
+
+
+# ------------------------------------------------------------------------------------------
+# tracebacks -> one line, exit 2
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.device=cudax", "train.device"), ("train.device=cuda:abc", "train.device"),
+    ("optim.weight_decay=1e300", "optim.weight_decay"), ("train.epochs=1000000000000", "train.epochs"),
+    ("model.width=1e6", "model.width"), ("data.crop_padding=1000000", "data.crop_padding"),
+    ("optim.lr=1e6", "optim.lr"), ("sparsity.layer_overrides.conv1=5", "sparsity.layer_overrides"),
+])
+def test_bad_values_are_one_line_exit_2(tmp_path, override, key):
+    code, _, err = run_main("train", *DEMO, "--set", "data.augment=true", "--set", override,
+                            "-o", str(tmp_path / "r"), "-q")
+    assert_one_error(code, err, 2, key)
+    assert not (tmp_path / "r").exists()
+
+
+def test_allocation_failure_at_start_is_a_config_error(tmp_path):
+    code, _, err = run_main("train", *tiny_yaml(tmp_path), *sets("data.synthetic_size=1000000", "data.image_size=1024"),
+                            "-o", str(tmp_path / "r"), "-q")
+    assert_one_error(code, err, 2, "not enough memory", "GiB")
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"seed: 0\n1: 2\nx: 3\n", ["unknown config key '1'", "unknown config key 'x'"]),  # mixed-type keys
+    (b"\xff\xfe", ["UTF-16"]),
+    (b"seed: 0\nmodel: \xff\n", ["line 2 column 8", "not UTF-8"]),
+    (b"seed: " + b"[" * 20000, ["line 1 column", "nested more than"]),
+    (b"optim: [1, 2\n", ["line 2 column 1", "not valid YAML"]),
+    (b"seed: 1\nseed: 2\n", ["line 2 column 1", "duplicate key 'seed'"]),
+    (b"seed: 0\nmodel:\n  name: \x07\n", ["line 3 column 9", "control character #x0007"]),
+], ids=["int-key", "utf16", "not-utf8", "deep", "syntax", "duplicate", "control-char"])
+def test_damaged_yaml_is_one_line_with_its_position(tmp_path, content, words):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    code, _, err = run_main("train", "-c", str(path), "-o", str(tmp_path / "r"))
+    assert_one_error(code, err, 2, *words)
+
+
+def test_failed_checkpoint_write_is_one_line_and_keeps_the_previous(tmp_path, monkeypatch):
+    original = torch.save
+    calls = {"n": 0}
+
+    def save(obj, f, *args, **kwargs):  # what a full disk does to torch.save's zip writer
+        calls["n"] += 1
+        if calls["n"] == 2:
+            Path(f).write_bytes(b"PK\x03\x04partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing "
+                               "file data/3: file write failed")
+        return original(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    run = tmp_path / "run"
+    with pytest.raises(SpfdeError) as e:
+        train(tiny_cfg("train.epochs=3"), run, quiet=True)
+    assert f"cannot write '{run / 'checkpoints' / 'last.pt'}'" in str(e.value) and "file write failed" in str(e.value)
+    assert "\n" not in str(e.value) and "MiB free" in str(e.value)
+    assert read_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 0
+    assert not list((run / "checkpoints").glob(".*.tmp"))
+    monkeypatch.undo()
+    assert resume(run, quiet=True)["epochs"] == 3  # and the run goes on from there
+
+    # ENOSPC from the OS on any other output: one line naming the file, the old content intact
+    import spfde.utils
+
+    run2 = tmp_path / "run2"
+    interrupt_after(monkeypatch, 0)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg("train.epochs=2"), run2, quiet=True)
+    monkeypatch.undo()
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spfde.utils.os, "fsync", full)
+    code, _, err = run_main("train", "--resume", str(run2), "-q")
+    assert_one_error(code, err, 1, "metrics.jsonl", "No space left on device")
+    assert len((run2 / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_labels_out_of_range_are_refused_at_load(tmp_path):
+    from spfde.config import DataConfig
+    from spfde.data import load_datasets
+    from spfde.data.datasets import FASHION_MNIST_FILES, check_labels
+    from test_data import write_fmnist
+
+    arrays = write_fmnist(tmp_path / "fm")
+    arrays["train_labels"][3] = 10
+    import gzip
+
+    from test_data import idx_bytes
+
+    labels = tmp_path / "fm" / FASHION_MNIST_FILES["train_labels"]
+    labels.write_bytes(gzip.compress(idx_bytes(arrays["train_labels"])))
+    with pytest.raises(SpfdeError, match=r"fashion_mnist train labels in .*1 label\(s\) out of range \(e.g. 10"):
+        load_datasets(DataConfig(name="fashion_mnist", root=str(tmp_path / "fm")))
+    code, _, err = run_main("train", "-c", "fmnist-demo", *sets(f"data.root={tmp_path / 'fm'}"),
+                            "-o", str(tmp_path / "r"), "-q")
+    assert_one_error(code, err, 1, "out of range")
+    with pytest.raises(SpfdeError, match="expected 0..2"):
+        check_labels(torch.tensor([0, -1, 2]), 3, "labels")
+
+
+@pytest.mark.slow
+def test_bad_image_in_a_worker_is_one_line(tmp_path):
+    from PIL import Image
+
+    from spfde.data import ImageFolderDataset, TorchLoader
+
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (10, 10), (200, 10 * i, 0)).save(tmp_path / split / cls / f"{i}.png")
+    (tmp_path / "train" / "dog" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    ds = ImageFolderDataset(tmp_path, "train", image_size=8)
+    with pytest.raises(SpfdeError) as e:
+        for _ in TorchLoader(ds, batch_size=2, num_workers=1):
+            pass
+    msg = str(e.value)
+    assert "\n" not in msg and "bad.png" in msg and msg.startswith("cannot read image")
+
+
+# ------------------------------------------------------------------------------------------
+# wrong exit codes and noisy messages
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["freezing.target=0.99"], ["unreachable"]),
+    (["train.interval=10"], ["train.interval"]),
+    (["freezing.scheme=single_shot_resume", "freezing.resume_epochs=50"], ["freezing.resume_epochs"]),
+    (["freezing.scheme=single_shot_resume", "freezing.resume_epochs=8"], ["freezing.resume_epochs"]),
+    (["freezing.blocks=[nosuchblock]"], ["nosuchblock"]),
+    (["freezing.blocks=[]"], ["freezing.blocks"]),
+], ids=["unreachable", "interval", "resume-epochs-config", "resume-epochs-plan", "unknown-block", "no-blocks"])
+def test_config_caused_errors_exit_2(tmp_path, overrides, words):
+    code, _, err = run_main("train", *DEMO, *sets(*overrides), "-o", str(tmp_path / "r"), "-q")
+    assert_one_error(code, err, 2, *words)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+@pytest.mark.parametrize("override", ["train.device=cuda", "train.device=cuda:1", "train.amp='on'"])
+def test_gpu_settings_without_a_gpu_exit_2(tmp_path, override):
+    code, _, err = run_main("train", *DEMO, "--set", override, "-o", str(tmp_path / "r"), "-q")
+    assert_one_error(code, err, 2, override.split("=")[0])
+
+
+def test_resume_of_a_folder_that_is_not_a_run_exits_2(tmp_path):
+    (tmp_path / "folder").mkdir()
+    for target in (tmp_path / "folder", tmp_path / "missing"):
+        code, _, err = run_main("train", "--resume", str(target))
+        assert_one_error(code, err, 2, "not a spfde run directory")
+
+
+# The controller itself (not only the CLI boundary) raises ConfigError for these
+@pytest.mark.parametrize("freezing", [{"target": 0.99}, {"target": 0.1, "blocks": ["nosuchblock"]}],
+                         ids=["unreachable", "unknown-block"])
+def test_controller_raises_config_errors(freezing):
+    from torch import nn
+
+    from spfde import SpFDE
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ConfigError):
+        SpFDE(model, opt, {"train": {"epochs": 10, "interval": 1}, "freezing": freezing}, train_size=64,
+              example_input=torch.zeros(1, 3, 12, 12))
+
+
+_SIGTERM_CHILD = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from spfde.cli import main
+from spfde.train import Trainer
+original = Trainer.checkpoint
+def checkpoint(self, e):
+    original(self, e)
+    if e == 0:
+        os.kill(os.getpid(), signal.SIGTERM)
+Trainer.checkpoint = checkpoint
+sys.exit(main({argv!r}))
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_is_handled_like_sigint(tmp_path):
+    ref = train(tiny_cfg("train.epochs=3"), tmp_path / "ref", quiet=True)
+    run = tmp_path / "run"
+    argv = ["train", *tiny_yaml(tmp_path), *sets("train.epochs=3"), "-o", str(run), "-q"]
+    child = _SIGTERM_CHILD.format(tests=str(Path(__file__).parent), argv=argv)
+    r = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 143, (r.returncode, r.stderr)
+    assert r.stderr.strip().splitlines()[-1] == f"terminated; resume with `spfde train --resume {run}`"
+    assert "Traceback" not in r.stderr and -signal.SIGTERM != r.returncode
+    code, _, err = run_main("train", "--resume", str(run), "-q")
+    assert code == 0, err
+    assert json.loads((run / "summary.json").read_text())["weights_sha256"] == ref["weights_sha256"]
+
+
+def test_sigint_message_says_resume_only_when_there_is_a_run(tmp_path, monkeypatch):
+    def no_start(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "__init__", no_start)
+    code, _, err = run_main("train", *tiny_yaml(tmp_path), "-o", str(tmp_path / "r"))
+    assert code == 130 and "--resume" not in err and "nothing to resume" in err
+    assert not (tmp_path / "r").exists()
+    monkeypatch.undo()
+    interrupt_after(monkeypatch, 0)
+    code, _, err = run_main("train", *tiny_yaml(tmp_path), "-o", str(tmp_path / "r"), "-q")
+    assert code == 130 and err.strip() == f"interrupted; resume with `spfde train --resume {tmp_path / 'r'}`"
+
+
+# ------------------------------------------------------------------------------------------
+# valid input refused; odd but silent
+
+
+def test_overrides_are_read_by_the_field_type():
+    cfg = load_config("fmnist-demo", ["data.root=inf", "model.name=1e3", "optim.lr=1e-3", "train.amp=off",
+                                      "sparsity.layer_overrides.layer1.0.conv1=0.5",
+                                      "sparsity.layer_overrides.fc=0.25"])
+    assert cfg.data.root == "inf" and cfg.model.name == "1e3" and cfg.optim.lr == 1e-3 and cfg.train.amp == "off"
+    assert cfg.sparsity.layer_overrides == {"layer1.0.conv1": 0.5, "fc": 0.25}
+    assert load_config("fmnist-demo", ["data.root=123"]).data.root == "123"
+    assert load_config("fmnist-demo", ["data.root=null"]).data.root is None
+    for bad in ("optim.lr", "=3", "optim..lr=1", "optim.lr.=1"):
+        with pytest.raises(ConfigError, match="override"):
+            load_config("fmnist-demo", [bad])
+
+
+def test_empty_sections_and_integer_layer_names(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  name: resnet20\nfreezing:\nsieving: {}\nsparsity:\n  layer_overrides: {0: 0.5}\n")
+    cfg = load_config(path)
+    assert cfg.freezing.target == 0.0 and cfg.sieving.method == "circular"
+    assert cfg.sparsity.layer_overrides == {"0": 0.5}  # nn.Sequential names are digits
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n\n", "---\n"])
+def test_empty_config_warns_in_one_line(tmp_path, capsys, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    cfg = load_config(path)
+    assert cfg.train.epochs == 160
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning:") and "empty" in err[0] and "train.epochs=160" in err[0]
+
+
+def test_duplicate_keys_are_rejected(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.1\n  momentum: 0.9\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"line 4 column 3: .*duplicate key 'lr' \(first at line 2\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="duplicate key"):
+        load_config(None, ["sparsity.layer_overrides={a: 0.5, a: 0.6}"])
+
+
+# ------------------------------------------------------------------------------------------
+# issue 16, items 3 and 4
+
+
+def test_every_problem_of_a_config_is_reported_at_once(tmp_path):
+    bad = ["train.epochs=0", "optim.lr=fast", "optim.lrr=1", "train.device=gpu", "sparsity.target=1.5"]
+    with pytest.raises(ConfigError) as e:
+        load_config("fmnist-demo", bad)
+    assert len(e.value.problems) == 5 and str(e.value).startswith("5 problems in the config: (1) ")
+    for key in ("train.epochs", "optim.lr", "optim.lrr", "train.device", "sparsity.target"):
+        assert key in str(e.value)
+    code, _, err = run_main("train", *DEMO, *sets(*bad), "-o", str(tmp_path / "r"))
+    assert_one_error(code, err, 2, "5 problems")
+    assert len(err.strip().splitlines()) == 1
+    # a cross-field rule is checked when its fields are valid, and reported with the rest
+    with pytest.raises(ConfigError) as e:
+        load_config("fmnist-demo", ["train.epochs=5", "sparsity.search_end=7", "optim.momentum=2"])
+    assert len(e.value.problems) == 2 and "search_end" in str(e.value)
+    with pytest.raises(ConfigError) as e:  # epochs itself is bad: no second, derived complaint
+        load_config("fmnist-demo", ["train.epochs=-5", "sparsity.search_end=7"])
+    assert len(e.value.problems) == 1
+
+
+def test_on_off_words_for_auto_on_off_fields(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  channels_last: on\n  amp: off\n")
+    cfg = load_config(path)
+    assert (cfg.train.channels_last, cfg.train.amp) == ("on", "off")
+    cfg = load_config(path, ["train.channels_last=off", "train.amp=yes"])
+    assert (cfg.train.channels_last, cfg.train.amp) == ("off", "on")
+    with pytest.raises(ConfigError, match="train.amp"):
+        load_config(path, ["train.amp=maybe"])
