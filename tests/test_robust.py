@@ -522,3 +522,12 @@ def test_on_off_words_for_auto_on_off_fields(tmp_path):
     assert (cfg.train.channels_last, cfg.train.amp) == ("off", "on")
     with pytest.raises(ConfigError, match="train.amp"):
         load_config(path, ["train.amp=maybe"])
+
+
+def test_nesterov_without_momentum_is_a_config_error():
+    """Found by the fuzz test: SGD(nesterov=True, momentum=0) raised a ValueError from torch at start."""
+    from spfde.config import from_dict
+
+    with pytest.raises(ConfigError, match="optim.nesterov"):
+        from_dict({"optim": {"nesterov": True, "momentum": 0.0}})
+    assert from_dict({"optim": {"nesterov": True, "momentum": 0.9}}).optim.nesterov

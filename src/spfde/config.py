@@ -410,6 +410,10 @@ def _cross_problems(cfg: Config) -> list[tuple[tuple[str, ...], str]]:
         out.append((("freezing.resume_epochs", "train.epochs"),
                     f"config field 'freezing.resume_epochs' = {cfg.freezing.resume_epochs} must be smaller than "
                     f"train.epochs ({cfg.train.epochs})"))
+    if cfg.optim.nesterov and cfg.optim.momentum == 0:
+        out.append((("optim.nesterov", "optim.momentum"),
+                    "config field 'optim.nesterov' = true needs a momentum; set optim.momentum > 0 "
+                    "(e.g. 0.9) or optim.nesterov: false"))
     if cfg.freezing.blocks == []:
         out.append((("freezing.blocks",), "config field 'freezing.blocks' is an empty list; name the model's "
                                           "blocks in forward order, or leave it null for the model's own"))
