@@ -1,0 +1,140 @@
+"""End-to-end training wall-clock against dense, next to the ledger's FLOPs saving (issue 13).
+
+Every variant is a real :class:`spfde.train.Trainer` and all of them advance one epoch at a time
+in rotating order in ONE process (``bench/lockstep.py``), so load on the shared machine hits all
+alike. Per model:
+
+* ``dense``: no sparsity, freezing or sieving (the reference, ``sparsity.kernels`` irrelevant);
+* ``mest/<kernels>``: MEST at the sparsity of the setting, kernels ``dense`` and ``auto``;
+* ``spfde/<kernels>/<cache>``: MEST + progressive freezing + circular sieving, kernels ``dense``
+  and ``auto`` times ``freezing.cache`` ``off`` and ``auto``.
+
+Models: ResNet-20 on Fashion-MNIST (MEST 90%, freezing 20%, sieving 20%, no augmentation, as
+``bench/freeze.py``) and the ViT preset (``configs/fmnist-vit.yaml``: MEST 80% on the attention and
+MLP linears, freezing 15%, sieving 20%). For each variant: the ledger's training-FLOPs saving
+against dense, the measured training wall-clock saving against dense (sum of training epochs,
+no evaluation), wall-clock over dense, and the ratio of the two savings; for the ``auto`` variants
+also ``auto`` over its ``dense``-kernels twin (goal: never above 1.03) and how many masked layers
+``auto`` ran sparse at the end.
+
+Targets (issue 13): ResNet-20 SpFDE with kernels and cache on auto <= 0.5x dense wall-clock; ViT
+preset <= 0.4x; auto never slower than dense kernels by more than 3%.
+
+    python bench/end_to_end.py --quick          # 2,000 images: a few minutes per model on 2 cores
+    python bench/end_to_end.py --json           # 4,000 images; one JSON object {"models": {...}}
+    python bench/end_to_end.py --models resnet20 --epochs 6 --subset 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from lockstep import BASE, make_config, run_lockstep  # noqa: E402
+from spfde.config import Config, load_config  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DENSE = ["sparsity.method=dense", "sparsity.target=0", "freezing.target=0", "sieving.method=none",
+         "sieving.ratio=0"]
+
+
+def settings(model: str, epochs: int, subset: int, batch: int) -> tuple[list[str], list[str], str | None]:
+    """(overrides shared by every variant, SpFDE's freezing + sieving overrides, config file)."""
+    common = [f"train.epochs={epochs}", f"data.subset={subset}", f"data.batch_size={batch}",
+              f"train.eval_every={epochs}", "logging.progress=false", "train.interval=1",
+              "sparsity.search_end=0.75"]
+    if model == "resnet20":
+        base = [o for o in BASE if not o.startswith(("sparsity.kernels", "freezing.cache"))]
+        spfde = ["freezing.target=0.2", "sieving.method=circular", "sieving.ratio=0.2"]
+        return base + common, spfde, None
+    if model == "vit":
+        # the preset's own sparsity, freezing and sieving (configs/fmnist-vit.yaml)
+        preset = load_config(os.path.join(REPO, "configs", "fmnist-vit.yaml"))
+        spfde = [f"freezing.target={preset.freezing.target}", "sieving.method=circular",
+                 f"sieving.ratio={preset.sieving.ratio}"]
+        return ["freezing.target=0", "sieving.method=none", "sieving.ratio=0"] + common, spfde, \
+            os.path.join(REPO, "configs", "fmnist-vit.yaml")
+    raise SystemExit(f"unknown model {model!r}; choose resnet20 or vit")
+
+
+def variants(common: list[str], spfde: list[str], path: str | None) -> dict[str, Config]:
+    def cfg(extra: list[str]) -> Config:
+        return load_config(path, common + extra) if path else make_config(common + extra)
+
+    out = {"dense": cfg(DENSE + ["sparsity.kernels=dense", "freezing.cache=off"])}
+    for k in ("dense", "auto"):
+        out[f"mest/{k}"] = cfg([f"sparsity.kernels={k}", "freezing.cache=off"])
+    for k in ("dense", "auto"):
+        for c in ("off", "auto"):
+            out[f"spfde/{k}/{c}"] = cfg(spfde + [f"sparsity.kernels={k}", f"freezing.cache={c}"])
+    return out
+
+
+def rows_for(res: dict[str, dict[str, Any]], configs: dict[str, Config]) -> list[dict[str, Any]]:
+    dense = res["dense"]
+    rows = []
+    for name, r in res.items():
+        flops_saving = 1.0 - r["train_flops"] / dense["train_flops"]
+        wall_over = r["wall_s"] / dense["wall_s"]
+        row = {"variant": name, "sparsity": configs[name].sparsity.target,
+               "flops_saving": round(flops_saving, 4), "wall_saving": round(1.0 - wall_over, 4),
+               "wall_over_dense": round(wall_over, 3),
+               "wall_over_flops_saving": round((1.0 - wall_over) / flops_saving, 3) if flops_saving > 0 else None,
+               "wall_s": round(r["wall_s"], 2)}
+        parts = name.split("/")
+        if len(parts) > 1 and parts[1] == "auto":
+            twin = "/".join([parts[0], "dense"] + parts[2:])
+            row["auto_over_dense_kernels"] = round(r["wall_s"] / res[twin]["wall_s"], 3)
+            choices = r["trainer"].ctl.kernels.choices()
+            row["sparse_layers"] = f"{sum(c == 'sparse' for c in choices.values())}/{len(choices)}"
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="resnet20,vit", help="comma-separated: resnet20, vit")
+    ap.add_argument("--quick", action="store_true", help="2,000 images (default 4,000)")
+    ap.add_argument("--epochs", type=int, default=None, help="default 12 (ResNet-20) and 10 (ViT)")
+    ap.add_argument("--subset", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="train.threads (default: the load-aware rule)")
+    ap.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    args = ap.parse_args()
+    out: dict[str, Any] = {"models": {}}
+    for model in [m.strip() for m in args.models.split(",") if m.strip()]:
+        epochs = args.epochs or (12 if model == "resnet20" else 10)
+        subset = args.subset or (2000 if args.quick else 4000)
+        batch = 64 if model == "resnet20" else 128
+        common, spfde, path = settings(model, epochs, subset, batch)
+        if args.threads:
+            common.append(f"train.threads={args.threads}")
+        configs = variants(common, spfde, path)
+        res = run_lockstep(configs)
+        rows = rows_for(res, configs)
+        out["models"][model] = {"rows": rows, "epochs": epochs, "subset": subset, "batch_size": batch,
+                                "threads": torch.get_num_threads(), "dense_wall_s": round(res["dense"]["wall_s"], 2)}
+        if not args.json:
+            print(f"\n{model}: {subset} images, {epochs} epochs, batch {batch}, {torch.get_num_threads()} threads; "
+                  f"dense {res['dense']['wall_s']:.1f}s of training")
+            print(f"{'variant':<20}{'FLOPs saved':>12}{'wall saved':>12}{'wall/dense':>12}{'wall/FLOPs':>12}"
+                  f"{'auto/dense k.':>14}{'sparse':>8}")
+            for r in rows:
+                ratio = "-" if r["wall_over_flops_saving"] is None else f"{r['wall_over_flops_saving']:.3f}"
+                auto = f"{r['auto_over_dense_kernels']:.3f}" if "auto_over_dense_kernels" in r else "-"
+                print(f"{r['variant']:<20}{100 * r['flops_saving']:>11.2f}%{100 * r['wall_saving']:>11.2f}%"
+                      f"{r['wall_over_dense']:>12.3f}{ratio:>12}{auto:>14}{r.get('sparse_layers', '-'):>8}")
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print("\ngoals: ResNet-20 spfde/auto/auto wall/dense <= 0.5, ViT <= 0.4; auto/dense kernels <= 1.03")
+
+
+if __name__ == "__main__":
+    main()
