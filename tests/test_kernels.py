@@ -611,7 +611,8 @@ def test_auto_resume_replays_the_checkpointed_choices(tmp_path, monkeypatch):
     from spfde.train import Trainer, resume, train
 
     cfg = load_config(None, [*DIGITS, "model.width=1.0", "train.epochs=3", "sparsity.search_end=1",
-                             "sparsity.kernels=auto"])  # width 1: layers above TINY_MACS
+                             "sparsity.kernels=auto",  # width 1: layers above TINY_MACS
+                             "sparsity.kernels_calibration=off"])  # the replay alone, not the stored choices
     monkeypatch.setattr(execution, "race", lambda dense, sparse: (1.0, 0.5))  # sparse measured faster
     full = train(cfg, tmp_path / "full", quiet=True)
     part = tmp_path / "part"

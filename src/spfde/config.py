@@ -118,6 +118,10 @@ class SparsityConfig:
     static_init: Literal["random", "snip"] = _f("random")
     kernels: Literal["auto", "dense", "sparse"] = _f(
         "auto", doc="kernels of masked layers: auto (sparse where measured faster), dense, sparse (docs/kernels.md)")
+    kernels_calibration: str = _f(
+        "auto", doc="where kernels: auto stores its timed decisions for later runs (same machine + same file: "
+                    "bit-identical fresh runs): auto (calibration.json in the native kernel cache, "
+                    "$SPFDE_KERNEL_CACHE), off (time every run), or a file path")
 
 
 @dataclass
@@ -421,6 +425,9 @@ def _cross_problems(cfg: Config) -> list[tuple[tuple[str, ...], str]]:
         out.append((("data.name", "data.root"),
                     "config field 'data.root' is needed with data.name = 'imagefolder': a folder with "
                     "train/<class>/ and val/<class>/ image folders"))
+    if not cfg.sparsity.kernels_calibration.strip():
+        out.append((("sparsity.kernels_calibration",), "config field 'sparsity.kernels_calibration' is empty; "
+                                                       "allowed: auto, off, or a file path"))
     if not _DEVICE.fullmatch(cfg.train.device):
         out.append((("train.device",), f"config field 'train.device' = {_show(cfg.train.device)}; "
                                        "allowed: auto, cpu, cuda, cuda:N"))

@@ -178,7 +178,7 @@ class SpFDE:
         # ---- sparse kernels for the masked layers (sparsity.kernels, docs/kernels.md)
         from spfde.sparsity.kernels import SparseExecution
 
-        self.kernels = SparseExecution(net, self.sparsity, cfg.sparsity.kernels)
+        self.kernels = SparseExecution(net, self.sparsity, cfg.sparsity.kernels, cfg.sparsity.kernels_calibration)
 
     # ------------------------------------------------------------------ set-up helpers
     @staticmethod

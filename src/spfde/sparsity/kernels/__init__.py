@@ -2,6 +2,7 @@
 
 =====================  ==========================================================================
 ``execution``          :class:`SparseExecution` (install, refresh, choose by measurement, state)
+``calibration``        the per-machine store of ``auto``'s decisions (``sparsity.kernels_calibration``)
 ``linear``             CSR autograd function for ``nn.Linear``
 ``attention``          packed q/k/v projection of ``nn.MultiheadAttention`` through the CSR path
 ``conv``               native direct sparse ``nn.Conv2d`` (``sparse_conv.cpp``)

@@ -28,6 +28,12 @@ Hyper-parameters
       ``TIME_MAX_BATCH`` samples. Calls below ``TINY_MACS`` multiply-adds run dense untimed (the sparse path's fixed
       cost cannot win there). On CUDA every call runs dense (GPU 2:4 semi-structured kernels are
       future work, docs/kernels.md).
+
+    ``sparsity.kernels_calibration``: ``auto`` (default) | ``off`` | a file path. Where ``auto``
+    keeps its timed decisions across runs (:mod:`.calibration`): ``auto`` is ``calibration.json``
+    in the native kernel cache folder. A decision is keyed by the layer's kind, weight shape,
+    geometry, the call, the density to 1%, threads, torch version, CPU model and native build; a
+    stored one is used untimed (with its stored speedup). ``off`` times in every run.
 Dynamic masks
     A layer's index structures are rebuilt only when the engine installs a new mask (Prune&Grow,
     prune-on-freeze, a loaded checkpoint), detected by the mask tensor's identity; ``auto``'s
@@ -39,9 +45,11 @@ Dynamic masks
     weight gradient (forward and input gradient stay sparse); the ledger charges as before.
 Determinism
     ``dense`` and ``sparse`` give bit-identical fresh runs and resumes on CPU (every kernel sums in
-    a fixed order). ``auto`` is bit-identical given the same choices: the choices are part of the
-    controller's state, so a resumed run replays the ones in force at the checkpoint; a later
-    re-timing (after the next density change) may pick differently between two runs.
+    a fixed order). ``auto`` is bit-identical given the same choices (audit H1): on the same machine
+    with the same calibration file, fresh runs take every decision from the file (the first run
+    times and stores them), so they are bit-identical; the choices are also part of the
+    controller's state, so a resumed run replays the ones in force at the checkpoint. With
+    ``kernels_calibration: off`` every run times afresh and two runs may pick differently.
 Expected effect
     CPU fwd+bwd per layer (bench/kernels.py): CSR Linear 1024x1024 ~1.7x at 90%, conv 3x3 ~2-5x at
     95% on ResNet-20 shapes (busy-machine hints; docs/benchmarks.md).
@@ -52,13 +60,15 @@ from __future__ import annotations
 import statistics
 import time
 import types
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from spfde import __version__ as spfde_version
 from spfde.errors import ConfigError
-from spfde.sparsity.kernels import native
+from spfde.sparsity.kernels import calibration, native
 from spfde.sparsity.kernels.attention import mha_input, sparse_mha, unsupported_mha
 from spfde.sparsity.kernels.common import warn_once
 from spfde.sparsity.kernels.conv import conv_input_ok, make_conv_plan, sparse_conv2d, unsupported_conv
@@ -239,14 +249,43 @@ class _Layer:
         elif self.macs(x) < TINY_MACS or (self.kind == "conv" and native.load() is None):
             choice = "dense"
         else:
-            td, ts = self.time(key, x, args, kwargs)
-            choice = "sparse" if ts <= (1.0 - MARGIN) * td else "dense"
-            self.speedups[key] = td / max(ts, 1e-12)
+            choice, speedup = self.measure(key, x, args, kwargs)
+            if speedup is not None:
+                self.speedups[key] = speedup
         self.decisions[key] = choice
         grad = torch.is_grad_enabled()
         if self.primary is None or (grad and not self._primary_grad):
             self.primary, self._primary_grad = key, grad
         return choice
+
+    def measure(self, key: Key, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[str, float | None]:
+        """(choice, dense/sparse speedup) for a call: the calibration store's, else timed and stored."""
+        store = self.exe.calibration
+        ckey = self.calibration_key(key, x) if store is not None else ""
+        hit = store.get(ckey) if store is not None else None
+        if hit is not None:
+            return hit
+        td, ts = self.time(key, x, args, kwargs)
+        choice, speedup = ("sparse" if ts <= (1.0 - MARGIN) * td else "dense"), td / max(ts, 1e-12)
+        if store is not None:
+            store.put(ckey, choice, speedup)
+        return choice, speedup
+
+    def calibration_key(self, key: Key, x: torch.Tensor) -> str:
+        """Everything that sets the two kernels' costs for this call (:mod:`.calibration` adds the
+        thread count, torch version and CPU model); the nonzero count enters as density to 1%."""
+        m, w = self.module, self.weight
+        fields: dict[str, Any] = {
+            "kind": self.kind, "weight": w.shape, "weight_stride": w.stride(), "dtype": str(w.dtype),
+            "bias": getattr(m, "in_proj_bias" if self.kind == "mha" else "bias", None) is not None,
+            "call": _encode(key), "input_stride": x.stride(), "training": m.training,
+            "density": round(100 * self.plan.nnz / max(w.numel(), 1)), "version": spfde_version}
+        if self.kind == "conv":  # only the conv's sparse path runs the native library
+            fields.update(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups,
+                          native=Path(str(native.status()["path"])).name)
+        elif self.kind == "mha":
+            fields.update(heads=m.num_heads, dropout=m.dropout, batch_first=m.batch_first)
+        return calibration.key(fields)
 
     def time(self, key: Key, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[float, float]:
         """(dense, sparse) median seconds of this call's work on a detached copy of its input."""
@@ -307,16 +346,21 @@ class SparseExecution:
         model: the (unwrapped) network the engine masks.
         engine: its :class:`~spfde.sparsity.engine.SparseEngine` (masks, epoch, RigL's needs).
         mode: ``auto`` | ``dense`` | ``sparse`` (``sparsity.kernels``).
+        calibration_file: ``auto`` | ``off`` | a path (``sparsity.kernels_calibration``): where
+            ``auto`` keeps its decisions across runs (:mod:`.calibration`).
 
     The controller creates it after the masks are applied and calls :meth:`refresh` at every
     epoch start (after Prune&Grow); :meth:`choices` goes into ``metrics.jsonl`` as ``kernels``.
     :meth:`remove` restores every module's own forward.
     """
 
-    def __init__(self, model: nn.Module, engine: Any, mode: str = "auto") -> None:
+    def __init__(self, model: nn.Module, engine: Any, mode: str = "auto", calibration_file: str = "auto") -> None:
         if mode not in KERNEL_MODES:
             raise ConfigError(f"config field 'sparsity.kernels' = {mode!r}; allowed: {', '.join(KERNEL_MODES)}")
         self.model, self.engine, self.mode = model, engine, mode
+        path = calibration.resolve(calibration_file) if mode == "auto" else None
+        #: auto's stored decisions (None: ``off``, or not ``auto``)
+        self.calibration = calibration.Calibration(path) if path is not None else None
         self.layers: dict[str, _Layer] = {}
         self.unsupported: dict[str, str] = {}
         self._order = [lay.module for lay in engine.masked_layers]

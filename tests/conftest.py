@@ -1,0 +1,22 @@
+"""Suite-wide fixtures."""
+
+from __future__ import annotations
+
+import pytest
+
+from spfde.sparsity.kernels import native
+
+# where the native kernel libraries already are (read only: linked into each test's own folder)
+_BUILT = native.cache_dir()
+
+
+@pytest.fixture(autouse=True)
+def _kernel_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test (and every process it starts) gets its own ``$SPFDE_KERNEL_CACHE``: ``auto``'s
+    calibration file there starts empty, so tests stay independent and the suite never writes a
+    calibration into the user's home. The libraries built before are linked in, so no test
+    process compiles the native kernel again."""
+    cache = tmp_path_factory.mktemp("kernel-cache")
+    for lib in sorted(_BUILT.glob("*.so")) if _BUILT.is_dir() else []:
+        (cache / lib.name).symlink_to(lib)
+    monkeypatch.setenv("SPFDE_KERNEL_CACHE", str(cache))
