@@ -26,8 +26,10 @@ Hyper-parameters
       not slower than dense beyond timing noise. The same call at a somewhat smaller batch (a
       short last batch) reuses the decision; a large batch is timed on its first
       ``TIME_MAX_BATCH`` samples. Calls below ``TINY_MACS`` multiply-adds run dense untimed (the sparse path's fixed
-      cost cannot win there). On CUDA every call runs dense (GPU 2:4 semi-structured kernels are
-      future work, docs/kernels.md).
+      cost cannot win there). A re-decision that an earlier timing of the layer already settles is
+      not timed (``PREDICT_SAME_CALL`` / ``PREDICT_OTHER_CALL``): the sparse kernels' time follows
+      the nonzero count, so a layer that lost by 3x at the search density still loses at s. On
+      CUDA every call runs dense (GPU 2:4 semi-structured kernels are future work, docs/kernels.md).
 
     ``sparsity.kernels_calibration``: ``auto`` (default) | ``off`` | a file path. Where ``auto``
     keeps its timed decisions across runs (:mod:`.calibration`): ``auto`` is ``calibration.json``
@@ -93,6 +95,13 @@ REUSE_BATCH_RATIO = 4
 #: count they were timed at: both kernels' cost follows the shapes and the number of nonzeros, not
 #: where the nonzeros are, so a Prune&Grow that swaps positions at constant density is not re-timed
 RETIME_NNZ_CHANGE = 0.1
+#: a call whose speedup can be predicted from an earlier timing of the same layer outside these
+#: bounds is decided without timing: sparse time follows the nonzero count, dense time does not,
+#: so a timed speedup ``s`` at ``n0`` nonzeros predicts about ``s * n0 / n`` at ``n`` nonzeros. The
+#: same call at another density uses the tight bounds, another call of the same input shape (the
+#: forward-only call of a layer that froze, from its forward + backward) the wide ones
+PREDICT_SAME_CALL = (0.6, 1.6)
+PREDICT_OTHER_CALL = (0.4, 2.5)
 
 # (input needs grad, weight needs grad, dense weight grad, input shape)
 Key = tuple[bool, bool, bool, tuple[int, ...]]
@@ -159,6 +168,8 @@ class _Layer:
         self._primary_grad = False
         self.used: str | None = None  # what the latest call with autograd on ran
         self.pending: dict[str, Any] | None = None
+        # speedups timed at earlier nonzero counts: key -> (dense/sparse speedup, nonzeros)
+        self.prior: dict[Key, tuple[float, int]] = {}
 
     @property
     def weight(self) -> torch.Tensor:
@@ -180,6 +191,8 @@ class _Layer:
             self._restore(saved)
         nnz = self.plan.nnz
         if self.basis_nnz is None or abs(nnz - self.basis_nnz) > RETIME_NNZ_CHANGE * max(self.basis_nnz, 1):
+            if self.basis_nnz is not None:
+                self.prior.update({k: (v, self.basis_nnz) for k, v in self.speedups.items()})
             self._restore({})
             self.basis_nnz = nnz
         return self.plan
@@ -243,11 +256,13 @@ class _Layer:
         if len(self.decisions) >= MAX_KEYS:
             return self.decisions.get(self.primary, "dense") if self.primary is not None else "dense"
         similar = [c for k, c in self.decisions.items() if k[:3] == key[:3] and k[3][1:] == key[3][1:]
-                   and key[3][0] <= k[3][0] <= REUSE_BATCH_RATIO * key[3][0]] if self.kind != "mha" else []
+                   and key[3][0] <= k[3][0] <= REUSE_BATCH_RATIO * key[3][0]] if self._batch_leading() else []
         if similar:  # the same call at a somewhat smaller batch (a short last batch)
             choice = similar[0]
         elif self.macs(x) < TINY_MACS or (self.kind == "conv" and native.load() is None):
             choice = "dense"
+        elif (predicted := self.predict(key)) is not None:
+            choice = predicted
         else:
             choice, speedup = self.measure(key, x, args, kwargs)
             if speedup is not None:
@@ -257,6 +272,28 @@ class _Layer:
         if self.primary is None or (grad and not self._primary_grad):
             self.primary, self._primary_grad = key, grad
         return choice
+
+    def _batch_leading(self) -> bool:
+        """The input's first dimension is the batch (not the sequence of a seq-first attention)."""
+        return self.kind != "mha" or bool(self.module.batch_first)
+
+    def predict(self, key: Key) -> str | None:
+        """A choice that timing could not change, from this layer's earlier timings; else None.
+
+        Deterministic given the timings it reads, so runs that replay the same timings (the
+        calibration file, a checkpoint) predict the same.
+        """
+        nnz = max(self.plan.nnz, 1)
+        same = [(s * n / nnz, PREDICT_SAME_CALL) for k, (s, n) in self.prior.items() if k == key]
+        other = [(s * n / nnz, PREDICT_OTHER_CALL) for k, (s, n) in
+                 [*self.prior.items(), *((k, (v, self.basis_nnz or nnz)) for k, v in self.speedups.items())]
+                 if k != key and k[3] == key[3]]
+        for speedup, (low, high) in same[-1:] or other[-1:]:
+            if speedup < low:
+                return "dense"
+            if speedup > high:
+                return "sparse"
+        return None
 
     def measure(self, key: Key, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[str, float | None]:
         """(choice, dense/sparse speedup) for a call: the calibration store's, else timed and stored."""
