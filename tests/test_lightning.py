@@ -18,7 +18,7 @@ from test_api_example import ROOT, _example_block
 
 L = pytest.importorskip("lightning", reason="the Lightning integration needs the 'lightning' extra")
 
-from spfde.errors import SpfdeError  # noqa: E402
+from spfde.errors import ConfigError, SpfdeError  # noqa: E402
 from spfde.integrations.lightning import SpFDECallback  # noqa: E402
 from spfde.utils import state_dict_sha256  # noqa: E402
 
@@ -337,3 +337,241 @@ def test_the_docs_lightning_example_runs_and_does_what_it_says(capsys: pytest.Ca
     params = dict(cb.controller.net.named_parameters())
     for name, mask in cb.controller.sparsity.masks.items():
         assert not params[name][~mask].any()
+
+
+def test_the_docs_loss_criterion_block_runs_and_sieves_by_loss(capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/lightning.md's second block (it continues the first): per-sample 'losses' reach the controller."""
+    path = ROOT / "docs" / "lightning.md"
+    headings = ("## A complete example", "## Sieving by loss, and skipped steps")
+    first, second = (_example_block(path, h) for h in headings)
+    assert first is not None and second is not None, "docs/lightning.md lost one of its python blocks"
+    ns: dict = {"__name__": "__example__"}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="lightning")
+        exec(compile(first, "docs/lightning.md", "exec"), ns)
+        exec(compile(second, "docs/lightning.md", "exec"), ns)
+    hist = ns["loss_cb"].history
+    assert ns["loss_cb"].controller.tracker.criterion == "loss" and len(hist) == 4
+    assert all(h["removed_this_update"] > 0 for h in hist[1:])  # the loss-ranked updates ran
+    assert all(h["skipped_steps"] == h["nonfinite_skipped"] == 0 for h in hist)
+    assert len(capsys.readouterr().out.strip().splitlines()) >= 2 * len(hist)
+
+
+# --------------------------------------------------------------------------------------------
+# feature parity with the built-in trainer: per-sample losses, skipped steps, cache, notes, accumulation
+
+BLOCKS = [["net.0", "net.1"], "net.3", "net.7"]
+
+
+def _with(**sections: dict) -> dict:
+    """CONFIG with some sections' keys changed."""
+    return {**CONFIG, **{k: {**CONFIG.get(k, {}), **v} for k, v in sections.items()}}
+
+
+def _run(tmp: Path, cb: SpFDECallback, module: L.LightningModule, callbacks: tuple = (), **kw) -> L.Trainer:
+    trainer = L.Trainer(**{"max_epochs": EPOCHS, **kw}, accelerator="cpu", devices=1, callbacks=[cb, *callbacks],
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, default_root_dir=tmp)
+    _quiet_fit(trainer, module)
+    return trainer
+
+
+SCORE = torch.randperm(N, generator=torch.Generator().manual_seed(5)).float()  # sample i's loss: SCORE[i]
+
+
+class LossOutputs(Module):
+    """Returns per-sample losses: the real ones plus a fixed per-sample offset, so the ranking is known."""
+
+    def training_step(self, batch, batch_idx):
+        x, y, idx = batch
+        self.batches.append(idx.tolist())
+        logits = self(x)
+        losses = F.cross_entropy(logits, y, reduction="none")
+        return {"loss": losses.mean(), "logits": logits, "targets": y, "indices": idx,
+                "losses": losses.detach() * 1e-3 + SCORE[idx]}
+
+
+def test_loss_criterion_sieves_by_the_losses_the_training_step_returns(tmp_path: Path) -> None:
+    """Issue 12 item 5 under Lightning: outputs['losses'] reach after_step(losses=...); the update at epoch 1
+    drops the k lowest-loss samples of epoch 0's partial set (old code: after_step had no losses, an error)."""
+    cb = SpFDECallback(_with(sieving={"criterion": "loss"}), train_size=N, blocks=BLOCKS)
+    module = LossOutputs(cb, Indexed())
+    _run(tmp_path, cb, module, callbacks=(StopAfter(2),))
+    ctl, hist = cb.controller, cb.history
+    k = hist[1]["removed_this_update"]
+    assert ctl.tracker.criterion == "loss" and k == 6  # ceil(0.5 · 12)
+    epoch0 = sorted({i for b in module.batches[:-(-36 // 8)] for i in b})
+    assert len(epoch0) == hist[0]["active_samples"] == 36
+    lowest = sorted(epoch0, key=lambda i: float(SCORE[i]))[:k]
+    assert sorted(ctl.sieve.removed[-k:].tolist()) == sorted(lowest)  # the queue's tail: the easiest, by loss
+
+
+def test_loss_criterion_without_losses_is_a_clear_error(tmp_path: Path) -> None:
+    cb = SpFDECallback(_with(sieving={"criterion": "loss"}), train_size=N, blocks=BLOCKS)
+    with pytest.raises(SpfdeError, match="needs training_step's dict to hold 'losses'"):
+        _run(tmp_path, cb, Module(cb, Indexed()))
+
+
+class NanAt(Module):
+    """The ``at``-th training step's loss (0-based over the run) is NaN."""
+
+    def __init__(self, callback, dataset, at: int) -> None:
+        super().__init__(callback, dataset)
+        self.at = at
+
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        if len(self.batches) - 1 == self.at:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+
+def _plain_loop(config: dict, at: int):
+    """spfde.train's loop over the controller with the same module, data and sampler: the NaN step is not
+    taken and reported ``after_step(..., skipped=True)`` (train.on_nonfinite: skip)."""
+    from spfde.controller import SpFDE
+
+    module = NanAt(None, Indexed(), at)
+    opt = module.configure_optimizers()
+    ctl = SpFDE(module, opt, config, train_size=N, example_input=module.example_input_array, blocks=BLOCKS)
+    loader = DataLoader(module.ds, batch_size=8, sampler=ctl.sampler)
+    hist = []
+    for epoch in range(EPOCHS):
+        ctl.start_epoch(epoch)
+        module.train()
+        for i, batch in enumerate(loader):
+            out = module.training_step(batch, i)
+            skipped = not bool(torch.isfinite(out["loss"]))
+            if not skipped:
+                opt.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                ctl.before_step()
+                opt.step()
+            ctl.after_step(out["logits"], out["targets"], out["indices"], skipped=skipped)
+        hist.append(ctl.end_epoch())
+    return ctl, module, hist
+
+
+def test_a_nan_step_is_skipped_and_leaves_the_statistics_of_the_builtin_loop(tmp_path: Path) -> None:
+    """Issue 15 under Lightning, train.on_nonfinite: skip. MEST with λ = 1 scores by the mean |g| of the epoch
+    before each update; the NaN step (epoch 1, step 2) must neither move the weights nor enter that mean nor
+    the sample status: the run ends bit-identical to the built-in loop's, which does not take the step. Old
+    code: the optimizer applied NaN gradients and MEST summed them."""
+    config = _with(train={"on_nonfinite": "skip"}, sparsity={"mest_lambda": 1.0})
+    at = 5 + 2  # 36 active samples: 5 batches per epoch
+    cb = SpFDECallback(config, train_size=N, blocks=BLOCKS)
+    module = NanAt(cb, Indexed(), at)
+    _run(tmp_path, cb, module)
+    ref_ctl, ref_module, ref_hist = _plain_loop(config, at)
+    assert module.batches == ref_module.batches
+    assert [h["skipped_steps"] for h in cb.history] == [h["skipped_steps"] for h in ref_hist] == [0, 1, 0, 0]
+    assert [h["nonfinite_skipped"] for h in cb.history] == [0, 1, 0, 0]
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert cb.history[2]["sparsity_updated"]  # the update that read epoch 1's statistics ran
+    assert state_dict_sha256(module.state_dict()) == state_dict_sha256(ref_module.state_dict())
+    for name, mask in ref_ctl.sparsity.masks.items():
+        assert torch.equal(cb.controller.sparsity.masks[name], mask), name
+    assert torch.equal(cb.controller.sieve.active, ref_ctl.sieve.active)
+    assert [h["train_flops"] for h in cb.history] == [h["train_flops"] for h in ref_hist]  # charged alike
+
+
+def test_a_nan_loss_stops_the_run_by_default(tmp_path: Path) -> None:
+    from spfde.errors import NonFiniteLossError
+
+    cb = SpFDECallback(CONFIG, train_size=N, blocks=BLOCKS)  # train.on_nonfinite: stop
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 1, step 2 .*train.on_nonfinite=skip"):
+        _run(tmp_path, cb, NanAt(cb, Indexed(), 5 + 2))
+
+
+class InfGradAt(Module):
+    """The ``at``-th step's gradient holds an inf after backward (an fp16 overflow, as GradScaler sees one)."""
+
+    def __init__(self, callback, dataset, at: int) -> None:
+        super().__init__(callback, dataset)
+        self.at = at
+
+    def on_after_backward(self) -> None:
+        if len(self.batches) - 1 == self.at:
+            self.net[3].weight.grad[0, 0, 0, 0] = float("inf")
+
+
+class SeenAtEpochEnd(L.Callback):
+    """Samples the sieve's tracker saw in each epoch (read before the next epoch resets it)."""
+
+    def __init__(self, cb: SpFDECallback) -> None:
+        self.cb, self.seen = cb, []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.seen.append(int(self.cb.controller.tracker.seen_in_interval().sum()))
+
+
+def test_a_gradscaler_skip_is_reported_to_the_controller(tmp_path: Path) -> None:
+    """precision 16-mixed: GradScaler skips the overflow step and shrinks its scale; the callback reads that
+    and passes skipped (old code: skipped=False, so the step's sample status entered the sieve)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    cb = SpFDECallback(CONFIG, train_size=N, blocks=BLOCKS)
+    seen = SeenAtEpochEnd(cb)
+    _run(tmp_path, cb, InfGradAt(cb, Indexed(), 5 + 1), callbacks=(seen,), max_epochs=EPOCHS,
+         plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=16.0))])
+    hist = cb.history
+    assert [h["skipped_steps"] for h in hist] == [0, 1, 0, 0]
+    assert [h["nonfinite_skipped"] for h in hist] == [0, 0, 0, 0]  # GradScaler skipped it, not the callback
+    # the skipped batch (8 samples of epoch 1) left no sample status
+    assert seen.seen == [h["active_samples"] - 8 * (h["epoch"] == 1) for h in hist]
+
+
+class BufferMix(Module):
+    """A forward with a matmul on a buffer: FLOPs the ledger cannot attribute (one of the controller's notes)."""
+
+    def __init__(self, callback, dataset) -> None:
+        super().__init__(callback, dataset)
+        self.register_buffer("mix", torch.eye(8))
+
+    def forward(self, x):
+        return self.net(x @ self.mix)
+
+
+def test_cache_on_is_refused_and_auto_is_off_under_lightning(tmp_path: Path) -> None:
+    """freezing.cache: on is a ConfigError when the callback is built; auto is off, and cache_status says why
+    (old code: 'on' trained silently without the cache, auto waited for a cache.batch that never came)."""
+    with pytest.raises(ConfigError, match=r"'freezing.cache' = 'on', but SpFDECallback cannot serve it"):
+        SpFDECallback(_with(freezing={"cache": "on"}), train_size=N, blocks=BLOCKS)
+    cb = SpFDECallback(CONFIG, train_size=N, blocks=BLOCKS)  # freezing.cache: auto
+    _run(tmp_path, cb, Module(cb, Indexed()))
+    assert cb.history[-1]["frozen_blocks"]
+    assert all(h["cache_status"].startswith("off: SpFDECallback cannot serve it") for h in cb.history)
+    assert all(h["cache_served_steps"] == h["cache_fill_flops"] == 0 for h in cb.history)
+
+
+def test_the_controller_notes_are_logged_once_at_fit_start(tmp_path: Path) -> None:
+    """ctl.notes (here: FLOPs the ledger cannot attribute) and the cache's note reach Lightning's rank-zero log,
+    once each (old code: never shown)."""
+    import logging
+
+    from lightning_utilities.core import rank_zero
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler, lightning_log = Keep(), rank_zero.log  # the logger rank_zero_info writes to
+    lightning_log.addHandler(handler)
+    try:
+        cb = SpFDECallback(CONFIG, train_size=N, blocks=BLOCKS)
+        _run(tmp_path, cb, BufferMix(cb, Indexed()))
+    finally:
+        lightning_log.removeHandler(handler)
+    notes = [r for r in records if r.startswith("spfde: note: ")]
+    assert len(notes) == 2, notes
+    assert sum(n.startswith("spfde: note: freezing.cache: off (SpFDECallback cannot serve it") for n in notes) == 1
+    assert sum("use no parameter" in n and n == f"spfde: note: {cb.controller.notes[0]}" for n in notes) == 1
+
+
+def test_gradient_accumulation_is_refused(tmp_path: Path) -> None:
+    cb = SpFDECallback(CONFIG, train_size=N, blocks=BLOCKS)
+    with pytest.raises(SpfdeError, match=r"accumulate_grad_batches=1\), got 2.*one optimizer step per batch"):
+        _run(tmp_path, cb, Module(cb, Indexed()), accumulate_grad_batches=2)
+    assert cb.controller is None  # refused before the controller touched the model

@@ -86,6 +86,10 @@ class SpFDE:
         rank, world_size: for distributed training; decisions are taken identically on every
             rank from the shared seed, and the sampler splits the partial set across ranks.
         snip_batch: one labelled batch ``(x, y)``, needed only by ``sparsity.static_init: snip``.
+        cache_off_reason: why this loop cannot serve the frozen-prefix activation cache (it cannot
+            wrap the training forward in ``cache.batch(x, idx)``, e.g. the Lightning callback):
+            ``freezing.cache: auto`` is then off with this reason in its one note and in
+            ``cache_status``, and ``on`` is refused (a :class:`ConfigError`) as where it cannot be exact.
     """
 
     def __init__(
@@ -99,6 +103,7 @@ class SpFDE:
         rank: int = 0,
         world_size: int = 1,
         snip_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache_off_reason: str | None = None,
     ) -> None:
         self.cfg = cfg = _as_config(config)
         self.model = model
@@ -154,7 +159,8 @@ class SpFDE:
         from spfde.freezing.cache import build_cache
 
         # frozen-prefix activation cache: wrap the forward in `with ctl.cache.batch(x, idx):` to use it
-        self.cache = build_cache(net, model, self.blocks, self.plan, cfg, self.train_size, world_size)
+        self.cache = build_cache(net, model, self.blocks, self.plan, cfg, self.train_size, world_size,
+                                 off_reason=cache_off_reason)
 
         self.grad_norms = None
         if cfg.analysis.grad_norms:

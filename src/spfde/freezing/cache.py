@@ -716,12 +716,17 @@ class ActivationCache:
 
 
 def build_cache(net: nn.Module, model: nn.Module, blocks: Sequence[Block] | None, plan: Any, cfg: Any,
-                train_size: int, world_size: int) -> ActivationCache:
-    """The controller's cache for a config (``freezing.cache``, ``freezing.cache_max_bytes``)."""
+                train_size: int, world_size: int, off_reason: str | None = None) -> ActivationCache:
+    """The controller's cache for a config (``freezing.cache``, ``freezing.cache_max_bytes``).
+
+    ``off_reason``: why the training loop cannot serve the cache at all (it does not wrap its forward
+    in :meth:`ActivationCache.batch`, e.g. the Lightning callback); it comes before every other reason.
+    """
     fz = cfg.freezing
     freezing = plan is not None and blocks is not None
     compiled = hasattr(model, "_orig_mod") or hasattr(getattr(model, "module", None), "_orig_mod")
-    reasons = static_reasons(augment=cfg.data.augment, world_size=world_size, compiled=compiled)
+    reasons = ([off_reason] if off_reason else []) + static_reasons(augment=cfg.data.augment, world_size=world_size,
+                                                                    compiled=compiled)
     if fz.cache == "on" and freezing and reasons:
         ActivationCache._refuse(reasons[0])
     if not freezing:

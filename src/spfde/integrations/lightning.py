@@ -12,8 +12,10 @@ with the training-FLOPs ledger. The five call points map to Lightning hooks:
                                     puts its sampler in the train DataLoader
 ``on_train_start``                  checks that the train DataLoader draws from that sampler
 ``on_train_epoch_start``            ``start_epoch(trainer.current_epoch)``
-``on_before_optimizer_step``        ``before_step()`` (after backward: gradients are masked)
-``on_train_batch_end``              ``after_step(logits, targets, indices)``
+``on_before_backward``              checks the loss is finite (``train.on_nonfinite``)
+``on_before_optimizer_step``        ``before_step()`` (after backward and AMP's unscale: gradients
+                                    are masked), or the step is voided (non-finite, ``skip``)
+``on_train_batch_end``              ``after_step(logits, targets, indices, losses=, skipped=)``
 ``on_train_epoch_end``              ``end_epoch()``; scalar metrics logged as ``spfde/<key>``
 ``state_dict``/``load_state_dict``  the controller's state, saved in Lightning checkpoints
 =================================  ==========================================================
@@ -22,7 +24,16 @@ with the training-FLOPs ledger. The five call points map to Lightning hooks:
 
 * ``training_step`` returns a dict with ``"loss"``, ``"logits"``, ``"targets"`` and
   ``"indices"`` (the dataset indices of the batch's samples, ``0..train_size-1``): the forgetting
-  statistics of data sieving are per sample;
+  statistics of data sieving are per sample. With ``sieving.criterion: loss`` it also holds
+  ``"losses"``, the per-sample training losses, shape ``(batch,)`` (e.g.
+  ``F.cross_entropy(logits, y, reduction="none")``, whose mean is ``"loss"``; issue 12): the sieve
+  ranks samples by them, and a missing ``"losses"`` is a clear error at the first step;
+* a step the optimizer did not apply is reported to the controller as skipped (its statistics are
+  dropped, its FLOPs charged), as the built-in trainer does (issue 15): a GradScaler overflow step
+  under ``precision="16-mixed"`` (the scaler's scale shrank), and with ``train.on_nonfinite: skip``
+  a step whose loss or gradients are NaN/inf (the callback voids it: the optimizer gets no
+  gradient). With ``train.on_nonfinite: stop`` (the default) a NaN/inf loss stops the run with a
+  :class:`~spfde.errors.NonFiniteLossError`;
 * the train dataloader is one ``torch.utils.data.DataLoader`` (any sampler, ``shuffle=True``
   included): the callback **installs its own sampler** in it when Lightning requests it (the
   loader is rebuilt with the same arguments, as Lightning does for its ``DistributedSampler``),
@@ -36,7 +47,8 @@ with the training-FLOPs ledger. The five call points map to Lightning hooks:
 * under DDP the Trainer needs ``use_distributed_sampler=False``, else Lightning would put its
   ``DistributedSampler`` in place of the callback's (which already splits the partial set
   across ranks): refused at ``on_fit_start``;
-* one optimizer and ``accumulate_grad_batches=1``. With ``optim.schedule: cosine`` the
+* one optimizer and ``accumulate_grad_batches=1`` (refused otherwise: every per-step hook of the
+  controller assumes one optimizer step per batch). With ``optim.schedule: cosine`` the
   controller sets the learning rate at every step (block-wise when freezing): an LR scheduler
   from ``configure_optimizers`` is warned about, and its changes are overwritten; use
   ``optim.schedule: constant`` to keep yours.
@@ -64,6 +76,16 @@ Example (complete and tested: docs/lightning.md)::
 ``DDPStrategy(find_unused_parameters=True)``: frozen parameters then count as unused instead of
 blocking the reduction (they are still part of the buckets; the built-in trainer re-wraps instead).
 
+**Activation cache.** Lightning's ``training_step`` runs the forward, so the callback cannot wrap
+it in ``cache.batch(x, idx)`` and cannot serve the frozen-prefix cache (issue 13) exactly:
+``freezing.cache: auto`` is off under Lightning (one note says so; ``cache_status`` in the metrics
+too), ``freezing.cache: on`` is a :class:`~spfde.errors.ConfigError` when the callback is built.
+Frozen blocks still skip their backward.
+
+**Notes.** The controller's one-line notes (``ctl.notes``, the cache's) are logged once, on rank 0,
+at ``on_fit_start`` with ``rank_zero_info`` as ``spfde: note: ...``, like the callback's other
+messages.
+
 **Checkpoints.** The callback state holds the controller state. Lightning restores callbacks before
 ``on_fit_start``, so the state is kept until the controller exists, then loaded; the restored model
 weights are kept (building the controller applies its initial masks). Lightning creates the
@@ -86,7 +108,7 @@ import torch
 
 from spfde.config import Config, _read_yaml, from_dict, resolve_config_path
 from spfde.controller import SpFDE, _as_config
-from spfde.errors import ConfigError, SpfdeError
+from spfde.errors import ConfigError, NonFiniteLossError, SpfdeError
 
 try:
     import lightning.pytorch as pl
@@ -94,9 +116,14 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("spfde.integrations.lightning needs Lightning 2.x: pip install 'spfde[lightning]'") from e
 
-__all__ = ["SpFDECallback", "step_outputs"]
+__all__ = ["CACHE_OFF", "SpFDECallback", "step_losses", "step_outputs"]
 
 _REQUIRED = ("logits", "targets", "indices")
+
+#: why the callback cannot serve the frozen-prefix activation cache (``freezing.cache``, issue 13)
+CACHE_OFF = ("SpFDECallback cannot serve it: Lightning's training_step runs the forward, which the callback cannot "
+             "wrap in cache.batch(x, idx); frozen blocks still skip their backward (the built-in trainer serves the "
+             "cache)")
 
 
 def _epochs_given(config: Config | dict | str | Path) -> bool:
@@ -116,10 +143,41 @@ def step_outputs(outputs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     """``(logits, targets, indices)`` from a ``training_step`` output, or a clear error."""
     if not isinstance(outputs, dict) or any(k not in outputs for k in _REQUIRED):
         got = sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__
+        hint = ("; returning None to skip a batch is not supported: return the dict (a NaN loss with "
+                "train.on_nonfinite: skip skips the step)" if outputs == {} or outputs is None else "")
         raise SpfdeError(
             "SpFDECallback needs training_step to return a dict with 'loss', 'logits', 'targets' and 'indices' "
-            f"(the batch's dataset indices), got {got}")
+            f"(the batch's dataset indices), got {got}{hint}")
     return outputs["logits"], outputs["targets"], outputs["indices"]
+
+
+def step_losses(outputs: dict[str, Any], criterion: str) -> torch.Tensor | None:
+    """The per-sample losses ``outputs["losses"]``; required under ``sieving.criterion: loss``."""
+    losses = outputs.get("losses")
+    if losses is None and criterion == "loss":
+        raise SpfdeError(
+            "sieving.criterion is 'loss', so SpFDECallback needs training_step's dict to hold 'losses': the batch's "
+            "per-sample training losses, shape (batch,), e.g. losses = F.cross_entropy(logits, targets, "
+            "reduction='none') and 'loss': losses.mean() (a sequence model: each sequence's mean token loss)")
+    return losses
+
+
+def _finite_grads(module: torch.nn.Module) -> bool:
+    """All gradients finite (under DDP they are all-reduced already: every rank decides alike)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
+def _scaler(trainer: pl.Trainer) -> Any:
+    """The precision plugin's enabled GradScaler (``precision="16-mixed"``), else ``None``."""
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def _scale(scaler: Any) -> torch.Tensor:
+    """The scaler's current scale as a tensor: the private one, since get_scale() syncs the device."""
+    s = getattr(scaler, "_scale", None)
+    return s if torch.is_tensor(s) else torch.tensor(float(scaler.get_scale()))
 
 
 class SpFDECallback(pl.Callback):
@@ -145,6 +203,9 @@ class SpFDECallback(pl.Callback):
                  example_input: torch.Tensor | None = None, blocks: Any = None, log_metrics: bool = True) -> None:
         super().__init__()
         self.config = _as_config(config)
+        if self.config.freezing.cache == "on":
+            raise ConfigError(f"config field 'freezing.cache' = 'on', but {CACHE_OFF}; use freezing.cache=auto (off "
+                              "under Lightning) or off")
         self._epochs_given = _epochs_given(config)
         self.train_size = int(train_size)
         self.example_input = example_input
@@ -156,6 +217,14 @@ class SpFDECallback(pl.Callback):
         self._prestarted: int | None = None
         self._resumed = False
         self._install_failed: str | None = None  # why the train loader could not be rebuilt, if so
+        # this batch: optimizer steps seen, a non-finite loss, a step voided by on_nonfinite=skip,
+        # GradScaler's scale before its update (a smaller one after it: the scaler skipped the step)
+        self._steps = 0
+        self._bad_loss = False
+        self._voided = False
+        self._scale_before: torch.Tensor | None = None
+        self._batch_idx = 0
+        self._epoch_batches = self._epoch_voided = 0  # this epoch: batches, and steps voided
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -187,15 +256,36 @@ class SpFDECallback(pl.Callback):
                  if self._pending is not None else None)
         self.controller = SpFDE(pl_module, trainer.optimizers[0], self.config, train_size=self.train_size,
                                 example_input=x0, blocks=self.blocks, rank=trainer.global_rank,
-                                world_size=trainer.world_size)
+                                world_size=trainer.world_size, cache_off_reason=CACHE_OFF)
+        self._show_notes(self.controller)
         if self._pending is not None:
             self._load(self._pending, saved)
             self._pending = None
         self._install_sampler(trainer)
 
+    @staticmethod
+    def _show_notes(ctl: SpFDE) -> None:
+        """The controller's console notes, once, on rank 0 (the built-in trainer prints them at start)."""
+        def say(text: str) -> None:
+            rank_zero_info(f"spfde: note: {text}")
+
+        for note in ctl.notes:
+            say(note)
+        ctl.cache.set_log(say)  # the cache's notes so far, and any later one
+
+    @staticmethod
+    def _check_accumulate(trainer: pl.Trainer) -> None:
+        acc = getattr(trainer, "accumulate_grad_batches", 1)
+        if acc != 1:
+            raise SpfdeError(
+                f"SpFDECallback needs Trainer(accumulate_grad_batches=1), got {acc}: the controller's per-step hooks "
+                "(gradient masking, the MEST/RigL gradient statistics, the sample status of data sieving, the FLOPs "
+                "ledger, the per-step learning rate) assume one optimizer step per batch; use a larger batch instead")
+
     def _check_trainer(self, trainer: pl.Trainer) -> None:
-        """The run's length from the Trainer, DDP's sampler flag, a competing LR scheduler."""
+        """The run's length from the Trainer, DDP's sampler flag, a competing LR scheduler, accumulation."""
         cfg = self.config
+        self._check_accumulate(trainer)
         max_epochs = trainer.max_epochs
         if max_epochs is None or max_epochs < 1:
             raise SpfdeError("SpFDECallback needs Trainer(max_epochs=N): the freezing plan, the sieving updates and "
@@ -302,6 +392,7 @@ class SpFDECallback(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         ctl = self._ctl()
         epoch = int(trainer.current_epoch)
+        self._count_reset()
         if self._prestarted is not None:
             pre, self._prestarted = self._prestarted, None
             if pre == epoch:
@@ -309,19 +400,76 @@ class SpFDECallback(pl.Callback):
             ctl.end_epoch()  # Lightning resumed elsewhere than expected: close the early epoch, empty
         ctl.start_epoch(epoch)
 
+    def _count_reset(self) -> None:
+        self._epoch_batches = self._epoch_voided = 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._check_accumulate(trainer)  # a GradientAccumulationScheduler may change it between epochs
+        self._steps, self._bad_loss, self._voided, self._scale_before = 0, False, False, None
+        self._batch_idx = int(batch_idx)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        """A NaN/inf loss: stop the run (``train.on_nonfinite: stop``) or void the step (``skip``)."""
+        here = not bool(torch.isfinite(loss.detach()).all())  # one host sync per step, as the built-in trainer
+        bad = bool(trainer.strategy.reduce_boolean_decision(here, all=False)) if trainer.world_size > 1 else here
+        if bad and self.config.train.on_nonfinite == "stop":
+            value = float(loss.detach().float().reshape(-1)[0]) if here else "finite here, not on another rank"
+            raise NonFiniteLossError(
+                f"the training loss is {value} at epoch {trainer.current_epoch}, step {self._batch_idx} (both counted "
+                "from 0; train.on_nonfinite=stop); lower the learning rate, or set train.on_nonfinite=skip in the "
+                "SpFDECallback config to skip such steps")
+        self._bad_loss = self._bad_loss or bad  # manual optimization may call backward more than once
+
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
+        self._steps += 1
+        if self._steps > 1:
+            raise SpfdeError("SpFDECallback saw a second optimizer step in one batch: the controller's per-step hooks "
+                             "assume one optimizer step per training batch (one optimizer, no accumulation)")
+        scaler = _scaler(trainer)
+        # train.on_nonfinite=skip: a NaN/inf loss or (without GradScaler, which skips such steps itself)
+        # NaN/inf gradients void the step: with no gradient the optimizer changes no weight nor its state
+        if self._bad_loss or (scaler is None and self.config.train.on_nonfinite == "skip"
+                              and not _finite_grads(pl_module)):
+            optimizer.zero_grad(set_to_none=True)
+            self._voided = True
+            return
+        if scaler is not None:
+            self._scale_before = _scale(scaler).clone()  # scaler.update() changes it in place
         self._ctl().before_step()
+
+    def _skipped(self, trainer: pl.Trainer) -> bool | torch.Tensor:
+        """Whether the optimizer did not apply this batch's step: voided, never taken, or GradScaler's skip
+        (its scale shrank in ``update``; a 0-dim tensor, so no host sync unless a statistic is recorded)."""
+        if self._voided or self._steps == 0:  # no step: e.g. manual optimization that did not step
+            return True
+        scaler = _scaler(trainer)
+        if scaler is not None and self._scale_before is not None:
+            return _scale(scaler).to(self._scale_before.device) < self._scale_before
+        return False
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        ctl = self._ctl()
         logits, targets, indices = step_outputs(outputs)
-        self._ctl().after_step(logits, targets, indices)
+        losses = step_losses(outputs, ctl.tracker.criterion)
+        skipped = self._skipped(trainer)
+        # a step not applied leaves no statistic (sample status, |g|, dense gradient); its FLOPs are charged
+        ctl.after_step(logits, targets, indices, losses=None if skipped is True else losses, skipped=skipped)
+        self._epoch_batches += 1
+        self._epoch_voided += int(self._voided)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         ctl = self._ctl()
+        voided, batches = self._epoch_voided, self._epoch_batches
+        self._count_reset()
+        if voided and voided == batches:
+            raise NonFiniteLossError(
+                f"every one of the {batches} steps of epoch {trainer.current_epoch} had a non-finite loss or gradient "
+                "(train.on_nonfinite=skip); lower the learning rate")
         m = ctl.end_epoch()
-        m = {"epoch": int(trainer.current_epoch), "lr": ctl.current_lr(), **m}
+        m = {"epoch": int(trainer.current_epoch), "lr": ctl.current_lr(), **m, "nonfinite_skipped": voided}
         self.history.append(m)
         if self.log_metrics:
             for k, v in m.items():
