@@ -5,7 +5,7 @@ Method card
 What it does
     Weight sparsity saves FLOPs on paper only while masked layers run dense kernels. A
     :class:`SparseExecution` puts a sparse forward and backward (work proportional to the
-    nonzeros) in place of each masked layer's forward: CSR Linear (:mod:`.linear`), packed
+    nonzeros) in place of each masked layer's forward: sparse Linear (:mod:`.linear`), packed
     attention input projection (:mod:`.attention`), native direct Conv2d (:mod:`.conv`). The
     model's parameters, optimizer, optimizer state and checkpoints are untouched (dense, masked):
     each step gathers the nonzero values from the dense weight and writes the weight gradient
