@@ -245,6 +245,14 @@ def test_native_sparse_linear_strided_inputs_and_gradients(native_spy):
     (g_sum,) = torch.autograd.grad(sparse_linear(xs, lin.weight, lin.bias, LinearPlan(mask, lin.weight)).sum(), [xs])
     _close(g_sum, g_ref)
     assert native_spy.calls.count("spfde_linear_forward") == 5
+    # a weight stored transposed (column-major): the gradient keeps its layout, zero where pruned
+    with torch.no_grad():
+        lin.weight = nn.Parameter(lin.weight.t().contiguous().t())
+    assert lin.weight.stride() == (1, 20)
+    _check_linear(lin, mask, torch.randn(17, 24))
+    xs = torch.randn(17, 24)
+    (gw,) = _grads(sparse_linear(xs, lin.weight, lin.bias, LinearPlan(mask, lin.weight)), [lin.weight])
+    assert gw.stride() == lin.weight.stride()
 
 
 @needs_native

@@ -147,17 +147,21 @@ class SparseLinearFunction(torch.autograd.Function):
         dense_w = need_w and ctx.dense_weight_grad  # RigL's update reads the dense weight gradient
         sparse_w = need_w and not dense_w
         gx = torch.empty((n, in_f), dtype=torch.float32) if need_x else None
-        gvals = torch.empty(plan.nnz, dtype=torch.float32) if sparse_w else None
+        gw = None
+        zero_rows = False
+        if sparse_w:  # written by the kernel: its nonzeros, zeros elsewhere
+            zero_rows = weight.stride() == (in_f, 1)
+            # the kernel zeroes a row-major gradient itself (in parallel); another layout is zeroed here
+            gw = torch.empty_strided(weight.shape, weight.stride())
+            if not zero_rows:
+                gw.zero_()
         if need_x or sparse_w:
             _check(ctx.lib.spfde_linear_backward(
                 _ptr(x2), x2.stride(0), _ptr(g2), g2.stride(0), n, in_f, out_f, _ptr(plan.crow), _ptr(plan.col),
-                _ptr(vals), _ptr(plan.tcrow), _ptr(plan.tcol), _ptr(plan.perm32), _ptr(gx), in_f, _ptr(gvals),
-                torch.get_num_threads()))
-        gw = None
+                _ptr(vals), _ptr(plan.tcrow), _ptr(plan.tcol), _ptr(plan.perm32), _ptr(gx), in_f, _ptr(gw),
+                _ptr(plan.index.offsets), int(zero_rows), torch.get_num_threads()))
         if dense_w:
             gw = g2.t() @ x2
-        elif sparse_w:
-            gw = plan.index.scatter(gvals, weight)
         gb = g2.sum(0) if need_b else None
         return (gx.view(ctx.x_shape) if gx is not None else None), gw, gb, None, None
 

@@ -48,7 +48,7 @@ _SIGNATURES = {
     "spfde_conv2d_backward": [_ptr] + [_c_i64] * 4 + [_ptr] + [_c_i64] * 4 + [_c_i64] * 15 + [_ptr] * 10
                              + [_ptr] + [_c_i64] * 4 + [_ptr, _c_int],
     "spfde_linear_forward": [_ptr] + [_c_i64] * 4 + [_ptr] * 5 + [_c_i64, _c_int],
-    "spfde_linear_backward": [_ptr, _c_i64, _ptr] + [_c_i64] * 4 + [_ptr] * 7 + [_c_i64, _ptr, _c_int],
+    "spfde_linear_backward": [_ptr, _c_i64, _ptr] + [_c_i64] * 4 + [_ptr] * 7 + [_c_i64, _ptr, _ptr, _c_int, _c_int],
 }
 
 
