@@ -705,6 +705,9 @@ def test_portable_build_without_avx512_is_correct(tmp_path, monkeypatch):
                 gd, gs = _grads(dense, [xd, conv.weight]), _grads(sparse, [xs, conv.weight])
                 _close(gs[0], gd[0])
                 _close(gs[1], gd[1] * mask)
+        for rows in (7, 150):  # Linear: 4-vector tiles without AVX-512 (150 rows: three tiles)
+            lin, mask = _linear_case(40, 37, True, density=0.3)
+            _check_linear(lin, mask, torch.randn(rows, 40))
     finally:
         native._reset_for_tests()
 
