@@ -3,8 +3,8 @@
 =====================  ==========================================================================
 ``execution``          :class:`SparseExecution` (install, refresh, choose by measurement, state)
 ``calibration``        the per-machine store of ``auto``'s decisions (``sparsity.kernels_calibration``)
-``linear``             CSR autograd function for ``nn.Linear``
-``attention``          packed q/k/v projection of ``nn.MultiheadAttention`` through the CSR path
+``linear``             sparse ``nn.Linear``: native (``sparse_conv.cpp``) or pure-PyTorch CSR autograd
+``attention``          packed q/k/v projection of ``nn.MultiheadAttention`` through the sparse Linear
 ``conv``               native direct sparse ``nn.Conv2d`` (``sparse_conv.cpp``)
 ``native``             build/load of the C++ library (``python -m spfde.sparsity.kernels.native``)
 =====================  ==========================================================================

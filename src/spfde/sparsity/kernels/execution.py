@@ -5,7 +5,7 @@ Method card
 What it does
     Weight sparsity saves FLOPs on paper only while masked layers run dense kernels. A
     :class:`SparseExecution` puts a sparse forward and backward (work proportional to the
-    nonzeros) in place of each masked layer's forward: CSR Linear (:mod:`.linear`), packed
+    nonzeros) in place of each masked layer's forward: sparse Linear (:mod:`.linear`), packed
     attention input projection (:mod:`.attention`), native direct Conv2d (:mod:`.conv`). The
     model's parameters, optimizer, optimizer state and checkpoints are untouched (dense, masked):
     each step gathers the nonzero values from the dense weight and writes the weight gradient
@@ -316,10 +316,11 @@ class _Layer:
             "kind": self.kind, "weight": w.shape, "weight_stride": w.stride(), "dtype": str(w.dtype),
             "bias": getattr(m, "in_proj_bias" if self.kind == "mha" else "bias", None) is not None,
             "call": _encode(key), "input_stride": x.stride(), "training": m.training,
-            "density": round(100 * self.plan.nnz / max(w.numel(), 1)), "version": spfde_version}
-        if self.kind == "conv":  # only the conv's sparse path runs the native library
-            fields.update(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups,
-                          native=Path(str(native.status()["path"])).name)
+            "density": round(100 * self.plan.nnz / max(w.numel(), 1)), "version": spfde_version,
+            # every sparse path runs the native library when it loads (status() loads it): its build
+            "native": Path(str(native.status()["path"])).name}
+        if self.kind == "conv":
+            fields.update(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
         elif self.kind == "mha":
             fields.update(heads=m.num_heads, dropout=m.dropout, batch_first=m.batch_first)
         return calibration.key(fields)

@@ -1,12 +1,19 @@
-"""Sparse ``nn.Linear`` (and fused attention projections): a CSR autograd function in pure PyTorch.
+"""Sparse ``nn.Linear`` (and fused attention projections): a CSR autograd function.
 
-* forward: ``y = W_csr @ x^T`` (CSR ``addmm``, the bias fused), transposed back;
-* input gradient: ``gx = W^T_csr @ gy^T`` with the transposed CSR built once per mask;
-* weight gradient at the nonzeros only: ``torch.sparse.sampled_addmm`` on the mask's pattern,
-  scattered into a dense tensor that is zero at every pruned position.
+Two implementations of the same three products, chosen per call:
 
-fp32 on CPU; inputs of any rank (``(..., in_features)``). Other dtypes, devices and autocast run
-the module's dense forward.
+* **native** (``sparse_conv.cpp``, ``spfde_linear_*``; used whenever :func:`native.load` returns
+  the library): rows (samples, tokens) innermost in 16-wide vectors, register accumulation,
+  parallel over OpenMP threads with the GIL released, bit-identical for any thread count (issue
+  13: the pure-PyTorch path below did not scale with threads). Method notes in the C++ source.
+* **pure PyTorch** (the fallback when the library did not build): forward ``y = W_csr @ x^T``
+  (CSR ``addmm``, the bias fused), transposed back; input gradient ``gx = W^T_csr @ gy^T``;
+  weight gradient at the nonzeros by ``torch.sparse.sampled_addmm`` on the mask's pattern.
+
+Both compute the weight gradient at the nonzeros only and scatter it into a dense tensor that is
+zero at every pruned position; the transposed (CSC) structure is built once per mask. fp32 on
+CPU; inputs of any rank (``(..., in_features)``) and strides. Other dtypes, devices and autocast
+run the module's dense forward.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import warnings
 import torch
 from torch import nn
 
+from spfde.sparsity.kernels import native
 from spfde.sparsity.kernels.common import NonzeroIndex, index_counts, is_dense_storage
 
 _quiet = [False]
@@ -51,6 +59,7 @@ class LinearPlan:
         self.perm = torch.sort(cols, stable=True).indices  # CSR order -> order of W^T's CSR
         self.tcrow = index_counts(cols, self.shape[1])
         self.tcol = rows[self.perm].to(torch.int32)
+        self.perm32 = self.perm.to(torch.int32)  # the native kernel reads W^T's values through it
 
     @property
     def nnz(self) -> int:
@@ -63,6 +72,22 @@ class LinearPlan:
         return _csr(self.tcrow, self.tcol, vals[self.perm], self.shape[::-1])
 
 
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t`` as a 2-D ``(rows, width)`` fp32 matrix with unit column stride (a copy only when needed);
+    any row stride (a sliced or expanded input) is read in place."""
+    t2 = t.reshape(-1, width).float()
+    return t2.contiguous() if width > 1 and t2.stride(1) != 1 else t2
+
+
+def _check(rc: int) -> None:
+    if rc != 0:
+        raise MemoryError("spfde sparse linear: out of memory for its scratch buffers")
+
+
 class SparseLinearFunction(torch.autograd.Function):
     """``y = x @ (weight * mask)^T + bias`` with work proportional to the mask's nonzeros."""
 
@@ -70,14 +95,24 @@ class SparseLinearFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: LinearPlan,
                 dense_weight_grad: bool) -> torch.Tensor:
         out_f, in_f = plan.shape
-        x2 = x.reshape(-1, in_f)
         vals = plan.index.gather(weight.detach())
+        lib = native.load(quiet=True)  # no library: the pure-PyTorch path below (no warning: still sparse)
+        ctx.plan, ctx.dense_weight_grad, ctx.x_shape, ctx.lib = plan, dense_weight_grad, x.shape, lib
+        if lib is not None:
+            x2 = _rows(x, in_f)
+            n = x2.shape[0]
+            b = bias.detach().contiguous() if bias is not None else None
+            y = torch.empty((n, out_f), dtype=torch.float32)
+            _check(lib.spfde_linear_forward(_ptr(x2), n, in_f, x2.stride(0), out_f, _ptr(plan.crow), _ptr(plan.col),
+                                            _ptr(vals), _ptr(b), _ptr(y), y.stride(0), torch.get_num_threads()))
+            ctx.save_for_backward(x2, vals, weight)
+            return y.view(*x.shape[:-1], out_f)
+        x2 = x.reshape(-1, in_f)
         a = plan.matrix(vals)
         if bias is not None:
             yt = torch.addmm(bias.detach().unsqueeze(1), a, x2.t())
         else:
             yt = torch.sparse.mm(a, x2.t())
-        ctx.plan, ctx.dense_weight_grad, ctx.x_shape = plan, dense_weight_grad, x.shape
         ctx.save_for_backward(x2, vals, weight)
         return yt.t().contiguous().view(*x.shape[:-1], out_f)
 
@@ -86,6 +121,8 @@ class SparseLinearFunction(torch.autograd.Function):
         plan: LinearPlan = ctx.plan
         x2, vals, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if ctx.lib is not None:
+            return SparseLinearFunction._native_backward(ctx, gy, need_x, need_w, need_b)
         g2 = gy.reshape(-1, plan.shape[0]).float()
         gx = gw = gb = None
         if need_x:
@@ -99,6 +136,34 @@ class SparseLinearFunction(torch.autograd.Function):
         if need_b:
             gb = g2.sum(0)
         return gx, gw, gb, None, None
+
+    @staticmethod
+    def _native_backward(ctx, gy: torch.Tensor, need_x: bool, need_w: bool, need_b: bool):
+        plan: LinearPlan = ctx.plan
+        x2, vals, weight = ctx.saved_tensors
+        out_f, in_f = plan.shape
+        g2 = _rows(gy, out_f)
+        n = g2.shape[0]
+        dense_w = need_w and ctx.dense_weight_grad  # RigL's update reads the dense weight gradient
+        sparse_w = need_w and not dense_w
+        gx = torch.empty((n, in_f), dtype=torch.float32) if need_x else None
+        gw = None
+        zero_rows = False
+        if sparse_w:  # written by the kernel: its nonzeros, zeros elsewhere
+            zero_rows = weight.stride() == (in_f, 1)
+            # the kernel zeroes a row-major gradient itself (in parallel); another layout is zeroed here
+            gw = torch.empty_strided(weight.shape, weight.stride())
+            if not zero_rows:
+                gw.zero_()
+        if need_x or sparse_w:
+            _check(ctx.lib.spfde_linear_backward(
+                _ptr(x2), x2.stride(0), _ptr(g2), g2.stride(0), n, in_f, out_f, _ptr(plan.crow), _ptr(plan.col),
+                _ptr(vals), _ptr(plan.tcrow), _ptr(plan.tcol), _ptr(plan.perm32), _ptr(gx), in_f, _ptr(gw),
+                _ptr(plan.index.offsets), int(zero_rows), torch.get_num_threads()))
+        if dense_w:
+            gw = g2.t() @ x2
+        gb = g2.sum(0) if need_b else None
+        return (gx.view(ctx.x_shape) if gx is not None else None), gw, gb, None, None
 
 
 def linear_input_ok(weight: torch.Tensor, x: torch.Tensor) -> bool:

@@ -1,10 +1,10 @@
-"""Build and load the optional native sparse-convolution library (``sparse_conv.cpp``).
+"""Build and load the optional native sparse-kernel library (``sparse_conv.cpp``: Conv2d and Linear).
 
 The library is plain C++ with ``extern "C"`` functions (no torch headers), compiled with the
 machine's compiler and loaded with :mod:`ctypes`, which releases the GIL during each call.
 
 * Built by ``make setup`` (``python -m spfde.sparsity.kernels.native``), otherwise lazily at the
-  first sparse convolution, into a cache folder: ``$SPFDE_KERNEL_CACHE``, else
+  first sparse convolution or Linear call, into a cache folder: ``$SPFDE_KERNEL_CACHE``, else
   ``$XDG_CACHE_HOME/spfde/kernels``, else ``~/.cache/spfde/kernels``. The file name carries a
   hash of the source, the compiler (path and ``--version``), the flags and the CPU's feature
   flags, so a changed source, compiler or machine builds afresh and a shared home folder never
@@ -13,7 +13,8 @@ machine's compiler and loaded with :mod:`ctypes`, which releases the GIL during 
   ``-O3 -march=native -fopenmp -shared -fPIC`` (without ``-fopenmp`` when the compiler lacks it)
   plus ``$SPFDE_CXXFLAGS`` (e.g. ``-mno-avx512f`` for the portable code path).
 * A failed build is never fatal: it prints ONE warning line per process and every convolution
-  runs PyTorch's dense kernel (``SPFDE_CXX=/nonexistent`` forces that path).
+  runs PyTorch's dense kernel (``SPFDE_CXX=/nonexistent`` forces that path); sparse Linear layers
+  then run their pure-PyTorch CSR path (no warning: still sparse, only slower).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from spfde.sparsity.kernels.common import warn_once
 
 SOURCE = Path(__file__).with_name("sparse_conv.cpp")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17")
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"lib": None, "tried": False, "error": None, "path": None, "warned": False}
@@ -46,6 +47,8 @@ _SIGNATURES = {
     "spfde_conv2d_forward": [_ptr] + [_c_i64] * 15 + [_ptr] * 7 + [_c_i64] * 4 + [_c_int],
     "spfde_conv2d_backward": [_ptr] + [_c_i64] * 4 + [_ptr] + [_c_i64] * 4 + [_c_i64] * 15 + [_ptr] * 10
                              + [_ptr] + [_c_i64] * 4 + [_ptr, _c_int],
+    "spfde_linear_forward": [_ptr] + [_c_i64] * 4 + [_ptr] * 5 + [_c_i64, _c_int],
+    "spfde_linear_backward": [_ptr, _c_i64, _ptr] + [_c_i64] * 4 + [_ptr] * 7 + [_c_i64, _ptr, _ptr, _c_int, _c_int],
 }
 
 

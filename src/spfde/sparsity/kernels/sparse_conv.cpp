@@ -328,7 +328,7 @@ struct Scratch {
 
 extern "C" {
 
-int spfde_abi_version() { return 3; }
+int spfde_abi_version() { return 4; }
 int spfde_vector_width() { return V; }
 
 // y = conv2d(x, W, bias) for the nonzeros of W in CSR order (row = output channel): rowptr[OC + 1]
@@ -461,6 +461,265 @@ int spfde_conv2d_backward(const float* x, i64 xsN, i64 xsC, i64 xsH, i64 xsW, co
       float t = 0.0f;
       for (i64 nb = 0; nb < NB; ++nb) t += part[nb * nnz + k];
       gw[k] = t;
+    }
+  }
+  return 0;
+}
+
+}  // extern "C"
+
+// =============================================================================================
+// Sparse Linear: y = x W^T + b with W's nonzeros in CSR order (row = output feature), x (N, I) with
+// unit column stride and any row stride (N = all leading dimensions flattened: samples, tokens).
+//
+// Layout. The N rows are cut into tiles of up to R vectors of V rows (R * V = 128 rows with
+// AVX-512), balanced so that the last tile is at most one vector shorter than the others. The
+// threads work through the tiles one at a time: a tile of x is transposed into a scratch
+// [feature][tile width] with the rows innermost (zero lanes past the last row), the convolution's
+// batch-innermost idea: every multiply-add is a V-wide FMA with one weight, the R vectors of one
+// feature are contiguous, and the tile (features x 512 bytes) stays in L2 while it is used. Two
+// tile buffers alternate, so packing the next tile needs no barrier behind the current one.
+//   forward      CSR rows: each output feature's (up to R) vectors accumulate in registers over
+//                the row's nonzeros and are stored once into a 16-feature scratch, which 16 x 16
+//                register transposes write into y (adding the bias). Parallel over groups of 16
+//                output features.
+//   input grad   the same kernel on the packed output gradient over the CSC (transposed)
+//                structure. Parallel over groups of 16 input features.
+//   weight grad  at the nonzeros only: nonzero (o, i)'s gradient is the dot product of packed gy
+//                row o and packed x row i over all N rows. gy's vectors of row o stay in registers
+//                while the row's nonzeros stream x; each nonzero's vector sum is carried across
+//                tiles (acc[nonzero][V]) and lane-summed in a fixed tree after the last tile, then
+//                written into the dense weight gradient (whose rows the same thread zeroes).
+//                Parallel over chunks of consecutive rows with about equal nonzero counts.
+// Every output element and every nonzero's gradient is computed by one thread, in an order fixed
+// by the shapes and the mask alone, so the results are bit-identical for any thread count.
+
+namespace {
+
+struct Tiles {
+  i64 N = 0, nvec = 0, count = 0, vecs = 0;  // rows, V-vectors, tiles, vectors per full tile
+  i64 width() const { return vecs * V; }
+  i64 vectors(i64 t) const { return nvec - t * vecs < vecs ? nvec - t * vecs : vecs; }
+};
+
+Tiles make_tiles(i64 N) {
+  Tiles tl;
+  tl.N = N;
+  tl.nvec = (N + V - 1) / V;
+  const i64 want = (tl.nvec + R - 1) / R;
+  tl.vecs = (tl.nvec + want - 1) / want;
+  tl.count = (tl.nvec + tl.vecs - 1) / tl.vecs;
+  return tl;
+}
+
+// Pack features [f * V, f * V + V) of tile t of an (N, K) matrix with row stride rs into the
+// tile buffer P [K][width]: P[k][j] = a[t * width + j][k], zero for rows past N.
+void pack_linear(const float* a, i64 rs, i64 K, const Tiles& tl, float* P, i64 t, i64 f) {
+  const i64 W = tl.width(), k0 = f * V;
+  const int nj = int(K - k0 < V ? K - k0 : V);
+  for (i64 c = 0; c < tl.vectors(t); ++c) {
+    const i64 n0 = (t * tl.vecs + c) * V;
+    const int ni = int(tl.N - n0 < V ? tl.N - n0 : V);
+    tile(a + n0 * rs + k0, rs, ni, nj, P + k0 * W + c * V, W, nj, V, nullptr, 0.0f);
+  }
+}
+
+// dst[b * V + 0..V) = sum_k w[k] * src[idx[k] * W + b * V + 0..V) for b < B, in registers
+template <int B>
+void spmm_row(const float* __restrict src, i64 W, const int32_t* __restrict idx, const float* __restrict w, i64 n,
+              float* __restrict dst) {
+  vf acc[B];
+  for (int b = 0; b < B; ++b) acc[b] = vf{};
+  for (i64 k = 0; k < n; ++k) {
+    const float* p = src + i64(idx[k]) * W;
+    const vf wk = splat(w[k]);
+    for (int b = 0; b < B; ++b) acc[b] += wk * ld(p + b * V);
+  }
+  for (int b = 0; b < B; ++b) st(dst + b * V, acc[b]);
+}
+
+typedef void (*SpmmFn)(const float*, i64, const int32_t*, const float*, i64, float*);
+const SpmmFn spmm_fns[8] = {spmm_row<1>, spmm_row<2>, spmm_row<3>, spmm_row<4>,
+                            spmm_row<5>, spmm_row<6>, spmm_row<7>, spmm_row<8>};
+
+// Output features [g * V, g * V + V) of tile t: out[n][m] = sum over row m's nonzeros of
+// w * P[idx][n] (+ bias[m]), P the packed tile; buf is a per-thread [V][width] scratch.
+void spmm_unit(const float* P, const Tiles& tl, i64 t, const int32_t* ptr, const int32_t* idx, const float* w,
+               i64 M, i64 g, const float* bias, float* out, i64 os, float* buf) {
+  const i64 W = tl.width(), nv = tl.vectors(t), m0 = g * V;
+  const int nr = int(M - m0 < V ? M - m0 : V);
+  const float* src = P;
+  for (int r = 0; r < nr; ++r) {
+    const i64 s = ptr[m0 + r], n = ptr[m0 + r + 1] - s;
+    if (n == 0)
+      zero_positions(buf + r * W, V, nv);
+    else
+      spmm_fns[nv - 1](src, W, idx + s, w + s, n, buf + r * W);
+  }
+  for (i64 c = 0; c < nv; ++c) {
+    const i64 n0 = (t * tl.vecs + c) * V;
+    const int nd = int(tl.N - n0 < V ? tl.N - n0 : V);
+    tile(buf + c * V, W, nr, V, out + n0 * os + m0, os, nd, nr, bias ? bias + m0 : nullptr, 0.0f);
+  }
+}
+
+// The lanes' sum in a fixed tree order.
+inline float lane_sum(vf a) {
+#if defined(__AVX512F__)
+  const __m512 z = reinterpret_cast<__m512&>(a);
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(z),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(z), 1)));
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  const __m128 e = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(e, _mm_shuffle_ps(e, e, 1)));
+#else
+  float t[V];
+  std::memcpy(t, &a, sizeof(t));
+  for (int h = V / 2; h > 0; h /= 2)
+    for (int i = 0; i < h; ++i) t[i] += t[i + h];
+  return t[0];
+#endif
+}
+
+// For each nonzero k of one row: s = g . x[idx[k]] over B vectors (two chains), added to the
+// carried sum acc[k] unless FIRST; stored into acc[k], or lane-summed into gw[k] when LAST.
+template <int B, bool FIRST, bool LAST>
+void wgrad_row(const float* __restrict g, const float* __restrict x, i64 W, const int32_t* __restrict idx, i64 n,
+               float* __restrict acc, float* __restrict gw) {
+  vf gr[B];
+  for (int b = 0; b < B; ++b) gr[b] = ld(g + b * V);
+  for (i64 k = 0; k < n; ++k) {
+    const float* p = x + i64(idx[k]) * W;
+    vf t0 = FIRST ? vf{} : ld(acc + k * V), t1 = vf{};
+    for (int b = 0; b + 1 < B; b += 2) {
+      t0 += gr[b] * ld(p + b * V);
+      t1 += gr[b + 1] * ld(p + (b + 1) * V);
+    }
+    if (B % 2) t0 += gr[B - 1] * ld(p + (B - 1) * V);
+    t0 += t1;
+    if (LAST)
+      gw[k] = lane_sum(t0);
+    else
+      st(acc + k * V, t0);
+  }
+}
+
+typedef void (*WgradFn)(const float*, const float*, i64, const int32_t*, i64, float*, float*);
+#define SPFDE_WG(B) {wgrad_row<B, false, false>, wgrad_row<B, false, true>, wgrad_row<B, true, false>, \
+                     wgrad_row<B, true, true>}
+const WgradFn wgrad_fns[8][4] = {SPFDE_WG(1), SPFDE_WG(2), SPFDE_WG(3), SPFDE_WG(4),
+                                 SPFDE_WG(5), SPFDE_WG(6), SPFDE_WG(7), SPFDE_WG(8)};
+#undef SPFDE_WG
+
+// Weight gradient of output rows [r0, r1) for tile t (xb, gb: the packed tiles); acc[k] carries
+// nonzero k's vector sum between tiles. After the last tile the sums go into the dense gradient
+// gwd at the storage offsets woff (rows [r0, r1) zeroed first when zero_rows: a row-major gwd).
+void wgrad_chunk(const float* xb, const float* gb, const Tiles& tl, i64 t, const int32_t* ptr, const int32_t* idx,
+                 i64 r0, i64 r1, float* acc, float* sums, float* gwd, const i64* woff, i64 row_len, bool zero_rows) {
+  const i64 W = tl.width();
+  const bool first = t == 0, last = t == tl.count - 1;
+  const WgradFn fn = wgrad_fns[tl.vectors(t) - 1][(first ? 2 : 0) + (last ? 1 : 0)];
+  for (i64 o = r0; o < r1; ++o) {
+    const i64 s = ptr[o], n = ptr[o + 1] - s;
+    if (n) fn(gb + o * W, xb, W, idx + s, n, acc + s * V, sums + s);
+  }
+  if (!last) return;
+  if (zero_rows) std::memset(gwd + r0 * row_len, 0, sizeof(float) * size_t((r1 - r0) * row_len));
+  for (i64 k = ptr[r0]; k < ptr[r1]; ++k) gwd[woff[k]] = sums[k];
+}
+
+// Two tile buffers of `floats` each, per role; the tile t uses buffer t % 2.
+struct TilePair {
+  Scratch s;
+  i64 n;
+  explicit TilePair(i64 floats, bool on) : s(floats, on ? 2 : 0, false), n(s.slice) {}
+  float* at(i64 t) const { return s.p + (t % 2) * n; }
+};
+
+}  // namespace
+
+extern "C" {
+
+// y (N, O), row stride ys = x (N, I), row stride xs, times W^T + bias (NULL: none), W's nonzeros in
+// CSR order: rowptr[O + 1], col, vals. Returns 0, or 1 when out of memory.
+int spfde_linear_forward(const float* x, i64 N, i64 I, i64 xs, i64 O, const int32_t* rowptr, const int32_t* col,
+                         const float* vals, const float* bias, float* y, i64 ys, int nthreads) {
+  if (N <= 0) return 0;
+  const Tiles tl = make_tiles(N);
+  const i64 fi = (I + V - 1) / V, fo = (O + V - 1) / V;
+  TilePair xp(I * tl.width(), true);
+  Scratch buf(V * tl.width(), nthreads, false);
+  if (!xp.s.p || !buf.p) return 1;
+#pragma omp parallel num_threads(nthreads)
+  {
+    float* b = buf.at(omp_get_thread_num());
+    for (i64 t = 0; t < tl.count; ++t) {
+      // the implicit barrier after packing tile t: every thread is done with tile t - 2's buffer
+#pragma omp for schedule(static)
+      for (i64 f = 0; f < fi; ++f) pack_linear(x, xs, I, tl, xp.at(t), t, f);
+#pragma omp for schedule(dynamic, 1) nowait
+      for (i64 g = 0; g < fo; ++g) spmm_unit(xp.at(t), tl, t, rowptr, col, vals, O, g, bias, y, ys, b);
+    }
+  }
+  return 0;
+}
+
+// Gradients of the forward above for the output gradient gy (N, O), row stride gs: gx (N, I), row
+// stride gxs (skipped when NULL), and the weight gradient at the nonzeros written into the dense
+// gradient gwd (skipped when NULL) at the storage offsets woff[k] of the CSR nonzeros; zero_rows:
+// gwd is row-major (O, I) and is zeroed here, else the caller zeroed it. The input gradient reads
+// W^T in CSR order: colptr[I + 1], per entry its row (output feature) rowidx and perm, the CSR
+// position of its value. Returns 0, or 1 when out of memory.
+int spfde_linear_backward(const float* x, i64 xs, const float* gy, i64 gs, i64 N, i64 I, i64 O,
+                          const int32_t* rowptr, const int32_t* col, const float* vals, const int32_t* colptr,
+                          const int32_t* rowidx, const int32_t* perm, float* gx, i64 gxs, float* gwd,
+                          const i64* woff, int zero_rows, int nthreads) {
+  const i64 nnz = rowptr[O];
+  if (N <= 0) {
+    if (gwd && zero_rows) std::memset(gwd, 0, sizeof(float) * size_t(O * I));
+    return 0;
+  }
+  const Tiles tl = make_tiles(N);
+  const i64 W = tl.width(), fi = (I + V - 1) / V, fo = (O + V - 1) / V;
+  // weight-gradient chunks: consecutive rows, about nnz / (4 threads) nonzeros each, at least 256
+  std::vector<i64> cuts{0};
+  if (gwd) {
+    i64 target = nnz / (4 * i64(nthreads > 0 ? nthreads : 1));
+    target = target < 256 ? 256 : target;
+    for (i64 o = 0; o < O; ++o)
+      if (rowptr[o + 1] - rowptr[cuts.back()] >= target || o + 1 == O) cuts.push_back(o + 1);
+  }
+  const i64 chunks = i64(cuts.size()) - 1;
+  TilePair gp(O * W, true), xp(I * W, gwd != nullptr);
+  Scratch buf(V * W, gx ? nthreads : 0, false), cw(nnz, gx ? 1 : 0, false),
+      acc(tl.count > 1 ? nnz * V : 0, gwd ? 1 : 0, false), sums(nnz, gwd ? 1 : 0, false);
+  if (!gp.s.p || (gwd && (!xp.s.p || !acc.p || !sums.p)) || (gx && (!buf.p || !cw.p))) return 1;
+#pragma omp parallel num_threads(nthreads)
+  {
+    float* b = gx ? buf.at(omp_get_thread_num()) : nullptr;
+    if (gx) {
+#pragma omp for schedule(static) nowait
+      for (i64 j = 0; j < nnz; ++j) cw.p[j] = vals[perm[j]];
+    }
+    for (i64 t = 0; t < tl.count; ++t) {
+#pragma omp for schedule(static) nowait
+      for (i64 f = 0; f < fo; ++f) pack_linear(gy, gs, O, tl, gp.at(t), t, f);
+      if (gwd) {
+#pragma omp for schedule(static) nowait
+        for (i64 f = 0; f < fi; ++f) pack_linear(x, xs, I, tl, xp.at(t), t, f);
+      }
+      // tiles t are packed (and cw written); every thread is done with the buffers of tile t - 2
+#pragma omp barrier
+      if (gx) {
+#pragma omp for schedule(dynamic, 1) nowait
+        for (i64 g = 0; g < fi; ++g) spmm_unit(gp.at(t), tl, t, colptr, rowidx, cw.p, I, g, nullptr, gx, gxs, b);
+      }
+      if (gwd) {
+#pragma omp for schedule(dynamic, 1) nowait
+        for (i64 c = 0; c < chunks; ++c)
+          wgrad_chunk(xp.at(t), gp.at(t), tl, t, rowptr, col, cuts[c], cuts[c + 1], acc.p, sums.p, gwd, woff, I,
+                      zero_rows != 0);
+      }
     }
   }
   return 0;
