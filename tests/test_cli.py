@@ -58,9 +58,45 @@ def test_plan_json_contract():
 
 
 def test_plan_unreachable_target_is_a_clear_error():
-    r = cli("plan", "--config", "cifar100-resnet32x2", "--set", "freezing.target=0.9")
+    # the preset says freezing.unreachable: reduce; a user's `error` refuses the target
+    r = cli("plan", "--config", "cifar100-resnet32x2", "--set", "freezing.target=0.9",
+            "--set", "freezing.unreachable=error")
     # a config error (issue 15): exit 2
     assert r.returncode == 2 and "unreachable" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_shortened_preset_plans_what_it_can_with_one_warning_line():
+    """Audit H6 / issue 16 item 3: `--set train.epochs=4` on the demo used to stop on an unreachable
+    freezing target; the presets set freezing.unreachable: reduce."""
+    r = cli("plan", "--config", "fmnist-demo", "--set", "train.epochs=4", "--json")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["reduced"] is True and plan["blocks"] and 0 < plan["predicted_reduction"] < 0.15
+    [warning] = [line for line in r.stderr.splitlines() if "FreezingWarning" in line]
+    assert "freezing.target = 15.00% is unreachable in train.epochs = 4" in warning
+    assert f"{100 * plan['predicted_reduction']:.2f}% by the exact ledger" in warning
+
+
+@pytest.mark.parametrize("preset", ["cifar100-resnet32x2", "fmnist-demo", "fmnist-vit"])
+def test_every_preset_plans_when_shortened(preset):
+    """Audit H6: every shipped preset plans at any short train.epochs (freezing.unreachable: reduce):
+    the target where the schedule reaches it, else as much as it allows, flagged."""
+    import warnings
+
+    from spfde.config import list_presets, load_config
+    from spfde.freezing import FreezingWarning
+    from spfde.planning import planned_run
+
+    assert preset in list_presets() and len(list_presets()) == 3  # a new preset: add it above
+    for epochs in (2, 3, 4, 6):
+        cfg = load_config(preset, [f"train.epochs={epochs}", "data.subset=256"])
+        assert cfg.freezing.unreachable == "reduce"
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always", FreezingWarning)
+            plan = planned_run(cfg)["plan"]
+        reduced = plan.get("reduced", False)
+        assert reduced == any(issubclass(w.category, FreezingWarning) for w in rec)
+        assert reduced or plan["algorithm1_reduction"] >= cfg.freezing.target - 1e-9, (epochs, plan)
 
 
 def test_models_lists_registry():

@@ -400,8 +400,9 @@ def test_forgetting_is_counted_within_each_interval_by_default():
 def test_demo_preset_runs_with_any_number_of_epochs(tmp_path):
     """Issue 14.11: the demo's search_end is a fraction of train.epochs, so a 4-epoch demo gets past the
     schedule (it used to stop on 'sparsity.search_end = 7 is after the last epoch'). Freezing 15% of a
-    4-epoch run is impossible for Algorithm 1 (blocks freeze at epochs 1, 2, 3 at most): that is a
-    one-line configuration error stating the reachable maximum; with a reachable target it trains."""
+    4-epoch run is impossible for Algorithm 1 (blocks freeze at epochs 1, 2, 3 at most): with
+    freezing.unreachable: error that is a one-line configuration error stating the reachable maximum;
+    the preset itself says reduce (audit H6), so as it is it trains, freezing what the schedule allows."""
     def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "spfde.cli", "train", "-c",
                                str(REPO / "configs" / "fmnist-demo.yaml"), "-o", str(out), "--set", "train.epochs=4",
@@ -414,11 +415,14 @@ def test_demo_preset_runs_with_any_number_of_epochs(tmp_path):
 
     as_is = load_config(REPO / "configs" / "fmnist-demo.yaml", ["train.epochs=4", "data.subset=256"])
     assert as_is.search_end == 3
+    strict = load_config(REPO / "configs" / "fmnist-demo.yaml", ["train.epochs=4", "data.subset=256",
+                                                                "freezing.unreachable=error"])
     with pytest.raises(ConfigError, match=r"freezing.target = 15.00% is unreachable"):
-        planned_run(as_is)
+        planned_run(strict)
     out = tmp_path / "demo4"
-    r = run(out, "--set", "freezing.target=0.05")
+    r = run(out)
     assert r.returncode == 0, r.stderr
+    assert "FreezingWarning: freezing.target = 15.00% is unreachable in train.epochs = 4" in r.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4
     # search_end = floor(0.75 * 4) = 3: the final prune at epoch 3 brings every layer to its target

@@ -200,6 +200,71 @@ def test_unreachable_target_states_max() -> None:
         plan_freezing(BP, 25.0, 20, 2, 0.5, 4)
 
 
+def test_unreachable_reduce_freezes_as_much_as_the_schedule_allows() -> None:
+    """Audit H6 / issue 16 item 3: ``freezing.unreachable: reduce`` plans the maximum the error above
+    states, flagged ``reduced``; a reachable target plans exactly as under ``error``."""
+    auto = plan_freezing(BP, 25.0, 20, 2, 0.5, "auto", freezable=4, unreachable="reduce")
+    assert auto.reduced and auto.tfrz == 2 and [f for _, f in auto.blocks] == [2, 4]  # the earliest Tfrz, 2 blocks
+    assert auto.predicted_reduction == pytest.approx(120 / 500) == plan_reduction(auto, BP, 25.0)
+    fixed = plan_freezing(BP, 25.0, 20, 2, 0.5, 4, unreachable="reduce")
+    assert fixed.reduced and fixed.tfrz == 4 and [f for _, f in fixed.blocks] == [4, 6, 8, 10]  # the user's Tfrz
+    assert fixed.predicted_reduction == pytest.approx(140 / 500)
+    assert fixed.to_json()["reduced"] is True and FreezePlan.from_json(fixed.to_json()) == fixed
+    ok = plan_freezing(BP, 25.0, 20, 2, 0.2, "auto", freezable=4, unreachable="reduce")
+    assert not ok.reduced and ok == plan_freezing(BP, 25.0, 20, 2, 0.2, "auto", freezable=4)
+    assert "reduced" not in ok.to_json()
+    # T <= Δτ leaves no epoch on the grid to freeze at: an empty plan (an error under `error`)
+    none = plan_freezing(BP, 25.0, 2, 2, 0.2, "auto", freezable=4, unreachable="reduce")
+    assert none.reduced and none.blocks == [] and none.predicted_reduction == 0.0 and none.frozen_at(1) == set()
+    with pytest.raises(ConfigError, match="auto needs"):
+        plan_freezing(BP, 25.0, 2, 2, 0.2, "auto", freezable=4)
+    with pytest.raises(ConfigError, match="unreachable"):
+        plan_freezing(BP, 25.0, 20, 2, 0.2, "auto", unreachable="bogus")
+    with pytest.raises(ConfigError, match="head"):  # the model, not the schedule: an error under both
+        plan_freezing([5.0], 25.0, 20, 2, 0.2, 4, freezable=0, unreachable="reduce")
+
+
+@pytest.mark.parametrize("scheme", ["single_shot_resume", "periodic", "delayed_periodic"])
+def test_unreachable_reduce_in_every_scheme_saves_the_most_that_scheme_can(scheme: str) -> None:
+    with pytest.raises(ConfigError, match="unreachable"):
+        plan_freezing(BP, 25.0, 20, 2, 0.9, "auto", scheme=scheme, freezable=4)
+    plan = plan_freezing(BP, 25.0, 20, 2, 0.9, "auto", scheme=scheme, freezable=4, unreachable="reduce")
+    assert plan.reduced and plan.blocks and 0 < plan.predicted_reduction < 0.9
+    assert plan.predicted_reduction == pytest.approx(plan_reduction(plan, BP, 25.0))
+    reached = []
+    for t in (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35):
+        try:
+            reached.append(plan_freezing(BP, 25.0, 20, 2, t, "auto", scheme=scheme, freezable=4).predicted_reduction)
+        except ConfigError:
+            pass
+    assert reached and max(reached) <= plan.predicted_reduction + 1e-12  # no reachable plan saves more
+
+
+def test_unreachable_reduce_in_the_controller_warns_once_with_target_and_reached() -> None:
+    from spfde import SpFDE
+    from spfde.freezing import FreezingWarning
+
+    def build(unreachable: str, planner: str = "algorithm1") -> SpFDE:
+        torch.manual_seed(0)
+        model = Tiny()
+        cfg = {"train": {"epochs": 3, "interval": 1},
+               "freezing": {"target": 0.5, "unreachable": unreachable, "planner": planner}}
+        return SpFDE(model, torch.optim.SGD(model.parameters(), lr=0.1), cfg, train_size=32,
+                     example_input=torch.randn(2, 3, 8, 8))
+
+    with pytest.raises(ConfigError, match="unreachable"):
+        build("error")
+    for planner in ("algorithm1", "exact"):
+        with pytest.warns(FreezingWarning) as rec:
+            ctl = build("reduce", planner)
+        assert len(rec) == 1
+        text = str(rec[0].message)
+        assert "\n" not in text and "freezing.target = 50.00% is unreachable in train.epochs = 3" in text
+        assert f"{100 * ctl.plan.predicted_reduction:.2f}% by the exact ledger" in text
+        assert ctl.plan.reduced and ctl.plan.blocks and ctl.plan.to_json()["reduced"] is True
+        assert 0 < ctl.plan.predicted_reduction < 0.5
+
+
 def test_off_grid_tfrz_is_rejected_and_fractions_snap() -> None:
     """Algorithm 1 freezes only at epoch mod Δτ == 0: an off-grid Tfrz is a ConfigError naming the grid
     points around it; a fraction of train.epochs snaps to the nearest grid point."""

@@ -293,6 +293,25 @@ def not_a_module(num_classes):
 
 def broken(num_classes):
     raise RuntimeError("boom")
+
+
+def passes_on(num_classes, **extra):
+    return nn.Linear(3, num_classes, **extra)
+
+
+from os import system as reexported  # noqa: E402  (a user module re-exporting a stdlib callable)
+
+CALLED = []
+
+
+class NotAModule:
+    def __init__(self, num_classes):
+        CALLED.append("NotAModule")
+
+
+def annotated_int(num_classes) -> int:
+    CALLED.append("annotated_int")
+    return num_classes
 '''
 
 
@@ -329,7 +348,9 @@ def test_an_import_path_builds_the_users_model_with_what_its_signature_takes(use
     ("{pkg}:torch", {}, r"is a module, not a function or class"),
     ("{pkg}:not_a_module", {}, r"returned an object of type list, not a torch.nn.Module"),
     ("{pkg}:broken", {}, r"failed \(RuntimeError: boom\)"),
-    ("{pkg}:make_net", {"hiden": 3}, r"make_net\(num_classes=10, in_channels=3, hiden=3\) failed.*model.kwargs"),
+    ("{pkg}:make_net", {"hiden": 3}, r"'model.kwargs.hiden': model.name = .* has no argument 'hiden'; it accepts: "
+                                     r"hidden$"),
+    ("{pkg}:passes_on", {"foo": 1}, r"passes_on\(num_classes=10, foo=1\) failed \(TypeError: .*foo.*model.kwargs"),
     (":make_net", {}, r"not an import path"),
 ])
 def test_a_bad_import_path_is_a_config_error_naming_model_name(user_pkg, name, kwargs, match):
@@ -347,3 +368,94 @@ def test_model_kwargs_is_a_config_field():
                              "model.kwargs.act=gelu"])
     assert cfg.model.kwargs == {"hidden": 16, "act": "gelu"}
     assert load_config(None, []).model.kwargs == {}
+
+
+# ---- audit H2: model.kwargs a model does not take is one config error, before any data loads
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vit_tiny", "vgg_small"])
+def test_registry_model_kwargs_it_does_not_take_are_a_config_error(name):
+    from spfde.errors import ConfigError
+    from spfde.models import resolve_model
+
+    for call in (lambda: resolve_model(name, {"foo": 1}), lambda: create_model(name, foo=1)):
+        with pytest.raises(ConfigError, match=r"^config field 'model.kwargs.foo': model.name = .* has no argument "
+                                              r"'foo'; it accepts none") as e:
+            call()
+        assert "\n" not in str(e.value) and e.value.exit_code == 2
+
+
+def test_registered_model_kwargs_are_checked_against_its_factory():
+    from spfde.errors import ConfigError
+    from spfde.models import resolve_model
+    from spfde.models.registry import _REGISTRY
+
+    @register_model("_test_kw_model")
+    def _factory(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, depth: int = 1,
+                 act: str = "relu") -> nn.Module:
+        return nn.Sequential(*[nn.Linear(4, 4) for _ in range(depth)], nn.Linear(4, num_classes))
+
+    try:
+        assert len(create_model("_test_kw_model", num_classes=3, depth=2)) == 3
+        with pytest.raises(ConfigError, match=r"'model.kwargs.dept'.*has no argument 'dept' \(also 'x'\); it accepts: "
+                                              r"depth, act$"):
+            resolve_model("_test_kw_model", {"dept": 2, "x": 0})
+        with pytest.raises(ConfigError, match=r"'model.kwargs': model.name = '_test_kw_model' refused depth='2' "
+                                              r"\(.*\); it accepts: act, depth"):
+            create_model("_test_kw_model", depth="2")  # the factory's own TypeError on a wrong-typed value
+    finally:
+        del _REGISTRY["_test_kw_model"]
+
+
+def test_cli_model_kwargs_a_registry_model_does_not_take_exit_2(tmp_path):
+    from helpers import error_lines, run_main
+
+    code, _, err = run_main("train", "-c", "fmnist-demo", "--set", "data.subset=64", "--set", "model.kwargs.foo=1",
+                            "-o", str(tmp_path / "r"), "-q")
+    assert code == 2 and "Traceback" not in err, err
+    [line] = error_lines(err)
+    assert "model.kwargs.foo" in line and "resnet20" in line and "accepts" in line
+    assert not (tmp_path / "r").exists()
+
+
+# ---- audit M2: a config names callables, so stdlib ones and non-modules are refused before a call
+
+
+@pytest.mark.parametrize("name", ["os:system", "os.path:join", "subprocess:run", "builtins:eval", "shutil:rmtree",
+                                  "posix:system"])
+def test_stdlib_and_builtin_callables_are_refused_before_they_are_called(name, monkeypatch):
+    import os
+
+    from spfde.errors import ConfigError
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(os, "system", lambda *a: calls.append(a) or 0)
+    with pytest.raises(ConfigError, match=r"standard library or builtins") as e:
+        create_model(name, num_classes=2)
+    assert "model.name" in str(e.value) and e.value.exit_code == 2 and not calls
+
+
+def test_a_reexported_stdlib_callable_is_refused(user_pkg):
+    from spfde.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'posix' is part of Python's standard library"):
+        create_model(f"{user_pkg}:reexported", num_classes=2)
+
+
+@pytest.mark.parametrize(("attr", "match"), [
+    ("NotAModule", r"the class NotAModule, not a torch.nn.Module subclass"),
+    ("annotated_int", r"annotated to return int, not a torch.nn.Module"),
+])
+def test_a_callable_that_cannot_return_a_module_is_refused_before_the_call(user_pkg, attr, match):
+    import importlib
+
+    from spfde.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        create_model(f"{user_pkg}:{attr}", num_classes=2)
+    assert importlib.import_module(user_pkg).CALLED == []
+
+
+def test_third_party_callables_still_work():
+    # torch is no stdlib: a torch module class is a fine model (and its kwargs are checked)
+    assert isinstance(create_model("torch.nn:Identity"), nn.Identity)

@@ -370,6 +370,23 @@ def test_summary_table_shows_every_fraction_as_percent(tmp_path):
         assert row in md, row
 
 
+def test_summary_table_shows_every_fraction_as_percent_and_flops_with_si_prefixes(tmp_path):
+    """Audit M1: the fields outside the fixed list (freeze_reduction, the forward FLOPs per sample)
+    were shown as raw fractions and integers, and FLOPs as x1e12."""
+    run = make_fake_run(tmp_path, "r")
+    summ = json.loads((run / "summary.json").read_text())
+    summ.update(freeze_reduction=0.1234, freeze_backward_reduction=0.0987, weight_forward_flops_per_sample=40_960_000,
+                attention_forward_flops_per_sample=0, dense_train_flops=int(1.13e15))
+    (run / "summary.json").write_text(json.dumps(summ))
+    md = write_report([run], probe=torch.randn(4, 1, 8, 8)).read_text()
+    for row in ("| freeze_reduction | 12.34 % |", "| freeze_backward_reduction | 9.87 % |",
+                "| train_flops | 800 GFLOPs |", "| dense_train_flops | 1.13 PFLOPs |",
+                "| weight_forward_flops_per_sample | 41.0 MFLOPs /sample |",
+                "| attention_forward_flops_per_sample | 0.00 FLOPs /sample |", "| flops_saving | 20.00 % |"):
+        assert row in md, row
+    assert "×1e12" not in md.split("## Summary")[1].split("\n## ")[0]  # the summary section
+
+
 # --------------------------------------------------------------------------------------------
 # compare: wall-clock beside FLOPs, time to accuracy, runs/* with strays, different data
 

@@ -359,8 +359,8 @@ def test_bad_image_in_a_worker_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (["freezing.target=0.99"], ["unreachable"]),
-    (["train.interval=10"], ["train.interval"]),
+    (["freezing.target=0.99", "freezing.unreachable=error"], ["unreachable"]),  # the demo itself says reduce
+    (["train.interval=10", "freezing.unreachable=error"], ["train.interval"]),
     (["freezing.scheme=single_shot_resume", "freezing.resume_epochs=50"], ["freezing.resume_epochs"]),
     (["freezing.scheme=single_shot_resume", "freezing.resume_epochs=8"], ["freezing.resume_epochs"]),
     (["freezing.blocks=[nosuchblock]"], ["nosuchblock"]),

@@ -497,9 +497,9 @@ def test_loss_criterion_sieves_lowest_loss_and_handles_sequence_outputs() -> Non
     # forgetting needs single-label outputs: a sequence model is told what to do instead
     fz = controller(Seq(SdpaAttention()), x, sieving={"method": "circular", "ratio": 0.25})
     fz.start_epoch(0)
-    with pytest.raises(SpfdeError, match="criterion: loss") as e:
+    with pytest.raises(ConfigError, match="criterion: loss") as e:  # a config choice: exit 2 from the CLI
         fz.after_step(torch.zeros(4, T, CLASSES), torch.zeros(4, T, dtype=torch.long), torch.arange(4))
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and e.value.exit_code == 2
 
 
 def test_loss_tensor_of_the_wrong_shape_is_one_line_config_error() -> None:

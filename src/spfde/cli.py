@@ -153,7 +153,8 @@ def _print_summary(summary: dict[str, Any], out: str | Path) -> None:
     if summary.get("dense_train_flops") and summary.get("flops_saving"):
         print(f"training FLOPs {format_flops(summary['train_flops'])}, {100 * summary['flops_saving']:.1f}% below "
               "dense (the ledger's count)")
-        # the ledger counts masked weights as saved; dense kernels still compute them
+        # the ledger counts masked weights as saved; how much wall-clock that buys depends on the
+        # kernels the masked layers ran (sparsity.kernels, docs/kernels.md), so only a dense run tells
         wall += ("; no dense run measured, so no wall-clock saving to show: train one and "
                  "`spfde compare` the two")
     print(wall)

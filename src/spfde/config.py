@@ -140,6 +140,9 @@ class FreezingConfig:
                                          "its target sparsity and grows nothing")
     planner: Literal["algorithm1", "exact"] = _f("algorithm1", doc="algorithm1: the paper's arithmetic; exact: "
                                                  "re-plan until the exact FLOPs ledger meets the target")
+    unreachable: Literal["error", "reduce"] = _f(
+        "error", doc="a target the schedule cannot reach (e.g. a shortened train.epochs): error, or reduce: freeze "
+                     "as much as the schedule allows, with one warning line (docs/freezing.md)")
     cache: Literal["auto", "off", "on"] = _f(
         "auto", doc="serve the frozen blocks' output from a per-sample cache (no forward for them): auto where "
                     "exact (no augmentation, dropout or batch statistics in the frozen blocks, not distributed) "

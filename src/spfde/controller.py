@@ -44,6 +44,7 @@ from torch import nn
 from spfde.accounting.flops import FlopsLedger, forward_flops_breakdown, modules_forward_flops
 from spfde.config import Config, from_dict, load_config
 from spfde.errors import ConfigError, SpfdeError
+from spfde.names import ancestors
 from spfde.sieving import NoSieve, SieveSampler, build_sieve, build_tracker
 from spfde.sparsity import build_sparsity
 
@@ -81,8 +82,11 @@ class SpFDE:
         example_input: one input batch (its first sample is used) to measure per-layer FLOPs,
             find the first layer and check the block order.
         blocks: the model's freezing blocks, overriding ``model.blocks()`` and
-            ``config.freezing.blocks``: module names / prefixes in forward order, or a
-            ``(name, module) -> block id`` function.
+            ``config.freezing.blocks``, in forward order: module names (each covers its submodules,
+            matched in whole dotted components: ``layer1`` covers ``layer1.0.conv1``, never
+            ``layer10``), parameter names (a root parameter such as ``cls_token``), globs
+            (``features.*``) or a nested list grouping several into one block; or a
+            ``(name, module) -> block id`` function (docs/freezing.md, "Blocks").
         rank, world_size: for distributed training; decisions are taken identically on every
             rank from the shared seed, and the sampler splits the partial set across ranks.
         snip_batch: one labelled batch ``(x, y)``, needed only by ``sparsity.static_init: snip``.
@@ -218,6 +222,8 @@ class SpFDE:
                 self.plan = self._plan_to_target(plan_freezing)
             else:
                 self.plan = self._plan_algorithm1(plan_freezing)
+            if self.plan.reduced:
+                self._warn_reduced(self.plan)
             if cfg.freezing.prune_on_freeze:
                 # one rule (Schedule.last_update_epochs), as planned_flops replays it: a layer's last
                 # update before it freezes prunes it to its target and grows nothing
@@ -253,10 +259,18 @@ class SpFDE:
         target = self.cfg.freezing.target
         goal = target
         plan = plan_freezing(**inputs)
+        best = plan
         for _ in range(12):
             realized = self.realized_reduction(plan)
             if realized >= target - 1e-9:
+                plan.reduced = False  # an internal goal may have been out of reach; the user's target is met
                 break
+            if plan.reduced:  # `freezing.unreachable: reduce` and nothing freezes more: keep what saves most
+                if realized < self.realized_reduction(best):
+                    plan = best
+                plan.reduced = True
+                break
+            best = plan
             goal = min(goal + (target - realized) + 1e-4, 0.999)
             try:
                 plan = plan_freezing(**{**inputs, "target": goal})
@@ -267,6 +281,20 @@ class SpFDE:
                     "freezing.max_blocks_fraction, set freezing.tfrz or use freezing.planner: algorithm1") from None
         plan.algorithm1_reduction = plan.predicted_reduction
         return self._with_realized(plan, "exact")
+
+    def _warn_reduced(self, plan: Any) -> None:
+        """One warning line: ``freezing.unreachable: reduce`` planned below the target (issue 16 item 3)."""
+        from spfde.freezing.planner import FreezingWarning
+
+        cfg = self.cfg
+        what = (f"{len(plan.blocks)} of {len(self.blocks)} blocks from epoch {plan.tfrz}, "
+                f"{100 * plan.predicted_reduction:.2f}% by the exact ledger (Algorithm 1's arithmetic: "
+                f"{100 * (plan.algorithm1_reduction or 0.0):.2f}%)" if plan.blocks else "no block")
+        warnings.warn_explicit(
+            f"freezing.target = {100 * cfg.freezing.target:.2f}% is unreachable in train.epochs = "
+            f"{cfg.train.epochs} (train.interval {cfg.train.interval}, freezing.tfrz {cfg.freezing.tfrz}); "
+            f"freezing.unreachable: reduce freezes as much as the schedule allows: {what}",
+            FreezingWarning, "spfde.freezing", 0, module="spfde.freezing")
 
     def _with_realized(self, plan: Any, planner: str) -> Any:
         """Set the plan's exact-ledger reductions: total (``predicted_reduction``) and backward-only."""
@@ -332,6 +360,7 @@ class SpFDE:
             freezable=len(self.blocks) - (0 if cfg.freezing.freeze_head else 1),
             resume_epochs=cfg.freezing.resume_epochs,
             block_names=[b.name for b in self.blocks],
+            unreachable=cfg.freezing.unreachable,
         )
 
     def _module_block(self) -> dict[str, int]:
@@ -339,7 +368,7 @@ class SpFDE:
         for i, b in enumerate(self.blocks or []):
             for m in b.module_names:
                 owner[m] = i
-        return {name: owner[m] for name in self.layer_flops for m in _prefixes(name) if m in owner}
+        return {name: owner[m] for name in self.layer_flops for m in ancestors(name) if m in owner}
 
     def samples_per_epoch(self) -> int:
         return len(self.sieve.active)
@@ -450,7 +479,8 @@ class SpFDE:
         shape = lambda t: tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
         if not (torch.is_tensor(logits) and torch.is_tensor(targets) and logits.dim() == 2 and targets.dim() == 1
                 and logits.shape[0] == targets.shape[0] == n and not targets.is_floating_point()):
-            raise SpfdeError(
+            # a config choice that does not fit this model's outputs: exit 2 from the CLI, like any config error
+            raise ConfigError(
                 f"sieving.criterion 'forgetting' needs single-label class logits (batch, classes) and integer targets "
                 f"(batch,) to tell a correct sample; got logits {shape(logits)} and targets {shape(targets)} for {n} "
                 "indices. For multi-label or sequence outputs set sieving.criterion: loss and pass "
@@ -599,12 +629,6 @@ class SpFDE:
         self.sparsity.mask_optimizer_state(self.optimizer)
         if self.block_lr is not None:  # the loaded rates are ours from before the checkpoint, not a user's
             self.block_lr.forget()
-
-
-def _prefixes(name: str) -> list[str]:
-    """``"a.b.c"`` -> ``["a.b.c", "a.b", "a"]``: the module and every module that contains it."""
-    parts = name.split(".")
-    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
 
 
 def count_steps(n_samples: int, batch_size: int, drop_last: bool = False) -> int:

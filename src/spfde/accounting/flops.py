@@ -57,6 +57,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from spfde.names import covered_by
+
 
 # ----------------------------------------------------------------------------- measuring
 def forward_flops_breakdown(model: nn.Module, example_input: torch.Tensor) -> tuple[dict[str, int], int]:
@@ -93,12 +95,7 @@ def _frozen_layers(names: Iterable[str], frozen: Iterable[str]) -> set[str]:
     fz = set(frozen)
     if not fz:
         return set()
-    out = set()
-    for n in names:
-        parts = n.split(".")
-        if any(".".join(parts[:i]) in fz for i in range(len(parts), 0, -1)):
-            out.add(n)
-    return out
+    return {n for n in names if covered_by(n, fz)}
 
 
 def per_sample_flops(layer_flops: Mapping[str, int], density: Mapping[str, float],

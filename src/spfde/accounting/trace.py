@@ -42,6 +42,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from spfde.names import name_matches
+
 #: suffix of the ledger unit that holds a module's activation-activation matmuls
 ATTENTION = "[attention]"
 
@@ -196,7 +198,7 @@ class _Attributor(TorchDispatchMode):
         if len(names) == 1:
             return canonical
         for mod in reversed(self.stack):
-            inside = [n for n in names if not mod or n.startswith(mod + ".")]
+            inside = [n for n in names if not mod or name_matches(n, mod)]  # a parameter is never its module
             if inside:
                 return min(inside, key=lambda n: n.count("."))
         return canonical

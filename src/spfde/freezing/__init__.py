@@ -29,7 +29,7 @@ from spfde.freezing.blocks import Block, block_of_params, resolve_blocks
 from spfde.freezing.cache import ActivationCache
 from spfde.freezing.freezer import Freezer
 from spfde.freezing.lr import BlockLR, block_lr, split_param_groups_by_block
-from spfde.freezing.planner import SCHEMES, FreezePlan, plan_freezing, plan_reduction
+from spfde.freezing.planner import SCHEMES, FreezePlan, FreezingWarning, plan_freezing, plan_reduction
 
 __all__ = [
     "SCHEMES",
@@ -38,6 +38,7 @@ __all__ = [
     "BlockLR",
     "FreezePlan",
     "Freezer",
+    "FreezingWarning",
     "block_lr",
     "block_of_params",
     "plan_freezing",

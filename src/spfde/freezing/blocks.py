@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from spfde.errors import ConfigError
+from spfde.names import name_matches, parent_name, within
 from spfde.utils import probe_forward
 
 BlockSpecEntry = str | Sequence[str]
@@ -80,11 +81,11 @@ class Block:
 
 def _owner(param_name: str) -> str:
     """``"layer1.0.conv1.weight"`` -> ``"layer1.0.conv1"`` (``""`` for a root parameter)."""
-    return param_name.rsplit(".", 1)[0] if "." in param_name else ""
+    return parent_name(param_name) or ""
 
 
 def _subtree(modules: list[str], root: str) -> list[str]:
-    return [m for m in modules if m == root or m.startswith(root + ".")]
+    return within(modules, root)
 
 
 def _aliases(model: nn.Module) -> dict[str, list[str]]:
@@ -143,7 +144,7 @@ def layout_blocks(model: nn.Module) -> list[str] | None:
     stacks = [n for n, m in named.items() if n and n.rpartition(".")[2] in STACK_NAMES
               and isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > 0
               and all(c.isdigit() for c, _ in m.named_children())]
-    stacks = [s for s in stacks if not any(s.startswith(o + ".") for o in stacks if o != s)]
+    stacks = [s for s in stacks if not any(name_matches(s, o) for o in stacks if o != s)]  # outermost stacks only
     if not stacks:
         return None
     path = {""} | {".".join(s.split(".")[:i]) for s in stacks for i in range(1, s.count(".") + 1)}

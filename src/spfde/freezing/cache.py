@@ -60,6 +60,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from spfde.errors import ConfigError
 from spfde.freezing.blocks import Block
+from spfde.names import parent_name
 
 MODES = ("auto", "off", "on")
 _MISSING = object()
@@ -227,8 +228,7 @@ class _Stop(Exception):
     """Raised by a forward hook to end a forward pass at the boundary."""
 
 
-def _parent(name: str) -> str | None:
-    return None if not name else (name.rsplit(".", 1)[0] if "." in name else "")
+_parent = parent_name
 
 
 def top_modules(block: Block, modules: set[str]) -> list[str]:

@@ -33,6 +33,10 @@ block still runs its forward pass, so freezing it saves its backward FLOPs (Sect
 
 For the two periodic schemes ``FreezePlan.tfrz`` is the first epoch of the periodic phase (0 for
 ``periodic``) and each block's ``freeze_epoch`` is the first epoch it is frozen.
+
+A target no plan of the scheme reaches is a :class:`ConfigError` stating the reachable maximum
+(``freezing.unreachable: error``), or (``reduce``) the plan reaching that maximum, marked
+``reduced`` (docs/freezing.md: a shortened preset must still run, issue 16 item 3).
 """
 
 from __future__ import annotations
@@ -43,6 +47,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from spfde.errors import ConfigError, SpfdeError
+
+
+class FreezingWarning(UserWarning):
+    """The freezing plan stays below ``freezing.target`` (``freezing.unreachable: reduce``)."""
+
 
 SCHEMES = ("single_shot", "single_shot_resume", "periodic", "delayed_periodic")
 # Update periods of the front and middle groups (Appendix B: frequencies 1/4 and 1/2).
@@ -69,6 +78,8 @@ class FreezePlan:
         backward_reduction: the backward FLOPs of the frozen blocks over the un-frozen run's training
             FLOPs (the paper's definition), from the exact ledger; ``predicted_reduction`` is then the
             total reduction from the same replay.
+        reduced: the target was unreachable and ``freezing.unreachable: reduce`` made the plan that
+            freezes as much as the schedule allows instead (below the target).
     """
 
     tfrz: int
@@ -83,6 +94,7 @@ class FreezePlan:
     planner: str | None = None
     algorithm1_reduction: float | None = None
     backward_reduction: float | None = None
+    reduced: bool = False
 
     def __post_init__(self) -> None:
         self.blocks = [(str(n), int(f)) for n, f in self.blocks]
@@ -142,6 +154,8 @@ class FreezePlan:
         for key in ("planner", "algorithm1_reduction", "backward_reduction"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if self.reduced:
+            out["reduced"] = True
         return out
 
     @classmethod
@@ -153,7 +167,7 @@ class FreezePlan:
                    predicted_reduction=d["predicted_reduction"], epochs=d["epochs"], interval=d["interval"],
                    target=d.get("target", 0.0), periods=periods, defrost_epoch=d.get("defrost_epoch"),
                    planner=d.get("planner"), algorithm1_reduction=d.get("algorithm1_reduction"),
-                   backward_reduction=d.get("backward_reduction"))
+                   backward_reduction=d.get("backward_reduction"), reduced=bool(d.get("reduced", False)))
 
 
 def plan_reduction(plan: FreezePlan, block_bp_flops: Sequence[float], epoch_train_flops: float) -> float:
@@ -228,6 +242,7 @@ def plan_freezing(
     freezable: int | None = None,
     resume_epochs: int | None = None,
     block_names: Sequence[str] | None = None,
+    unreachable: Literal["error", "reduce"] = "error",
 ) -> FreezePlan:
     """Plan progressive layer freezing to cut training FLOPs by ``target`` (Algorithm 1, Appendix B).
 
@@ -245,10 +260,14 @@ def plan_freezing(
             the head keeps training unless ``freezing.freeze_head``).
         resume_epochs: ``single_shot_resume``'s t (default ``min(Δτ, Tfrz − 1)``).
         block_names: names for the plan (default ``block0``, ``block1``, ...).
+        unreachable: ``freezing.unreachable``: ``error`` refuses a target no plan reaches;
+            ``reduce`` returns the plan that freezes the most the schedule allows (the earliest Tfrz
+            on the grid, every block the limits permit; no block when T <= Δτ) with
+            ``reduced=True``, so a shortened preset still runs (issue 16 item 3).
 
     Raises:
-        ConfigError: a config value no plan can follow (an unreachable target, with the largest
-            reachable reduction in the message; an off-grid tfrz; a too large resume_epochs).
+        ConfigError: a config value no plan can follow (an unreachable target under ``error``, with
+            the largest reachable reduction in the message; an off-grid tfrz; a too large resume_epochs).
         SpfdeError: impossible FLOPs inputs.
     """
     bp = [float(b) for b in block_bp_flops]
@@ -281,6 +300,9 @@ def plan_freezing(
             "grid) or auto")
     if resume_epochs is not None and resume_epochs < 0:
         raise ConfigError(f"freezing.resume_epochs = {resume_epochs} must be >= 0")
+    if unreachable not in ("error", "reduce"):
+        raise ConfigError(f"freezing.unreachable = {unreachable!r}; allowed: error, reduce")
+    reduce = unreachable == "reduce"
 
     total = epoch_train_flops * epochs
     # "freeze 2/3 layers of the model" (Section 4.2.1): a fraction of all N blocks, the head included
@@ -295,12 +317,20 @@ def plan_freezing(
         raise ConfigError("no block may be frozen (the model has only its head block); define more freezing blocks "
                          "or set freezing.freeze_head: true")
 
+    def nothing(start: int) -> FreezePlan:  # `reduce` where the schedule leaves no epoch to freeze in
+        return FreezePlan(tfrz=start, scheme=scheme, blocks=[], predicted_reduction=0.0, epochs=epochs,
+                          interval=interval, target=target, periods=[] if periodic else None, reduced=True)
+
     if periodic:
-        return _plan_periodic(bp, names, total, epochs, interval, target, tfrz, scheme, k_max, freezable)
+        if reduce and scheme == "delayed_periodic" and tfrz == "auto" and not _grid(epochs, interval):
+            return nothing(min(interval, max(epochs - 1, 1)))
+        return _plan_periodic(bp, names, total, epochs, interval, target, tfrz, scheme, k_max, freezable, reduce)
 
     # ---- single-shot (Algorithm 1), the base of single_shot_resume too
     if tfrz == "auto":
         grid = _grid(epochs, interval)
+        if not grid and reduce:
+            return nothing(min(interval, max(epochs - 1, 1)))
         if not grid:
             raise ConfigError(f"freezing.tfrz: auto needs train.epochs ({epochs}) > train.interval ({interval}); "
                              "set freezing.tfrz explicitly")
@@ -310,6 +340,8 @@ def plan_freezing(
             if red >= target - _EPS:
                 chosen = (t0, freeze, red)
                 break
+        if chosen is None and reduce:  # the earliest Tfrz with every block allowed saves the most
+            chosen = (grid[0], *_algorithm1(bp, total, epochs, interval, grid[0], 1.0, k_max))
         if chosen is None:
             _, best = _algorithm1(bp, total, epochs, interval, grid[0], 1.0, k_max)
             raise ConfigError(
@@ -321,7 +353,9 @@ def plan_freezing(
     else:
         t0 = int(tfrz)
         freeze, red = _algorithm1(bp, total, epochs, interval, t0, target, freezable)
-        if red < target - _EPS:
+        if red < target - _EPS and reduce:  # the user's tfrz is kept: freeze every freezable block from it
+            freeze, red = _algorithm1(bp, total, epochs, interval, t0, 1.0, freezable)
+        elif red < target - _EPS:
             _, best = _algorithm1(bp, total, epochs, interval, 1, 1.0, freezable)
             raise ConfigError(
                 f"freezing.target = {_pct(target)} is unreachable with freezing.tfrz = {t0}: freezing all "
@@ -329,9 +363,10 @@ def plan_freezing(
                 "lower freezing.target or choose an earlier freezing.tfrz")
 
     blocks = [(names[i], f) for i, f in enumerate(freeze)]
+    short = red < target - _EPS  # only under `reduce`: every other way here met the target
     if scheme == "single_shot":
         return FreezePlan(tfrz=t0, scheme=scheme, blocks=blocks, predicted_reduction=red, epochs=epochs,
-                          interval=interval, target=target)
+                          interval=interval, target=target, reduced=short)
 
     # ---- single_shot_resume: shift by t, defrost for the last t epochs (same frozen epochs per block)
     if resume_epochs is None:
@@ -344,12 +379,12 @@ def plan_freezing(
                 f"freeze moves {t} epochs earlier; use at most {t0 - 1} or a later freezing.tfrz")
     shifted = [(name, f - t) for name, f in blocks]
     plan = FreezePlan(tfrz=t0 - t, scheme=scheme, blocks=shifted, predicted_reduction=red, epochs=epochs,
-                      interval=interval, target=target, defrost_epoch=epochs - t if t > 0 else None)
+                      interval=interval, target=target, defrost_epoch=epochs - t if t > 0 else None, reduced=short)
     return plan
 
 
 def _plan_periodic(bp: list[float], names: list[str], total: float, epochs: int, interval: int, target: float,
-                   tfrz: int | str, scheme: str, k_max: int, freezable: int) -> FreezePlan:
+                   tfrz: int | str, scheme: str, k_max: int, freezable: int, reduce: bool = False) -> FreezePlan:
     # Appendix B: the last group is never frozen, so at least one block always trains
     freezable = min(freezable, len(bp) - 1)
     k_max = min(k_max, freezable)
@@ -374,6 +409,12 @@ def _plan_periodic(bp: list[float], names: list[str], total: float, epochs: int,
     s = starts[-1]
     fb, fs = (_frozen_epochs(p, s, epochs) for p in PERIODS)
     best = (sum(bp[:limit - 1]) * fb + sum(bp[limit - 1:limit]) * fs) / total if limit >= 2 else 0.0
+    if reduce:  # the most the pattern saves: every allowed block, all but the last in the period-4 group
+        # no block at all when the pattern saves nothing (too few epochs after the start to skip one)
+        periods = [PERIODS[0]] * (limit - 1) + [PERIODS[1]] if limit >= 2 and best > 0 else []
+        return FreezePlan(tfrz=s, scheme=scheme, blocks=[(names[i], s + 1) for i in range(len(periods))],
+                          predicted_reduction=best, epochs=epochs, interval=interval, target=target,
+                          periods=periods, reduced=True)
     how = f"at most {limit} of {freezable} blocks" if limit < freezable else f"all {freezable} freezable blocks"
     raise ConfigError(
         f"freezing.target = {_pct(target)} is unreachable with the {scheme} scheme: freezing {how} (a front group "

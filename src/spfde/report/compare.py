@@ -220,7 +220,8 @@ def compare_footnotes(rows: list[dict[str, Any]]) -> list[str]:
     else:
         wall = ("wall-clock saving %: not measured, no dense run (no sparsity, freezing or sieving; same model "
                 "and data) in this table. FLOPs saving % is the ledger's count: masked weights are counted as "
-                "saved, yet dense kernels still compute them, so compare wall-clock with a dense run.")
+                "saved, and how much of that wall-clock realizes depends on the kernels that ran them "
+                "(sparsity.kernels, docs/kernels.md), so compare wall-clock with a dense run.")
     out = [wall]
     common = next((r["common_acc"] for r in rows if r.get("common_acc") is not None), None)
     if common is not None:

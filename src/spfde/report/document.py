@@ -39,6 +39,7 @@ from spfde.report import plots
 from spfde.report.compare import COMPARE_COLUMNS, compare_footnotes, compare_row_cells, compare_runs
 from spfde.report.kernels import kernel_blocks
 from spfde.report.runs import Run, load_runs
+from spfde.units import format_flops
 from spfde.utils import atomic_write_text
 
 SUMMARY_FIELDS = ("final_test_acc", "best_test_acc", "epochs", "wall_s", "samples_per_s", "time_to_final_acc_s",
@@ -47,8 +48,10 @@ SUMMARY_FIELDS = ("final_test_acc", "best_test_acc", "epochs", "wall_s", "sample
                   "mem_model_avg_bytes", "mem_model_min_bytes", "mem_model_unfrozen_avg_bytes", "mem_saving_avg",
                   "mem_saving_min", "threads", "weights_sha256")
 
-# fractions in [0, 1], all shown as percent (never a fraction beside a percent)
+# fractions in [0, 1], all shown as percent (never a fraction beside a percent); keys ending in one
+# of _FRACTION_ENDINGS (freeze_reduction, freeze_backward_reduction, ...) are fractions too
 _PERCENT = ("flops_saving", "sparsity", "freeze_target", "sieve_ratio", "mem_saving_avg", "mem_saving_min")
+_FRACTION_ENDINGS = ("_reduction", "_saving", "_ratio", "_fraction")
 
 # a report is a list of blocks rendered to Markdown or HTML:
 # ("h", level, text) | ("p", text) | ("note", text) | ("img", relative path, caption, question)
@@ -61,7 +64,8 @@ def _slug(text: str) -> str:
 
 
 def _fmt_summary(key: str, v: Any) -> str:
-    """One summary.json value with its unit: percent for every fraction, MiB, ×1e12 FLOPs, s."""
+    """One summary.json value with its unit: percent for every fraction, MiB, FLOPs with an SI prefix
+    (:func:`spfde.units.format_flops`, as ``spfde train`` prints them), s."""
     if v is None:
         return "-"
     if isinstance(v, bool):
@@ -70,12 +74,12 @@ def _fmt_summary(key: str, v: Any) -> str:
         return ", ".join(f"{100 * float(t):g}%: {'-' if s is None else f'{float(s):.1f} s'}" for t, s in v.items())
     if isinstance(v, (dict, list)):
         return f"`{v}`"
-    if key.endswith("acc") or key in _PERCENT:
+    if key.endswith("acc") or key in _PERCENT or key.endswith(_FRACTION_ENDINGS):
         return f"{100 * float(v):.2f} %"
     if key.endswith("bytes"):
         return f"{float(v) / 2**20:.1f} MiB"
-    if key.endswith("flops"):
-        return f"{float(v) / 1e12:.4g} ×1e12"
+    if "flops" in key and isinstance(v, (int, float)):  # train_flops, weight_forward_flops_per_sample, ...
+        return format_flops(float(v)) + (" /sample" if key.endswith("_per_sample") else "")
     if key == "samples_per_s":
         return f"{float(v):.0f} /s"
     if key.endswith("_s"):
@@ -102,9 +106,12 @@ def _cost_note(runs: list[Run], rows: list[dict[str, Any]] | None) -> list[Block
     for r in runs:
         s = r.summary or {}
         if s.get("flops_saving") and s.get("wall_s") is not None:
+            kernels = r.cfg("sparsity.kernels")  # absent in runs from before sparsity.kernels (dense then)
+            ran = f"sparsity.kernels = {kernels}, " if kernels else ""
             parts.append(f"`{r.label}`: FLOPs {100 * s['flops_saving']:.1f}% below dense (the ledger's count); "
                          f"wall-clock {s['wall_s']:.1f} s (no dense run in this report: the wall-clock saving is "
-                         "not measured; masked weights are counted as saved, dense kernels still compute them)")
+                         "not measured; masked weights are counted as saved, and how much of that wall-clock "
+                         f"realizes depends on the kernels that ran them: {ran}docs/kernels.md)")
     return [("p", "; ".join(parts) + ".")] if parts else []
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from spfde.errors import ConfigError
+from spfde.names import name_matches  # the one whole-component rule (spfde.names); importable from here too
 
 #: Module types whose ``weight`` is pruned by default (paper Section 5: "all the convolutional
 #: layers"; linear layers are included as in MEST/RigL; ``sparsity.exclude`` removes any of them).
@@ -62,12 +63,6 @@ def unit_name(param: str) -> str:
     if param == "weight":
         return ""
     return param[: -len(".weight")] if param.endswith(".weight") else param
-
-
-def name_matches(name: str, pattern: str) -> bool:
-    """``pattern`` is ``name`` or one of its ancestors, in whole dotted components
-    (``layer1`` covers ``layer1.0.conv1`` and ``layer1.0.conv1.weight``, not ``layer10``)."""
-    return name == pattern or name.startswith(pattern + ".")
 
 
 _matches = name_matches  # the older private spelling
