@@ -16,6 +16,7 @@ test_robust.py. ``SPFDE_FUZZ_EXAMPLES=N`` runs N examples per property instead o
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import tempfile
@@ -88,8 +89,13 @@ def _floats(lo: float, hi: float) -> st.SearchStrategy[float]:
 
 
 # Valid values that keep a start cheap and independent of each other (no rule between two of
-# them can fail): e.g. train.epochs >= 10 keeps the demo's search_end (7) and its 15% freezing
-# target reachable; amp stays off on CPU; sparsity.method is never "dense" (target is 0.9).
+# them can fail): e.g. train.epochs >= 10 keeps every integer search_end and static_warmup below
+# before the last epoch and train.interval <= 3 leaves a Δτ grid; freezing.tfrz is auto or a
+# fraction (an integer would have to sit on the Δτ grid that train.interval moves); amp stays off
+# on CPU; sparsity.method is never "dense" (target is 0.9); freezing.cache is never "on" (an error
+# with data.augment); freezing.unreachable stays the demo's "reduce" (the freezing keys here can
+# make its 15% unreachable, which "error" refuses on purpose); sparsity.update_unit "step" needs
+# set/rigl and is drawn with one in JOINT below.
 VALID: dict[str, st.SearchStrategy[Any]] = {
     "seed": st.integers(0, 2**63 - 1),
     "data.name": st.sampled_from(["fashion_mnist", "digits", "synthetic"]),
@@ -103,8 +109,11 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "data.loader": st.sampled_from(["tensor", "torch"]),
     "data.num_workers": st.integers(0, 256),
     "data.synthetic_size": st.integers(32, 512),
+    "data.synthetic_classes": st.integers(2, 10),
+    "data.image_size": st.integers(8, 32),
     "model.name": st.sampled_from(["resnet20", "resnet32"]),
     "model.width": _floats(0.25, 2.0),
+    "model.kwargs": st.just({}),  # the registry's models take none (a key they do not take: tests/test_models.py)
     "optim.lr": _floats(1e-4, 1e3), "optim.end_lr": _floats(0.0, 1e-2), "optim.momentum": _floats(0.0, 0.99),
     "optim.weight_decay": _floats(0.0, 1.0), "optim.nesterov": st.booleans(),
     "optim.label_smoothing": _floats(0.0, 0.5), "optim.schedule": st.sampled_from(["cosine", "constant"]),
@@ -116,25 +125,67 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "train.eval_every": st.integers(1, 10**4),
     "train.threads": st.sampled_from([None, 1]),
     "train.on_nonfinite": st.sampled_from(["stop", "skip"]),
+    "train.interval": st.integers(1, 3),
     "sparsity.method": st.sampled_from(["mest", "set", "rigl", "static"]),
     "sparsity.target": _floats(0.5, 0.95),
     "sparsity.distribution": st.sampled_from(["uniform", "erk"]),
-    "sparsity.dense_first_layer": st.booleans(),
+    "sparsity.dense_first_layer": st.booleans(), "sparsity.dense_last_layer": st.booleans(),
+    "sparsity.search_end": st.none() | st.integers(1, 10) | _floats(0.3, 1.0),
+    # the first and last prunable layers stay stem and head (dense by default: erk's budget holds at
+    # s = 0.95), and none of layer_overrides' layers is excluded (valid_mutations skips them with include)
+    "sparsity.include": st.sampled_from([None, ["stem", "layer2", "layer3", "head"]]),
+    "sparsity.exclude": st.sampled_from([[], ["layer1.1"], ["layer3.0.conv1"]]),
+    "sparsity.grow_early": _floats(0.0, 0.1), "sparsity.grow_late": _floats(0.0, 0.05),
+    "sparsity.grow_switch": _floats(0.0, 1.0), "sparsity.grow_exclude_dropped": st.booleans(),
+    "sparsity.update_unit": st.just("epoch"),
+    "sparsity.update_interval_steps": st.integers(1, 500),
+    "sparsity.kernels": st.sampled_from(["auto", "dense", "sparse"]),
+    "sparsity.kernels_calibration": st.sampled_from(["auto", "off"]),
     "sparsity.mest_lambda": _floats(0.0, 10.0),
     "sparsity.drop_fraction": _floats(0.0, 1.0),
     "sparsity.static_init": st.sampled_from(["random", "snip"]),
     "freezing.target": _floats(0.0, 0.15),
     "freezing.block_lr": st.booleans(), "freezing.prune_on_freeze": st.booleans(),
+    "freezing.tfrz": st.just("auto") | _floats(0.1, 0.6),
+    "freezing.scheme": st.sampled_from(["single_shot", "single_shot_resume", "periodic", "delayed_periodic"]),
+    "freezing.blocks": st.sampled_from([None, ["stem", "layer1", "layer2", "layer3", "head"],
+                                        ["stem", "layer1.*", "layer2.*", "layer3.*", "head"]]),
+    "freezing.max_blocks_fraction": _floats(0.3, 1.0),
+    "freezing.freeze_head": st.booleans(),
+    "freezing.resume_epochs": st.sampled_from([None, 0]),
+    "freezing.planner": st.sampled_from(["algorithm1", "exact"]),
+    "freezing.unreachable": st.just("reduce"),
+    "freezing.cache": st.sampled_from(["auto", "off", False]),
+    "freezing.cache_max_bytes": st.none() | st.integers(0, 2**30),
     "sieving.method": st.sampled_from(["circular", "random", "static", "none"]),
     "sieving.ratio": _floats(0.0, 0.5),
     "sieving.update_ratio": _floats(0.01, 1.0),
     "sieving.carry_status": st.booleans(),
+    "sieving.static_warmup": st.sampled_from([None, 0, 1, 2]),
+    "sieving.criterion": st.sampled_from(["forgetting", "loss"]),
     "accounting.backward": st.sampled_from(["paper", "exact"]),
     "analysis.snapshots": st.booleans(), "analysis.grad_norms": st.booleans(),
     "analysis.probe_size": st.integers(1, 1000),
     "logging.progress": st.booleans(),
+    # true needs the tensorboard package (without it: a one-line error, exit 1, tests/test_report.py)
+    "logging.tensorboard": st.sampled_from([False] + ([True] if importlib.util.find_spec("tensorboard") else [])),
 }
 assert set(VALID) <= set(KEYS)
+# every key but these is drawn (data.root: see KEYS; sparsity.layer_overrides: its dotted module names
+# are drawn in valid_mutations), so a key added to the config without a value here fails this line
+assert set(KEYS) - set(VALID) == {"sparsity.layer_overrides"}, sorted(set(KEYS) - set(VALID))
+
+# Values valid only together: drawn as one group, after VALID's keys (they override those)
+JOINT: list[st.SearchStrategy[dict[str, Any]]] = [
+    st.builds(lambda m, n: {"sparsity.method": m, "sparsity.update_unit": "step", "sparsity.update_interval_steps": n},
+              st.sampled_from(["set", "rigl"]), st.integers(1, 50)),
+    st.builds(lambda t: {"freezing.tfrz": t, "train.interval": 1}, st.integers(1, 9)),  # an integer epoch, on the grid
+    st.builds(lambda c: {"freezing.cache": c, "data.augment": False}, st.sampled_from(["on", True])),
+    st.builds(lambda f: {"freezing.unreachable": "error", "freezing.target": f, "freezing.tfrz": "auto",
+                         "freezing.scheme": "single_shot", "freezing.max_blocks_fraction": 2 / 3, "train.interval": 1,
+                         "train.epochs": 10, "freezing.blocks": None, "freezing.freeze_head": False,
+                         "freezing.planner": "algorithm1"}, _floats(0.0, 0.1)),
+]
 
 JUNK = st.one_of(
     st.sampled_from([-1, 0, 10**30, -(10**30), 2**63, float("nan"), float("inf"), -float("inf"), 1e300, -1e-300,
@@ -173,13 +224,15 @@ def dump(cfg: dict[str, Any]) -> str:
 def valid_mutations(draw) -> tuple[str, list[str]]:
     cfg = yaml.safe_load(DEMO_TEXT)
     overrides: list[str] = []
-    for key in draw(st.lists(st.sampled_from(sorted(VALID)), max_size=6, unique=True)):
-        value = draw(VALID[key])
+    values = {key: draw(VALID[key]) for key in draw(st.lists(st.sampled_from(sorted(VALID)), max_size=6, unique=True))}
+    if draw(st.booleans()):
+        values.update(draw(st.one_of(JOINT)))
+    for key, value in values.items():
         if draw(st.booleans()):
             put(cfg, key, value)
         else:
             overrides.append(f"{key}={flow(value)}")
-    if draw(st.booleans()):  # dotted module names into the mapping field
+    if values.get("sparsity.include") is None and draw(st.booleans()):  # dotted module names into the mapping field
         layer = draw(st.sampled_from(["layer1.0.conv1", "layer2.1.conv2", "layer3.2.conv1"]))
         overrides.append(f"sparsity.layer_overrides.{layer}={draw(_floats(0.0, 0.95))!r}")
     text = dump(cfg)

@@ -53,8 +53,9 @@ Determinism
     controller's state, so a resumed run replays the ones in force at the checkpoint. With
     ``kernels_calibration: off`` every run times afresh and two runs may pick differently.
 Expected effect
-    CPU fwd+bwd per layer (bench/kernels.py): CSR Linear 1024x1024 ~1.7x at 90%, conv 3x3 ~2-5x at
-    95% on ResNet-20 shapes (busy-machine hints; docs/benchmarks.md).
+    CPU fwd+bwd per layer on 2 threads (bench/kernels.py, idle machine): native Linear 1024x1024
+    3.3x at 90%, conv 3x3 1.9-3.9x at 95% on ResNet-20/32 shapes. End to end (bench/end_to_end.py):
+    ResNet-20 SpFDE 90%+20%+20% at 0.48x dense wall-clock, MEST 90% alone 0.77x (docs/benchmarks.md).
 """
 
 from __future__ import annotations
