@@ -69,3 +69,28 @@ def test_visible_load_sees_a_competitor_the_load_average_has_not_caught_up_with(
 
     monkeypatch.setattr("builtins.open", lambda *a, **k: Fake())
     assert utils.visible_load(gap_s=0.0) == 2.0  # three runnable threads, one of them the reader
+
+
+def test_passive_wait_policy_takes_every_core_whatever_the_load() -> None:
+    """Sleeping idle threads do not stall each other on busy cores, so the load is not subtracted
+    (a busy `make demo`: 1.9x idle with 2 passive threads, 2.4x with 1 thread; docs/benchmarks.md)."""
+    spinning = choose_threads(None, {}, usable_cores=2, load=2.0, torch_threads=2)
+    passive = choose_threads(None, {"OMP_WAIT_POLICY": "passive"}, usable_cores=2, load=2.0, torch_threads=2)
+    assert spinning.threads == 1 and passive.threads == 2 and "OMP_WAIT_POLICY=PASSIVE" in passive.reason
+    assert choose_threads(None, {"OMP_WAIT_POLICY": "PASSIVE"}, 8, 0.0, 4).threads == 4  # at most torch's count
+    assert choose_threads(None, {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}, 2, 0.0, 2).threads == 1
+
+
+def test_the_cli_sets_a_passive_wait_policy_before_torch_loads_unless_the_environment_chose() -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from spfde.cli import main; main(['models']); import os, torch; "
+            "print('policy', os.environ.get('OMP_WAIT_POLICY'))")
+    for given, want in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if given:
+            env["OMP_WAIT_POLICY"] = given
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+        assert f"policy {want}" in out

@@ -270,6 +270,10 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "torch" not in sys.modules:
+        # Before torch loads OpenMP: idle threads sleep instead of spinning, so a run on cores that
+        # other processes keep busy does not collapse (spfde.utils.choose_threads, README "Threads").
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     code = _main(argv)
     # A process that trained under torchrun ends here, skipping interpreter teardown (see
     # spfde.distributed.exit_process); looked up, not imported, so `spfde --help` stays torch-free.

@@ -264,7 +264,9 @@ def choose_threads(configured: int | None, env: Mapping[str, str], usable_cores:
     1. ``train.threads`` when set; 2. ``OMP_NUM_THREADS`` (or ``MKL_NUM_THREADS``) when set to a
     positive integer; 3. otherwise the cores this process may run on (its CPU affinity) minus the
     load already there (rounded), at least 1, at most torch's own count (its default, one per
-    physical core, or what ``torch.set_num_threads`` chose before).
+    physical core, or what ``torch.set_num_threads`` chose before). Under
+    ``OMP_WAIT_POLICY=PASSIVE`` (the ``spfde`` CLI sets it unless the environment says otherwise)
+    the load is not subtracted: sleeping idle threads do not stall each other on busy cores.
     """
     if configured:
         return ThreadChoice(int(configured), "set by train.threads")
@@ -272,6 +274,14 @@ def choose_threads(configured: int | None, env: Mapping[str, str], usable_cores:
     if from_env is not None:
         return ThreadChoice(from_env[0], f"set by {from_env[1]}")
     usable = max(1, int(usable_cores))
+    if env.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE":
+        # Idle OpenMP threads sleep instead of spinning, so threads on busy cores no longer stall
+        # one another: taking every core gets the run its fair share of all of them (measured:
+        # busy make demo 1.9x idle with 2 passive threads, 2.4x with the 1 thread load-subtraction
+        # gives, docs/benchmarks.md), and the load is not subtracted.
+        threads = max(1, min(int(torch_threads), usable))
+        return ThreadChoice(threads, f"{usable} usable core{'s' if usable != 1 else ''}, load {load:.1f} at start, "
+                                     "OMP_WAIT_POLICY=PASSIVE; set train.threads to choose")
     free = usable - round(max(load, 0.0))
     threads = max(1, min(free, int(torch_threads), usable))
     reason = f"{usable} usable core{'s' if usable != 1 else ''}, load {load:.1f} at start"
