@@ -45,6 +45,22 @@ def masked_sgd_steps(model: nn.Module, engine, opt: torch.optim.Optimizer, x: to
         yield
 
 
+def controller_epochs(ctl, model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                      batch: int, epochs: int) -> None:
+    """The README's own-loop recipe: ``epochs`` epochs over ``x`` in order, batches of ``batch``."""
+    for epoch in range(epochs):
+        ctl.start_epoch(epoch)
+        for i in range(0, len(x), batch):
+            idx = torch.arange(i, min(i + batch, len(x)))
+            out = model(x[idx])
+            opt.zero_grad()
+            nn.functional.cross_entropy(out, y[idx]).backward()
+            ctl.before_step()
+            opt.step()
+            ctl.after_step(out, y[idx], idx)
+        ctl.end_epoch()
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from helpers import controller_epochs
 from spfde import SpFDE
 from spfde.sparsity.engine import SparseEngine
 from spfde.sparsity.kernels import KernelWarning, SparseExecution, calibration, execution
@@ -54,17 +54,7 @@ def _train(calib: str | None, epochs: int = 2) -> tuple[dict[str, str], dict[str
         sparsity["kernels_calibration"] = calib
     ctl = SpFDE(model, opt, {"train": {"epochs": epochs, "interval": 1}, "sparsity": sparsity}, train_size=64,
                 example_input=x[:2])
-    for epoch in range(epochs):
-        ctl.start_epoch(epoch)
-        for i in range(0, 64, 16):
-            idx = torch.arange(i, i + 16)
-            out = model(x[idx])
-            opt.zero_grad()
-            F.cross_entropy(out, y[idx]).backward()
-            ctl.before_step()
-            opt.step()
-            ctl.after_step(out, y[idx], idx)
-        ctl.end_epoch()
+    controller_epochs(ctl, model, opt, x, y, batch=16, epochs=epochs)
     return ctl.kernels.choices(), ctl.kernels.speedups(), state_dict_sha256(model.state_dict())
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import controller_epochs
 from spfde.config import from_dict
 from spfde.controller import SpFDE
 from spfde.errors import ConfigError
@@ -130,14 +131,19 @@ def test_sparse_conv_bit_identical_for_any_thread_count():
     mask = _mask(conv.weight.shape, 0.2)
     x = torch.randn(40, 16, 12, 12)
     plan = make_conv_plan(conv, mask)
+    _assert_same_for_any_thread_count(lambda xs: sparse_conv2d(conv, xs, plan), x, conv.weight)
+
+
+def _assert_same_for_any_thread_count(fn, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """``fn(x)``'s output and its input and weight gradients are bit-identical on 1, 2 and 3 threads."""
     outs = []
     threads = torch.get_num_threads()
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
             xs = x.clone().requires_grad_()
-            y = sparse_conv2d(conv, xs, plan)
-            outs.append([y, *_grads(y, [xs, conv.weight])])
+            y = fn(xs)
+            outs.append([y, *_grads(y, [xs, weight])])
     finally:
         torch.set_num_threads(threads)
     for other in outs[1:]:
@@ -274,18 +280,7 @@ def test_native_sparse_linear_bit_identical_for_any_thread_count(native_spy):
     lin, mask = _linear_case(70, 90, True, density=0.3)
     plan = LinearPlan(mask, lin.weight)
     x = torch.randn(300, 70)  # three row tiles, several weight-gradient chunks
-    outs = []
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            xs = x.clone().requires_grad_()
-            y = sparse_linear(xs, lin.weight, lin.bias, plan)
-            outs.append([y, *_grads(y, [xs, lin.weight])])
-    finally:
-        torch.set_num_threads(threads)
-    for other in outs[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(outs[0], other, strict=True))
+    _assert_same_for_any_thread_count(lambda xs: sparse_linear(xs, lin.weight, lin.bias, plan), x, lin.weight)
     assert native_spy.calls.count("spfde_linear_backward") == 3
 
 
@@ -789,7 +784,6 @@ def test_auto_resume_replays_the_checkpointed_choices(tmp_path, monkeypatch):
 def test_rigl_step_updates_get_their_dense_gradient_from_sparse_kernels():
     """update_unit: step: RigL grows where the dense gradient of the step before an update is large;
     sparse kernels must compute that step's weight gradient densely (mid-epoch), or growth is blind."""
-    import torch.nn.functional as F
 
     from spfde import SpFDE
 
@@ -802,17 +796,7 @@ def test_rigl_step_updates_get_their_dense_gradient_from_sparse_kernels():
                "sparsity": {"method": "rigl", "target": 0.9, "update_unit": "step", "update_interval_steps": 3,
                             "kernels": kernels, "dense_first_layer": False}}
         ctl = SpFDE(model, opt, cfg, train_size=256, example_input=x[:2], blocks=["0", "2", "4"])
-        for e in range(2):
-            ctl.start_epoch(e)
-            for i in range(0, 256, 32):
-                idx = torch.arange(i, i + 32)
-                out = model(x[idx])
-                opt.zero_grad()
-                F.cross_entropy(out, y[idx]).backward()
-                ctl.before_step()
-                opt.step()
-                ctl.after_step(out, y[idx], idx)
-            ctl.end_epoch()
+        controller_epochs(ctl, model, opt, x, y, batch=32, epochs=2)
         assert ctl.sparsity.step >= 3  # updates happened mid-epoch
         return {k: v.clone() for k, v in ctl.sparsity.masks.items()}
 

@@ -274,17 +274,16 @@ def choose_threads(configured: int | None, env: Mapping[str, str], usable_cores:
     if from_env is not None:
         return ThreadChoice(from_env[0], f"set by {from_env[1]}")
     usable = max(1, int(usable_cores))
+    reason = f"{usable} usable core{'s' if usable != 1 else ''}, load {load:.1f} at start"
     if env.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE":
         # Idle OpenMP threads sleep instead of spinning, so threads on busy cores no longer stall
-        # one another: taking every core gets the run its fair share of all of them (measured:
-        # busy make demo 1.9x idle with 2 passive threads, 2.4x with the 1 thread load-subtraction
-        # gives, docs/benchmarks.md), and the load is not subtracted.
-        threads = max(1, min(int(torch_threads), usable))
-        return ThreadChoice(threads, f"{usable} usable core{'s' if usable != 1 else ''}, load {load:.1f} at start, "
-                                     "OMP_WAIT_POLICY=PASSIVE; set train.threads to choose")
-    free = usable - round(max(load, 0.0))
+        # one another: taking every core gets the run its fair share of all of them (busy make demo
+        # 1.8x idle with 2 passive threads, 2.4x with the 1 thread that subtracting the load gives;
+        # docs/benchmarks.md), so the load is not subtracted.
+        free, reason = usable, reason + ", OMP_WAIT_POLICY=PASSIVE"
+    else:
+        free = usable - round(max(load, 0.0))
     threads = max(1, min(free, int(torch_threads), usable))
-    reason = f"{usable} usable core{'s' if usable != 1 else ''}, load {load:.1f} at start"
     if threads == torch_threads and free > torch_threads:
         reason += f"; torch's count {torch_threads}"
     return ThreadChoice(threads, reason + "; set train.threads to choose")
