@@ -4,7 +4,10 @@ Every variant is a real :class:`spfde.train.Trainer` and all of them advance one
 in rotating order in ONE process (``bench/lockstep.py``), so load on the shared machine hits all
 alike. Per model:
 
-* ``dense``: no sparsity, freezing or sieving (the reference, ``sparsity.kernels`` irrelevant);
+* ``dense``: no sparsity, freezing or sieving, ``sparsity.kernels: auto`` (the reference: with no
+  masked layer, auto only puts spfde's attention path on ``nn.MultiheadAttention``, so the ViT's
+  dense reference and its sparse variants share one attention core);
+* ``dense/pytorch``: the same with ``sparsity.kernels: dense`` (every module's own forward);
 * ``mest/<kernels>``: MEST at the sparsity of the setting, kernels ``dense`` and ``auto``;
 * ``spfde/<kernels>/<cache>``: MEST + progressive freezing + circular sieving, kernels ``dense``
   and ``auto`` times ``freezing.cache`` ``off`` and ``auto``.
@@ -23,6 +26,7 @@ preset <= 0.4x; auto never slower than dense kernels by more than 3%.
     python bench/end_to_end.py --quick          # 2,000 images: a few minutes per model on 2 cores
     python bench/end_to_end.py --json           # 4,000 images; one JSON object {"models": {...}}
     python bench/end_to_end.py --models resnet20 --epochs 6 --subset 1000
+    python bench/end_to_end.py --models vit --set model.width=2   # extra overrides for every variant
 """
 
 from __future__ import annotations
@@ -71,7 +75,8 @@ def variants(common: list[str], spfde: list[str], path: str | None) -> dict[str,
     def cfg(extra: list[str]) -> Config:
         return load_config(path, common + extra) if path else make_config(common + extra)
 
-    out = {"dense": cfg(DENSE + ["sparsity.kernels=dense", "freezing.cache=off"])}
+    out = {"dense": cfg(DENSE + ["sparsity.kernels=auto", "freezing.cache=off"]),
+           "dense/pytorch": cfg(DENSE + ["sparsity.kernels=dense", "freezing.cache=off"])}
     for k in ("dense", "auto"):
         out[f"mest/{k}"] = cfg([f"sparsity.kernels={k}", "freezing.cache=off"])
     for k in ("dense", "auto"):
@@ -108,6 +113,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="default 12 (ResNet-20) and 10 (ViT)")
     ap.add_argument("--subset", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="train.threads (default: the load-aware rule)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="an extra config override for every variant (e.g. model.width=2)")
     ap.add_argument("--json", action="store_true", help="print exactly one JSON object")
     args = ap.parse_args()
     out: dict[str, Any] = {"models": {}}
@@ -118,6 +125,7 @@ def main() -> None:
         common, spfde, path = settings(model, epochs, subset, batch)
         if args.threads:
             common.append(f"train.threads={args.threads}")
+        common += args.overrides
         configs = variants(common, spfde, path)
         res = run_lockstep(configs)
         rows = rows_for(res, configs)

@@ -14,6 +14,12 @@ Targets (benchmarks, not tests): sparse Linear at 90% >= 1.5x on 2 threads; conv
     python bench/kernels.py                     # Markdown table
     python bench/kernels.py --quick             # fewer shapes and repetitions (a smoke run)
     python bench/kernels.py --json              # one JSON object: {"rows": [...], "targets": {...}}
+    python bench/kernels.py --attention         # nn.MultiheadAttention's forward vs spfde's attention path
+
+``--attention`` times, instead, a dense ``nn.MultiheadAttention`` self-attention call (forward +
+backward) through the module's own forward (``F.multi_head_attention_forward``, flash attention)
+against spfde's attention path (``sparsity/kernels/attention.py``: explicit core up to
+``SHORT_MAX_LEN`` tokens, flash beyond), over sequence lengths around that threshold.
 """
 
 from __future__ import annotations
@@ -99,6 +105,40 @@ def _ratio(dense, sparse, reps: int) -> tuple[float, float, float]:
     return 1e3 * d, 1e3 * s, d / s
 
 
+# (batch, tokens, dim, heads): the ViT preset at width 1 and 2, longer sequences, ViT-tiny/16 at 224 px
+ATTENTION = [(128, 17, 64, 4), (128, 17, 128, 4), (128, 33, 64, 4), (128, 49, 64, 4), (128, 65, 64, 4),
+             (32, 65, 192, 3), (32, 197, 192, 3)]
+
+
+def attention_rows(threads: list[int], reps: int, as_json: bool) -> list[dict]:
+    """(module's forward ms, spfde path ms, ratio) per shape and thread count, forward + backward."""
+    from spfde.sparsity.kernels.attention import self_attention
+
+    rows = []
+    for b, n, e, h in ATTENTION:
+        for t in threads:
+            torch.set_num_threads(t)
+            gen = torch.Generator().manual_seed(0)
+            mha = nn.MultiheadAttention(e, h, batch_first=True)
+            x = torch.randn(b, n, e, generator=gen)
+
+            def run(path, x=x, mha=mha):
+                def go() -> None:
+                    xx = x.detach().requires_grad_()
+                    out = path(xx)
+                    torch.autograd.grad(out, [xx, mha.in_proj_weight], torch.ones_like(out))
+                return go
+
+            stock = run(lambda xx, m=mha: type(m).forward(m, xx, xx, xx, need_weights=False)[0])
+            d, sp, r = _ratio(stock, run(lambda xx, m=mha: self_attention(m, xx)[0]), reps)
+            row = {"shape": f"{b}x{n} tokens, dim {e}, {h} heads", "threads": t, "module_ms": round(d, 3),
+                   "spfde_ms": round(sp, 3), "speedup": round(r, 2)}
+            rows.append(row)
+            if not as_json:
+                print(f"| {row['shape']} | {t} | {d:.2f} | {sp:.2f} | {r:.2f}x |", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sparsities", default="0.8,0.9,0.95,0.98")
@@ -106,8 +146,20 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=15, help="interleaved repetitions per variant")
     ap.add_argument("--quick", action="store_true", help="4 shapes, 5 repetitions")
     ap.add_argument("--forward", action="store_true", help="also time forward only (frozen layers)")
+    ap.add_argument("--attention", action="store_true", help="nn.MultiheadAttention vs spfde's attention path")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.attention:
+        saved = torch.get_num_threads()
+        if not args.json:
+            print("| call | threads | module ms | spfde ms | speedup |\n|---|---|---|---|---|")
+        try:
+            rows = attention_rows([int(t) for t in args.threads.split(",")], 5 if args.quick else args.reps, args.json)
+        finally:
+            torch.set_num_threads(saved)
+        if args.json:
+            print(json.dumps({"attention": rows}))
+        return
     sparsities = [float(s) for s in args.sparsities.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
     reps = 5 if args.quick else args.reps

@@ -21,7 +21,7 @@ from spfde.controller import SpFDE
 from spfde.errors import ConfigError
 from spfde.sparsity import build_sparsity
 from spfde.sparsity.engine import SparseEngine
-from spfde.sparsity.kernels import KernelWarning, SparseExecution, execution, native
+from spfde.sparsity.kernels import KernelWarning, SparseExecution, attention, execution, native
 from spfde.sparsity.kernels.attention import sparse_mha
 from spfde.sparsity.kernels.conv import make_conv_plan, sparse_conv2d
 from spfde.sparsity.kernels.linear import LinearPlan, sparse_linear
@@ -328,6 +328,58 @@ def test_sparse_attention_projection_runs_the_native_linear(native_spy):
     _close(gs[0], gd[0])
     _close(gs[1], gd[1] * mask)
     assert native_spy.calls == ["spfde_linear_forward", "spfde_linear_backward"]
+
+
+@pytest.mark.parametrize("length", [17, attention.SHORT_MAX_LEN + 1])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_unmasked_attention_path_matches_the_modules_forward(batch_first, length, monkeypatch):
+    """Under auto/sparse every plain self-attention MHA, masked or not, runs spfde's attention path
+    (explicit core for short sequences, flash beyond SHORT_MAX_LEN); dense installs nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.MultiheadAttention(16, 4, batch_first=batch_first))
+    ref = copy.deepcopy(model)
+    exe = SparseExecution(model, _engine(model, {"0": "0.weight"}), "sparse")
+    assert set(exe.attention) == {"1"} and "forward" in vars(model[1])
+    cores = []
+    real = attention.short_ok
+    monkeypatch.setattr(attention, "short_ok", lambda m, qkv: cores.append(real(m, qkv)) or cores[-1])
+    _engine(ref, {"0": "0.weight"})
+    x = torch.randn(3, length, 16) if batch_first else torch.randn(length, 3, 16)
+    xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
+    hs, hd = model[0](xs), ref[0](xd)
+    out, none = model[1](hs, hs, hs, need_weights=False)
+    expect, _ = ref[1](hd, hd, hd, need_weights=False)
+    assert none is None and cores == [length <= attention.SHORT_MAX_LEN]
+    _close(out, expect)
+    params = [model[1].in_proj_weight, model[1].out_proj.weight]
+    gs = _grads(out, [xs, *params])
+    gd = _grads(expect, [xd, ref[1].in_proj_weight, ref[1].out_proj.weight])
+    for a, b in zip(gs, gd, strict=True):
+        _close(a, b)
+    # a call with weights or masks is the module's own forward
+    w = model[1](hs, hs, hs)[1]
+    assert w is not None and len(cores) == 1
+    exe.remove()
+    assert "forward" not in vars(model[1]) and not exe.attention
+    dense = SparseExecution(model, _engine(model, {"0": "0.weight"}), "dense")
+    assert not dense.attention and "forward" not in vars(model[1])
+
+
+def test_masked_attention_dense_choice_runs_the_same_core(monkeypatch):
+    """auto's dense choice for a masked projection differs from sparse only in the projection."""
+    monkeypatch.setattr(execution, "race", _fake_race(1.0, 2.0, []))  # sparse slower: dense chosen
+    monkeypatch.setattr(execution, "TINY_MACS", 0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.MultiheadAttention(16, 4, batch_first=True))
+    exe = SparseExecution(model, _engine(model, {"0.in_proj_weight": "0.in_proj_weight"}), "auto", "off")
+    seen = []
+    real = attention.attention_core
+    monkeypatch.setattr(attention, "attention_core", lambda m, qkv: seen.append(qkv.shape) or real(m, qkv))
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    ref = type(model[0]).forward(model[0], x, x, x, need_weights=False)[0]
+    out = model[0](x, x, x, need_weights=False)[0]
+    assert exe.choices() == {"0.in_proj_weight": "dense"} and seen == [(2, 9, 48)]
+    _close(out, ref)
 
 
 # ----------------------------------------------------------------------------- SparseExecution

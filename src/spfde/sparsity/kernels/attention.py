@@ -1,14 +1,30 @@
-"""Sparse ``nn.MultiheadAttention`` input projection (``<mha>.in_proj_weight``).
+"""``nn.MultiheadAttention`` self-attention: sparse packed projection, short-sequence core.
 
 Where the call is plain self-attention (``query is key is value``, no masks, ``need_weights=False``,
-not causal, packed ``in_proj_weight``, no ``bias_k``/``add_zero_attn``), the packed q/k/v
-projection runs through the sparse Linear path and attention through
-``F.scaled_dot_product_attention``, as ``F.multi_head_attention_forward`` does for such a call;
-the output projection goes through ``out_proj``'s own forward (sparse when it is masked itself).
-Any other call runs the module's dense forward.
+not causal, packed ``in_proj_weight``, no ``bias_k``/``add_zero_attn``), :func:`self_attention`
+runs it as ``F.multi_head_attention_forward`` does, in three steps:
+
+1. the packed q/k/v projection: the sparse Linear path when ``in_proj_weight`` is masked and
+   runs sparse, ``F.linear`` otherwise;
+2. the attention core ``softmax(q kᵀ / √d) v`` per head on views of the packed projection: as two
+   matmuls and a softmax for a sequence of at most :data:`SHORT_MAX_LEN` tokens on CPU without
+   dropout, ``F.scaled_dot_product_attention`` otherwise;
+3. ``out_proj`` through its own forward (sparse when it is masked itself).
+
+Why (issue 13): on CPU, PyTorch's flash attention kernel spends most of a short sequence's time
+on set-up and zero-filling: forward + backward for ViT-tiny's 128 samples x 4 heads x 17 tokens x
+16 dims take 3.8 ms on 2 threads, the same maths as matmuls 1.3 ms (``bench/kernels.py
+--attention``; flash wins from about 64 tokens). The functional MHA adds a copy of the projection
+per q/k/v slice and a zero-filled gradient per slice; views and ``unbind`` avoid both. This path
+runs for every plain self-attention ``nn.MultiheadAttention`` under ``sparsity.kernels: auto |
+sparse``, masked or not, so a dense and a sparse run share one attention core and
+``bench/end_to_end.py`` compares like with like. ``sparsity.kernels: dense`` installs nothing (the
+module's own forward). Any other call runs the module's own forward.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +32,13 @@ from torch import nn
 
 from spfde.sparsity.kernels.linear import LinearPlan, linear_input_ok, sparse_linear
 
+#: the explicit core runs for sequences up to this many tokens on CPU; longer ones go to
+#: ``F.scaled_dot_product_attention`` (flash), which wins on long sequences (bench/kernels.py --attention)
+SHORT_MAX_LEN = 48
+
 
 def unsupported_mha(module: nn.Module) -> str | None:
-    """Why ``module`` cannot use the sparse attention path at all (None when it can)."""
+    """Why ``module`` cannot use the spfde attention path at all (None when it can)."""
     if not isinstance(module, nn.MultiheadAttention) or type(module).forward is not nn.MultiheadAttention.forward:
         return "not a plain nn.MultiheadAttention"
     if not module._qkv_same_embed_dim:
@@ -37,24 +57,46 @@ def _call_args(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_
 
 
 def mha_input(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """The self-attention input when this call can run the sparse path, else None."""
+    """The self-attention input when this call can run the spfde path, else None."""
     x, simple = _call_args(*args, **kwargs)
     if not simple or not linear_input_ok(module.in_proj_weight, x):
         return None
     return x
 
 
-def sparse_mha(module: nn.MultiheadAttention, x: torch.Tensor, plan: LinearPlan,
-               dense_weight_grad: bool = False) -> tuple[torch.Tensor, None]:
-    """Self-attention with the packed input projection through the sparse Linear path."""
+def short_ok(module: nn.MultiheadAttention, qkv: torch.Tensor) -> bool:
+    """True when this call's core runs as explicit matmuls (else ``scaled_dot_product_attention``)."""
+    return (qkv.device.type == "cpu" and qkv.shape[1] <= SHORT_MAX_LEN
+            and not (module.training and module.dropout > 0))
+
+
+def attention_core(module: nn.MultiheadAttention, qkv: torch.Tensor) -> torch.Tensor:
+    """Multi-head attention of a packed ``(B, L, 3·E)`` projection, out ``(B, L, E)`` (heads merged)."""
+    b, length, three_e = qkv.shape
+    e, h = three_e // 3, module.num_heads
+    q, k, v = qkv.view(b, length, 3, h, e // h).permute(2, 0, 3, 1, 4).unbind(0)
+    if short_ok(module, qkv):
+        o = torch.softmax((q * (e // h) ** -0.5) @ k.transpose(-2, -1), dim=-1) @ v
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=module.dropout if module.training else 0.0)
+    return o.transpose(1, 2).reshape(b, length, e)
+
+
+def self_attention(module: nn.MultiheadAttention, x: torch.Tensor,
+                   project: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, None]:
+    """The module's self-attention of ``x`` (a :func:`mha_input`), its packed projection by ``project``
+    (default: the dense ``F.linear``)."""
     if not module.batch_first:
         x = x.transpose(0, 1)
-    b, length, e = x.shape
-    h = module.num_heads
-    qkv = sparse_linear(x, module.in_proj_weight, module.in_proj_bias, plan, dense_weight_grad)
-    q, k, v = qkv.view(b, length, 3, h, e // h).permute(2, 0, 3, 1, 4).unbind(0)
-    o = F.scaled_dot_product_attention(q, k, v, dropout_p=module.dropout if module.training else 0.0)
-    out = module.out_proj(o.transpose(1, 2).reshape(b, length, e))
+    qkv = (project or (lambda t: F.linear(t, module.in_proj_weight, module.in_proj_bias)))(x)
+    out = module.out_proj(attention_core(module, qkv))
     if not module.batch_first:
         out = out.transpose(0, 1)
     return out, None
+
+
+def sparse_mha(module: nn.MultiheadAttention, x: torch.Tensor, plan: LinearPlan,
+               dense_weight_grad: bool = False) -> tuple[torch.Tensor, None]:
+    """Self-attention with the packed input projection through the sparse Linear path."""
+    return self_attention(module, x, lambda t: sparse_linear(t, module.in_proj_weight, module.in_proj_bias, plan,
+                                                             dense_weight_grad))

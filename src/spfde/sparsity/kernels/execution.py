@@ -72,7 +72,7 @@ from torch import nn
 from spfde import __version__ as spfde_version
 from spfde.errors import ConfigError
 from spfde.sparsity.kernels import calibration, native
-from spfde.sparsity.kernels.attention import mha_input, sparse_mha, unsupported_mha
+from spfde.sparsity.kernels.attention import mha_input, self_attention, sparse_mha, unsupported_mha
 from spfde.sparsity.kernels.common import warn_once
 from spfde.sparsity.kernels.conv import conv_input_ok, make_conv_plan, sparse_conv2d, unsupported_conv
 from spfde.sparsity.kernels.linear import LinearPlan, linear_input_ok, sparse_linear, unsupported_linear
@@ -218,6 +218,11 @@ class _Layer:
     def dense(self, *args: Any, **kwargs: Any) -> Any:
         return type(self.module).forward(self.module, *args, **kwargs)
 
+    def dense_call(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+        """The dense path of a call that could run sparse: for attention, spfde's attention path with
+        a dense projection, so dense and sparse differ only in the projection (:mod:`.attention`)."""
+        return self_attention(self.module, x) if self.kind == "mha" else self.dense(*args, **kwargs)
+
     def sparse(self, x: torch.Tensor, dense_weight_grad: bool) -> Any:
         m = self.module
         if self.kind == "conv":
@@ -237,7 +242,7 @@ class _Layer:
         if grad:
             self.used = choice
         if choice == "dense":
-            return self.dense(*args, **kwargs)
+            return self.dense_call(x, args, kwargs)
         return self.sparse(x, key[2])
 
     # ------------------------------------------------------------------ the choice
@@ -347,7 +352,8 @@ class _Layer:
             return go
 
         def dense(xx: torch.Tensor) -> Any:
-            return self.dense(*(_swap(a, x, xx) for a in args), **{k: _swap(v, x, xx) for k, v in kwargs.items()})
+            return self.dense_call(xx, tuple(_swap(a, x, xx) for a in args),
+                                   {k: _swap(v, x, xx) for k, v in kwargs.items()})
 
         with torch.random.fork_rng(devices=[]):  # dropout inside (attention) must not move the run's RNG
             return race(run(dense), run(lambda xx: self.sparse(xx, dense_w)))
@@ -362,6 +368,20 @@ class _Layer:
         return {"basis_nnz": self.basis_nnz, "primary": _encode(self.primary) if self.primary else None,
                 "primary_grad": self._primary_grad,
                 "decisions": [_encode(k) + [c, self.speedups.get(k)] for k, c in self.decisions.items()]}
+
+
+class _Attention:
+    """spfde's attention path for a plain ``nn.MultiheadAttention`` whose projection is not masked
+    (:mod:`.attention`: the same core a masked one runs); any other call runs the module's forward."""
+
+    def __init__(self, module: nn.MultiheadAttention) -> None:
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        x = mha_input(self.module, args, kwargs)
+        if x is None or _traced():
+            return type(self.module).forward(self.module, *args, **kwargs)
+        return self_attention(self.module, x)
 
 
 def _kind(module: nn.Module | None, attr: str) -> tuple[str | None, str | None]:
@@ -402,6 +422,8 @@ class SparseExecution:
         self.calibration = calibration.Calibration(path) if path is not None else None
         self.layers: dict[str, _Layer] = {}
         self.unsupported: dict[str, str] = {}
+        #: plain self-attention modules whose projection is not masked: spfde's attention path too
+        self.attention: dict[str, nn.Module] = {}
         self._order = [lay.module for lay in engine.masked_layers]
         if mode == "dense":
             return
@@ -421,6 +443,12 @@ class SparseExecution:
             m._spfde_kernel = layer
             m.forward = types.MethodType(_forward, m)
             self.layers[lay.module] = layer
+        wrapped = {id(layer.module) for layer in self.layers.values()}
+        for name, m in modules.items():
+            if id(m) not in wrapped and unsupported_mha(m) is None and "forward" not in vars(m):
+                m._spfde_kernel = _Attention(m)
+                m.forward = types.MethodType(_forward, m)
+                self.attention[name] = m
         if mode == "sparse" and self.unsupported:
             name, why = next(iter(self.unsupported.items()))
             warn_once(f"sparsity.kernels=sparse: {len(self.unsupported)} masked layer(s) run dense kernels "
@@ -452,10 +480,10 @@ class SparseExecution:
 
     def remove(self) -> None:
         """Put every module's own forward back (the model is then exactly as it was)."""
-        for layer in self.layers.values():
-            vars(layer.module).pop("forward", None)
-            vars(layer.module).pop("_spfde_kernel", None)
-        self.layers = {}
+        for m in [*(layer.module for layer in self.layers.values()), *self.attention.values()]:
+            vars(m).pop("forward", None)
+            vars(m).pop("_spfde_kernel", None)
+        self.layers, self.attention = {}, {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "layers": {name: layer.state() for name, layer in self.layers.items()}}
