@@ -10,6 +10,9 @@ What it does
     model's parameters, optimizer, optimizer state and checkpoints are untouched (dense, masked):
     each step gathers the nonzero values from the dense weight and writes the weight gradient
     into the dense ``.grad`` at the nonzeros, zero elsewhere, so the engine's masking stays valid.
+    Under ``auto`` and ``sparse`` every plain self-attention ``nn.MultiheadAttention``, masked or
+    not, also runs spfde's attention path (:mod:`.attention`: a short-sequence core without
+    PyTorch's flash set-up cost), so dense and sparse runs share one attention core.
 Paper
     Section 2 and 5.3 / Appendix F count the savings of unstructured sparsity in FLOPs; this
     makes a share of them wall-clock on CPU.
@@ -72,7 +75,7 @@ from torch import nn
 from spfde import __version__ as spfde_version
 from spfde.errors import ConfigError
 from spfde.sparsity.kernels import calibration, native
-from spfde.sparsity.kernels.attention import mha_input, self_attention, sparse_mha, unsupported_mha
+from spfde.sparsity.kernels.attention import SHORT_MAX_LEN, mha_input, self_attention, sparse_mha, unsupported_mha
 from spfde.sparsity.kernels.common import warn_once
 from spfde.sparsity.kernels.conv import conv_input_ok, make_conv_plan, sparse_conv2d, unsupported_conv
 from spfde.sparsity.kernels.linear import LinearPlan, linear_input_ok, sparse_linear, unsupported_linear
@@ -328,7 +331,10 @@ class _Layer:
         if self.kind == "conv":
             fields.update(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
         elif self.kind == "mha":
-            fields.update(heads=m.num_heads, dropout=m.dropout, batch_first=m.batch_first)
+            # both paths now share spfde's attention core: decisions timed against the module's own
+            # forward (before it existed) are not reused
+            fields.update(heads=m.num_heads, dropout=m.dropout, batch_first=m.batch_first,
+                          attention_path=SHORT_MAX_LEN)
         return calibration.key(fields)
 
     def time(self, key: Key, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[float, float]:
