@@ -8,11 +8,13 @@ faster). ``--forward`` adds the forward-only ratio (what a frozen layer runs).
 
 Shapes: Linear 1024x1024 at batch 128; the 3x3 convolutions of ResNet-20 (= ResNet-32 at width 1)
 and ResNet-32 2x on 32x32 CIFAR inputs at batch 128 (channels_last, the trainer's CPU layout);
-ViT-tiny's linear layers (dim 192, MLP 768, 65 tokens, batch 32).
+ViT-tiny's linear layers (dim 192, MLP 768, 65 tokens, batch 32); the ViT preset's (dim 64, MLP 128,
+17 tokens, batch 128).
 Targets (benchmarks, not tests): sparse Linear at 90% >= 1.5x on 2 threads; conv at 95% >= 1.5x.
 
     python bench/kernels.py                     # Markdown table
     python bench/kernels.py --quick             # fewer shapes and repetitions (a smoke run)
+    python bench/kernels.py --layers "vit preset" --threads 2   # only the layers whose name starts so
     python bench/kernels.py --json              # one JSON object: {"rows": [...], "targets": {...}}
     python bench/kernels.py --attention         # nn.MultiheadAttention's forward vs spfde's attention path
 
@@ -52,6 +54,11 @@ SHAPES = [
     ("vit-tiny proj 192-192", "linear", (32 * 65, 192, 192)),
     ("vit-tiny fc1 192-768", "linear", (32 * 65, 192, 768)),
     ("vit-tiny fc2 768-192", "linear", (32 * 65, 768, 192)),
+    # the ViT preset's (configs/fmnist-vit.yaml) 64-wide layers: batch 128 x 17 tokens
+    ("vit preset qkv 64-192", "linear", (128 * 17, 64, 192)),
+    ("vit preset proj 64-64", "linear", (128 * 17, 64, 64)),
+    ("vit preset fc1 64-128", "linear", (128 * 17, 64, 128)),
+    ("vit preset fc2 128-64", "linear", (128 * 17, 128, 64)),
 ]
 QUICK = {"linear 1024x1024", "resnet20 conv 16-16 32x32", "resnet20 conv 64-64 8x8", "vit-tiny fc1 192-768"}
 
@@ -147,6 +154,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="4 shapes, 5 repetitions")
     ap.add_argument("--forward", action="store_true", help="also time forward only (frozen layers)")
     ap.add_argument("--attention", action="store_true", help="nn.MultiheadAttention vs spfde's attention path")
+    ap.add_argument("--layers", default=None, help="comma-separated name prefixes of the layers to time")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.attention:
@@ -164,6 +172,11 @@ def main() -> None:
     threads = [int(t) for t in args.threads.split(",")]
     reps = 5 if args.quick else args.reps
     shapes = [s for s in SHAPES if not args.quick or s[0] in QUICK]
+    if args.layers:
+        prefixes = tuple(p.strip() for p in args.layers.split(",") if p.strip())
+        shapes = [s for s in shapes if s[0].startswith(prefixes)]
+        if not shapes:
+            raise SystemExit(f"--layers {args.layers!r} matches no layer; names: {', '.join(s[0] for s in SHAPES)}")
     if not native.status()["available"]:
         shapes = [s for s in shapes if s[1] != "conv"]
         print(f"# native kernel unavailable ({native.status()['error']}): conv rows skipped")

@@ -276,12 +276,34 @@ def test_native_sparse_linear_dense_weight_gradient_for_rigl(native_spy):
 
 
 @needs_native
-def test_native_sparse_linear_bit_identical_for_any_thread_count(native_spy):
+@pytest.mark.parametrize("rows", [300, 1100])
+def test_native_sparse_linear_bit_identical_for_any_thread_count(native_spy, rows):
+    # 300 rows: three row tiles (threads share tile x feature units beyond one thread); 1100: nine
+    # (each thread takes whole tiles on 1, 2 and 3 threads); several weight-gradient chunks
     lin, mask = _linear_case(70, 90, True, density=0.3)
     plan = LinearPlan(mask, lin.weight)
-    x = torch.randn(300, 70)  # three row tiles, several weight-gradient chunks
+    x = torch.randn(rows, 70)
     _assert_same_for_any_thread_count(lambda xs: sparse_linear(xs, lin.weight, lin.bias, plan), x, lin.weight)
     assert native_spy.calls.count("spfde_linear_backward") == 3
+
+
+@needs_native
+def test_native_sparse_linear_large_input_packs_in_tile_groups(native_spy):
+    """Past 64 MiB of packed rows the backward packs its tiles in groups (a barrier per group): the
+    same values as masked dense and as one thread (which goes tile by tile)."""
+    lin, mask = _linear_case(1024, 1024, True, density=0.02)
+    x = torch.randn(65 * 128 + 7, 1024)  # 66 tiles > the 64 that fit 64 MiB at 2048 packed features
+    xd, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dense, sparse = lin(xd), sparse_linear(xs, lin.weight, lin.bias, LinearPlan(mask, lin.weight))
+    _close(sparse, dense)
+    gd, gs = _grads(dense, [xd, lin.weight]), _grads(sparse, [xs, lin.weight])
+    _close(gs[0], gd[0])
+    # a sum over 8,327 rows: fp32 rounding of the two summation orders differs by ~1e-6 relative
+    torch.testing.assert_close(gs[1], gd[1] * mask, rtol=1e-4, atol=1e-3)
+    assert torch.all(gs[1][~mask] == 0)
+    _assert_same_for_any_thread_count(lambda xs: sparse_linear(xs, lin.weight, lin.bias, LinearPlan(mask, lin.weight)),
+                                      x, lin.weight)
+    assert "spfde_linear_backward" in native_spy.calls
 
 
 def test_pure_torch_linear_fallback_matches_masked_dense(monkeypatch):

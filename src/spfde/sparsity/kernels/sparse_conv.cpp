@@ -473,26 +473,38 @@ int spfde_conv2d_backward(const float* x, i64 xsN, i64 xsC, i64 xsH, i64 xsW, co
 // unit column stride and any row stride (N = all leading dimensions flattened: samples, tokens).
 //
 // Layout. The N rows are cut into tiles of up to R vectors of V rows (R * V = 128 rows with
-// AVX-512), balanced so that the last tile is at most one vector shorter than the others. The
-// threads work through the tiles one at a time: a tile of x is transposed into a scratch
-// [feature][tile width] with the rows innermost (zero lanes past the last row), the convolution's
-// batch-innermost idea: every multiply-add is a V-wide FMA with one weight, the R vectors of one
-// feature are contiguous, and the tile (features x 512 bytes) stays in L2 while it is used. Two
-// tile buffers alternate, so packing the next tile needs no barrier behind the current one.
-//   forward      CSR rows: each output feature's (up to R) vectors accumulate in registers over
-//                the row's nonzeros and are stored once into a 16-feature scratch, which 16 x 16
-//                register transposes write into y (adding the bias). Parallel over groups of 16
-//                output features.
+// AVX-512), balanced so that the last tile is at most one vector shorter than the others. A tile
+// of x is transposed into a scratch [feature][tile width] with the rows innermost (zero lanes past
+// the last row), the convolution's batch-innermost idea: every multiply-add is a V-wide FMA with
+// one weight, the R vectors of one feature are contiguous, and the tile (features x 512 bytes)
+// stays in L2 while it is used.
+// Synchronisation. A call has one barrier at most (short of 64 MiB of packed rows): a barrier
+// costs a futex wake-up of the other threads once they stop spinning (always under
+// OMP_WAIT_POLICY=PASSIVE, which the CLI sets, and often in a VM), 5-20 us each on a 2-vCPU
+// machine, against a forward of 50-100 us on a ViT's 64-wide layers. (The first version packed
+// one shared tile at a time behind a barrier, 17 per call at 2176 rows: under the passive policy
+// two threads were slower than one.)
+//   forward      with at least two tiles per thread, each thread takes whole tiles: it packs the
+//                tile into its own scratch and computes every output feature of those rows (no
+//                barrier). With fewer tiles, all tiles are packed first (one barrier) and the
+//                threads share (tile, 16-feature group) units. CSR rows: each output feature's
+//                (up to R) vectors accumulate in registers over the row's nonzeros and are stored
+//                once into a 16-feature scratch, which 16 x 16 register transposes write into y
+//                (adding the bias).
 //   input grad   the same kernel on the packed output gradient over the CSC (transposed)
-//                structure. Parallel over groups of 16 input features.
+//                structure; every tile of gy (and of x, for the weight gradient) is packed first,
+//                then the one barrier (in groups of tiles, one barrier each, beyond 64 MiB of
+//                packed rows; one thread: tile by tile, each tile used while in cache).
 //   weight grad  at the nonzeros only: nonzero (o, i)'s gradient is the dot product of packed gy
 //                row o and packed x row i over all N rows. gy's vectors of row o stay in registers
 //                while the row's nonzeros stream x; each nonzero's vector sum is carried across
 //                tiles (acc[nonzero][V]) and lane-summed in a fixed tree after the last tile, then
 //                written into the dense weight gradient (whose rows the same thread zeroes).
-//                Parallel over chunks of consecutive rows with about equal nonzero counts.
+//                Parallel over chunks of consecutive rows with about equal nonzero counts, each
+//                chunk walking every tile.
 // Every output element and every nonzero's gradient is computed by one thread, in an order fixed
-// by the shapes and the mask alone, so the results are bit-identical for any thread count.
+// by the shapes and the mask alone (the tiling never changes a sum's order), so the results are
+// bit-identical for any thread count.
 
 namespace {
 
@@ -628,14 +640,6 @@ void wgrad_chunk(const float* xb, const float* gb, const Tiles& tl, i64 t, const
   for (i64 k = ptr[r0]; k < ptr[r1]; ++k) gwd[woff[k]] = sums[k];
 }
 
-// Two tile buffers of `floats` each, per role; the tile t uses buffer t % 2.
-struct TilePair {
-  Scratch s;
-  i64 n;
-  explicit TilePair(i64 floats, bool on) : s(floats, on ? 2 : 0, false), n(s.slice) {}
-  float* at(i64 t) const { return s.p + (t % 2) * n; }
-};
-
 }  // namespace
 
 extern "C" {
@@ -646,19 +650,27 @@ int spfde_linear_forward(const float* x, i64 N, i64 I, i64 xs, i64 O, const int3
                          const float* vals, const float* bias, float* y, i64 ys, int nthreads) {
   if (N <= 0) return 0;
   const Tiles tl = make_tiles(N);
-  const i64 fi = (I + V - 1) / V, fo = (O + V - 1) / V;
-  TilePair xp(I * tl.width(), true);
-  Scratch buf(V * tl.width(), nthreads, false);
-  if (!xp.s.p || !buf.p) return 1;
+  const i64 W = tl.width(), fi = (I + V - 1) / V, fo = (O + V - 1) / V, T = tl.count;
+  const bool by_tile = T >= 2 * i64(nthreads > 0 ? nthreads : 1);
+  Scratch xp(I * W, int(by_tile ? nthreads : T), false), buf(V * W, nthreads, false);
+  if (!xp.p || !buf.p) return 1;
 #pragma omp parallel num_threads(nthreads)
   {
     float* b = buf.at(omp_get_thread_num());
-    for (i64 t = 0; t < tl.count; ++t) {
-      // the implicit barrier after packing tile t: every thread is done with tile t - 2's buffer
-#pragma omp for schedule(static)
-      for (i64 f = 0; f < fi; ++f) pack_linear(x, xs, I, tl, xp.at(t), t, f);
+    if (by_tile) {  // whole tiles per thread, packed into its own scratch: no barrier
+      float* P = xp.at(omp_get_thread_num());
 #pragma omp for schedule(dynamic, 1) nowait
-      for (i64 g = 0; g < fo; ++g) spmm_unit(xp.at(t), tl, t, rowptr, col, vals, O, g, bias, y, ys, b);
+      for (i64 t = 0; t < T; ++t) {
+        for (i64 f = 0; f < fi; ++f) pack_linear(x, xs, I, tl, P, t, f);
+        for (i64 g = 0; g < fo; ++g) spmm_unit(P, tl, t, rowptr, col, vals, O, g, bias, y, ys, b);
+      }
+    } else {
+#pragma omp for schedule(static)
+      for (i64 u = 0; u < T * fi; ++u) pack_linear(x, xs, I, tl, xp.at(int(u / fi)), u / fi, u % fi);
+      // the implicit barrier above: every tile is packed
+#pragma omp for schedule(dynamic, 1) nowait
+      for (i64 u = 0; u < fo * T; ++u)
+        spmm_unit(xp.at(int(u % T)), tl, u % T, rowptr, col, vals, O, u / T, bias, y, ys, b);
     }
   }
   return 0;
@@ -689,11 +701,31 @@ int spfde_linear_backward(const float* x, i64 xs, const float* gy, i64 gs, i64 N
     for (i64 o = 0; o < O; ++o)
       if (rowptr[o + 1] - rowptr[cuts.back()] >= target || o + 1 == O) cuts.push_back(o + 1);
   }
-  const i64 chunks = i64(cuts.size()) - 1;
-  TilePair gp(O * W, true), xp(I * W, gwd != nullptr);
-  Scratch buf(V * W, gx ? nthreads : 0, false), cw(nnz, gx ? 1 : 0, false),
-      acc(tl.count > 1 ? nnz * V : 0, gwd ? 1 : 0, false), sums(nnz, gwd ? 1 : 0, false);
-  if (!gp.s.p || (gwd && (!xp.s.p || !acc.p || !sums.p)) || (gx && (!buf.p || !cw.p))) return 1;
+  const i64 chunks = i64(cuts.size()) - 1, T = tl.count;
+  // tiles are packed in groups of G (all of them unless that passes 64 MiB of packed rows), so a
+  // call has one barrier per group: one for any but very large inputs
+  const i64 cap = (i64(1) << 24) / ((O + (gwd ? I : 0)) * W);
+  const i64 G = nthreads <= 1 ? 1 : (T < cap ? T : (cap > 1 ? cap : 1));
+  Scratch gp(O * W, int(G), false), xp(I * W, gwd ? int(G) : 0, false);
+  Scratch buf(V * W, gx ? (nthreads > 1 ? nthreads : 1) : 0, false), cw(nnz, gx ? 1 : 0, false),
+      acc(T > 1 ? nnz * V : 0, gwd ? 1 : 0, false), sums(nnz, gwd ? 1 : 0, false);
+  if (!gp.p || (gwd && (!xp.p || !acc.p || !sums.p)) || (gx && (!buf.p || !cw.p))) return 1;
+  if (nthreads <= 1) {  // one thread: tile by tile, each used while it is still in cache (same sums)
+    if (gx)
+      for (i64 j = 0; j < nnz; ++j) cw.p[j] = vals[perm[j]];
+    for (i64 t = 0; t < T; ++t) {
+      for (i64 f = 0; f < fo; ++f) pack_linear(gy, gs, O, tl, gp.p, t, f);
+      if (gwd)
+        for (i64 f = 0; f < fi; ++f) pack_linear(x, xs, I, tl, xp.p, t, f);
+      if (gx)
+        for (i64 g = 0; g < fi; ++g) spmm_unit(gp.p, tl, t, colptr, rowidx, cw.p, I, g, nullptr, gx, gxs, buf.p);
+      if (gwd)
+        for (i64 c = 0; c < chunks; ++c)
+          wgrad_chunk(xp.p, gp.p, tl, t, rowptr, col, cuts[c], cuts[c + 1], acc.p, sums.p, gwd, woff, I,
+                      zero_rows != 0);
+    }
+    return 0;
+  }
 #pragma omp parallel num_threads(nthreads)
   {
     float* b = gx ? buf.at(omp_get_thread_num()) : nullptr;
@@ -701,24 +733,34 @@ int spfde_linear_backward(const float* x, i64 xs, const float* gy, i64 gs, i64 N
 #pragma omp for schedule(static) nowait
       for (i64 j = 0; j < nnz; ++j) cw.p[j] = vals[perm[j]];
     }
-    for (i64 t = 0; t < tl.count; ++t) {
+    for (i64 t0 = 0; t0 < T; t0 += G) {
+      const i64 n = T - t0 < G ? T - t0 : G;  // tiles t0 .. t0 + n, in buffers 0 .. n
+      if (t0 > 0) {  // every thread is done with the previous group's buffers
+#pragma omp barrier
+      }
 #pragma omp for schedule(static) nowait
-      for (i64 f = 0; f < fo; ++f) pack_linear(gy, gs, O, tl, gp.at(t), t, f);
+      for (i64 u = 0; u < n * fo; ++u) pack_linear(gy, gs, O, tl, gp.at(int(u / fo)), t0 + u / fo, u % fo);
       if (gwd) {
 #pragma omp for schedule(static) nowait
-        for (i64 f = 0; f < fi; ++f) pack_linear(x, xs, I, tl, xp.at(t), t, f);
+        for (i64 u = 0; u < n * fi; ++u) pack_linear(x, xs, I, tl, xp.at(int(u / fi)), t0 + u / fi, u % fi);
       }
-      // tiles t are packed (and cw written); every thread is done with the buffers of tile t - 2
 #pragma omp barrier
-      if (gx) {
+      if (gx && n >= 2 * i64(nthreads)) {  // whole tiles per thread
 #pragma omp for schedule(dynamic, 1) nowait
-        for (i64 g = 0; g < fi; ++g) spmm_unit(gp.at(t), tl, t, colptr, rowidx, cw.p, I, g, nullptr, gx, gxs, b);
+        for (i64 j = 0; j < n; ++j)
+          for (i64 g = 0; g < fi; ++g)
+            spmm_unit(gp.at(int(j)), tl, t0 + j, colptr, rowidx, cw.p, I, g, nullptr, gx, gxs, b);
+      } else if (gx) {
+#pragma omp for schedule(dynamic, 1) nowait
+        for (i64 u = 0; u < fi * n; ++u)
+          spmm_unit(gp.at(int(u % n)), tl, t0 + u % n, colptr, rowidx, cw.p, I, u / n, nullptr, gx, gxs, b);
       }
       if (gwd) {
 #pragma omp for schedule(dynamic, 1) nowait
         for (i64 c = 0; c < chunks; ++c)
-          wgrad_chunk(xp.at(t), gp.at(t), tl, t, rowptr, col, cuts[c], cuts[c + 1], acc.p, sums.p, gwd, woff, I,
-                      zero_rows != 0);
+          for (i64 j = 0; j < n; ++j)
+            wgrad_chunk(xp.at(int(j)), gp.at(int(j)), tl, t0 + j, rowptr, col, cuts[c], cuts[c + 1], acc.p, sums.p,
+                        gwd, woff, I, zero_rows != 0);
       }
     }
   }
