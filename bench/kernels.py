@@ -20,16 +20,20 @@ Targets (benchmarks, not tests): sparse Linear at 90% >= 1.5x on 2 threads; conv
 
 ``--attention`` times, instead, a dense ``nn.MultiheadAttention`` self-attention call (forward +
 backward) through the module's own forward (``F.multi_head_attention_forward``, flash attention)
-against spfde's attention path (``sparsity/kernels/attention.py``: explicit core up to
-``SHORT_MAX_LEN`` tokens, flash beyond), over sequence lengths around that threshold.
+against spfde's attention path (``sparsity/kernels/attention.py``: the native short-attention
+kernel up to ``NATIVE_MAX_LEN`` tokens, matmuls and a softmax up to ``SHORT_MAX_LEN``, flash
+beyond), over sequence lengths around those thresholds; and the same path with the matmul core in
+place of the native kernel (``native ÷ matmul`` > 1: the native kernel is faster).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -112,13 +116,28 @@ def _ratio(dense, sparse, reps: int) -> tuple[float, float, float]:
     return 1e3 * d, 1e3 * s, d / s
 
 
-# (batch, tokens, dim, heads): the ViT preset at width 1 and 2, longer sequences, ViT-tiny/16 at 224 px
-ATTENTION = [(128, 17, 64, 4), (128, 17, 128, 4), (128, 33, 64, 4), (128, 49, 64, 4), (128, 65, 64, 4),
-             (32, 65, 192, 3), (32, 197, 192, 3)]
+# (batch, tokens, dim, heads): the ViT preset at width 1 and 2 (and a short last batch), 24 tokens (the
+# native core's limit), longer sequences, ViT-tiny/16 at 224 px
+ATTENTION = [(128, 17, 64, 4), (17, 17, 64, 4), (128, 17, 128, 4), (128, 24, 64, 4), (128, 33, 64, 4),
+             (128, 49, 64, 4), (128, 65, 64, 4), (32, 65, 192, 3), (32, 197, 192, 3)]
+
+
+@contextlib.contextmanager
+def _matmul_core() -> Iterator[None]:
+    """spfde's attention path with the matmul core instead of the native short-attention kernel."""
+    from spfde.sparsity.kernels import attention
+
+    saved = attention.NATIVE_MAX_LEN
+    attention.NATIVE_MAX_LEN = 0
+    try:
+        yield
+    finally:
+        attention.NATIVE_MAX_LEN = saved
 
 
 def attention_rows(threads: list[int], reps: int, as_json: bool) -> list[dict]:
-    """(module's forward ms, spfde path ms, ratio) per shape and thread count, forward + backward."""
+    """(module's forward ms, spfde path ms, ratio; the spfde path on the matmul core: ms, ratio) per
+    shape and thread count, forward + backward."""
     from spfde.sparsity.kernels.attention import self_attention
 
     rows = []
@@ -137,12 +156,19 @@ def attention_rows(threads: list[int], reps: int, as_json: bool) -> list[dict]:
                 return go
 
             stock = run(lambda xx, m=mha: type(m).forward(m, xx, xx, xx, need_weights=False)[0])
-            d, sp, r = _ratio(stock, run(lambda xx, m=mha: self_attention(m, xx)[0]), reps)
+            ours = run(lambda xx, m=mha: self_attention(m, xx)[0])
+            d, sp, r = _ratio(stock, ours, reps)
+
+            def matmul(xx, m=mha):
+                with _matmul_core():
+                    return self_attention(m, xx)[0]
+            mm, _, rn = _ratio(run(matmul), ours, reps)
             row = {"shape": f"{b}x{n} tokens, dim {e}, {h} heads", "threads": t, "module_ms": round(d, 3),
-                   "spfde_ms": round(sp, 3), "speedup": round(r, 2)}
+                   "spfde_ms": round(sp, 3), "speedup": round(r, 2), "matmul_core_ms": round(mm, 3),
+                   "native_core_speedup": round(rn, 2)}
             rows.append(row)
             if not as_json:
-                print(f"| {row['shape']} | {t} | {d:.2f} | {sp:.2f} | {r:.2f}x |", flush=True)
+                print(f"| {row['shape']} | {t} | {d:.2f} | {sp:.2f} | {r:.2f}x | {mm:.2f} | {rn:.2f}x |", flush=True)
     return rows
 
 
@@ -160,7 +186,8 @@ def main() -> None:
     if args.attention:
         saved = torch.get_num_threads()
         if not args.json:
-            print("| call | threads | module ms | spfde ms | speedup |\n|---|---|---|---|---|")
+            print("| call | threads | module ms | spfde ms | speedup | matmul core ms | native ÷ matmul |\n"
+                  "|---|---|---|---|---|---|---|")
         try:
             rows = attention_rows([int(t) for t in args.threads.split(",")], 5 if args.quick else args.reps, args.json)
         finally:

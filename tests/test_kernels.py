@@ -349,7 +349,9 @@ def test_sparse_attention_projection_runs_the_native_linear(native_spy):
     gd, gs = _grads(dense, [xd, mha.in_proj_weight]), _grads(sparse, [xs, mha.in_proj_weight])
     _close(gs[0], gd[0])
     _close(gs[1], gd[1] * mask)
-    assert native_spy.calls == ["spfde_linear_forward", "spfde_linear_backward"]
+    # 20 tokens: the core is the native short-attention kernel too
+    assert native_spy.calls == ["spfde_linear_forward", "spfde_attention_forward", "spfde_attention_backward",
+                                "spfde_linear_backward"]
 
 
 @pytest.mark.parametrize("length", [17, attention.SHORT_MAX_LEN + 1])
@@ -385,6 +387,63 @@ def test_unmasked_attention_path_matches_the_modules_forward(batch_first, length
     assert "forward" not in vars(model[1]) and not exe.attention
     dense = SparseExecution(model, _engine(model, {"0": "0.weight"}), "dense")
     assert not dense.attention and "forward" not in vars(model[1])
+
+
+def _matmul_core(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """The attention core as PyTorch ops (the reference for the native kernel)."""
+    b, length, three_e = qkv.shape
+    e = three_e // 3
+    q, k, v = qkv.view(b, length, 3, heads, e // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    o = torch.softmax((q * (e // heads) ** -0.5) @ k.transpose(-2, -1), dim=-1) @ v
+    return o.transpose(1, 2).reshape(b, length, e)
+
+
+@needs_native
+@pytest.mark.parametrize(("batch", "length", "dim", "heads"), [
+    (1, 1, 8, 1), (3, 5, 24, 3), (17, 17, 64, 4), (40, 24, 128, 2), (16, 9, 48, 1)], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "token-major"])
+def test_native_short_attention_matches_the_matmul_core(batch, length, dim, heads, layout, native_spy):
+    """The native core (16 samples per vector: a short last block, head widths below, at and above
+    16 and not a multiple of it, any sample/token strides) against the float64 matmul core:
+    output and the packed q/k/v gradient; the same values under no_grad; bit-identical on any
+    number of threads."""
+    torch.manual_seed(batch + length)
+    mha = nn.MultiheadAttention(dim, heads, batch_first=True)
+    raw = torch.randn(batch, length, 3 * dim) * 2  # scores of several units: a peaked softmax too
+    if layout == "token-major":  # as a batch_first=False module's projection reaches the core
+        raw = raw.transpose(0, 1).contiguous().transpose(0, 1)
+    qkv = raw.clone().requires_grad_()
+    out = attention.attention_core(mha, qkv)
+    assert native_spy.calls == ["spfde_attention_forward"]
+    ref64 = raw.double().requires_grad_()
+    expect = _matmul_core(ref64, heads)
+    _close(out.double(), expect)
+    g, g64 = _grads(out, [qkv])[0], _grads(expect, [ref64])[0]
+    assert native_spy.calls[-1] == "spfde_attention_backward"
+    torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-4)  # gradients of size ~10
+    with torch.no_grad():
+        assert torch.equal(attention.attention_core(mha, raw), out)
+    threads, runs = torch.get_num_threads(), []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            x = raw.clone().requires_grad_()
+            y = attention.attention_core(mha, x)
+            runs.append((y, _grads(y, [x])[0]))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run, strict=True))
+
+
+def test_attention_core_without_native_library_is_the_matmul_core(monkeypatch):
+    """Without the library (or past NATIVE_MAX_LEN tokens) the core is PyTorch's matmuls and softmax."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=True)
+    qkv = torch.randn(5, attention.NATIVE_MAX_LEN + 1, 96)
+    assert torch.equal(attention.attention_core(mha, qkv), _matmul_core(qkv, 4))
+    monkeypatch.setattr(native, "load", lambda build=True, quiet=False: None)
+    qkv = torch.randn(5, 17, 96)
+    assert torch.equal(attention.attention_core(mha, qkv), _matmul_core(qkv, 4))
 
 
 def test_masked_attention_dense_choice_runs_the_same_core(monkeypatch):

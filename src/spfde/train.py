@@ -163,9 +163,11 @@ class Trainer:
                                       **cfg.model.kwargs).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        # foreach: PyTorch picks it on CUDA only; on CPU it runs the same per-tensor maths (bit-identical)
+        # without a Python loop over the parameters, 0.1 ms less per ViT-preset step (issue 13)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-            weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+            weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov, foreach=True)
         example = self.train_set[0][0].unsqueeze(0).to(self.device)
         snip = None
         if cfg.sparsity.method == "static" and cfg.sparsity.static_init == "snip":

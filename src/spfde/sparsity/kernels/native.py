@@ -1,4 +1,4 @@
-"""Build and load the optional native sparse-kernel library (``sparse_conv.cpp``: Conv2d and Linear).
+"""Build and load the optional native kernel library (``sparse_conv.cpp``: sparse Conv2d and Linear, short attention).
 
 The library is plain C++ with ``extern "C"`` functions (no torch headers), compiled with the
 machine's compiler and loaded with :mod:`ctypes`, which releases the GIL during each call.
@@ -35,7 +35,7 @@ from spfde.sparsity.kernels.common import warn_once
 
 SOURCE = Path(__file__).with_name("sparse_conv.cpp")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17")
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"lib": None, "tried": False, "error": None, "path": None, "warned": False}
@@ -49,6 +49,9 @@ _SIGNATURES = {
                              + [_ptr] + [_c_i64] * 4 + [_ptr, _c_int],
     "spfde_linear_forward": [_ptr] + [_c_i64] * 4 + [_ptr] * 5 + [_c_i64, _c_int],
     "spfde_linear_backward": [_ptr, _c_i64, _ptr] + [_c_i64] * 4 + [_ptr] * 7 + [_c_i64, _ptr, _ptr, _c_int, _c_int],
+    "spfde_attention_forward": [_ptr] + [_c_i64] * 6 + [ctypes.c_float, _ptr, _c_i64, _c_i64, _ptr, _c_int],
+    "spfde_attention_backward": [_ptr] + [_c_i64] * 6 + [ctypes.c_float, _ptr, _c_i64, _c_i64, _ptr, _ptr, _c_i64,
+                                                         _c_i64, _c_int],
 }
 
 
