@@ -113,6 +113,7 @@ def test_status_gatherer_equals_recording_every_step() -> None:
     for idx, ok in steps:
         direct.record(idx, ok)
         buf.add(idx, ok)
+        idx.zero_()  # a loop that reuses its index buffer: the gatherer keeps its own copy
     assert buf.pending() == 72
     assert buf.flush(merged) == 72 and buf.pending() == 0
     assert torch.equal(direct.difficulty(), merged.difficulty())

@@ -134,8 +134,9 @@ def test_sparse_conv_bit_identical_for_any_thread_count():
     _assert_same_for_any_thread_count(lambda xs: sparse_conv2d(conv, xs, plan), x, conv.weight)
 
 
-def _assert_same_for_any_thread_count(fn, x: torch.Tensor, weight: torch.Tensor) -> None:
-    """``fn(x)``'s output and its input and weight gradients are bit-identical on 1, 2 and 3 threads."""
+def _assert_same_for_any_thread_count(fn, x: torch.Tensor, weight: torch.Tensor, *more: torch.Tensor) -> None:
+    """``fn(x)``'s output and its input, weight (and ``more``: bias) gradients are bit-identical on 1, 2
+    and 3 threads."""
     outs = []
     threads = torch.get_num_threads()
     try:
@@ -143,7 +144,7 @@ def _assert_same_for_any_thread_count(fn, x: torch.Tensor, weight: torch.Tensor)
             torch.set_num_threads(n)
             xs = x.clone().requires_grad_()
             y = fn(xs)
-            outs.append([y, *_grads(y, [xs, weight])])
+            outs.append([y, *_grads(y, [xs, weight, *more])])
     finally:
         torch.set_num_threads(threads)
     for other in outs[1:]:
@@ -283,7 +284,8 @@ def test_native_sparse_linear_bit_identical_for_any_thread_count(native_spy, row
     lin, mask = _linear_case(70, 90, True, density=0.3)
     plan = LinearPlan(mask, lin.weight)
     x = torch.randn(rows, 70)
-    _assert_same_for_any_thread_count(lambda xs: sparse_linear(xs, lin.weight, lin.bias, plan), x, lin.weight)
+    _assert_same_for_any_thread_count(lambda xs: sparse_linear(xs, lin.weight, lin.bias, plan), x, lin.weight,
+                                      *([lin.bias] if lin.bias is not None else []))
     assert native_spy.calls.count("spfde_linear_backward") == 3
 
 
@@ -296,13 +298,14 @@ def test_native_sparse_linear_large_input_packs_in_tile_groups(native_spy):
     xd, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
     dense, sparse = lin(xd), sparse_linear(xs, lin.weight, lin.bias, LinearPlan(mask, lin.weight))
     _close(sparse, dense)
-    gd, gs = _grads(dense, [xd, lin.weight]), _grads(sparse, [xs, lin.weight])
+    gd, gs = _grads(dense, [xd, lin.weight, lin.bias]), _grads(sparse, [xs, lin.weight, lin.bias])
     _close(gs[0], gd[0])
     # a sum over 8,327 rows: fp32 rounding of the two summation orders differs by ~1e-6 relative
     torch.testing.assert_close(gs[1], gd[1] * mask, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(gs[2], gd[2], rtol=1e-4, atol=1e-3)  # the bias, summed across tile groups
     assert torch.all(gs[1][~mask] == 0)
     _assert_same_for_any_thread_count(lambda xs: sparse_linear(xs, lin.weight, lin.bias, LinearPlan(mask, lin.weight)),
-                                      x, lin.weight)
+                                      x, lin.weight, lin.bias)
     assert "spfde_linear_backward" in native_spy.calls
 
 

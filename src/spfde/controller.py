@@ -146,10 +146,11 @@ class SpFDE:
         self.tracker = build_tracker(cfg, self.train_size)
         self._track_status = not isinstance(self.sieve, NoSieve)
         self.sampler = self._make_sampler()
-        # each rank sees only its share of the samples: the sample status of all ranks is merged
-        # into every rank's tracker at end_epoch, so all ranks take the same sieving decision
+        # the sample status is buffered and recorded into the tracker at end_epoch (one vectorized
+        # update, not a dozen small ops per step); under DDP each rank sees only its share of the
+        # samples and the status of all ranks is merged, so all ranks take the same sieving decision
         self._status = None
-        if self.world_size > 1 and self._track_status:
+        if self._track_status:
             from spfde.distributed import StatusGatherer
 
             self._status = StatusGatherer()

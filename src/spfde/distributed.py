@@ -331,19 +331,28 @@ class StatusGatherer:
     (the tracker treats one batch's sightings as consecutive in batch order, and the merge orders
     them by (step, rank, position)), but with two small collectives per epoch instead of two per
     step. Use: ``add(idx, correct)`` after every step; ``flush(tracker)`` on every rank at the
-    end of the epoch, before the sieve reads the tracker.
+    end of the epoch, before the sieve reads the tracker. Single-process runs use it too: one
+    vectorized ``record`` per epoch instead of a dozen small tensor ops per step (about 0.25 ms
+    of a 11 ms ViT-preset step, issue 13), with the same tracker state at the end of the epoch.
     """
 
     def __init__(self) -> None:
         self._rows: list[torch.Tensor] = []
+        self._steps: list[tuple[torch.Tensor, torch.Tensor]] = []  # added, not packed yet
         self._step = 0
 
     def add(self, indices: torch.Tensor, correct: torch.Tensor) -> None:
-        idx = torch.as_tensor(indices)
-        self._rows.append(_pack(idx, correct, torch.full((idx.numel(),), self._step, dtype=torch.int64)))
-        self._step += 1
+        # a copy of the indices: a training loop may reuse its index buffer; the status is computed afresh
+        self._steps.append((torch.as_tensor(indices).reshape(-1).clone(), torch.as_tensor(correct).reshape(-1)))
+
+    def _pack_steps(self) -> None:
+        for idx, ok in self._steps:
+            self._rows.append(_pack(idx, ok, torch.full((idx.numel(),), self._step, dtype=torch.int64)))
+            self._step += 1
+        self._steps = []
 
     def pending(self) -> int:
+        self._pack_steps()
         return sum(int(r.shape[0]) for r in self._rows)
 
     def gather(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -351,6 +360,7 @@ class StatusGatherer:
 
         The status is int64 as packed (the tracker's ``record`` reads it: correctness flags, or
         :meth:`~spfde.sieving.LossTracker.encode` bit patterns)."""
+        self._pack_steps()
         local = torch.cat(self._rows) if self._rows else torch.zeros((0, 3), dtype=torch.int64)
         self._rows, self._step = [], 0
         parts = _all_gather_rows(local) if is_distributed() else [local]
@@ -368,10 +378,12 @@ class StatusGatherer:
         return int(idx.numel())
 
     def state_dict(self) -> dict[str, Any]:
+        self._pack_steps()
         return {"rows": [r.clone() for r in self._rows], "step": self._step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._rows = [r.clone() for r in state["rows"]]
+        self._steps = []
         self._step = int(state["step"])
 
 

@@ -155,14 +155,18 @@ class SparseLinearFunction(torch.autograd.Function):
             gw = torch.empty_strided(weight.shape, weight.stride())
             if not zero_rows:
                 gw.zero_()
-        if need_x or sparse_w:
+        kernel = need_x or sparse_w
+        # the kernel sums the bias gradient from the output gradient it packs anyway
+        gb = torch.empty(out_f, dtype=torch.float32) if need_b and kernel else None
+        if kernel:
             _check(ctx.lib.spfde_linear_backward(
                 _ptr(x2), x2.stride(0), _ptr(g2), g2.stride(0), n, in_f, out_f, _ptr(plan.crow), _ptr(plan.col),
                 _ptr(vals), _ptr(plan.tcrow), _ptr(plan.tcol), _ptr(plan.perm32), _ptr(gx), in_f, _ptr(gw),
-                _ptr(plan.index.offsets), int(zero_rows), torch.get_num_threads()))
+                _ptr(plan.index.offsets), int(zero_rows), _ptr(gb), torch.get_num_threads()))
         if dense_w:
             gw = g2.t() @ x2
-        gb = g2.sum(0) if need_b else None
+        if need_b and gb is None:
+            gb = g2.sum(0)
         return (gx.view(ctx.x_shape) if gx is not None else None), gw, gb, None, None
 
 

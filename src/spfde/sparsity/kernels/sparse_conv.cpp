@@ -328,7 +328,7 @@ struct Scratch {
 
 extern "C" {
 
-int spfde_abi_version() { return 5; }
+int spfde_abi_version() { return 6; }
 int spfde_vector_width() { return V; }
 
 // y = conv2d(x, W, bias) for the nonzeros of W in CSR order (row = output channel): rowptr[OC + 1]
@@ -640,6 +640,21 @@ void wgrad_chunk(const float* xb, const float* gb, const Tiles& tl, i64 t, const
   for (i64 k = ptr[r0]; k < ptr[r1]; ++k) gwd[woff[k]] = sums[k];
 }
 
+// Bias gradient of output features [o0, o1) for tile t of the packed gy (gb: [O][width], zero past
+// the last row): acc[o] (V lanes, zero before the first tile) adds the tile's vectors; after the
+// last tile gb[o] = the lanes' sum (a fixed tree).
+void bias_grad_tile(const float* gpk, const Tiles& tl, i64 t, i64 o0, i64 o1, float* acc, float* gb) {
+  const i64 W = tl.width(), nv = tl.vectors(t);
+  for (i64 o = o0; o < o1; ++o) {
+    vf a = ld(acc + o * V);
+    for (i64 c = 0; c < nv; ++c) a += ld(gpk + o * W + c * V);
+    if (t == tl.count - 1)
+      gb[o] = lane_sum(a);
+    else
+      st(acc + o * V, a);
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -679,16 +694,18 @@ int spfde_linear_forward(const float* x, i64 N, i64 I, i64 xs, i64 O, const int3
 // Gradients of the forward above for the output gradient gy (N, O), row stride gs: gx (N, I), row
 // stride gxs (skipped when NULL), and the weight gradient at the nonzeros written into the dense
 // gradient gwd (skipped when NULL) at the storage offsets woff[k] of the CSR nonzeros; zero_rows:
-// gwd is row-major (O, I) and is zeroed here, else the caller zeroed it. The input gradient reads
-// W^T in CSR order: colptr[I + 1], per entry its row (output feature) rowidx and perm, the CSR
-// position of its value. Returns 0, or 1 when out of memory.
+// gwd is row-major (O, I) and is zeroed here, else the caller zeroed it; the bias gradient gb (O)
+// = column sums of gy (skipped when NULL; only with gx or gwd), summed from the packed tiles in
+// tile order. The input gradient reads W^T in CSR order: colptr[I + 1], per entry its row (output
+// feature) rowidx and perm, the CSR position of its value. Returns 0, or 1 when out of memory.
 int spfde_linear_backward(const float* x, i64 xs, const float* gy, i64 gs, i64 N, i64 I, i64 O,
                           const int32_t* rowptr, const int32_t* col, const float* vals, const int32_t* colptr,
                           const int32_t* rowidx, const int32_t* perm, float* gx, i64 gxs, float* gwd,
-                          const i64* woff, int zero_rows, int nthreads) {
+                          const i64* woff, int zero_rows, float* gb, int nthreads) {
   const i64 nnz = rowptr[O];
   if (N <= 0) {
     if (gwd && zero_rows) std::memset(gwd, 0, sizeof(float) * size_t(O * I));
+    if (gb) std::memset(gb, 0, sizeof(float) * size_t(O));
     return 0;
   }
   const Tiles tl = make_tiles(N);
@@ -708,8 +725,8 @@ int spfde_linear_backward(const float* x, i64 xs, const float* gy, i64 gs, i64 N
   const i64 G = nthreads <= 1 ? 1 : (T < cap ? T : (cap > 1 ? cap : 1));
   Scratch gp(O * W, int(G), false), xp(I * W, gwd ? int(G) : 0, false);
   Scratch buf(V * W, gx ? (nthreads > 1 ? nthreads : 1) : 0, false), cw(nnz, gx ? 1 : 0, false),
-      acc(T > 1 ? nnz * V : 0, gwd ? 1 : 0, false), sums(nnz, gwd ? 1 : 0, false);
-  if (!gp.p || (gwd && (!xp.p || !acc.p || !sums.p)) || (gx && (!buf.p || !cw.p))) return 1;
+      acc(T > 1 ? nnz * V : 0, gwd ? 1 : 0, false), sums(nnz, gwd ? 1 : 0, false), bacc(O * V, gb ? 1 : 0, true);
+  if (!gp.p || (gwd && (!xp.p || !acc.p || !sums.p)) || (gx && (!buf.p || !cw.p)) || (gb && !bacc.p)) return 1;
   if (nthreads <= 1) {  // one thread: tile by tile, each used while it is still in cache (same sums)
     if (gx)
       for (i64 j = 0; j < nnz; ++j) cw.p[j] = vals[perm[j]];
@@ -723,6 +740,7 @@ int spfde_linear_backward(const float* x, i64 xs, const float* gy, i64 gs, i64 N
         for (i64 c = 0; c < chunks; ++c)
           wgrad_chunk(xp.p, gp.p, tl, t, rowptr, col, cuts[c], cuts[c + 1], acc.p, sums.p, gwd, woff, I,
                       zero_rows != 0);
+      if (gb) bias_grad_tile(gp.p, tl, t, 0, O, bacc.p, gb);
     }
     return 0;
   }
@@ -761,6 +779,12 @@ int spfde_linear_backward(const float* x, i64 xs, const float* gy, i64 gs, i64 N
           for (i64 j = 0; j < n; ++j)
             wgrad_chunk(xp.at(int(j)), gp.at(int(j)), tl, t0 + j, rowptr, col, cuts[c], cuts[c + 1], acc.p, sums.p,
                         gwd, woff, I, zero_rows != 0);
+      }
+      if (gb) {  // output features in groups of V, each summed over this group's tiles in order
+#pragma omp for schedule(static) nowait
+        for (i64 g = 0; g < fo; ++g)
+          for (i64 j = 0; j < n; ++j)
+            bias_grad_tile(gp.at(int(j)), tl, t0 + j, g * V, g * V + V < O ? g * V + V : O, bacc.p, gb);
       }
     }
   }
