@@ -897,6 +897,19 @@ void att_pack(const float* src, i64 sb, i64 sl, i64 L, i64 D, i64 c0, int nv, fl
     }
 }
 
+// Unit u = (sample block u / H, head u % H): its q, k and v ([L][D][V] each) from the packed
+// projection; returns how many of its V lanes are real samples.
+int att_load_unit(const float* qkv, i64 B, i64 H, i64 qb, i64 ql, i64 L, i64 D, i64 E, i64 u, float* q, float* k,
+                  float* v) {
+  const i64 nb = u / H, h = u % H;
+  const int nv = int(B - nb * V < V ? B - nb * V : V);
+  const float* base = qkv + nb * V * qb;
+  att_pack(base, qb, ql, L, D, h * D, nv, q);
+  att_pack(base, qb, ql, L, D, E + h * D, nv, k);
+  att_pack(base, qb, ql, L, D, 2 * E + h * D, nv, v);
+  return nv;
+}
+
 void att_unpack(const float* src, i64 L, i64 D, float* dst, i64 sb, i64 sl, i64 c0, int nv) {
   for (i64 i = 0; i < L; ++i)
     for (i64 d = 0; d < D; d += V) {
@@ -927,11 +940,7 @@ int spfde_attention_forward(const float* qkv, i64 B, i64 L, i64 E, i64 H, i64 qb
 #pragma omp for schedule(static)
     for (i64 u = 0; u < NB * H; ++u) {
       const i64 nb = u / H, h = u % H;
-      const int nv = int(B - nb * V < V ? B - nb * V : V);
-      const float* base = qkv + nb * V * qb;
-      att_pack(base, qb, ql, L, D, h * D, nv, q);
-      att_pack(base, qb, ql, L, D, E + h * D, nv, k);
-      att_pack(base, qb, ql, L, D, 2 * E + h * D, nv, v);
+      const int nv = att_load_unit(qkv, B, H, qb, ql, L, D, E, u, q, k, v);
       float* pu = P ? P + u * L * L * V : own;
       for (i64 i = 0; i < L; ++i) {
         float* p = pu + i * L * V;
@@ -975,11 +984,7 @@ int spfde_attention_backward(const float* qkv, i64 B, i64 L, i64 E, i64 H, i64 q
 #pragma omp for schedule(static)
     for (i64 u = 0; u < NB * H; ++u) {
       const i64 nb = u / H, h = u % H;
-      const int nv = int(B - nb * V < V ? B - nb * V : V);
-      const float* base = qkv + nb * V * qb;
-      att_pack(base, qb, ql, L, D, h * D, nv, q);
-      att_pack(base, qb, ql, L, D, E + h * D, nv, k);
-      att_pack(base, qb, ql, L, D, 2 * E + h * D, nv, v);
+      const int nv = att_load_unit(qkv, B, H, qb, ql, L, D, E, u, q, k, v);
       att_pack(go + nb * V * gb, gb, gl, L, D, h * D, nv, g);
       const float* pu = P + u * L * L * V;
       for (i64 j = 0; j < L; ++j) att_mix(pu + j * V, L * V, g, L, D, dv + j * D * V);  // dv = p^T do
