@@ -840,6 +840,12 @@ def test_portable_build_without_avx512_is_correct(tmp_path, monkeypatch):
         for rows in (7, 150):  # Linear: 4-vector tiles without AVX-512 (150 rows: three tiles)
             lin, mask = _linear_case(40, 37, True, density=0.3)
             _check_linear(lin, mask, torch.randn(rows, 40))
+        mha = nn.MultiheadAttention(24, 3, batch_first=True)  # the attention core's generic transposes
+        raw = torch.randn(19, 9, 72)
+        qkv, ref64 = raw.clone().requires_grad_(), raw.double().requires_grad_()
+        out, expect = attention.attention_core(mha, qkv), _matmul_core(ref64, 3)
+        _close(out.double(), expect)
+        torch.testing.assert_close(_grads(out, [qkv])[0].double(), _grads(expect, [ref64])[0], rtol=1e-4, atol=1e-4)
     finally:
         native._reset_for_tests()
 
