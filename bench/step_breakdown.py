@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 import spfde.sparsity.kernels.attention as attention
 from spfde.config import load_config
-from spfde.sparsity.kernels.linear import SparseLinearFunction
+from spfde.sparsity.kernels.linear import LinearPlan, SparseLinearFunction
 from spfde.train import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,12 +58,13 @@ class _FreeLinear(torch.autograd.Function):
     """A sparse Linear that costs nothing: zeros of the output shape, zero gradients."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, plan, dense_weight_grad):  # noqa: ANN001, ANN205
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: LinearPlan,
+                dense_weight_grad: bool) -> torch.Tensor:
         ctx.x_shape, ctx.weight, ctx.has_bias = x.shape, weight, bias is not None
         return x.new_zeros(*x.shape[:-1], plan.shape[0])
 
     @staticmethod
-    def backward(ctx, gy):  # noqa: ANN001, ANN205
+    def backward(ctx, gy: torch.Tensor):
         gb = gy.new_zeros(gy.shape[-1]) if ctx.has_bias else None
         return gy.new_zeros(ctx.x_shape), torch.zeros_like(ctx.weight), gb, None, None
 

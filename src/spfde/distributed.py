@@ -342,8 +342,8 @@ class StatusGatherer:
         self._step = 0
 
     def add(self, indices: torch.Tensor, correct: torch.Tensor) -> None:
-        # a copy of the indices: a training loop may reuse its index buffer; the status is computed afresh
-        self._steps.append((torch.as_tensor(indices).reshape(-1).clone(), torch.as_tensor(correct).reshape(-1)))
+        # copies: a training loop may reuse its buffers before they are packed at the end of the epoch
+        self._steps.append((torch.as_tensor(indices).reshape(-1).clone(), torch.as_tensor(correct).reshape(-1).clone()))
 
     def _pack_steps(self) -> None:
         for idx, ok in self._steps:

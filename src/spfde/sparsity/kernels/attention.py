@@ -33,6 +33,7 @@ relative of ``torch.exp``, so outputs match the matmul core within float toleran
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 
 import torch
@@ -95,11 +96,10 @@ def _check(rc: int) -> None:
 
 class ShortAttentionFunction(torch.autograd.Function):
     """``softmax(q kᵀ · scale) v`` per head of a packed fp32 ``(B, L, 3·E)`` projection, out ``(B, L, E)``,
-    by the native kernel (call only when :func:`native.load` returned the library)."""
+    by the native kernel ``lib`` (what :func:`native.load` returned)."""
 
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, heads: int) -> torch.Tensor:
-        lib = native.load(quiet=True)
+    def forward(ctx, qkv: torch.Tensor, heads: int, lib: ctypes.CDLL) -> torch.Tensor:
         keep = ctx.needs_input_grad[0]
         qkv = _unit_columns(qkv)
         b, length, three_e = qkv.shape
@@ -127,7 +127,7 @@ class ShortAttentionFunction(torch.autograd.Function):
             qkv.data_ptr(), b, length, three_e // 3, ctx.heads, qkv.stride(0), qkv.stride(1), ctx.scale,
             go.data_ptr(), go.stride(0), go.stride(1), probs.data_ptr(), dqkv.data_ptr(), dqkv.stride(0),
             dqkv.stride(1), torch.get_num_threads()))
-        return dqkv, None
+        return dqkv, None, None
 
 
 def attention_core(module: nn.MultiheadAttention, qkv: torch.Tensor) -> torch.Tensor:
@@ -135,8 +135,9 @@ def attention_core(module: nn.MultiheadAttention, qkv: torch.Tensor) -> torch.Te
     b, length, three_e = qkv.shape
     e, h = three_e // 3, module.num_heads
     short = short_ok(module, qkv)
-    if short and length <= NATIVE_MAX_LEN and qkv.dtype == torch.float32 and native.load(quiet=True) is not None:
-        return ShortAttentionFunction.apply(qkv, h)
+    lib = native.load(quiet=True) if short and length <= NATIVE_MAX_LEN and qkv.dtype == torch.float32 else None
+    if lib is not None:
+        return ShortAttentionFunction.apply(qkv, h, lib)
     q, k, v = qkv.view(b, length, 3, h, e // h).permute(2, 0, 3, 1, 4).unbind(0)
     if short:
         o = torch.softmax((q * (e // h) ** -0.5) @ k.transpose(-2, -1), dim=-1) @ v
