@@ -640,7 +640,7 @@ void wgrad_chunk(const float* xb, const float* gb, const Tiles& tl, i64 t, const
   for (i64 k = ptr[r0]; k < ptr[r1]; ++k) gwd[woff[k]] = sums[k];
 }
 
-// Bias gradient of output features [o0, o1) for tile t of the packed gy (gb: [O][width], zero past
+// Bias gradient of output features [o0, o1) for tile t of the packed gy (gpk: [O][width], zero past
 // the last row): acc[o] (V lanes, zero before the first tile) adds the tile's vectors; after the
 // last tile gb[o] = the lanes' sum (a fixed tree).
 void bias_grad_tile(const float* gpk, const Tiles& tl, i64 t, i64 o0, i64 o1, float* acc, float* gb) {
