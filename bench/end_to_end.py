@@ -29,6 +29,7 @@ preset <= 0.4x; auto never slower than dense kernels by more than 3%.
     python bench/end_to_end.py --models resnet20 --epochs 6 --subset 1000
     python bench/end_to_end.py --models vit --set model.width=2   # extra overrides for every variant
     python bench/end_to_end.py --models vit --vit-setting preset  # the preset's own 80% / 15% / 20%
+    python bench/end_to_end.py --models vit --repeats 5           # medians of 5 lock-step runs
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from typing import Any
 
@@ -113,6 +115,28 @@ def rows_for(res: dict[str, dict[str, Any]], configs: dict[str, Config]) -> list
     return rows
 
 
+def median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One table from repeated lock-step runs: the wall-clock columns are medians over the repeats of
+    each run's own ratios (each repeat compares its variants with its own dense run); the ledger's
+    FLOPs are the same in every repeat; ``wall_over_dense_runs`` lists the repeats' values."""
+    if len(runs) == 1:
+        return runs[0]
+    out = []
+    for i, last in enumerate(runs[-1]):
+        row = dict(last)
+        same = [r[i] for r in runs]
+        over = statistics.median(r["wall_over_dense"] for r in same)
+        row.update(wall_over_dense=round(over, 3), wall_saving=round(1.0 - over, 4),
+                   wall_s=round(statistics.median(r["wall_s"] for r in same), 2),
+                   wall_over_dense_runs=[r["wall_over_dense"] for r in same])
+        if row["flops_saving"] > 0:
+            row["wall_over_flops_saving"] = round((1.0 - over) / row["flops_saving"], 3)
+        if "auto_over_dense_kernels" in row:
+            row["auto_over_dense_kernels"] = round(statistics.median(r["auto_over_dense_kernels"] for r in same), 3)
+        out.append(row)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="resnet20,vit", help="comma-separated: resnet20, vit")
@@ -125,6 +149,9 @@ def main() -> None:
     ap.add_argument("--vit-setting", choices=("issue", "preset"), default="issue",
                     help="ViT variants: the issue's (MEST 90%%; SpFDE 90%% + freezing 20%% + sieving 20%%, the "
                          "ResNet-20 setting) or the preset's own (80%%, 15%%, 20%%) on the same model and data")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="lock-step runs per model; the table gives medians of each run's ratios (this machine's "
+                         "noise moves one ViT run's ratios by about 0.05)")
     ap.add_argument("--json", action="store_true", help="print exactly one JSON object")
     args = ap.parse_args()
     out: dict[str, Any] = {"models": {}}
@@ -137,14 +164,20 @@ def main() -> None:
             common.append(f"train.threads={args.threads}")
         common += args.overrides
         configs = variants(common, spfde, path)
-        res = run_lockstep(configs)
-        rows = rows_for(res, configs)
+        runs, dense_s = [], []
+        for _ in range(max(args.repeats, 1)):
+            res = run_lockstep(configs)
+            runs.append(rows_for(res, configs))
+            dense_s.append(res["dense"]["wall_s"])
+        rows = median_rows(runs)
+        dense_wall = statistics.median(dense_s)
         out["models"][model] = {"rows": rows, "epochs": epochs, "subset": subset, "batch_size": batch,
                                 "setting": args.vit_setting if model == "vit" else "issue",
-                                "threads": torch.get_num_threads(), "dense_wall_s": round(res["dense"]["wall_s"], 2)}
+                                "threads": torch.get_num_threads(), "dense_wall_s": round(dense_wall, 2),
+                                "repeats": len(runs)}
         if not args.json:
             print(f"\n{model}: {subset} images, {epochs} epochs, batch {batch}, {torch.get_num_threads()} threads; "
-                  f"dense {res['dense']['wall_s']:.1f}s of training")
+                  f"dense {dense_wall:.1f}s of training" + (f" (median of {len(runs)} runs)" if len(runs) > 1 else ""))
             print(f"{'variant':<20}{'FLOPs saved':>12}{'wall saved':>12}{'wall/dense':>12}{'wall/FLOPs':>12}"
                   f"{'auto/dense k.':>14}{'sparse':>8}")
             for r in rows:
@@ -152,6 +185,10 @@ def main() -> None:
                 auto = f"{r['auto_over_dense_kernels']:.3f}" if "auto_over_dense_kernels" in r else "-"
                 print(f"{r['variant']:<20}{100 * r['flops_saving']:>11.2f}%{100 * r['wall_saving']:>11.2f}%"
                       f"{r['wall_over_dense']:>12.3f}{ratio:>12}{auto:>14}{r.get('sparse_layers', '-'):>8}")
+            if len(runs) > 1:
+                print("wall/dense of each run:")
+                for r in rows:
+                    print(f"  {r['variant']:<18}" + " ".join(f"{v:.3f}" for v in r["wall_over_dense_runs"]))
     if args.json:
         print(json.dumps(out))
     else:
