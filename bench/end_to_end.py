@@ -164,13 +164,9 @@ def main() -> None:
             common.append(f"train.threads={args.threads}")
         common += args.overrides
         configs = variants(common, spfde, path)
-        runs, dense_s = [], []
-        for _ in range(max(args.repeats, 1)):
-            res = run_lockstep(configs)
-            runs.append(rows_for(res, configs))
-            dense_s.append(res["dense"]["wall_s"])
+        runs = [rows_for(run_lockstep(configs), configs) for _ in range(max(args.repeats, 1))]
         rows = median_rows(runs)
-        dense_wall = statistics.median(dense_s)
+        dense_wall = next(r["wall_s"] for r in rows if r["variant"] == "dense")
         out["models"][model] = {"rows": rows, "epochs": epochs, "subset": subset, "batch_size": batch,
                                 "setting": args.vit_setting if model == "vit" else "issue",
                                 "threads": torch.get_num_threads(), "dense_wall_s": round(dense_wall, 2),

@@ -123,8 +123,9 @@ ATTENTION = [(128, 17, 64, 4), (17, 17, 64, 4), (128, 17, 128, 4), (128, 24, 64,
 
 
 @contextlib.contextmanager
-def _matmul_core() -> Iterator[None]:
-    """spfde's attention path with the matmul core instead of the native short-attention kernel."""
+def matmul_core() -> Iterator[None]:
+    """spfde's attention path with the matmul core instead of the native short-attention kernel (also
+    ``bench/step_breakdown.py``'s ``matmul attention core``)."""
     from spfde.sparsity.kernels import attention
 
     saved = attention.NATIVE_MAX_LEN
@@ -160,7 +161,7 @@ def attention_rows(threads: list[int], reps: int, as_json: bool) -> list[dict]:
             d, sp, r = _ratio(stock, ours, reps)
 
             def matmul(xx, m=mha):
-                with _matmul_core():
+                with matmul_core():
                     return self_attention(m, xx)[0]
             mm, _, rn = _ratio(run(matmul), ours, reps)
             row = {"shape": f"{b}x{n} tokens, dim {e}, {h} heads", "threads": t, "module_ms": round(d, 3),

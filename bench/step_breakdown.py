@@ -24,7 +24,7 @@ steps, so load on the machine hits all alike; the table gives medians per step:
 Changing the timed runs (a stand-in returns zeros) does not change what the ops cost: they do the
 same work on any values.
 
-    python bench/step_breakdown.py                   # Markdown table (about 2 minutes on 2 cores)
+    python bench/step_breakdown.py                   # Markdown table (about a minute on 2 cores)
     python bench/step_breakdown.py --json            # one JSON object {"rows": [...], "ratios": {...}}
     python bench/step_breakdown.py --set model.width=2 --sparsity 0.8
 """
@@ -42,13 +42,16 @@ import tempfile
 import time
 from collections.abc import Iterator
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import spfde.sparsity.kernels.attention as attention
-from spfde.config import load_config
-from spfde.sparsity.kernels.linear import LinearPlan, SparseLinearFunction
-from spfde.train import Trainer
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import spfde.sparsity.kernels.attention as attention  # noqa: E402
+from kernels import matmul_core  # noqa: E402
+from spfde.config import load_config  # noqa: E402
+from spfde.sparsity.kernels.linear import LinearPlan, SparseLinearFunction  # noqa: E402
+from spfde.train import Trainer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("full", "matmul attention core", "no attention core", "no optimizer step", "linears free", "batch 16")
@@ -72,9 +75,11 @@ class _FreeLinear(torch.autograd.Function):
 @contextlib.contextmanager
 def variant(name: str) -> Iterator[None]:
     """Patch the kernels for one variant (and undo it)."""
-    core, apply, native_max = attention.attention_core, SparseLinearFunction.apply, attention.NATIVE_MAX_LEN
     if name == "matmul attention core":
-        attention.NATIVE_MAX_LEN = 0
+        with matmul_core():
+            yield
+        return
+    core, apply = attention.attention_core, SparseLinearFunction.apply
     if name == "no attention core":
         attention.attention_core = lambda module, qkv: qkv[..., : qkv.shape[-1] // 3]
     if name == "linears free":
@@ -82,7 +87,7 @@ def variant(name: str) -> Iterator[None]:
     try:
         yield
     finally:
-        attention.attention_core, SparseLinearFunction.apply, attention.NATIVE_MAX_LEN = core, apply, native_max
+        attention.attention_core, SparseLinearFunction.apply = core, apply
 
 
 def step(tr: Trainer, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, name: str) -> None:

@@ -930,13 +930,13 @@ int spfde_attention_forward(const float* qkv, i64 B, i64 L, i64 E, i64 H, i64 qb
                             i64 sob, i64 ol, float* P, int nthreads) {
   if (B <= 0 || L <= 0) return 0;
   const i64 D = E / H, NB = (B + V - 1) / V, LDV = L * D * V;
-  Scratch qkvb(4 * LDV, nthreads, false), pb(P ? V : L * L * V, nthreads, false);
-  if (!qkvb.p || !pb.p) return 1;
+  Scratch qkvb(4 * LDV, nthreads, false), pb(L * L * V, P ? 0 : nthreads, false);  // P not kept: per-thread rows
+  if (!qkvb.p || (!P && !pb.p)) return 1;
 #pragma omp parallel num_threads(nthreads)
   {
     float* q = qkvb.at(omp_get_thread_num());
     float *k = q + LDV, *v = k + LDV, *ob = v + LDV;
-    float* own = pb.at(omp_get_thread_num());
+    float* own = P ? nullptr : pb.at(omp_get_thread_num());
 #pragma omp for schedule(static)
     for (i64 u = 0; u < NB * H; ++u) {
       const i64 nb = u / H, h = u % H;
