@@ -181,3 +181,25 @@ def test_a_density_step_is_not_retimed_when_the_earlier_timing_decides_it(monkey
     assert counts and all(len(c) == (2 if retimed else 1) for c in counts.values()), counts
     if not retimed:
         assert set(choices.values()) == {"sparse" if speedup > 1 else "dense"}
+
+
+def test_off_shares_one_timing_between_layers_of_the_same_key_within_a_run(race):
+    """``off`` stores nothing on disk, but within the run its in-memory store lets layers with the
+    same shape, density and call (a ViT's blocks) share one timing; another shape is timed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256), nn.Linear(256, 256), nn.Linear(256, 128))
+    layers = [PrunableLayer(str(i), f"{i}.weight", tuple(model[i].weight.shape)) for i in range(4)]
+    engine = SparseEngine(model, layers, dict.fromkeys("0123", 0.75), Schedule(method="static"), seed=0)
+    engine.apply_masks()
+    exe = SparseExecution(model, engine, "auto", "off")
+    model(torch.randn(64, 256)).sum().backward()
+    assert race.calls == 3  # layer 0 (its input needs no gradient), layers 1-2 shared, layer 3
+    assert exe.choices() == dict.fromkeys("0123", "sparse") and len(exe.speedups()) == 4
+    assert not list(Path(os.environ["SPFDE_KERNEL_CACHE"]).glob("*.json"))
+    race.sparse_faster = False
+    model2 = nn.Sequential(*[nn.Linear(256, 256) for _ in range(3)], nn.Linear(256, 128))
+    engine2 = SparseEngine(model2, layers, dict.fromkeys("0123", 0.75), Schedule(method="static"), seed=0)
+    engine2.apply_masks()
+    exe2 = SparseExecution(model2, engine2, "auto", "off")
+    model2(torch.randn(64, 256)).sum().backward()
+    assert race.calls == 6 and set(exe2.choices().values()) == {"dense"}  # a new run: timed afresh

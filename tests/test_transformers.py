@@ -427,6 +427,27 @@ def test_vit_flavours_compute_the_same_function_and_flops() -> None:
     assert {"cls_token", "pos_embed"} <= set(blocks[0].param_names)
 
 
+@pytest.mark.parametrize("size", [(28, 28), (30, 33)])
+def test_vit_patch_embedding_is_its_convolution(size) -> None:
+    """PatchEmbed (a matmul of the patches) is the stride = kernel convolution it subclasses: output,
+    all three gradients and the ledger's count; a remainder past the last whole patch is dropped."""
+    torch.manual_seed(0)
+    pe = create_model("vit_tiny", in_channels=3).patch_embed
+    assert isinstance(pe, nn.Conv2d) and set(pe.state_dict()) == {"weight", "bias"}
+    x = torch.randn(5, 3, *size, requires_grad=True)
+    ref_conv = nn.Conv2d(3, 64, 7, stride=7)
+    ref_conv.load_state_dict(pe.state_dict())
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        out, ref = pe(inp), ref_conv(inp)
+        assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)
+        g = torch.randn_like(ref)
+        got = torch.autograd.grad(out, [x, pe.weight, pe.bias], g)
+        want = torch.autograd.grad(ref, [x, ref_conv.weight, ref_conv.bias], g)
+        for a, b in zip(got, want, strict=True):
+            assert torch.allclose(a, b, atol=1e-4)
+    assert trace_forward(pe, x[:1].detach()).units == trace_forward(ref_conv, x[:1].detach()).units
+
+
 def test_flops_and_plan_report_attention_on_the_vit_preset(capsys) -> None:
     assert main(["flops", "--config", "fmnist-vit", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -122,6 +122,13 @@ def _finite_grads(model: torch.nn.Module) -> bool:
     return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
+def _clear_grads(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.zero_grad(set_to_none=True)`` without its profiling wrapper (0.17 ms per ViT-preset step)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
+
+
 def amp_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> torch.Tensor:
     """``scaler.step`` + ``scaler.update``; returns whether GradScaler skipped the step (its unscaled
     gradients held inf/NaN), read from the scale shrinking, as a 0-dim device tensor so that no host
@@ -163,11 +170,13 @@ class Trainer:
                                       **cfg.model.kwargs).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        # foreach: PyTorch picks it on CUDA only; on CPU it runs the same per-tensor maths (bit-identical)
-        # without a Python loop over the parameters, 0.1 ms less per ViT-preset step (issue 13)
+        # CPU: the fused kernel, one pass over all parameters instead of a foreach pass per operation
+        # (0.5 ms less per ViT-preset step, issue 13; it rounds differently from foreach in the last
+        # bit, and is as deterministic); CUDA: foreach, PyTorch's default there
+        cpu = self.device.type == "cpu"
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-            weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov, foreach=True)
+            weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov, foreach=not cpu, fused=cpu or None)
         example = self.train_set[0][0].unsqueeze(0).to(self.device)
         snip = None
         if cfg.sparsity.method == "static" and cfg.sparsity.static_init == "snip":
@@ -304,7 +313,7 @@ class Trainer:
         overflow the backward pass); ``skipped`` is what the controller is told (under AMP, whether
         GradScaler skipped the step, as a 0-dim tensor: no host sync)."""
         opt, ctl = self.optimizer, self.ctl
-        opt.zero_grad(set_to_none=True)
+        _clear_grads(opt)
         if self.scaler is not None:  # GradScaler skips the steps with inf/NaN gradients itself
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(opt)  # before before_step: the statistics see unscaled gradients
@@ -312,7 +321,7 @@ class Trainer:
             return True, amp_step(self.scaler, opt)
         loss.backward()
         if self.cfg.train.on_nonfinite == "skip" and not _finite_grads(self.model):
-            opt.zero_grad(set_to_none=True)
+            _clear_grads(opt)
             return False, True
         ctl.before_step()
         opt.step()

@@ -11,6 +11,10 @@ The file is JSON, written atomically (a temporary file, then ``os.replace``) and
 is on disk at write time, so parallel runs (test workers, DDP ranks) lose nothing but their own
 duplicate. A corrupt or unreadable file gives one warning line and an empty start; an unwritable
 location gives one warning line and keeps the decisions in memory for the run. Never fatal.
+
+``off`` keeps a store in memory only, for the run: a later run times afresh, but within one run
+layers with the same key (the same shape, density and call: the four blocks of a ViT, the layers
+of a ResNet stage) share one timing, as they do under a file.
 """
 
 from __future__ import annotations
@@ -65,15 +69,18 @@ def key(fields: dict[str, Any]) -> str:
 
 
 class Calibration:
-    """Decisions ``{key: (choice, speedup)}`` loaded lazily from ``path`` and written back on each new one."""
+    """Decisions ``{key: (choice, speedup)}`` loaded lazily from ``path`` and written back on each new
+    one; ``path=None``: in memory only, for this run (``sparsity.kernels_calibration: off``)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | None) -> None:
         self.path = path
         self._entries: dict[str, tuple[str, float | None]] | None = None
-        self._writable = True
+        self._writable = path is not None
         self._warned = False
 
     def _read(self) -> dict[str, tuple[str, float | None]]:
+        if self.path is None:
+            return {}
         try:
             data = json.loads(self.path.read_text())
             if data.get("format") != FORMAT:  # another version's keys: start afresh, overwrite on write
@@ -100,7 +107,7 @@ class Calibration:
         if self._entries is None:
             self._entries = self._read()
         self._entries[k] = (choice, speedup)
-        if not self._writable:
+        if not self._writable or self.path is None:
             return
         merged = {**self._read(), k: (choice, speedup)}
         self._entries.update(merged)

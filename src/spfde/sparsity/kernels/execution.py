@@ -38,7 +38,8 @@ Hyper-parameters
     keeps its timed decisions across runs (:mod:`.calibration`): ``auto`` is ``calibration.json``
     in the native kernel cache folder. A decision is keyed by the layer's kind, weight shape,
     geometry, the call, the density to 1%, threads, torch version, CPU model and native build; a
-    stored one is used untimed (with its stored speedup). ``off`` times in every run.
+    stored one is used untimed (with its stored speedup). ``off`` times in every run (within a run,
+    layers with the same key still share one timing: an in-memory store).
 Dynamic masks
     A layer's index structures are rebuilt only when the engine installs a new mask (Prune&Grow,
     prune-on-freeze, a loaded checkpoint), detected by the mask tensor's identity; ``auto``'s
@@ -423,9 +424,8 @@ class SparseExecution:
         if mode not in KERNEL_MODES:
             raise ConfigError(f"config field 'sparsity.kernels' = {mode!r}; allowed: {', '.join(KERNEL_MODES)}")
         self.model, self.engine, self.mode = model, engine, mode
-        path = calibration.resolve(calibration_file) if mode == "auto" else None
-        #: auto's stored decisions (None: ``off``, or not ``auto``)
-        self.calibration = calibration.Calibration(path) if path is not None else None
+        #: auto's stored decisions (in memory only under ``off``; None when not ``auto``)
+        self.calibration = calibration.Calibration(calibration.resolve(calibration_file)) if mode == "auto" else None
         self.layers: dict[str, _Layer] = {}
         self.unsupported: dict[str, str] = {}
         #: plain self-attention modules whose projection is not masked: spfde's attention path too

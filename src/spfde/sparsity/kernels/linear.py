@@ -60,6 +60,9 @@ class LinearPlan:
         self.tcrow = index_counts(cols, self.shape[1])
         self.tcol = rows[self.perm].to(torch.int32)
         self.perm32 = self.perm.to(torch.int32)  # the native kernel reads W^T's values through it
+        # the native calls' index arguments, as addresses once (the tensors live as long as the plan)
+        self.ptrs = {k: getattr(self, k).data_ptr() for k in ("crow", "col", "tcrow", "tcol", "perm32")}
+        self.ptrs["offsets"] = self.index.offsets.data_ptr()
 
     @property
     def nnz(self) -> int:
@@ -103,8 +106,10 @@ class SparseLinearFunction(torch.autograd.Function):
             n = x2.shape[0]
             b = bias.detach().contiguous() if bias is not None else None
             y = torch.empty((n, out_f), dtype=torch.float32)
-            _check(lib.spfde_linear_forward(_ptr(x2), n, in_f, x2.stride(0), out_f, _ptr(plan.crow), _ptr(plan.col),
-                                            _ptr(vals), _ptr(b), _ptr(y), y.stride(0), torch.get_num_threads()))
+            p = plan.ptrs
+            _check(lib.spfde_linear_forward(x2.data_ptr(), n, in_f, x2.stride(0), out_f, p["crow"], p["col"],
+                                            vals.data_ptr(), _ptr(b), y.data_ptr(), y.stride(0),
+                                            torch.get_num_threads()))
             ctx.save_for_backward(x2, vals, weight)
             return y.view(*x.shape[:-1], out_f)
         x2 = x.reshape(-1, in_f)
@@ -159,10 +164,11 @@ class SparseLinearFunction(torch.autograd.Function):
         # the kernel sums the bias gradient from the output gradient it packs anyway
         gb = torch.empty(out_f, dtype=torch.float32) if need_b and kernel else None
         if kernel:
+            p = plan.ptrs
             _check(ctx.lib.spfde_linear_backward(
-                _ptr(x2), x2.stride(0), _ptr(g2), g2.stride(0), n, in_f, out_f, _ptr(plan.crow), _ptr(plan.col),
-                _ptr(vals), _ptr(plan.tcrow), _ptr(plan.tcol), _ptr(plan.perm32), _ptr(gx), in_f, _ptr(gw),
-                _ptr(plan.index.offsets), int(zero_rows), _ptr(gb), torch.get_num_threads()))
+                x2.data_ptr(), x2.stride(0), g2.data_ptr(), g2.stride(0), n, in_f, out_f, p["crow"], p["col"],
+                vals.data_ptr(), p["tcrow"], p["tcol"], p["perm32"], _ptr(gx), in_f, _ptr(gw), p["offsets"],
+                int(zero_rows), _ptr(gb), torch.get_num_threads()))
         if dense_w:
             gw = g2.t() @ x2
         if need_b and gb is None:
@@ -174,9 +180,9 @@ def linear_input_ok(weight: torch.Tensor, x: torch.Tensor) -> bool:
     """True when this call can run sparse (else the module's dense forward runs)."""
     if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.numel() == 0 or x.dim() < 1:
         return False
-    if x.device.type != "cpu" or weight.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+    if not (x.is_cpu and weight.is_cpu) or torch.is_autocast_enabled("cpu"):
         return False
-    return x.shape[-1] == weight.shape[1] and is_dense_storage(weight)
+    return x.shape[-1] == weight.shape[1] and (weight.is_contiguous() or is_dense_storage(weight))
 
 
 def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: LinearPlan,
