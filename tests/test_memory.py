@@ -60,6 +60,22 @@ def test_frozen_prefix_hand_check() -> None:
     assert all(p.requires_grad for p in m.parameters())
 
 
+def test_a_probe_store_runs_one_forward_per_trainable_set() -> None:
+    m = TinyLinear()
+    calls = []
+    m.fc1.register_forward_hook(lambda *_: calls.append(1))
+    x, probes = torch.zeros(5, 4), {}
+    dense = memory_model(m, x, batch_size=8, probes=probes)
+    frozen = {"frozen_params": {"fc1.weight", "fc1.bias"}, "frozen_modules": {"fc1"}}
+    masks = {"fc2.weight": torch.tensor([[True, False, False], [False, True, True]])}
+    assert memory_model(m, x, batch_size=16, masks=masks, probes=probes) == memory_model(m, x, 16, masks=masks)
+    assert memory_model(m, x, batch_size=8, probes=probes, **frozen) == memory_model(m, x, 8, **frozen)
+    calls.clear()
+    assert memory_model(m, x, batch_size=8, probes=probes) == dense
+    assert memory_model(m, x, batch_size=8, probes=probes, **frozen) != dense
+    assert not calls and len(probes) == 2  # both trainable sets served from the store
+
+
 def test_sparse_weights_csr() -> None:
     m = TinyLinear(d_in=16, d_hid=8)
     mask = torch.zeros(8, 16, dtype=torch.bool)

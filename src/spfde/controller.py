@@ -123,6 +123,7 @@ class SpFDE:
             raise SpfdeError("example_input must be a batched input tensor, e.g. next(iter(loader))[0]")
         x0 = example_input[:1].detach()
         self._x0 = x0
+        self._memory_probes: dict = {}  # memory_model's probe of each trainable set (one forward each)
         self.rank, self.world_size = rank, world_size
 
         # ---- accounting: per-unit dense forward FLOPs, measured once on the real input shape
@@ -557,7 +558,7 @@ class SpFDE:
         fp = self.freezer.frozen_param_names() if self.freezer and frozen else set()
         fm = self.freezer.frozen_module_names() if self.freezer and frozen else set()
         return memory_model(self.net, self._x0, batch_size or self.cfg.data.batch_size, masks=self.sparsity.masks,
-                            frozen_params=fp, frozen_modules=fm)
+                            frozen_params=fp, frozen_modules=fm, probes=self._memory_probes)
 
     def seen_indices(self) -> torch.Tensor | None:
         """Indices passed to ``after_step`` this epoch (set ``track_seen = True`` first)."""

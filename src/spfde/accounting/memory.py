@@ -140,6 +140,7 @@ def memory_model(
     frozen_params: set[str] | frozenset[str] = frozenset(),
     frozen_modules: set[str] | frozenset[str] = frozenset(),
     optimizer_slots: int = 1,
+    probes: dict[frozenset[str], list[dict[str, Any]]] | None = None,
 ) -> dict[str, int]:
     """Training memory in bytes (see the module docstring for the counting rules).
 
@@ -151,6 +152,9 @@ def memory_model(
         frozen_params: parameters that get no gradient (every other parameter is trainable).
         frozen_modules: module names of frozen blocks; their layers keep no activations.
         optimizer_slots: optimizer state tensors per trainable weight (SGD momentum: 1).
+        probes: a store of this model's probe records by trainable set (filled here), for a caller
+            that asks every epoch: a probe depends on the model, the input's shape and which
+            parameters train, not on the masks or the weights' values.
 
     Returns ``{"weights", "activations", "weight_grads", "activation_grads", "gradients",
     "optimizer", "total"}``.
@@ -167,7 +171,13 @@ def memory_model(
 
     acts = 0
     work = 0
-    for r in _probe(model, example_input, trainable):
+    key = frozenset(trainable)
+    records = probes.get(key) if probes is not None else None
+    if records is None:
+        records = _probe(model, example_input, trainable)
+        if probes is not None:
+            probes[key] = records
+    for r in records:
         if r["name"] in frozen_modules:
             continue
         backprop = r["in_grad"] or r["owns_trainable"]
