@@ -20,6 +20,7 @@ from spfde import SpFDE
 from spfde.accounting.flops import modules_forward_flops, per_sample_flops
 from spfde.config import load_config
 from spfde.errors import ConfigError
+from spfde.freezing import cache as cache_mod
 from spfde.freezing.blocks import resolve_blocks
 from spfde.freezing.cache import (
     ActivationCache,
@@ -287,6 +288,20 @@ def test_fingerprint_exact_and_batch_independent():
     changed = (fingerprint(y) != fp).any(1)
     assert changed.tolist() == [i == 3 for i in range(33)]
     assert not (fingerprint(x.flip(3)) == fp).all(1).any()            # a flip changes every sample
+
+
+@pytest.mark.parametrize("words", [True, False])
+def test_fingerprint_of_odd_byte_counts_and_the_byte_wise_path(monkeypatch, words):
+    """uint8 images with an odd byte count (a zero byte pads the last word), and samples too long for
+    the word-wise sums (summed byte by byte): still batch-independent, and one changed byte shows."""
+    if not words:
+        monkeypatch.setattr(cache_mod, "_MAX_WORDS", 4)
+    x = torch.randint(0, 256, (9, 3, 5, 5), dtype=torch.uint8)  # 75 bytes per sample
+    fp = fingerprint(x)
+    assert torch.equal(fingerprint(x[2:5]), fp[2:5]) and torch.equal(fingerprint(x, budget_bytes=1), fp)
+    y = x.clone()
+    y[4, 2, 4, 4] ^= 1  # the last byte: the one beside the pad
+    assert ((fingerprint(y) != fp).any(1)).tolist() == [i == 4 for i in range(9)]
 
 
 def test_chunks_permutation_and_served_samples():
