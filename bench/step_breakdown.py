@@ -62,14 +62,14 @@ class _FreeLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: LinearPlan,
-                dense_weight_grad: bool) -> torch.Tensor:
+                dense_weight_grad: bool, sparse_weight_grad: bool | None = None) -> torch.Tensor:
         ctx.x_shape, ctx.weight, ctx.has_bias = x.shape, weight, bias is not None
         return x.new_zeros(*x.shape[:-1], plan.shape[0])
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor):
         gb = gy.new_zeros(gy.shape[-1]) if ctx.has_bias else None
-        return gy.new_zeros(ctx.x_shape), torch.zeros_like(ctx.weight), gb, None, None
+        return gy.new_zeros(ctx.x_shape), torch.zeros_like(ctx.weight), gb, None, None, None
 
 
 @contextlib.contextmanager

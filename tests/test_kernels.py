@@ -24,7 +24,7 @@ from spfde.sparsity.engine import SparseEngine
 from spfde.sparsity.kernels import KernelWarning, SparseExecution, attention, execution, native
 from spfde.sparsity.kernels.attention import sparse_mha
 from spfde.sparsity.kernels.conv import make_conv_plan, sparse_conv2d
-from spfde.sparsity.kernels.linear import LinearPlan, sparse_linear
+from spfde.sparsity.kernels.linear import LinearPlan, SparseLinearFunction, sparse_linear
 from spfde.sparsity.masks import PrunableLayer
 from spfde.sparsity.schedule import Schedule
 
@@ -184,6 +184,8 @@ class _LibSpy:
 
     def __getattr__(self, name: str):
         fn = getattr(self.lib, name)
+        if name == "spfde_linear_packed_floats":  # a size query, not a kernel
+            return fn
 
         def call(*args):
             self.calls.append(name)
@@ -290,9 +292,47 @@ def test_native_sparse_linear_bit_identical_for_any_thread_count(native_spy, row
 
 
 @needs_native
+@pytest.mark.parametrize("rows", [7, 300, 1100])
+def test_native_sparse_linear_weight_gradient_from_the_forwards_packed_input(native_spy, rows):
+    """The forward keeps x's packed tiles and the weight gradient reads them (the backward does not
+    pack x again): bit-identical to a backward that packs x itself, on 1 and 2 threads (1100 rows:
+    each thread packs whole tiles in the forward); the gradient is of the forward's x even when x
+    changes in place before the backward; a frozen weight keeps x itself (no packed copy)."""
+    lin, mask = _linear_case(70, 90, True, density=0.3)
+    plan = LinearPlan(mask, lin.weight)
+    x = torch.randn(rows, 70)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got = []
+            for keep in (True, False):
+                xs = x.clone().requires_grad_()
+                y = SparseLinearFunction.apply(xs, lin.weight, lin.bias, plan, False, keep)
+                kept = y.grad_fn.saved_tensors[0]
+                assert (kept.dim(), kept.numel() >= x.numel()) == ((1, True) if keep else (2, True))
+                got.append([y, *_grads(y, [xs, lin.weight, lin.bias])])
+            assert all(torch.equal(a, b) for a, b in zip(*got, strict=True))
+    finally:
+        torch.set_num_threads(threads)
+    (g_ref,) = _grads(sparse_linear(x.clone(), lin.weight, lin.bias, plan), [lin.weight])
+    xs = x.clone()
+    y = sparse_linear(xs, lin.weight, lin.bias, plan)
+    xs.add_(1.0)  # x is not saved: autograd does not object, and the gradient is the forward's
+    (g_after,) = _grads(y, [lin.weight])
+    assert torch.equal(g_after, g_ref)
+    lin.weight.requires_grad_(False)
+    xs = x.clone().requires_grad_()
+    y = sparse_linear(xs, lin.weight, lin.bias, plan)
+    assert y.grad_fn.saved_tensors[0].shape == x.shape
+    _close(_grads(y, [xs])[0], _grads(lin(xs), [xs])[0])
+
+
+@needs_native
 def test_native_sparse_linear_large_input_packs_in_tile_groups(native_spy):
     """Past 64 MiB of packed rows the backward packs its tiles in groups (a barrier per group): the
-    same values as masked dense and as one thread (which goes tile by tile)."""
+    same values as masked dense and as one thread (which goes tile by tile). With the forward's
+    packed x only gy is packed (one group here); a backward that packs x too needs two."""
     lin, mask = _linear_case(1024, 1024, True, density=0.02)
     x = torch.randn(65 * 128 + 7, 1024)  # 66 tiles > the 64 that fit 64 MiB at 2048 packed features
     xd, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -306,6 +346,10 @@ def test_native_sparse_linear_large_input_packs_in_tile_groups(native_spy):
     assert torch.all(gs[1][~mask] == 0)
     _assert_same_for_any_thread_count(lambda xs: sparse_linear(xs, lin.weight, lin.bias, LinearPlan(mask, lin.weight)),
                                       x, lin.weight, lin.bias)
+    # a backward that packs x itself (not the forward's packed x) needs both packed inputs: tile groups
+    plan = LinearPlan(mask, lin.weight)
+    repacking = lambda xs: SparseLinearFunction.apply(xs, lin.weight, lin.bias, plan, False, False)  # noqa: E731
+    _assert_same_for_any_thread_count(repacking, x, lin.weight, lin.bias)
     assert "spfde_linear_backward" in native_spy.calls
 
 

@@ -96,7 +96,7 @@ class SparseLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: LinearPlan,
-                dense_weight_grad: bool) -> torch.Tensor:
+                dense_weight_grad: bool, sparse_weight_grad: bool | None = None) -> torch.Tensor:
         out_f, in_f = plan.shape
         vals = plan.index.gather(weight.detach())
         lib = native.load(quiet=True)  # no library: the pure-PyTorch path below (no warning: still sparse)
@@ -106,11 +106,19 @@ class SparseLinearFunction(torch.autograd.Function):
             n = x2.shape[0]
             b = bias.detach().contiguous() if bias is not None else None
             y = torch.empty((n, out_f), dtype=torch.float32)
+            # the sparse weight gradient reads x as the forward packs it: keep the packed tiles instead of
+            # x (about the same bytes), so the backward does not pack x again. None: whenever the weight
+            # needs a gradient (sparse_linear passes whether autograd records this call)
+            if sparse_weight_grad is None:
+                sparse_weight_grad = ctx.needs_input_grad[1]
+            keep = sparse_weight_grad and not dense_weight_grad
+            xk = torch.empty(lib.spfde_linear_packed_floats(n, in_f), dtype=torch.float32) if keep else None
             p = plan.ptrs
             _check(lib.spfde_linear_forward(x2.data_ptr(), n, in_f, x2.stride(0), out_f, p["crow"], p["col"],
                                             vals.data_ptr(), _ptr(b), y.data_ptr(), y.stride(0),
-                                            torch.get_num_threads()))
-            ctx.save_for_backward(x2, vals, weight)
+                                            torch.get_num_threads(), _ptr(xk)))
+            ctx.x_packed = xk is not None
+            ctx.save_for_backward(xk if xk is not None else x2, vals, weight)
             return y.view(*x.shape[:-1], out_f)
         x2 = x.reshape(-1, in_f)
         a = plan.matrix(vals)
@@ -140,12 +148,12 @@ class SparseLinearFunction(torch.autograd.Function):
             gw = plan.index.scatter(gvals, weight)
         if need_b:
             gb = g2.sum(0)
-        return gx, gw, gb, None, None
+        return gx, gw, gb, None, None, None
 
     @staticmethod
     def _native_backward(ctx, gy: torch.Tensor, need_x: bool, need_w: bool, need_b: bool):
         plan: LinearPlan = ctx.plan
-        x2, vals, weight = ctx.saved_tensors
+        xs, vals, weight = ctx.saved_tensors  # xs: x's packed tiles (ctx.x_packed), else x
         out_f, in_f = plan.shape
         g2 = _rows(gy, out_f)
         n = g2.shape[0]
@@ -165,15 +173,16 @@ class SparseLinearFunction(torch.autograd.Function):
         gb = torch.empty(out_f, dtype=torch.float32) if need_b and kernel else None
         if kernel:
             p = plan.ptrs
+            x2, xkept = (None, xs) if ctx.x_packed else (xs, None)
             _check(ctx.lib.spfde_linear_backward(
-                x2.data_ptr(), x2.stride(0), g2.data_ptr(), g2.stride(0), n, in_f, out_f, p["crow"], p["col"],
-                vals.data_ptr(), p["tcrow"], p["tcol"], p["perm32"], _ptr(gx), in_f, _ptr(gw), p["offsets"],
-                int(zero_rows), _ptr(gb), torch.get_num_threads()))
+                _ptr(x2), x2.stride(0) if x2 is not None else 0, g2.data_ptr(), g2.stride(0), n, in_f, out_f,
+                p["crow"], p["col"], vals.data_ptr(), p["tcrow"], p["tcol"], p["perm32"], _ptr(gx), in_f, _ptr(gw),
+                p["offsets"], int(zero_rows), _ptr(gb), torch.get_num_threads(), _ptr(xkept)))
         if dense_w:
-            gw = g2.t() @ x2
+            gw = g2.t() @ xs
         if need_b and gb is None:
             gb = g2.sum(0)
-        return (gx.view(ctx.x_shape) if gx is not None else None), gw, gb, None, None
+        return (gx.view(ctx.x_shape) if gx is not None else None), gw, gb, None, None, None
 
 
 def linear_input_ok(weight: torch.Tensor, x: torch.Tensor) -> bool:
@@ -188,4 +197,6 @@ def linear_input_ok(weight: torch.Tensor, x: torch.Tensor) -> bool:
 def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: LinearPlan,
                   dense_weight_grad: bool = False) -> torch.Tensor:
     """``F.linear(x, weight * mask, bias)`` through the CSR path (call :func:`linear_input_ok` first)."""
-    return SparseLinearFunction.apply(x, weight, bias, plan, dense_weight_grad)
+    # forward cannot tell whether autograd records it (needs_input_grad ignores no_grad): decided here
+    sparse_w = torch.is_grad_enabled() and weight.requires_grad
+    return SparseLinearFunction.apply(x, weight, bias, plan, dense_weight_grad, sparse_w)

@@ -328,7 +328,7 @@ struct Scratch {
 
 extern "C" {
 
-int spfde_abi_version() { return 6; }
+int spfde_abi_version() { return 7; }
 int spfde_vector_width() { return V; }
 
 // y = conv2d(x, W, bias) for the nonzeros of W in CSR order (row = output channel): rowptr[OC + 1]
@@ -660,35 +660,46 @@ void bias_grad_tile(const float* gpk, const Tiles& tl, i64 t, i64 o0, i64 o1, fl
 extern "C" {
 
 // y (N, O), row stride ys = x (N, I), row stride xs, times W^T + bias (NULL: none), W's nonzeros in
-// CSR order: rowptr[O + 1], col, vals. Returns 0, or 1 when out of memory.
+// CSR order: rowptr[O + 1], col, vals. xkeep (NULL: none) receives x's packed tiles, tile t at
+// xkeep + t * I * width ([I][width] each; spfde_linear_packed_floats in all), which the backward's
+// weight gradient then reads instead of packing x again. Returns 0, or 1 when out of memory.
 int spfde_linear_forward(const float* x, i64 N, i64 I, i64 xs, i64 O, const int32_t* rowptr, const int32_t* col,
-                         const float* vals, const float* bias, float* y, i64 ys, int nthreads) {
+                         const float* vals, const float* bias, float* y, i64 ys, int nthreads, float* xkeep) {
   if (N <= 0) return 0;
   const Tiles tl = make_tiles(N);
   const i64 W = tl.width(), fi = (I + V - 1) / V, fo = (O + V - 1) / V, T = tl.count;
   const bool by_tile = T >= 2 * i64(nthreads > 0 ? nthreads : 1);
-  Scratch xp(I * W, int(by_tile ? nthreads : T), false), buf(V * W, nthreads, false);
-  if (!xp.p || !buf.p) return 1;
+  Scratch xp(I * W, xkeep ? 0 : int(by_tile ? nthreads : T), false), buf(V * W, nthreads, false);
+  if ((!xkeep && !xp.p) || !buf.p) return 1;
+  // tile t's packed rows: in xkeep, else in the scratch slot (the thread's when by_tile, else the tile's)
+  auto packed = [&](i64 t, i64 slot) { return xkeep ? xkeep + t * I * W : xp.at(int(slot)); };
 #pragma omp parallel num_threads(nthreads)
   {
     float* b = buf.at(omp_get_thread_num());
     if (by_tile) {  // whole tiles per thread, packed into its own scratch: no barrier
-      float* P = xp.at(omp_get_thread_num());
 #pragma omp for schedule(dynamic, 1) nowait
       for (i64 t = 0; t < T; ++t) {
+        float* P = packed(t, omp_get_thread_num());
         for (i64 f = 0; f < fi; ++f) pack_linear(x, xs, I, tl, P, t, f);
         for (i64 g = 0; g < fo; ++g) spmm_unit(P, tl, t, rowptr, col, vals, O, g, bias, y, ys, b);
       }
     } else {
 #pragma omp for schedule(static)
-      for (i64 u = 0; u < T * fi; ++u) pack_linear(x, xs, I, tl, xp.at(int(u / fi)), u / fi, u % fi);
+      for (i64 u = 0; u < T * fi; ++u) pack_linear(x, xs, I, tl, packed(u / fi, u / fi), u / fi, u % fi);
       // the implicit barrier above: every tile is packed
 #pragma omp for schedule(dynamic, 1) nowait
       for (i64 u = 0; u < fo * T; ++u)
-        spmm_unit(xp.at(int(u % T)), tl, u % T, rowptr, col, vals, O, u / T, bias, y, ys, b);
+        spmm_unit(packed(u % T, u % T), tl, u % T, rowptr, col, vals, O, u / T, bias, y, ys, b);
     }
   }
   return 0;
+}
+
+// Floats of the forward's xkeep for N rows of I features (every tile).
+i64 spfde_linear_packed_floats(i64 N, i64 I) {
+  if (N <= 0) return 0;
+  const Tiles tl = make_tiles(N);
+  return tl.count * I * tl.width();
 }
 
 // Gradients of the forward above for the output gradient gy (N, O), row stride gs: gx (N, I), row
@@ -697,11 +708,12 @@ int spfde_linear_forward(const float* x, i64 N, i64 I, i64 xs, i64 O, const int3
 // gwd is row-major (O, I) and is zeroed here, else the caller zeroed it; the bias gradient gb (O)
 // = column sums of gy (skipped when NULL; only with gx or gwd), summed from the packed tiles in
 // tile order. The input gradient reads W^T in CSR order: colptr[I + 1], per entry its row (output
-// feature) rowidx and perm, the CSR position of its value. Returns 0, or 1 when out of memory.
+// feature) rowidx and perm, the CSR position of its value. xkept (NULL: none): the forward's xkeep,
+// read instead of packing x (x may then be NULL). Returns 0, or 1 when out of memory.
 int spfde_linear_backward(const float* x, i64 xs, const float* gy, i64 gs, i64 N, i64 I, i64 O,
                           const int32_t* rowptr, const int32_t* col, const float* vals, const int32_t* colptr,
                           const int32_t* rowidx, const int32_t* perm, float* gx, i64 gxs, float* gwd,
-                          const i64* woff, int zero_rows, float* gb, int nthreads) {
+                          const i64* woff, int zero_rows, float* gb, int nthreads, const float* xkept) {
   const i64 nnz = rowptr[O];
   if (N <= 0) {
     if (gwd && zero_rows) std::memset(gwd, 0, sizeof(float) * size_t(O * I));
@@ -721,24 +733,27 @@ int spfde_linear_backward(const float* x, i64 xs, const float* gy, i64 gs, i64 N
   const i64 chunks = i64(cuts.size()) - 1, T = tl.count;
   // tiles are packed in groups of G (all of them unless that passes 64 MiB of packed rows), so a
   // call has one barrier per group: one for any but very large inputs
-  const i64 cap = (i64(1) << 24) / ((O + (gwd ? I : 0)) * W);
+  const bool pack_x = gwd && !xkept;
+  const i64 cap = (i64(1) << 24) / ((O + (pack_x ? I : 0)) * W);
   const i64 G = nthreads <= 1 ? 1 : (T < cap ? T : (cap > 1 ? cap : 1));
-  Scratch gp(O * W, int(G), false), xp(I * W, gwd ? int(G) : 0, false);
+  Scratch gp(O * W, int(G), false), xp(I * W, pack_x ? int(G) : 0, false);
+  // tile t's packed x: the forward's, else group slot j
+  auto xt = [&](i64 t, i64 j) -> const float* { return xkept ? xkept + t * I * W : xp.at(int(j)); };
   Scratch buf(V * W, gx ? (nthreads > 1 ? nthreads : 1) : 0, false), cw(nnz, gx ? 1 : 0, false),
       acc(T > 1 ? nnz * V : 0, gwd ? 1 : 0, false), sums(nnz, gwd ? 1 : 0, false), bacc(O * V, gb ? 1 : 0, true);
-  if (!gp.p || (gwd && (!xp.p || !acc.p || !sums.p)) || (gx && (!buf.p || !cw.p)) || (gb && !bacc.p)) return 1;
+  if (!gp.p || (gwd && ((pack_x && !xp.p) || !acc.p || !sums.p)) || (gx && (!buf.p || !cw.p)) || (gb && !bacc.p)) return 1;
   if (nthreads <= 1) {  // one thread: tile by tile, each used while it is still in cache (same sums)
     if (gx)
       for (i64 j = 0; j < nnz; ++j) cw.p[j] = vals[perm[j]];
     for (i64 t = 0; t < T; ++t) {
       for (i64 f = 0; f < fo; ++f) pack_linear(gy, gs, O, tl, gp.p, t, f);
-      if (gwd)
+      if (pack_x)
         for (i64 f = 0; f < fi; ++f) pack_linear(x, xs, I, tl, xp.p, t, f);
       if (gx)
         for (i64 g = 0; g < fi; ++g) spmm_unit(gp.p, tl, t, colptr, rowidx, cw.p, I, g, nullptr, gx, gxs, buf.p);
       if (gwd)
         for (i64 c = 0; c < chunks; ++c)
-          wgrad_chunk(xp.p, gp.p, tl, t, rowptr, col, cuts[c], cuts[c + 1], acc.p, sums.p, gwd, woff, I,
+          wgrad_chunk(xt(t, 0), gp.p, tl, t, rowptr, col, cuts[c], cuts[c + 1], acc.p, sums.p, gwd, woff, I,
                       zero_rows != 0);
       if (gb) bias_grad_tile(gp.p, tl, t, 0, O, bacc.p, gb);
     }
@@ -758,7 +773,7 @@ int spfde_linear_backward(const float* x, i64 xs, const float* gy, i64 gs, i64 N
       }
 #pragma omp for schedule(static) nowait
       for (i64 u = 0; u < n * fo; ++u) pack_linear(gy, gs, O, tl, gp.at(int(u / fo)), t0 + u / fo, u % fo);
-      if (gwd) {
+      if (pack_x) {
 #pragma omp for schedule(static) nowait
         for (i64 u = 0; u < n * fi; ++u) pack_linear(x, xs, I, tl, xp.at(int(u / fi)), t0 + u / fi, u % fi);
       }
@@ -777,7 +792,7 @@ int spfde_linear_backward(const float* x, i64 xs, const float* gy, i64 gs, i64 N
 #pragma omp for schedule(dynamic, 1) nowait
         for (i64 c = 0; c < chunks; ++c)
           for (i64 j = 0; j < n; ++j)
-            wgrad_chunk(xp.at(int(j)), gp.at(int(j)), tl, t0 + j, rowptr, col, cuts[c], cuts[c + 1], acc.p, sums.p,
+            wgrad_chunk(xt(t0 + j, j), gp.at(int(j)), tl, t0 + j, rowptr, col, cuts[c], cuts[c + 1], acc.p, sums.p,
                         gwd, woff, I, zero_rows != 0);
       }
       if (gb) {  // output features in groups of V, each summed over this group's tiles in order
