@@ -117,8 +117,10 @@ class SparseLinearFunction(torch.autograd.Function):
             _check(lib.spfde_linear_forward(x2.data_ptr(), n, in_f, x2.stride(0), out_f, p["crow"], p["col"],
                                             vals.data_ptr(), _ptr(b), y.data_ptr(), y.stride(0),
                                             torch.get_num_threads(), _ptr(xk)))
+            # x itself only for a weight gradient from x (RigL's dense one, or a caller that asked for no
+            # packed copy); the input gradient alone needs neither
             ctx.x_packed = xk is not None
-            ctx.save_for_backward(xk if xk is not None else x2, vals, weight)
+            ctx.save_for_backward(xk if keep else (x2 if ctx.needs_input_grad[1] else None), vals, weight)
             return y.view(*x.shape[:-1], out_f)
         x2 = x.reshape(-1, in_f)
         a = plan.matrix(vals)
