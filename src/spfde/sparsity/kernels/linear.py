@@ -119,7 +119,7 @@ class SparseLinearFunction(torch.autograd.Function):
                                             torch.get_num_threads(), _ptr(xk)))
             # x itself only for a weight gradient from x (RigL's dense one, or a caller that asked for no
             # packed copy); the input gradient alone needs neither
-            ctx.x_packed = xk is not None
+            ctx.x_packed = keep
             ctx.save_for_backward(xk if keep else (x2 if ctx.needs_input_grad[1] else None), vals, weight)
             return y.view(*x.shape[:-1], out_f)
         x2 = x.reshape(-1, in_f)
