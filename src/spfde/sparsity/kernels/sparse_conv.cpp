@@ -561,6 +561,14 @@ void spmm_unit(const float* P, const Tiles& tl, i64 t, const int32_t* ptr, const
   const i64 W = tl.width(), nv = tl.vectors(t), m0 = g * V;
   const int nr = int(M - m0 < V ? M - m0 : V);
   const float* src = P;
+  // The unit's output lines are requested for writing before the compute, so their misses overlap
+  // it: the output of a training step is fresh memory, and the tile stores below walk it at a row
+  // stride no hardware prefetcher follows (in a ViT-preset step, 12-26% of the forward kernel).
+  for (i64 c = 0; c < nv; ++c) {
+    const i64 n0 = (t * tl.vecs + c) * V;
+    const int nd = int(tl.N - n0 < V ? tl.N - n0 : V);
+    for (int i = 0; i < nd; ++i) __builtin_prefetch(out + (n0 + i) * os + m0, 1, 3);
+  }
   for (int r = 0; r < nr; ++r) {
     const i64 s = ptr[m0 + r], n = ptr[m0 + r + 1] - s;
     if (n == 0)
@@ -933,6 +941,14 @@ void att_unpack(const float* src, i64 L, i64 D, float* dst, i64 sb, i64 sl, i64 
     }
 }
 
+// Request for writing the lines att_unpack will write (columns [c0, c0 + D) of nv samples), so
+// their misses overlap the unit's compute (as spmm_unit does for the Linear's output).
+void att_prefetch_out(float* dst, i64 sb, i64 sl, i64 L, i64 D, i64 c0, int nv) {
+  for (int s = 0; s < nv; ++s)
+    for (i64 i = 0; i < L; ++i)
+      for (i64 d = 0; d < D; d += V) __builtin_prefetch(dst + s * sb + i * sl + c0 + d, 1, 3);
+}
+
 }  // namespace
 
 extern "C" {
@@ -956,6 +972,7 @@ int spfde_attention_forward(const float* qkv, i64 B, i64 L, i64 E, i64 H, i64 qb
     for (i64 u = 0; u < NB * H; ++u) {
       const i64 nb = u / H, h = u % H;
       const int nv = att_load_unit(qkv, B, H, qb, ql, L, D, E, u, q, k, v);
+      att_prefetch_out(o + nb * V * sob, sob, ol, L, D, h * D, nv);
       float* pu = P ? P + u * L * L * V : own;
       for (i64 i = 0; i < L; ++i) {
         float* p = pu + i * L * V;
@@ -1001,6 +1018,7 @@ int spfde_attention_backward(const float* qkv, i64 B, i64 L, i64 E, i64 H, i64 q
       const i64 nb = u / H, h = u % H;
       const int nv = att_load_unit(qkv, B, H, qb, ql, L, D, E, u, q, k, v);
       att_pack(go + nb * V * gb, gb, gl, L, D, h * D, nv, g);
+      for (i64 part = 0; part < 3; ++part) att_prefetch_out(dqkv + nb * V * db, db, dl, L, D, part * E + h * D, nv);
       const float* pu = P + u * L * L * V;
       for (i64 j = 0; j < L; ++j) att_mix(pu + j * V, L * V, g, L, D, dv + j * D * V);  // dv = p^T do
       for (i64 i = 0; i < L; ++i) {
