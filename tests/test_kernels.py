@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import controller_epochs
-from spfde.config import from_dict
+from spfde.config import from_dict, load_config
 from spfde.controller import SpFDE
 from spfde.errors import ConfigError
 from spfde.sparsity import build_sparsity
@@ -678,6 +678,64 @@ def test_auto_times_a_frozen_layer_forward_only(monkeypatch):
     lin(torch.randn(64, 512))
     (key,) = exe.layers["0"].decisions
     assert key[:3] == (False, False, False) and not backward
+
+
+def test_auto_one_off_pass_decides_untimed_and_records_nothing(monkeypatch):
+    """Inside ``one_off`` (the cache's probe and fill) a new call is predicted from the layer's timing of
+    the same input shape, not timed and not recorded; outside, the same call is timed as before."""
+    calls: list = []
+    monkeypatch.setattr(execution, "race", _fake_race(1.0, 0.5, calls))
+    lin = nn.Sequential(nn.Linear(512, 512))
+    exe = SparseExecution(lin, _engine(lin, {"0": "0.weight"}), "auto", "off")
+    x = torch.randn(64, 512)
+    lin(x).sum().backward()  # the training call: timed, sparse at 2x
+    assert len(calls) == 1
+    used = []
+    real = exe.layers["0"].sparse
+    monkeypatch.setattr(exe.layers["0"], "sparse", lambda xx, dw: used.append(1) or real(xx, dw))
+    with exe.one_off(), torch.no_grad():
+        assert exe.in_one_off
+        lin(x)
+        lin(x)
+    assert len(calls) == 1 and len(used) == 2 and not exe.in_one_off  # predicted sparse, untimed
+    assert set(exe.layers["0"].decisions) == {(False, True, False, (64, 512))}
+    with exe.one_off(), torch.no_grad():
+        lin(torch.randn(48, 512))  # no timing of this shape to predict from: timed as usual
+    assert len(calls) == 2
+    with torch.no_grad():
+        lin(x)  # a real forward-only call outside the pass: timed
+    assert len(calls) == 3
+    monkeypatch.setattr(execution, "race", _fake_race(1.0, 0.99, calls))
+    slow = nn.Sequential(nn.Linear(512, 512))
+    exe2 = SparseExecution(slow, _engine(slow, {"0": "0.weight"}), "auto", "off")
+    slow(x).sum().backward()  # sparse within the margin of dense: dense, and so is its one-off prediction
+    with exe2.one_off(), torch.no_grad():
+        slow(x)
+    assert exe2.layers["0"].used == "dense" and exe2.layers["0"].one_off_choice((False, False, False, (64, 512)), x) \
+        == "dense"
+
+
+def test_controller_runs_the_cache_activation_as_a_one_off_pass(monkeypatch, tmp_path):
+    """The cache's probe and fill run inside the kernels' one-off pass (so ``auto`` times no frozen layer there)."""
+    from spfde.freezing.cache import ActivationCache
+
+    seen = []
+    real = ActivationCache._activate
+    monkeypatch.setattr(ActivationCache, "_activate",
+                        lambda self, *a: seen.append(self.one_off.__self__.in_one_off) or real(self, *a))
+    from spfde.train import Trainer
+
+    cfg = load_config(None, ["data.name=fashion_mnist", "data.subset=256", "data.test_subset=64",
+                             "data.batch_size=64", "data.augment=false", "data.channels=null", "model.name=vit_tiny",
+                             "model.width=0.5", "train.epochs=3", "train.interval=1", "train.threads=1",
+                             "logging.progress=false", "sparsity.method=mest", "sparsity.target=0.5",
+                             "freezing.target=0.05", "freezing.tfrz=1", "freezing.cache=on",
+                             "sparsity.kernels_calibration=off"])
+    tr = Trainer(cfg, tmp_path, quiet=True)
+    assert tr.ctl.cache.one_off == tr.ctl.kernels.one_off
+    for epoch in range(3):
+        tr.train_epoch(epoch)
+    assert seen and all(seen)
 
 
 def test_auto_choices_replay_from_state_and_retime_when_the_density_moves(monkeypatch):

@@ -191,6 +191,7 @@ class SpFDE:
         from spfde.sparsity.kernels import SparseExecution
 
         self.kernels = SparseExecution(net, self.sparsity, cfg.sparsity.kernels, cfg.sparsity.kernels_calibration)
+        self.cache.one_off = self.kernels.one_off
 
     # ------------------------------------------------------------------ set-up helpers
     @staticmethod

@@ -49,7 +49,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -352,6 +352,10 @@ class ActivationCache:
         self.n = int(train_size)
         self.max_bytes = max_bytes
         self.inputs: Callable[[torch.Tensor], torch.Tensor] | None = None
+        #: a context for the activation's own passes (probe and fill), whose layer calls happen once
+        #: per freeze: the controller passes its sparse kernels' ``one_off``, so ``auto`` does not
+        #: time a frozen layer's forward for a pass that timing would cost more than it could save
+        self.one_off: Callable[[], AbstractContextManager[Any]] = nullcontext
         self.log: Callable[[str], None] | None = None
         self.notes: list[str] = []
         names = {n for n, _ in net.named_modules()}
@@ -465,7 +469,8 @@ class ActivationCache:
                 self._disable("cache.batch(x, idx) needs the input tensor and its sample indices")
                 return None
             try:
-                self._activate(x, torch.as_tensor(idx).reshape(-1).cpu().long())
+                with self.one_off():
+                    self._activate(x, torch.as_tensor(idx).reshape(-1).cpu().long())
             except NotExact as e:
                 self._off_here(str(e))
         return self._store

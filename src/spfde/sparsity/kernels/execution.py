@@ -46,7 +46,8 @@ Dynamic masks
     decisions are kept while the layer's nonzero count stays within ``RETIME_NNZ_CHANGE`` of the
     count they were timed at (the kernels' cost depends on shapes and the number of nonzeros, not
     on their positions), so it re-times at the start, when MEST's density steps (grow switch,
-    search end) and when a layer freezes (a forward-only key). In an epoch where RigL
+    search end) and when a layer freezes (a forward-only key; not inside :meth:`SparseExecution.one_off`,
+    the activation cache's probe and fill, which run a frozen layer once). In an epoch where RigL
     records its dense gradient (``engine.needs_dense_grad``), sparse layers compute the dense
     weight gradient (forward and input gradient stay sparse); the ledger charges as before.
 Determinism
@@ -68,6 +69,8 @@ from __future__ import annotations
 import statistics
 import time
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -264,6 +267,8 @@ class _Layer:
         choice = self.decisions.get(key)
         if choice is not None:
             return choice
+        if self.exe.in_one_off and (choice := self.one_off_choice(key, x)) is not None:
+            return choice
         if len(self.decisions) >= MAX_KEYS:
             return self.decisions.get(self.primary, "dense") if self.primary is not None else "dense"
         similar = [c for k, c in self.decisions.items() if k[:3] == key[:3] and k[3][1:] == key[3][1:]
@@ -283,6 +288,21 @@ class _Layer:
         if self.primary is None or (grad and not self._primary_grad):
             self.primary, self._primary_grad = key, grad
         return choice
+
+    def one_off_choice(self, key: Key, x: torch.Tensor) -> str | None:
+        """An untimed choice for a call of a one-off pass (:meth:`SparseExecution.one_off`), not
+        recorded: the stored decision when there is one, else the one this layer's timings of the
+        same input shape predict (a frozen layer's forward from its forward + backward); None: none."""
+        store = self.exe.calibration
+        hit = store.get(self.calibration_key(key, x)) if store is not None else None
+        if hit is not None:
+            return hit[0]
+        nnz = max(self.plan.nnz, 1)
+        timed = [*self.prior.items(), *((k, (v, self.basis_nnz or nnz)) for k, v in self.speedups.items())]
+        same_shape = [s * n / nnz for k, (s, n) in timed if k[3] == key[3]]
+        if not same_shape:
+            return None
+        return "sparse" if same_shape[-1] * (1.0 - MARGIN) >= 1.0 else "dense"
 
     def _batch_leading(self) -> bool:
         """The input's first dimension is the batch (not the sequence of a seq-first attention)."""
@@ -429,6 +449,7 @@ class SparseExecution:
         self.calibration = calibration.Calibration(calibration.resolve(calibration_file)) if mode == "auto" else None
         self.layers: dict[str, _Layer] = {}
         self.unsupported: dict[str, str] = {}
+        self.in_one_off = False
         #: plain self-attention modules whose projection is not masked: spfde's attention path too
         self.attention: dict[str, nn.Module] = {}
         self._order = [lay.module for lay in engine.masked_layers]
@@ -461,6 +482,19 @@ class SparseExecution:
             warn_once(f"sparsity.kernels=sparse: {len(self.unsupported)} masked layer(s) run dense kernels "
                       f"({name!r}: {why})")
         self.refresh()
+
+    @contextmanager
+    def one_off(self) -> Iterator[None]:
+        """Calls inside are a pass that runs once (the activation cache's probe and fill at a freeze):
+        ``auto`` decides a new call from the stored decisions or this layer's earlier timings
+        (:meth:`_Layer.one_off_choice`) without timing it and without recording it, so a later real
+        call of the same key is still timed. Timing a frozen layer's forward costs a few
+        milliseconds; the fill it would decide runs the layer once per sample."""
+        was, self.in_one_off = self.in_one_off, True
+        try:
+            yield
+        finally:
+            self.in_one_off = was
 
     @property
     def dense_weight_grad(self) -> bool:
