@@ -298,11 +298,15 @@ class _Layer:
         if hit is not None:
             return hit[0]
         nnz = max(self.plan.nnz, 1)
-        timed = [*self.prior.items(), *((k, (v, self.basis_nnz or nnz)) for k, v in self.speedups.items())]
-        same_shape = [s * n / nnz for k, (s, n) in timed if k[3] == key[3]]
+        same_shape = [s * n / nnz for k, (s, n) in self._timings() if k[3] == key[3]]
         if not same_shape:
             return None
         return "sparse" if same_shape[-1] * (1.0 - MARGIN) >= 1.0 else "dense"
+
+    def _timings(self) -> list[tuple[Key, tuple[float, int]]]:
+        """Every speedup this layer timed, earlier counts first: ``(key, (speedup, nonzeros then))``."""
+        nnz = max(self.plan.nnz, 1)
+        return [*self.prior.items(), *((k, (v, self.basis_nnz or nnz)) for k, v in self.speedups.items())]
 
     def _batch_leading(self) -> bool:
         """The input's first dimension is the batch (not the sequence of a seq-first attention)."""
@@ -316,9 +320,7 @@ class _Layer:
         """
         nnz = max(self.plan.nnz, 1)
         same = [(s * n / nnz, PREDICT_SAME_CALL) for k, (s, n) in self.prior.items() if k == key]
-        other = [(s * n / nnz, PREDICT_OTHER_CALL) for k, (s, n) in
-                 [*self.prior.items(), *((k, (v, self.basis_nnz or nnz)) for k, v in self.speedups.items())]
-                 if k != key and k[3] == key[3]]
+        other = [(s * n / nnz, PREDICT_OTHER_CALL) for k, (s, n) in self._timings() if k != key and k[3] == key[3]]
         for speedup, (low, high) in same[-1:] or other[-1:]:
             if speedup < low:
                 return "dense"
