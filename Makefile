@@ -21,7 +21,8 @@ $(STAMP): $(BIN)/python pyproject.toml
 	  || $(BIN)/python -m pip install -q "torch>=2.2"
 	$(BIN)/python -m pip install -q $(FIND) -e ".[test,lightning,hf]"
 	# the optional native sparse-conv kernel; a failed build is not fatal (dense fallback)
-	-$(BIN)/python -m spfde.sparsity.kernels.native
+	# (through main(), not `-m`: the package imports the module first, which runpy warns about)
+	-$(BIN)/python -c "import sys; from spfde.sparsity.kernels.native import main; sys.exit(main())"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -650,21 +650,31 @@ def test_auto_keeps_sparse_only_when_faster_by_the_margin(monkeypatch, sparse_s,
     assert len(calls) == 3
 
 
-def test_auto_times_a_large_batch_on_a_slice(monkeypatch):
+@pytest.mark.parametrize("whole_macs, timed", [(0, 16), (400 * 256 * 256, 400)])
+def test_auto_times_a_large_batch_on_a_slice_unless_the_call_is_small(monkeypatch, whole_macs, timed):
+    """A batch above TIME_MAX_BATCH is timed on a slice, unless the whole call is at most
+    TIME_WHOLE_MACS multiply-adds (then the slice would overstate the sparse path's fixed cost)."""
     def race(dense, sparse):  # run each once, then call dense the faster
         dense(), sparse()
         return 1.0, 2.0
 
     monkeypatch.setattr(execution, "race", race)
     monkeypatch.setattr(execution, "TIME_MAX_BATCH", 16)
+    monkeypatch.setattr(execution, "TIME_WHOLE_MACS", whole_macs)
     model = nn.Sequential(nn.Linear(256, 256))
     exe = SparseExecution(model, _engine(model, {"0": "0.weight"}), "auto")
     shapes = []
     monkeypatch.setattr(exe.layers["0"], "sparse",
                         lambda xx, dw: shapes.append(xx.shape[0]) or xx @ model[0].weight.t())
+    x = torch.randn(400, 256)
     with torch.no_grad():
-        model(torch.randn(400, 256))
-    assert shapes == [16] and exe.layers["0"].decisions == {(False, False, False, (400, 256)): "dense"}
+        model(x)
+    assert shapes == [timed] and exe.layers["0"].decisions == {(False, False, False, (400, 256)): "dense"}
+    # the calibration key records what was timed: a decision timed on a slice is not reused for the whole
+    layer, key = exe.layers["0"], (False, False, False, (400, 256))
+    ckey = layer.calibration_key(key, x)
+    monkeypatch.setattr(execution, "TIME_WHOLE_MACS", 400 * 256 * 256 - whole_macs)
+    assert layer.calibration_key(key, x) != ckey
 
 
 def test_auto_times_a_frozen_layer_forward_only(monkeypatch):

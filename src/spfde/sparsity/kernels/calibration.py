@@ -34,7 +34,7 @@ from spfde.sparsity.kernels.common import warn_once
 
 FILE_NAME = "calibration.json"
 #: bumped when the key's fields or the timing rule change, so old decisions are not reused
-FORMAT = 1
+FORMAT = 2
 
 
 def resolve(setting: str) -> Path | None:

@@ -28,8 +28,10 @@ Hyper-parameters
       layer), medians compared, sparse kept only when at least ``MARGIN`` faster, so ``auto`` is
       not slower than dense beyond timing noise. The same call at a somewhat smaller batch (a
       short last batch) reuses the decision; a large batch is timed on its first
-      ``TIME_MAX_BATCH`` samples. Calls below ``TINY_MACS`` multiply-adds run dense untimed (the sparse path's fixed
-      cost cannot win there). A re-decision that an earlier timing of the layer already settles is
+      ``TIME_MAX_BATCH`` samples unless the whole call is at most ``TIME_WHOLE_MACS`` multiply-adds
+      (there the sparse path's fixed cost per call is a visible share, which a slice overstates).
+      Calls below ``TINY_MACS`` multiply-adds run dense untimed (the sparse path's fixed cost
+      cannot win there). A re-decision that an earlier timing of the layer already settles is
       not timed (``PREDICT_SAME_CALL`` / ``PREDICT_OTHER_CALL``): the sparse kernels' time follows
       the nonzero count, so a layer that lost by 3x at the search density still loses at s. On
       CUDA every call runs dense (GPU 2:4 semi-structured kernels are future work, docs/kernels.md).
@@ -97,6 +99,12 @@ TIME_BUDGET_S = 0.03
 MIN_REPS, MAX_REPS = 3, 9
 #: a call is timed on at most this many samples (both kernels scale linearly in the batch beyond it)
 TIME_MAX_BATCH = 64
+#: ... unless the whole call is at most this many dense multiply-adds: then it is timed whole. At such
+#: sizes the sparse path's fixed cost per call (Python, scratch, layout) is a visible share, and a
+#: slice would charge it twice per sample: on 64 of their 128 samples the ViT preset's MLP linears
+#: (2,176 rows, 18 M multiply-adds) timed about 0.1x slower than whole (bench/auto_timing.py,
+#: docs/kernels.md)
+TIME_WHOLE_MACS = 1 << 26
 #: a smaller batch reuses the decision of the same call at a batch at most this many times larger
 #: (a short last batch); a larger batch is timed (on TIME_MAX_BATCH samples)
 REUSE_BATCH_RATIO = 4
@@ -341,6 +349,12 @@ class _Layer:
             store.put(ckey, choice, speedup)
         return choice, speedup
 
+    def sliced(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`time` times this call on its first ``TIME_MAX_BATCH`` samples (a large
+        call of a large batch; an attention layer, whose leading dimension may be the sequence, and
+        calls of at most ``TIME_WHOLE_MACS`` are timed whole)."""
+        return self.kind != "mha" and x.shape[0] > TIME_MAX_BATCH and self.macs(x) > TIME_WHOLE_MACS
+
     def calibration_key(self, key: Key, x: torch.Tensor) -> str:
         """Everything that sets the two kernels' costs for this call (:mod:`.calibration` adds the
         thread count, torch version and CPU model); the nonzero count enters as density to 1%."""
@@ -349,6 +363,8 @@ class _Layer:
             "kind": self.kind, "weight": w.shape, "weight_stride": w.stride(), "dtype": str(w.dtype),
             "bias": getattr(m, "in_proj_bias" if self.kind == "mha" else "bias", None) is not None,
             "call": _encode(key), "input_stride": x.stride(), "training": m.training,
+            # the samples the timing ran on: a decision timed on a slice is not one timed whole
+            "timed_batch": TIME_MAX_BATCH if self.sliced(x) else int(x.shape[0]),
             "density": round(100 * self.plan.nnz / max(w.numel(), 1)), "version": spfde_version,
             # every sparse path runs the native library when it loads (status() loads it): its build
             "native": Path(str(native.status()["path"])).name}
@@ -365,7 +381,7 @@ class _Layer:
         """(dense, sparse) median seconds of this call's work on a detached copy of its input."""
         need_x, need_w, dense_w, _ = key
         w = self.weight
-        if self.kind != "mha" and x.shape[0] > TIME_MAX_BATCH:
+        if self.sliced(x):
             part = x[:TIME_MAX_BATCH]
             args, kwargs = tuple(_swap(a, x, part) for a in args), {k: _swap(v, x, part) for k, v in kwargs.items()}
             x = part
