@@ -563,7 +563,8 @@ void spmm_unit(const float* P, const Tiles& tl, i64 t, const int32_t* ptr, const
   const float* src = P;
   // The unit's output lines are requested for writing before the compute, so their misses overlap
   // it: the output of a training step is fresh memory, and the tile stores below walk it at a row
-  // stride no hardware prefetcher follows (in a ViT-preset step, 12-26% of the forward kernel).
+  // stride no hardware prefetcher follows (in a ViT-preset step: 12-26% less forward-kernel time on
+  // one 2-vCPU box, no change measured on a Zen 4 one; docs/benchmarks.md).
   for (i64 c = 0; c < nv; ++c) {
     const i64 n0 = (t * tl.vecs + c) * V;
     const int nd = int(tl.N - n0 < V ? tl.N - n0 : V);
