@@ -102,11 +102,11 @@ TIME_MAX_BATCH = 64
 #: ... unless the whole call is at most this many dense multiply-adds: then it is timed whole. At such
 #: sizes the sparse path's fixed cost per call (Python, scratch, layout) is a visible share, and a
 #: slice would charge it twice per sample: on 64 of their 128 samples the ViT preset's MLP linears
-#: (2,176 rows, 18 M multiply-adds) timed about 0.1x slower than whole (bench/auto_timing.py,
-#: docs/kernels.md)
+#: (2,176 rows, 18 M multiply-adds) measured a dense/sparse speedup about 0.1 lower than whole
+#: (bench/auto_timing.py, docs/kernels.md)
 TIME_WHOLE_MACS = 1 << 26
 #: a smaller batch reuses the decision of the same call at a batch at most this many times larger
-#: (a short last batch); a larger batch is timed (on TIME_MAX_BATCH samples)
+#: (a short last batch); a larger batch is timed (a large call on TIME_MAX_BATCH samples)
 REUSE_BATCH_RATIO = 4
 #: a new mask keeps the layer's decisions while its nonzero count is within this fraction of the
 #: count they were timed at: both kernels' cost follows the shapes and the number of nonzeros, not
