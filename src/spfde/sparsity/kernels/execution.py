@@ -251,15 +251,19 @@ class _Layer:
         x = self._input(args, kwargs)
         if x is None or _traced() or self.sync() is None:
             return self.dense(*args, **kwargs)
-        grad = torch.is_grad_enabled()
-        w_grad = grad and self.weight.requires_grad
-        key = (grad and x.requires_grad, w_grad, w_grad and self.exe.dense_weight_grad, tuple(x.shape))
+        key = self.call_key(x)
         choice = self.choose(key, x, args, kwargs)
-        if grad:
+        if torch.is_grad_enabled():
             self.used = choice
         if choice == "dense":
             return self.dense_call(x, args, kwargs)
         return self.sparse(x, key[2])
+
+    def call_key(self, x: torch.Tensor) -> Key:
+        """The decision key of a call on ``x`` in the current grad mode."""
+        grad = torch.is_grad_enabled()
+        w_grad = grad and self.weight.requires_grad
+        return (grad and x.requires_grad, w_grad, w_grad and self.exe.dense_weight_grad, tuple(x.shape))
 
     # ------------------------------------------------------------------ the choice
     def macs(self, x: torch.Tensor) -> int:
