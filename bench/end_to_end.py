@@ -30,6 +30,11 @@ preset <= 0.4x; auto never slower than dense kernels by more than 3%.
     python bench/end_to_end.py --models vit --set model.width=2   # extra overrides for every variant
     python bench/end_to_end.py --models vit --vit-setting preset  # the preset's own 80% / 15% / 20%
     python bench/end_to_end.py --models vit --repeats 5           # medians of 5 lock-step runs
+    python bench/end_to_end.py --merge runs.jsonl                 # medians of separate --json runs
+
+On a machine with a GPU, ``train.device: auto`` puts every variant on it (``bench/gpu_session.sh``);
+the table then adds each variant's peak device memory over its training epochs, and ``auto`` runs
+every layer dense there (docs/kernels.md), so the ``auto`` rows repeat their dense twins.
 """
 
 from __future__ import annotations
@@ -105,6 +110,8 @@ def rows_for(res: dict[str, dict[str, Any]], configs: dict[str, Config]) -> list
                "wall_over_dense": round(wall_over, 3),
                "wall_over_flops_saving": round((1.0 - wall_over) / flops_saving, 3) if flops_saving > 0 else None,
                "wall_s": round(r["wall_s"], 2)}
+        if r["peak_mem_bytes"] is not None:  # CUDA: the variant's peak device memory over its training epochs
+            row["peak_mem_mib"] = round(r["peak_mem_bytes"] / 2**20, 1)
         parts = name.split("/")
         if len(parts) > 1 and parts[1] == "auto":
             twin = "/".join([parts[0], "dense"] + parts[2:])
@@ -133,6 +140,8 @@ def median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
             row["wall_over_flops_saving"] = round((1.0 - over) / row["flops_saving"], 3)
         if "auto_over_dense_kernels" in row:
             row["auto_over_dense_kernels"] = round(statistics.median(r["auto_over_dense_kernels"] for r in same), 3)
+        if "peak_mem_mib" in row:
+            row["peak_mem_mib"] = max(r["peak_mem_mib"] for r in same)
         out.append(row)
     return out
 
@@ -153,9 +162,16 @@ def main() -> None:
                     help="lock-step runs per model; the table gives medians of each run's ratios (this machine's "
                          "noise moves one ViT run's ratios by about 0.05)")
     ap.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    ap.add_argument("--merge", nargs="+", metavar="FILE",
+                    help="run nothing: print the median table of earlier --json runs (one JSON object per line in "
+                         "each FILE; other lines are skipped), as --repeats would, for repeats run as separate "
+                         "processes (bench/gpu_session.sh does, so that a run cut short keeps the others)")
     args = ap.parse_args()
     out: dict[str, Any] = {"models": {}}
-    for model in [m.strip() for m in args.models.split(",") if m.strip()]:
+    if args.merge:
+        for model, (meta, runs) in merged(args.merge).items():
+            out["models"][model] = table(model, runs, meta, args.json)
+    for model in [] if args.merge else [m.strip() for m in args.models.split(",") if m.strip()]:
         epochs = args.epochs or (12 if model == "resnet20" else 10)
         subset = args.subset or (2000 if args.quick else 4000)
         batch = 64 if model == "resnet20" else 128
@@ -165,30 +181,60 @@ def main() -> None:
         common += args.overrides
         configs = variants(common, spfde, path)
         runs = [rows_for(run_lockstep(configs), configs) for _ in range(max(args.repeats, 1))]
-        rows = median_rows(runs)
-        dense_wall = next(r["wall_s"] for r in rows if r["variant"] == "dense")
-        out["models"][model] = {"rows": rows, "epochs": epochs, "subset": subset, "batch_size": batch,
-                                "setting": args.vit_setting if model == "vit" else "issue",
-                                "threads": torch.get_num_threads(), "dense_wall_s": round(dense_wall, 2),
-                                "repeats": len(runs)}
-        if not args.json:
-            print(f"\n{model}: {subset} images, {epochs} epochs, batch {batch}, {torch.get_num_threads()} threads; "
-                  f"dense {dense_wall:.1f}s of training" + (f" (median of {len(runs)} runs)" if len(runs) > 1 else ""))
-            print(f"{'variant':<20}{'FLOPs saved':>12}{'wall saved':>12}{'wall/dense':>12}{'wall/FLOPs':>12}"
-                  f"{'auto/dense k.':>14}{'sparse':>8}")
-            for r in rows:
-                ratio = "-" if r["wall_over_flops_saving"] is None else f"{r['wall_over_flops_saving']:.3f}"
-                auto = f"{r['auto_over_dense_kernels']:.3f}" if "auto_over_dense_kernels" in r else "-"
-                print(f"{r['variant']:<20}{100 * r['flops_saving']:>11.2f}%{100 * r['wall_saving']:>11.2f}%"
-                      f"{r['wall_over_dense']:>12.3f}{ratio:>12}{auto:>14}{r.get('sparse_layers', '-'):>8}")
-            if len(runs) > 1:
-                print("wall/dense of each run:")
-                for r in rows:
-                    print(f"  {r['variant']:<18}" + " ".join(f"{v:.3f}" for v in r["wall_over_dense_runs"]))
+        gpu = "peak_mem_mib" in runs[0][0]  # the trainers ran on CUDA (train.device auto or cuda)
+        meta = {"epochs": epochs, "subset": subset, "batch_size": batch,
+                "setting": args.vit_setting if model == "vit" else "issue", "threads": torch.get_num_threads(),
+                "device": torch.cuda.get_device_name() if gpu else "cpu"}
+        out["models"][model] = table(model, runs, meta, args.json)
     if args.json:
         print(json.dumps(out))
     else:
         print("\ngoals: ResNet-20 spfde/auto/auto wall/dense <= 0.5, ViT <= 0.4; auto/dense kernels <= 1.03")
+
+
+def merged(paths: list[str]) -> dict[str, tuple[dict[str, Any], list[list[dict[str, Any]]]]]:
+    """{model: (the last run's settings, [each run's rows])} from files of --json lines."""
+    out: dict[str, tuple[dict[str, Any], list[list[dict[str, Any]]]]] = {}
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                if not line.startswith('{"models"'):
+                    continue
+                for model, entry in json.loads(line)["models"].items():
+                    if entry.get("repeats", 1) != 1:
+                        raise SystemExit(f"{path}: {model} holds a median of {entry['repeats']} runs; --merge takes "
+                                         "single runs (--repeats 1)")
+                    meta = {k: v for k, v in entry.items() if k not in ("rows", "dense_wall_s", "repeats")}
+                    out.setdefault(model, (meta, []))[1].append(entry["rows"])
+    if not out:
+        raise SystemExit(f"--merge: no JSON line of bench/end_to_end.py --json in {', '.join(paths)}")
+    return out
+
+
+def table(model: str, runs: list[list[dict[str, Any]]], meta: dict[str, Any], quiet: bool) -> dict[str, Any]:
+    """The JSON entry of one model (medians over ``runs``), printed as a table unless ``quiet``."""
+    rows = median_rows(runs)
+    dense_wall = next(r["wall_s"] for r in rows if r["variant"] == "dense")
+    entry = {"rows": rows, **meta, "dense_wall_s": round(dense_wall, 2), "repeats": len(runs)}
+    if quiet:
+        return entry
+    gpu = "peak_mem_mib" in rows[0]
+    where = meta["device"] if gpu else f"{meta['threads']} threads"
+    print(f"\n{model}: {meta['subset']} images, {meta['epochs']} epochs, batch {meta['batch_size']}, {where}; "
+          f"dense {dense_wall:.1f}s of training" + (f" (median of {len(runs)} runs)" if len(runs) > 1 else ""))
+    print(f"{'variant':<20}{'FLOPs saved':>12}{'wall saved':>12}{'wall/dense':>12}{'wall/FLOPs':>12}"
+          f"{'auto/dense k.':>14}{'sparse':>8}" + (f"{'peak MiB':>10}" if gpu else ""))
+    for r in rows:
+        ratio = "-" if r["wall_over_flops_saving"] is None else f"{r['wall_over_flops_saving']:.3f}"
+        auto = f"{r['auto_over_dense_kernels']:.3f}" if "auto_over_dense_kernels" in r else "-"
+        print(f"{r['variant']:<20}{100 * r['flops_saving']:>11.2f}%{100 * r['wall_saving']:>11.2f}%"
+              f"{r['wall_over_dense']:>12.3f}{ratio:>12}{auto:>14}{r.get('sparse_layers', '-'):>8}"
+              + (f"{r['peak_mem_mib']:>10.1f}" if gpu else ""))
+    if len(runs) > 1:
+        print("wall/dense of each run:")
+        for r in rows:
+            print(f"  {r['variant']:<18}" + " ".join(f"{v:.3f}" for v in r["wall_over_dense_runs"]))
+    return entry
 
 
 if __name__ == "__main__":

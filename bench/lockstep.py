@@ -67,18 +67,27 @@ def run_lockstep(configs: dict[str, Config], hook: Callable[[str, Trainer], None
         names = list(trainers)
         epochs = max(cfg.train.epochs for cfg in configs.values())
         times: dict[str, list[float]] = {n: [] for n in names}
+        # on CUDA, each variant's peak device memory over its training epochs (max_memory_allocated, reset
+        # before each epoch, so one variant's peak never shows up in another's)
+        peaks: dict[str, int | None] = {n: None for n in names}
         for epoch in range(epochs):
             order = names[epoch % len(names):] + names[: epoch % len(names)]
             for name in order:
                 tr = trainers[name]
                 if epoch >= tr.cfg.train.epochs:
                     continue
+                cuda = tr.device.type == "cuda"
+                if cuda:
+                    torch.cuda.synchronize(tr.device)
+                    torch.cuda.reset_peak_memory_stats(tr.device)
                 t0 = time.perf_counter()
                 tr.train_epoch(epoch)
-                if tr.device.type == "cuda":
+                if cuda:
                     torch.cuda.synchronize(tr.device)
                 times[name].append(time.perf_counter() - t0)
-        return {name: {"wall_s": sum(times[name]), "epoch_s": times[name],
+                if cuda:
+                    peaks[name] = max(peaks[name] or 0, int(torch.cuda.max_memory_allocated(tr.device)))
+        return {name: {"wall_s": sum(times[name]), "epoch_s": times[name], "peak_mem_bytes": peaks[name],
                        "train_flops": float(tr.ctl.ledger.total_flops), "trainer": tr}
                 for name, tr in trainers.items()}
 

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from spfde.sparsity.kernels import native
+# The suite asserts CPU semantics (bit-identical runs, the CPU sparse kernels' choices, thread
+# counts), so on a machine with a GPU it hides the GPUs before anything initialises CUDA:
+# `train.device: auto` then means the CPU there too, as in CI. SPFDE_TEST_CUDA=1 keeps them, for
+# the tests marked `cuda` (`SPFDE_TEST_CUDA=1 pytest -m cuda`; bench/gpu_session.sh runs them).
+if os.environ.get("SPFDE_TEST_CUDA") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import pytest  # noqa: E402
+
+from spfde.sparsity.kernels import native  # noqa: E402
 
 # where the native kernel libraries already are (read only: linked into each test's own folder)
 _BUILT = native.cache_dir()
