@@ -9,6 +9,7 @@
 #
 #     SPFDE_DATA=... bash bench/gpu_session.sh
 #     PARTS="e2e profile tests" REPEATS=3 DEADLINE=470 bash bench/gpu_session.sh   # fit a lease
+#     PARTS=e2e REPEATS=2 E2E_ARGS="--epochs 2 --subset 128 --set freezing.unreachable=reduce" bash bench/gpu_session.sh  # a CPU dry run
 set -u
 OUT=${OUT:-gpu-out}
 PARTS=${PARTS:-"smoke kernels e2e profile tests suite"}
@@ -37,7 +38,8 @@ want kernels && part gpu_kernels "${KERNELS_S:-90}" $PY bench/gpu_kernels.py --j
 if want e2e; then
     for _ in $(seq "$REPEATS"); do
         for model in resnet20 vit; do
-            part "e2e_$model" "${E2E_S:-120}" $PY bench/end_to_end.py --models "$model" --json
+            # shellcheck disable=SC2086  # E2E_ARGS: extra arguments of every run, word-split (the dry run above)
+            part "e2e_$model" "${E2E_S:-120}" $PY bench/end_to_end.py --models "$model" --json ${E2E_ARGS:-}
         done
     done
 fi
