@@ -193,19 +193,30 @@ def main() -> None:
 
 
 def merged(paths: list[str]) -> dict[str, tuple[dict[str, Any], list[list[dict[str, Any]]]]]:
-    """{model: (the last run's settings, [each run's rows])} from files of --json lines."""
+    """{model: (the runs' settings, [each run's rows])} from files of --json lines; runs of one model
+    must share their settings (epochs, images, batch, device, ...)."""
     out: dict[str, tuple[dict[str, Any], list[list[dict[str, Any]]]]] = {}
     for path in paths:
         with open(path) as f:
             for line in f:
-                if not line.startswith('{"models"'):
-                    continue
-                for model, entry in json.loads(line)["models"].items():
+                try:
+                    models = json.loads(line)["models"] if line.startswith('{"models"') else None
+                except json.JSONDecodeError:  # a run killed while it printed
+                    models = None
+                for model, entry in (models or {}).items():
                     if entry.get("repeats", 1) != 1:
                         raise SystemExit(f"{path}: {model} holds a median of {entry['repeats']} runs; --merge takes "
                                          "single runs (--repeats 1)")
                     meta = {k: v for k, v in entry.items() if k not in ("rows", "dense_wall_s", "repeats")}
-                    out.setdefault(model, (meta, []))[1].append(entry["rows"])
+                    first, runs = out.setdefault(model, (meta, []))
+                    diff = sorted(k for k in first.keys() | meta.keys() if first.get(k) != meta.get(k))
+                    if diff == ["threads"]:  # the load-aware default can choose differently per process
+                        print(f"note: {path}: a {model} run on {meta['threads']} threads, the first on "
+                              f"{first['threads']} (pin them with --threads)", file=sys.stderr)
+                    elif diff:
+                        raise SystemExit(f"{path}: a {model} run whose settings differ from the first one's "
+                                         f"({', '.join(diff)}); merge runs of one setting")
+                    runs.append(entry["rows"])
     if not out:
         raise SystemExit(f"--merge: no JSON line of bench/end_to_end.py --json in {', '.join(paths)}")
     return out

@@ -121,10 +121,12 @@ def semi_structured_rows(name: str, n: int, k: int, m: int, dtype: torch.dtype, 
             (gy.t() @ x).mul_(mask)
 
         dense_t, sparse_t = cuda_time([dense_step, sparse_step], reps, rounds)
+        err = max(err, rel_err((gy.t() @ x).mul_(mask), (gyd.t() @ xd) * mask))  # the step's dW too
         rows.append({**base, "pass": "train", "dense_ms": dense_t * 1e3, "sparse_ms": sparse_t * 1e3,
                      "speedup": dense_t / sparse_t, "rel_err": err})
     except Exception as e:  # a shape or dtype the backend refuses: say so in the table
-        rows.append({**base, "pass": "fwd", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
+        rows.append({**base, "pass": "train" if rows else "fwd",
+                     "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
     return rows
 
 

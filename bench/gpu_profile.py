@@ -22,6 +22,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from end_to_end import settings, variants  # noqa: E402
@@ -29,6 +30,9 @@ from spfde.train import Trainer  # noqa: E402
 
 
 def device_us(event: object) -> float:
+    """A GPU kernel's own time; 0 for CPU operations, whose device time repeats their kernels'."""
+    if getattr(event, "device_type", None) != DeviceType.CUDA or getattr(event, "is_user_annotation", False):
+        return 0.0
     for name in ("self_device_time_total", "self_cuda_time_total"):  # renamed in torch 2.4
         if hasattr(event, name):
             return float(getattr(event, name))

@@ -36,6 +36,7 @@ want smoke && part smoke "${SMOKE_S:-60}" bash -c "$PY -m spfde.cli train --conf
   && $PY -m spfde.cli report /tmp/gpu-run && cat /tmp/gpu-run/summary.json"
 want kernels && part gpu_kernels "${KERNELS_S:-90}" $PY bench/gpu_kernels.py --json "$OUT/gpu_kernels.json"
 if want e2e; then
+    rm -f "$OUT"/e2e_*.txt  # --merge below takes every run in these files: this call's alone
     for _ in $(seq "$REPEATS"); do
         for model in resnet20 vit; do
             # shellcheck disable=SC2086  # E2E_ARGS: extra arguments of every run, word-split (the dry run above)
@@ -48,9 +49,14 @@ want profile && part profile "${PROFILE_S:-60}" $PY bench/gpu_profile.py
 # tests/conftest.py) under the device's own torch; -x: the first failure, printed
 want tests && part tests "${TESTS_S:-30}" env SPFDE_TEST_CUDA=1 $PY -m pytest -q -rfE --tb=short -p no:cacheprovider \
     -W ignore -m cuda tests
+PAR=""  # pytest-xdist and pytest-timeout where installed (the device image has both; the test extras do not)
+$PY -c "import xdist, pytest_timeout" 2>/dev/null && PAR="-n 8 --timeout 120"
+# shellcheck disable=SC2086
 want suite && part suite "${SUITE_S:-150}" $PY -m pytest -q -x -rfE --tb=short -p no:cacheprovider -W ignore \
-    -n 8 --timeout 120 tests
-want e2e && $PY bench/end_to_end.py --merge "$OUT"/e2e_*.txt  # the median tables of the runs that finished
+    $PAR tests
+if want e2e && compgen -G "$OUT/e2e_*.txt" >/dev/null; then
+    $PY bench/end_to_end.py --merge "$OUT"/e2e_*.txt  # the median tables of the runs that finished
+fi
 for f in gpu_kernels profile; do [ -f "$OUT/$f.txt" ] && tail -n 60 "$OUT/$f.txt"; done
 for f in tests suite; do [ -f "$OUT/$f.txt" ] && tail -n 30 "$OUT/$f.txt"; done
 exit 0
