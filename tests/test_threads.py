@@ -53,9 +53,8 @@ def test_set_threads_reads_affinity_and_load_and_keeps_a_resumed_count(monkeypat
         torch.set_num_threads(before)
 
 
-def test_visible_load_sees_a_competitor_the_load_average_has_not_caught_up_with(monkeypatch) -> None:
-    monkeypatch.setattr(utils.os, "getloadavg", lambda: (0.2, 0.1, 0.1))
-    readings = iter(["0.2 0.1 0.1 3/200 99\n"] * 5)
+def _fake_proc(monkeypatch, runnable: list[int], own: int) -> None:
+    readings = iter(f"0.2 0.1 0.1 {n}/200 99\n" for n in runnable)
 
     class Fake:
         def __enter__(self):
@@ -68,7 +67,56 @@ def test_visible_load_sees_a_competitor_the_load_average_has_not_caught_up_with(
             return next(readings)
 
     monkeypatch.setattr("builtins.open", lambda *a, **k: Fake())
+    monkeypatch.setattr(utils, "_own_running", lambda: own)
+
+
+def test_visible_load_counts_other_runnable_threads_not_the_load_average(monkeypatch) -> None:
+    # a competitor started a moment ago: the load average (0.2) has not caught up with it
+    monkeypatch.setattr(utils.os, "getloadavg", lambda: (0.2, 0.1, 0.1))
+    _fake_proc(monkeypatch, [3] * 5, own=1)
     assert utils.visible_load(gap_s=0.0) == 2.0  # three runnable threads, one of them the reader
+    # a competitor that finished a moment ago (or this process's own earlier run): the load
+    # average still says 2, nothing runs; an idle machine must get every core
+    monkeypatch.setattr(utils.os, "getloadavg", lambda: (2.0, 1.5, 1.0))
+    _fake_proc(monkeypatch, [1] * 5, own=1)
+    idle = utils.visible_load(gap_s=0.0)
+    assert idle == 0.0 and choose_threads(None, {}, 2, idle, 2).threads == 2
+    # this process's own runnable threads (a data thread, a spinning OpenMP worker) are not competitors;
+    # one reading's blip does not move the median
+    _fake_proc(monkeypatch, [3, 3, 6, 3, 3], own=3)
+    assert utils.visible_load(gap_s=0.0) == 0.0
+
+
+def test_visible_load_sees_a_real_busy_process_and_not_its_own_threads() -> None:
+    import hashlib
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert utils.visible_load() >= 1.0
+    finally:
+        busy.kill()
+        busy.wait()
+    # a thread of this process that runs without the GIL is counted as this process's own
+    stop = threading.Event()
+    data = bytes(1 << 24)
+
+    def spin() -> None:
+        while not stop.is_set():
+            hashlib.sha256(data).digest()
+
+    t = threading.Thread(target=spin, daemon=True)
+    t.start()
+    try:
+        time.sleep(0.1)
+        assert max(utils._own_running() for _ in range(20)) >= 2
+    finally:
+        stop.set()
+        t.join()
 
 
 def test_passive_wait_policy_takes_every_core_whatever_the_load() -> None:

@@ -306,26 +306,49 @@ def usable_cores() -> int:
 
 
 def visible_load(samples: int = 5, gap_s: float = 0.02) -> float:
-    """Other work competing for the cores now: the larger of the 1-minute load average and the
-    number of other runnable threads (median of a few readings of ``/proc/loadavg``).
+    """Other work competing for the cores now: the median number of runnable threads that are not
+    this process's own, over a few readings of ``/proc/loadavg`` (its 4th field) and
+    ``/proc/self/task``.
 
-    The load average lags a competitor started seconds ago; the instantaneous count does not.
+    Not the load average: it lags both ways. It misses a competitor started seconds ago, and it
+    still counts, for about a minute, work that has finished, this process's own included: a run
+    started right after another (a sweep, a benchmark's next process, a second ``Trainer`` in one
+    script) saw load 0.5-2 on an idle machine and trained on one thread of two. Without ``/proc``
+    (not Linux) the 1-minute load average is all there is.
     """
-    try:
-        avg = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return 0.0
     running = []
     for i in range(samples):
         try:
             with open("/proc/loadavg") as f:
-                running.append(int(f.read().split()[3].split("/")[0]) - 1)  # minus this reader
+                total = int(f.read().split()[3].split("/")[0])
         except (OSError, IndexError, ValueError):
             break
+        running.append(max(0, total - _own_running()))  # the reader is one of its own
         if i + 1 < samples:
             time.sleep(gap_s)
-    now = float(sorted(running)[len(running) // 2]) if running else 0.0
-    return max(avg, now)
+    if not running:
+        try:
+            return float(os.getloadavg()[0])
+        except (AttributeError, OSError):
+            return 0.0
+    return float(sorted(running)[len(running) // 2])
+
+
+def _own_running() -> int:
+    """This process's threads in state R (running or runnable), the calling thread included."""
+    count = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 1
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                # the state follows the command name, which is in parentheses and may hold spaces
+                count += f.read().rsplit(")", 1)[1].split()[0] == "R"
+        except (OSError, IndexError):
+            continue
+    return max(count, 1)
 
 
 _THREADS_SET: int | None = None  # what set_threads last gave torch
