@@ -46,9 +46,12 @@ def test_set_threads_reads_affinity_and_load_and_keeps_a_resumed_count(monkeypat
         # a resumed run keeps the count it ran with (bit-identical resume), unless told otherwise
         kept = set_threads(None, keep=2)
         assert kept.threads == 2 == torch.get_num_threads() and "resume" in kept.reason
-        assert set_threads(1, keep=2).threads == 1
+        changed = set_threads(1, keep=2)
+        assert changed.threads == 1 and "not end bit-identical" in changed.reason
+        assert "bit-identical" not in set_threads(2, keep=2).reason
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
-        assert set_threads(None, keep=2).threads == 1
+        env = set_threads(None, keep=2)
+        assert env.threads == 1 and "trained on 2" in env.reason
     finally:
         torch.set_num_threads(before)
 

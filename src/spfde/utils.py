@@ -373,6 +373,9 @@ def set_threads(configured: int | None = None, keep: int | None = None) -> Threa
         explicit = bool(configured) or _env_threads(os.environ) is not None
         load = 0.0 if explicit else visible_load()  # reading it takes a few short samples: only when used
         choice = choose_threads(configured, os.environ, usable_cores(), load, _TORCH_THREADS or current)
+        if keep and choice.threads != int(keep):  # the user's choice wins, but they must learn its price
+            choice = ThreadChoice(choice.threads, f"{choice.reason}; the run trained on {int(keep)} before the "
+                                                  "resume, so it will not end bit-identical to an uninterrupted run")
     torch.set_num_threads(choice.threads)
     _THREADS_SET = choice.threads
     return choice
