@@ -1059,3 +1059,38 @@ def test_rigl_step_updates_get_their_dense_gradient_from_sparse_kernels():
     assert set(dense) == set(sparse) and dense
     for name in dense:
         assert torch.equal(dense[name], sparse[name]), name
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_double_backward_through_a_sparse_layer_raises_instead_of_dropping_gradients(kind) -> None:
+    """create_graph=True (gradient penalties, MAML) cannot differentiate the native backward: it must
+    raise, not leave the layer's and upstream weights without a gradient."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        w = torch.randn(12, 10, requires_grad=True)
+        x = torch.randn(5, 10, requires_grad=True)
+        y = sparse_linear(x, w, None, LinearPlan(_mask(w.shape, 0.3), w))
+    else:
+        conv = nn.Conv2d(3, 4, 3, padding=1)
+        x = torch.randn(2, 3, 6, 6, requires_grad=True)
+        y = sparse_conv2d(conv, x, make_conv_plan(conv, _mask(conv.weight.shape, 0.3)))
+    gx, = torch.autograd.grad(y.tanh().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.pow(2).sum().backward()
+
+
+def test_sparse_linear_under_non_reentrant_activation_checkpointing_matches_dense() -> None:
+    """torch.utils.checkpoint(use_reentrant=False) lets a backward unpack its saved tensors once."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 8, requires_grad=True)
+    b = torch.randn(16, requires_grad=True)
+    mask = _mask(w.shape, 0.3)
+    plan = LinearPlan(mask, w)
+    x = torch.randn(9, 8, requires_grad=True)
+    out = checkpoint(lambda t: sparse_linear(t, w, b, plan).relu(), x, use_reentrant=False)
+    got = _grads(out, [x, w, b])
+    want = _grads(F.linear(x, w * mask, b).relu(), [x, w, b])
+    for g, r in zip(got, want, strict=True):  # w * mask: the dense weight gradient is zero where pruned too
+        _close(g, r)

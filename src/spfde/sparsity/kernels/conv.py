@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from spfde.sparsity.kernels import native
 from spfde.sparsity.kernels.common import NonzeroIndex, index_counts, is_dense_storage
@@ -113,6 +114,7 @@ class SparseConv2dFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # a double backward (create_graph=True) raises instead of dropping gradients
     def backward(ctx, gy: torch.Tensor):
         plan: ConvPlan = ctx.plan
         x, vals, weight = ctx.saved_tensors

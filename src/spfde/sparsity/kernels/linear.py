@@ -22,6 +22,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from spfde.sparsity.kernels import native
 from spfde.sparsity.kernels.common import NonzeroIndex, index_counts, is_dense_storage
@@ -132,12 +133,14 @@ class SparseLinearFunction(torch.autograd.Function):
         return yt.t().contiguous().view(*x.shape[:-1], out_f)
 
     @staticmethod
+    @once_differentiable  # a double backward (create_graph=True) raises instead of dropping gradients
     def backward(ctx, gy: torch.Tensor):
         plan: LinearPlan = ctx.plan
+        # read once: non-reentrant activation checkpointing allows one unpack per backward
         x2, vals, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if ctx.lib is not None:
-            return SparseLinearFunction._native_backward(ctx, gy, need_x, need_w, need_b)
+            return SparseLinearFunction._native_backward(ctx, gy, x2, vals, weight, need_x, need_w, need_b)
         g2 = gy.reshape(-1, plan.shape[0]).float()
         gx = gw = gb = None
         if need_x:
@@ -153,9 +156,9 @@ class SparseLinearFunction(torch.autograd.Function):
         return gx, gw, gb, None, None, None
 
     @staticmethod
-    def _native_backward(ctx, gy: torch.Tensor, need_x: bool, need_w: bool, need_b: bool):
-        plan: LinearPlan = ctx.plan
-        xs, vals, weight = ctx.saved_tensors  # xs: x's packed tiles (ctx.x_packed), else x
+    def _native_backward(ctx, gy: torch.Tensor, xs: torch.Tensor | None, vals: torch.Tensor, weight: torch.Tensor,
+                         need_x: bool, need_w: bool, need_b: bool):
+        plan: LinearPlan = ctx.plan  # xs: x's packed tiles (ctx.x_packed), else x
         out_f, in_f = plan.shape
         g2 = _rows(gy, out_f)
         n = g2.shape[0]
