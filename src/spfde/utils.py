@@ -314,8 +314,8 @@ def visible_load(samples: int = 5, gap_s: float = 0.02) -> float:
     still counts, for about a minute, work that has finished, this process's own included: a run
     started right after another (a sweep, a benchmark's next process, a second ``Trainer`` in one
     script) saw the load the last one left (0.54 on an idle 2-core machine, seconds after a
-    benchmark) and trained on one thread of two. Without ``/proc``
-    (not Linux) the 1-minute load average is all there is.
+    benchmark) and trained on one thread of two. Without ``/proc`` (not Linux) the 1-minute load
+    average is all there is.
     """
     running = []
     for i in range(samples):
