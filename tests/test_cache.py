@@ -254,6 +254,10 @@ def test_memory_limit_and_static_reasons():
     sha, rows, _, ctl = user_loop("auto", cache_max_bytes=1000)
     assert all(r["cache_served_steps"] == 0 for r in rows)
     assert "above freezing.cache_max_bytes" in rows[-1]["cache_status"]
+    # `on` has no limit of its own, but one the user sets is kept: refused, not silently exceeded
+    assert any(r["cache_served_steps"] for r in user_loop("on")[1])
+    with pytest.raises(ConfigError, match="above freezing.cache_max_bytes"):
+        user_loop("on", cache_max_bytes=1000)
     assert static_reasons(augment=False, world_size=1, compiled=False) == []
     assert "distributed" in static_reasons(augment=False, world_size=2, compiled=False)[0]
     model = Net()

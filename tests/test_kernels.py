@@ -767,10 +767,12 @@ def test_auto_choices_replay_from_state_and_retime_when_the_density_moves(monkey
     assert len(calls) == 1 and exe2.choices() == {"0": "sparse"}  # replayed, not re-timed
     swapped = engine2.masks["0.weight"].flatten()[torch.randperm(512 * 512)].view(512, 512)
     engine2._set_mask("0.weight", swapped)  # a Prune&Grow at the same density
+    engine2.apply_masks()  # as Prune&Grow does: the weight fits the new mask
     other(x).sum().backward()
     assert len(calls) == 1 and exe2.layers["0"].plan.nnz == int(swapped.sum())  # rebuilt, not re-timed
     # the density moved 0.25 -> 0.5: the 2x timed at 0.25 predicts about 1x, too close to call
     engine2._set_mask("0.weight", _mask((512, 512), 0.5, seed=9))
+    engine2.apply_masks()  # as Prune&Grow does: the weight fits the new mask
     other(x).sum().backward()
     assert len(calls) == 2 and exe2.choices() == {"0": "dense"}  # timed afresh
 
@@ -1002,6 +1004,13 @@ def test_report_shows_the_kernel_table(tmp_path):
     text = write_report([run]).read_text()
     assert "### Kernels per layer (run)" in text
     assert "| `layer1.0.conv1` | sparse | 2/3 | 3.80x |" in text and "| `head` | dense | 0/3 | - |" in text
+    # a speedup measured at another density than the last epoch's says the density it was measured at
+    rows[1]["layer_density"] = {"layer1.0.conv1": 0.2, "head": 1.0}
+    rows[2] = {**rows[2], "layer_density": {"layer1.0.conv1": 0.1, "head": 1.0}}
+    del rows[2]["kernel_speedup"]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = write_report([run]).read_text()
+    assert "| `layer1.0.conv1` | sparse | 2/3 | 2.80x (at density 0.200) |" in text
 
 
 @needs_native
@@ -1094,3 +1103,94 @@ def test_sparse_linear_under_non_reentrant_activation_checkpointing_matches_dens
     want = _grads(F.linear(x, w * mask, b).relu(), [x, w, b])
     for g, r in zip(got, want, strict=True):  # w * mask: the dense weight gradient is zero where pruned too
         _close(g, r)
+
+
+# ----------------------------------------------------------------------------- calls the kernels must not take
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+MLP_LAYERS = {"0": "0.weight", "2": "2.weight"}
+
+
+def test_torch_func_transforms_run_dense_and_match_the_masked_model() -> None:
+    """vmap, jacrev and grad over a model with the sparse path installed (the autograd functions have
+    no vmap rule): the dense forward runs and the results are the masked model's."""
+    torch.manual_seed(0)
+    model = _mlp()
+    ref = copy.deepcopy(model)
+    exe = SparseExecution(model, _engine(model, MLP_LAYERS), "sparse")
+    _engine(ref, MLP_LAYERS)  # the same masks
+    x = torch.randn(5, 16)
+    _close(torch.func.vmap(model)(x), torch.func.vmap(ref)(x))
+    _close(torch.func.jacrev(model)(x[0]), torch.func.jacrev(ref)(x[0]))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    got = torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).sum())(params)
+    want = torch.func.grad(lambda p: torch.func.functional_call(ref, p, (x,)).sum())(params)
+    for k in want:
+        _close(got[k], want[k])
+    model(x).sum().backward()  # outside a transform the sparse kernels run again
+    assert exe.choices() == {"0": "sparse", "2": "sparse"}
+
+
+def test_calls_that_fall_back_are_reported_dense_with_one_warning_line(monkeypatch) -> None:
+    from spfde.sparsity.kernels import common
+
+    monkeypatch.setattr(common, "_WARNED", {})
+    model = _mlp().double()
+    exe = SparseExecution(model, _engine(model, MLP_LAYERS), "sparse")
+    x = torch.randn(3, 16, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        model(x).sum().backward()
+        model(x).sum().backward()
+    lines = sorted(str(w.message) for w in seen if issubclass(w.category, KernelWarning))
+    assert len(lines) == 2 and "layer '0'" in lines[0] and "layer '2'" in lines[1]  # one per layer
+    assert all("torch.float64" in line and "fp32 only" in line for line in lines)
+    assert exe.choices() == {"0": "dense", "2": "dense"}  # not the "sparse" it was set up for
+
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, t: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+            return self.attn(t, t, t, key_padding_mask=pad, need_weights=False)[0]
+
+    layers = {"attn.in_proj_weight": "attn.in_proj_weight", "attn.out_proj": "attn.out_proj.weight"}
+    att = Attn()
+    exe = SparseExecution(att, _engine(att, layers), "sparse")
+    t = torch.randn(3, 5, 8)
+    with pytest.warns(KernelWarning, match="an attention mask"):
+        att(t, torch.zeros(3, 5, dtype=torch.bool)).sum().backward()
+    # the module's own forward reads out_proj's weight itself: its kernel never ran either
+    assert exe.choices() == {"attn.in_proj_weight": "dense", "attn.out_proj": "dense"}
+    att(t).sum().backward()
+    assert exe.choices() == {"attn.in_proj_weight": "sparse", "attn.out_proj": "sparse"}
+
+
+def test_weights_written_outside_the_controller_run_dense_until_masked_again() -> None:
+    """A dense checkpoint loaded after set-up: the sparse kernels, which read the nonzeros only, would
+    compute another function than the dense layer until the engine masks the weights again."""
+    torch.manual_seed(0)
+    model = _mlp()
+    engine = _engine(model, MLP_LAYERS)
+    exe = SparseExecution(model, engine, "sparse")
+    x = torch.randn(8, 16)
+    model(x).sum().backward()
+    assert exe.choices() == {"0": "sparse", "2": "sparse"}
+    dense = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(7)) for k, v in model.state_dict().items()}
+    model.load_state_dict(dense)
+    plain = _mlp()
+    plain.load_state_dict(dense)
+    _close(model(x), plain(x))
+    assert exe.choices() == {"0": "dense", "2": "dense"}
+    engine.after_step()  # the controller's re-mask after the optimizer step
+    _close(model(x), plain[4](F.relu(F.linear(F.relu(F.linear(x, plain[0].weight * engine.masks["0.weight"],
+                                                                       plain[0].bias)),
+                                                        plain[2].weight * engine.masks["2.weight"], plain[2].bias))))
+    assert exe.choices() == {"0": "sparse", "2": "sparse"}
+    with torch.no_grad():  # an in-place edit that keeps the pruned weights zero: checked once, sparse
+        model[0].weight.mul_(0.5)
+    model(x).sum().backward()
+    assert exe.choices() == {"0": "sparse", "2": "sparse"} and engine.weight_clean("0.weight")

@@ -531,3 +531,48 @@ def test_nesterov_without_momentum_is_a_config_error():
     with pytest.raises(ConfigError, match="optim.nesterov"):
         from_dict({"optim": {"nesterov": True, "momentum": 0.0}})
     assert from_dict({"optim": {"nesterov": True, "momentum": 0.9}}).optim.nesterov
+
+
+def test_resume_accepts_cache_and_kernel_changes_behind_the_flag():
+    """freezing.cache gives the same weights (it changes the ledger's forward FLOPs), the kernels the
+    same function: e.g. a `freezing.cache: on` refused mid-run resumes with `auto`."""
+    from spfde.checkpoint import check_resume_config
+
+    old = load_config(None, ["freezing.cache=on"]).to_dict()
+    for change in (["freezing.cache=auto"], ["freezing.cache_max_bytes=1000000"], ["sparsity.kernels=dense"],
+                   ["sparsity.kernels_calibration=off"]):
+        new = load_config(None, ["freezing.cache=on", *change]).to_dict()
+        with pytest.raises(ConfigError, match="--allow-config-change"):
+            check_resume_config(old, new, allow_change=False, run="r")
+        accepted = check_resume_config(old, new, allow_change=True, run="r")
+        assert len(accepted) == 1 and accepted[0].startswith(change[0].split("=")[0])
+
+
+@pytest.mark.parametrize("case", ["two inputs", "wrong width", "lazy"])
+def test_controller_setup_errors_name_the_model_and_its_input(case):
+    from torch import nn
+
+    from spfde import SpFDE
+
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 2)
+
+        def forward(self, x, pad_mask):
+            return self.b(self.a(x * pad_mask))
+
+    model = {"two inputs": TwoInputs(), "wrong width": nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 2)),
+             "lazy": nn.Sequential(nn.LazyLinear(16), nn.Linear(16, 2))}[case]
+    x = torch.randn(4, 9 if case == "wrong width" else 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(SpfdeError) as e:
+        SpFDE(model, opt, {"sparsity": {"method": "mest", "target": 0.5}}, train_size=8, example_input=x)
+    msg = str(e.value)
+    if case == "lazy":
+        assert "uninitialized lazy parameter" in msg and "'0.weight'" in msg and "forward pass" in msg
+    else:
+        width = 9 if case == "wrong width" else 8
+        assert f"the model's forward failed on example_input (per-sample shape ({width},))" in msg
+        assert "only argument" in msg
+        assert ("pad_mask" if case == "two inputs" else "cannot be multiplied") in msg

@@ -18,7 +18,15 @@ def test_explicit_settings_win_in_order() -> None:
     assert choose_threads(None, {"MKL_NUM_THREADS": "5"}, **busy).threads == 5
     # a value that is not a positive count is ignored, as torch ignores it
     assert choose_threads(None, {"OMP_NUM_THREADS": "0"}, **busy).threads == 1
-    assert choose_threads(None, {"OMP_NUM_THREADS": "auto"}, **busy).threads == 1
+    c = choose_threads(None, {"OMP_NUM_THREADS": "auto"}, **busy)
+    assert c.threads == 1 and "OMP_NUM_THREADS='auto' ignored (not a positive integer)" in c.reason
+    assert "ignored" not in choose_threads(None, {}, **busy).reason
+
+
+def test_more_threads_than_usable_cores_are_kept_but_said() -> None:
+    for c in (choose_threads(64, {}, 2, 0.0, 2), choose_threads(None, {"OMP_NUM_THREADS": "8"}, 2, 0.0, 2)):
+        assert c.threads in (64, 8) and "more than the 2 usable cores" in c.reason
+    assert "more than" not in choose_threads(2, {}, 2, 0.0, 2).reason
 
 
 @pytest.mark.parametrize(("cores", "load", "torch_threads", "expected"), [

@@ -141,9 +141,12 @@ HARMLESS_ON_RESUME = frozenset({
     "logging.progress", "logging.tensorboard", "train.threads", "train.eval_every", "data.eval_batch_size",
     "data.num_workers", "analysis.probe_size"})
 #: changes accepted with ``--allow-config-change``: they change what is measured or where, not the
-#: schedule of the epochs already trained (``train.epochs`` only where nothing depends on it)
+#: schedule of the epochs already trained (``train.epochs`` only where nothing depends on it). The
+#: activation cache gives bit-identical weights on CPU but changes the ledger's forward FLOPs; the
+#: kernels compute the same function in another summation order (weights within float tolerance)
 ALLOWED_WITH_FLAG = frozenset({"train.epochs", "train.device", "data.test_subset", "analysis.snapshots",
-                               "train.on_nonfinite"})
+                               "train.on_nonfinite", "freezing.cache", "freezing.cache_max_bytes",
+                               "sparsity.kernels", "sparsity.kernels_calibration"})
 
 
 def _flat(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -32,6 +32,7 @@ are still active, then update the training dataset from the interval's sample st
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -117,6 +118,11 @@ class SpFDE:
         if self.train_size <= 0:
             raise SpfdeError(f"train_size must be a positive number of samples, got {train_size}")
         self._check_optimizer(net, optimizer)
+        lazy = [n for n, p in net.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+        if lazy:
+            raise SpfdeError(f"the model has {len(lazy)} uninitialized lazy parameter(s) ({lazy[0]!r}: a LazyLinear, "
+                             "LazyConv2d, ...): run one forward pass on a batch before creating the optimizer and "
+                             "SpFDE, so that every weight has its shape")
         group = optimizer.param_groups[0]
         self.base_lr = float(group.get("initial_lr", group["lr"]))
         if not torch.is_tensor(example_input) or example_input.dim() < 2:
@@ -558,8 +564,12 @@ class SpFDE:
 
         fp = self.freezer.frozen_param_names() if self.freezer and frozen else set()
         fm = self.freezer.frozen_module_names() if self.freezer and frozen else set()
-        return memory_model(self.net, self._x0, batch_size or self.cfg.data.batch_size, masks=self.sparsity.masks,
-                            frozen_params=fp, frozen_modules=fm, probes=self._memory_probes)
+        kernels = getattr(self, "kernels", None)
+        # the probe is one forward of one sample: not a training call (the kernels' decisions and reports)
+        with kernels.one_off() if kernels is not None else contextlib.nullcontext():
+            return memory_model(self.net, self._x0, batch_size or self.cfg.data.batch_size,
+                                masks=self.sparsity.masks, frozen_params=fp, frozen_modules=fm,
+                                probes=self._memory_probes)
 
     def seen_indices(self) -> torch.Tensor | None:
         """Indices passed to ``after_step`` this epoch (set ``track_seen = True`` first)."""

@@ -268,13 +268,23 @@ def choose_threads(configured: int | None, env: Mapping[str, str], usable_cores:
     ``OMP_WAIT_POLICY=PASSIVE`` (the ``spfde`` CLI sets it unless the environment says otherwise)
     the load is not subtracted: sleeping idle threads do not stall each other on busy cores.
     """
+    usable = max(1, int(usable_cores))
+    cores = f"{usable} usable core{'s' if usable != 1 else ''}"
+
+    def chosen(threads: int, reason: str) -> ThreadChoice:
+        if threads > usable:  # the user's count stands, but they should know what it costs
+            reason += f", more than the {cores}: the threads will wait on each other"
+        return ThreadChoice(threads, reason)
+
     if configured:
-        return ThreadChoice(int(configured), "set by train.threads")
+        return chosen(int(configured), "set by train.threads")
     from_env = _env_threads(env)
     if from_env is not None:
-        return ThreadChoice(from_env[0], f"set by {from_env[1]}")
-    usable = max(1, int(usable_cores))
-    reason = f"{usable} usable core{'s' if usable != 1 else ''}, load {load:.1f} at start"
+        return chosen(from_env[0], f"set by {from_env[1]}")
+    bad = [f"{var}={env[var]!r}" for var in THREAD_ENV if env.get(var, "").strip()]
+    reason = f"{cores}, load {load:.1f} at start"
+    if bad:  # set but not a positive integer: OpenMP would ignore it too, but silently
+        reason = f"{' and '.join(bad)} ignored (not a positive integer); {reason}"
     if env.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE":
         # Idle OpenMP threads sleep instead of spinning, so threads on busy cores no longer stall
         # one another: taking every core gets the run its fair share of all of them (busy make demo

@@ -33,7 +33,8 @@ from the training batches that run for real (a batch holding a sample not cached
 sieve returns, runs whole, as the uncached run would, and its new rows are stored).
 Hyper-parameters: ``freezing.cache`` (``auto``: on where exact and within
 ``freezing.cache_max_bytes``, default a quarter of the device's free memory at start; ``on``: on,
-or an error where it cannot be exact; ``off``), ``freezing.cache_max_bytes``.
+or an error where it cannot be exact or exceeds an explicit ``freezing.cache_max_bytes``; ``off``),
+``freezing.cache_max_bytes``.
 Expected effect: a frozen block's training cost drops from its forward (a third of its cost when
 active) to its one-off fill, so a freezing plan that saves ``f`` of the training FLOPs by skipping
 backward saves about ``1.5·f`` with the cache; wall-clock follows for conv prefixes. Memory: one
@@ -336,7 +337,7 @@ class ActivationCache:
         mode: ``auto``, ``on`` or ``off``.
         train_size: number of training samples (indices ``0..train_size-1``).
         off_reason: why it is off for the whole run (:func:`static_reasons`), if it is.
-        max_bytes: ``auto``'s memory limit (``None``: no limit).
+        max_bytes: the memory limit (``None``: no limit); exceeding it turns ``auto`` off, refuses ``on``.
 
     Use: ``set_frozen(n)`` after each freezing change, ``with cache.batch(x, idx):`` around the
     training forward; ``step_modules()`` / ``pop_fills()`` for the ledger, ``end_epoch()`` for metrics.
@@ -489,7 +490,7 @@ class ActivationCache:
             old = None
         layout = layouts.pop(module)
         need = _Store.nbytes_for(layout, self.n)
-        if self.mode == "auto" and self.max_bytes is not None:
+        if self.max_bytes is not None:  # under ``on`` only an explicit freezing.cache_max_bytes (build_cache)
             if old is not None and need + old.nbytes > self.max_bytes:
                 old = None  # no room for both while extending: fill the new rows from the input
             if need > self.max_bytes:
@@ -712,7 +713,7 @@ class ActivationCache:
 
     @staticmethod
     def _refuse(reason: str) -> None:
-        raise ConfigError(f"config field 'freezing.cache' = 'on', but the cache cannot be exact: {reason}; use "
+        raise ConfigError(f"config field 'freezing.cache' = 'on', but the cache cannot be used: {reason}; use "
                           "freezing.cache=auto (it then stays off) or off")
 
     def _off_here(self, reason: str) -> None:
@@ -749,7 +750,9 @@ def build_cache(net: nn.Module, model: nn.Module, blocks: Sequence[Block] | None
         reasons = ["no block freezes (freezing.target is 0)"]
     first = next(net.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
-    max_bytes = fz.cache_max_bytes if fz.cache_max_bytes is not None else default_max_bytes(device)
+    # ``on`` has no default limit (the user asked for the cache), but honours one they set
+    max_bytes = fz.cache_max_bytes if fz.cache_max_bytes is not None else (
+        default_max_bytes(device) if fz.cache == "auto" else None)
     cache = ActivationCache(net, blocks or [], fz.cache, train_size, off_reason=reasons[0] if reasons else None,
                             max_bytes=max_bytes)
     if freezing:
@@ -759,8 +762,7 @@ def build_cache(net: nn.Module, model: nn.Module, blocks: Sequence[Block] | None
         elif reasons:
             cache.notes.append(f"freezing.cache: off ({reasons[0]})")
         else:
-            limit = (f"up to {human_bytes(max_bytes)}" if fz.cache == "auto" and max_bytes is not None
-                     else "no memory limit")
+            limit = f"up to {human_bytes(max_bytes)}" if max_bytes is not None else "no memory limit"
             cache.notes.append(f"freezing.cache: {fz.cache}: frozen blocks will be served from a cache where exact "
                                f"({limit})")
     return cache

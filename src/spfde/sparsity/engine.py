@@ -81,6 +81,8 @@ class SparseEngine:
         self._state_dirty = False
         self._state_keep: dict[str, torch.Tensor] = {}
         self._lists: tuple[list[str], list[nn.Parameter], list[torch.Tensor]] | None = None
+        # each masked weight's version counter when it was last masked (weight_clean)
+        self._clean: dict[str, int] = {}
         #: {module: epoch of its final update} (Schedule.last_update_epochs); missing: the run's last update
         self.final_update: dict[str, int] = {}
         #: step mode: optimizer steps taken so far, and the frozen params of the current epoch
@@ -107,6 +109,7 @@ class SparseEngine:
         p = self._params[param]
         m = torch.empty_like(p, dtype=torch.bool).copy_(mask)
         self.masks[param] = m
+        self._clean.pop(param, None)  # the weight is not known to fit the new mask until checked
         # a float copy in the weight's dtype and memory format makes the per-step multiply one kernel
         self._fmasks[param] = torch.empty_like(p).copy_(m)
         self._counts[self._module_of[param]] = int(m.sum())
@@ -135,6 +138,32 @@ class SparseEngine:
         if self._params:
             _, weights, fmasks = self._cached_lists()
             torch._foreach_mul_(weights, fmasks)
+            self._mark_clean()
+
+    def _mark_clean(self) -> None:
+        self._clean = {name: p._version for name, p in self._params.items()}
+
+    def weight_clean(self, param: str, weight: torch.Tensor | None = None) -> bool:
+        """True when masked weight ``param`` is known to be zero at every pruned position: nothing wrote
+        it since the engine last masked it (its version counter), or a check found it so. ``weight``:
+        the tensor a layer computes with when it is not the parameter (``torch.func.functional_call``
+        substitutes its own), checked every time.
+
+        Something outside the engine can write pruned positions between two steps (``load_state_dict``
+        after set-up, an in-place edit); the next :meth:`after_step` masks them again. Until then the
+        sparse kernels, which read the nonzeros only, would compute a different function than the
+        dense layer, so they ask this first (:mod:`spfde.sparsity.kernels.execution`).
+        """
+        p = self._params[param]
+        own = weight is None or weight is p
+        w = p if own else weight
+        if own and self._clean.get(param) == p._version:
+            return True
+        with torch.no_grad():
+            stray = bool(w.ne(0).logical_and_(self.masks[param].logical_not()).any())
+        if own and not stray:
+            self._clean[param] = p._version
+        return not stray
 
     def set_final_updates(self, final_update: dict[str, int]) -> None:
         """Tell the engine each layer's final update epoch (:meth:`Schedule.last_update_epochs`).
@@ -239,6 +268,7 @@ class SparseEngine:
         if self._params:
             _, weights, fmasks = self._cached_lists()
             torch._foreach_mul_(weights, fmasks)
+            self._mark_clean()
         if self.schedule.per_step:
             self.step += 1
             if self.schedule.is_update_step(self.step, self.epoch):
@@ -312,6 +342,7 @@ class SparseEngine:
             self._set_mask(lay.param, new)
             # pruned and grown weights are 0 (zero-initialised growth): keep only the survivors' values
             w.mul_(keep)
+            self._clean[lay.param] = w._version
             self._state_keep[lay.param] = keep
         if step is None:
             self.last_update = int(epoch)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spfde.sparsity.kernels import native
-from spfde.sparsity.kernels.linear import LinearPlan, linear_input_ok, sparse_linear
+from spfde.sparsity.kernels.linear import LinearPlan, linear_input_issue, sparse_linear
 
 #: the explicit core runs for sequences up to this many tokens on CPU; longer ones go to
 #: ``F.scaled_dot_product_attention`` (flash), which wins on long sequences (bench/kernels.py --attention)
@@ -65,18 +65,36 @@ def unsupported_mha(module: nn.Module) -> str | None:
 
 def _call_args(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask=None,
                need_weights: bool = True, attn_mask=None, average_attn_weights: bool = True,
-               is_causal: bool = False) -> tuple[torch.Tensor, bool]:
-    simple = (query is key and key is value and key_padding_mask is None and attn_mask is None
-              and not need_weights and not is_causal and query.dim() == 3)
-    return query, simple
+               is_causal: bool = False) -> tuple[torch.Tensor, str | None]:
+    """The query, and why the call is not plain self-attention (None when it is)."""
+    if not (query is key and key is value):
+        why = "cross-attention (query, key and value are not one tensor)"
+    elif key_padding_mask is not None or attn_mask is not None or is_causal:
+        why = "an attention mask (key_padding_mask, attn_mask or is_causal)"
+    elif need_weights:
+        why = "need_weights=True (pass need_weights=False)"
+    elif not torch.is_tensor(query) or query.dim() != 3:
+        why = "an unbatched input"
+    else:
+        why = None
+    return query, why
+
+
+def mha_input_issue(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, str | None]:
+    """``(x, None)`` when this call can run the spfde path; else ``(None, why)`` (``""``: no explanation
+    needed, see :func:`~spfde.sparsity.kernels.linear.linear_input_issue`)."""
+    try:
+        x, why = _call_args(*args, **kwargs)
+    except TypeError:  # not a call MultiheadAttention accepts: its own forward raises
+        return None, ""
+    if why is None:
+        why = linear_input_issue(module.in_proj_weight, x)
+    return (x, None) if why is None else (None, why)
 
 
 def mha_input(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> torch.Tensor | None:
     """The self-attention input when this call can run the spfde path, else None."""
-    x, simple = _call_args(*args, **kwargs)
-    if not simple or not linear_input_ok(module.in_proj_weight, x):
-        return None
-    return x
+    return mha_input_issue(module, args, kwargs)[0]
 
 
 def short_ok(module: nn.MultiheadAttention, qkv: torch.Tensor) -> bool:

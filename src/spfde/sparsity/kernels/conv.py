@@ -147,19 +147,35 @@ class SparseConv2dFunction(torch.autograd.Function):
         return gx, gweight, gbias, None, None
 
 
-def conv_input_ok(module: nn.Conv2d, x: torch.Tensor) -> bool:
-    """True when this call can run sparse (else the module's dense forward runs); the native
-    library is checked separately (:func:`spfde.sparsity.kernels.native.load`)."""
+def conv_input_issue(module: nn.Conv2d, x: torch.Tensor) -> str | None:
+    """Why this call cannot run sparse (then the module's dense forward runs), None when it can; ``""``
+    for a call whose dense forward needs no explanation (an empty input; a wrong shape, which
+    PyTorch's own error reports). The native library is checked separately
+    (:func:`spfde.sparsity.kernels.native.load`)."""
     w = module.weight
-    if x.dim() != 4 or x.dtype != torch.float32 or w.dtype != torch.float32 or x.numel() == 0:
-        return False
-    if x.device.type != "cpu" or w.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
-        return False
+    if x.numel() == 0:
+        return ""
+    if x.dim() != 4:
+        return f"a {x.dim()}-D input (the sparse convolution takes batched 4-D input)"
     kh, kw = w.shape[2:]
     ph, pw = conv_padding(module)
     if x.shape[2] + 2 * ph < kh or x.shape[3] + 2 * pw < kw or x.shape[1] != w.shape[1]:
-        return False  # let PyTorch raise its own error
-    return is_dense_storage(w)
+        return ""
+    if x.device.type != "cpu" or w.device.type != "cpu":
+        return f"input on {x.device.type}, weight on {w.device.type} (the sparse kernels are CPU only)"
+    if torch.is_autocast_enabled("cpu"):
+        return "CPU autocast is on (the sparse kernels are fp32 only)"
+    if x.dtype != torch.float32 or w.dtype != torch.float32:
+        return f"input {x.dtype}, weight {w.dtype} (the sparse kernels are fp32 only)"
+    if not is_dense_storage(w):
+        return "the weight does not fill its storage (a strided view)"
+    return None
+
+
+def conv_input_ok(module: nn.Conv2d, x: torch.Tensor) -> bool:
+    """True when this call can run sparse (else the module's dense forward runs); the native
+    library is checked separately (:func:`spfde.sparsity.kernels.native.load`)."""
+    return conv_input_issue(module, x) is None
 
 
 def conv_padding(module: nn.Conv2d) -> tuple[int, int]:

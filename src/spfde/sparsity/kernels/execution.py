@@ -83,10 +83,17 @@ from torch import nn
 from spfde import __version__ as spfde_version
 from spfde.errors import ConfigError
 from spfde.sparsity.kernels import calibration, native
-from spfde.sparsity.kernels.attention import SHORT_MAX_LEN, mha_input, self_attention, sparse_mha, unsupported_mha
+from spfde.sparsity.kernels.attention import (
+    SHORT_MAX_LEN,
+    mha_input,
+    mha_input_issue,
+    self_attention,
+    sparse_mha,
+    unsupported_mha,
+)
 from spfde.sparsity.kernels.common import warn_once
-from spfde.sparsity.kernels.conv import conv_input_ok, make_conv_plan, sparse_conv2d, unsupported_conv
-from spfde.sparsity.kernels.linear import LinearPlan, linear_input_ok, sparse_linear, unsupported_linear
+from spfde.sparsity.kernels.conv import conv_input_issue, make_conv_plan, sparse_conv2d, unsupported_conv
+from spfde.sparsity.kernels.linear import LinearPlan, linear_input_issue, sparse_linear, unsupported_linear
 
 KERNEL_MODES = ("auto", "dense", "sparse")
 #: calls with fewer dense multiply-adds than this run dense without timing (auto)
@@ -130,11 +137,15 @@ try:
 except ImportError:  # pragma: no cover - older torch
     _get_current_dispatch_mode = lambda: None  # noqa: E731
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 def _traced() -> bool:
-    """Tracing, compiling or a dispatch mode (FlopCounterMode, fake tensors): run the dense forward."""
-    return torch.jit.is_tracing() or _is_compiling() or _get_current_dispatch_mode() is not None
+    """Tracing, compiling, a dispatch mode (FlopCounterMode, fake tensors) or a ``torch.func``
+    transform (``grad``, ``vmap``, ``jacrev``: the sparse autograd functions define no vmap rule):
+    run the dense forward."""
+    return (torch.jit.is_tracing() or _is_compiling() or _get_current_dispatch_mode() is not None
+            or _functorch_active())
 
 
 def _clock(fn) -> float:
@@ -184,7 +195,7 @@ class _Layer:
         self.speedups: dict[Key, float] = {}
         self.primary: Key | None = None
         self._primary_grad = False
-        self.used: str | None = None  # what the latest call with autograd on ran
+        self.used: str | None = None  # what the latest training call ran (_record)
         self.pending: dict[str, Any] | None = None
         # speedups timed at earlier nonzero counts: key -> (dense/sparse speedup, nonzeros)
         self.prior: dict[Key, tuple[float, int]] = {}
@@ -223,14 +234,15 @@ class _Layer:
         self._primary_grad = bool(saved.get("primary_grad", False))
 
     # ------------------------------------------------------------------ the call
-    def _input(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    def _input(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, str | None]:
+        """``(x, None)`` when this call can run sparse, else ``(None, why it runs dense)``."""
         if self.kind == "mha":
-            return mha_input(self.module, args, kwargs)
+            return mha_input_issue(self.module, args, kwargs)
         x = args[0] if args else kwargs.get("input")
         if not torch.is_tensor(x):
-            return None
-        ok = conv_input_ok(self.module, x) if self.kind == "conv" else linear_input_ok(self.module.weight, x)
-        return x if ok else None
+            return None, ""
+        why = conv_input_issue(self.module, x) if self.kind == "conv" else linear_input_issue(self.module.weight, x)
+        return (x, None) if why is None else (None, why)
 
     def dense(self, *args: Any, **kwargs: Any) -> Any:
         return type(self.module).forward(self.module, *args, **kwargs)
@@ -249,16 +261,34 @@ class _Layer:
         return sparse_linear(x, m.weight, m.bias, self.plan, dense_weight_grad)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        x = self._input(args, kwargs)
-        if x is None or _traced() or self.sync() is None:
+        if _traced() or self.sync() is None:
+            return self.dense(*args, **kwargs)
+        x, why = self._input(args, kwargs)
+        if x is None or not self.exe.engine.weight_clean(self.param, self.weight):
+            if why is None:
+                why = ("its weight is nonzero at pruned positions (written outside the controller, e.g. "
+                       "load_state_dict after set-up; the next after_step masks it)")
+            self._fell_back(why)
             return self.dense(*args, **kwargs)
         key = self.call_key(x)
         choice = self.choose(key, x, args, kwargs)
-        if torch.is_grad_enabled():
-            self.used = choice
+        self._record(choice)
         if choice == "dense":
             return self.dense_call(x, args, kwargs)
         return self.sparse(x, key[2])
+
+    def _record(self, ran: str) -> None:
+        # what training ran: a call with autograd on outside a one-off pass (the memory model's probe,
+        # the activation cache's fill), which would otherwise overwrite it
+        if torch.is_grad_enabled() and not self.exe.in_one_off:
+            self.used = ran
+
+    def _fell_back(self, why: str) -> None:
+        """A call that could not run sparse runs dense: recorded; under ``sparse`` one warning line
+        per layer and reason (under ``auto`` running dense is a normal outcome)."""
+        self._record("dense")
+        if why and self.exe.mode == "sparse" and not self.exe.in_one_off:
+            warn_once(f"sparsity.kernels=sparse: layer {self.name!r} runs dense for a call: {why}")
 
     def call_key(self, x: torch.Tensor) -> Key:
         """The decision key of a call on ``x`` in the current grad mode."""
@@ -413,7 +443,9 @@ class _Layer:
     def choice(self) -> str:
         if self.exe.mode == "auto":
             return self.decisions.get(self.primary, "dense") if self.primary is not None else "dense"
-        return self.used or "sparse"
+        # never called with autograd on: its forward did not run (e.g. the out_proj of an attention
+        # call that ran the module's own forward, which reads the weight directly), so nothing ran sparse
+        return self.used or "dense"
 
     def state(self) -> dict[str, Any]:
         return {"basis_nnz": self.basis_nnz, "primary": _encode(self.primary) if self.primary else None,

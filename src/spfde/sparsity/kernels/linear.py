@@ -190,13 +190,26 @@ class SparseLinearFunction(torch.autograd.Function):
         return (gx.view(ctx.x_shape) if gx is not None else None), gw, gb, None, None, None
 
 
+def linear_input_issue(weight: torch.Tensor, x: torch.Tensor) -> str | None:
+    """Why this call cannot run sparse (then the module's dense forward runs), None when it can; ``""``
+    for a call whose dense forward needs no explanation (an empty input; a wrong width, which
+    PyTorch's own error reports)."""
+    if x.numel() == 0 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        return ""
+    if not (x.is_cpu and weight.is_cpu):
+        return f"input on {x.device.type}, weight on {weight.device.type} (the sparse kernels are CPU only)"
+    if torch.is_autocast_enabled("cpu"):
+        return "CPU autocast is on (the sparse kernels are fp32 only)"
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return f"input {x.dtype}, weight {weight.dtype} (the sparse kernels are fp32 only)"
+    if not (weight.is_contiguous() or is_dense_storage(weight)):
+        return "the weight does not fill its storage (a strided view)"
+    return None
+
+
 def linear_input_ok(weight: torch.Tensor, x: torch.Tensor) -> bool:
     """True when this call can run sparse (else the module's dense forward runs)."""
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.numel() == 0 or x.dim() < 1:
-        return False
-    if not (x.is_cpu and weight.is_cpu) or torch.is_autocast_enabled("cpu"):
-        return False
-    return x.shape[-1] == weight.shape[1] and (weight.is_contiguous() or is_dense_storage(weight))
+    return linear_input_issue(weight, x) is None
 
 
 def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: LinearPlan,
