@@ -1167,6 +1167,17 @@ def test_calls_that_fall_back_are_reported_dense_with_one_warning_line(monkeypat
     assert exe.choices() == {"attn.in_proj_weight": "dense", "attn.out_proj": "dense"}
     att(t).sum().backward()
     assert exe.choices() == {"attn.in_proj_weight": "sparse", "attn.out_proj": "sparse"}
+    att(t, torch.zeros(3, 5, dtype=torch.bool)).sum().backward()  # after a sparse call: not stale
+    assert exe.choices() == {"attn.in_proj_weight": "dense", "attn.out_proj": "dense"}
+    exe.remove()
+    # only out_proj masked: the attention path is spfde's (unmasked projection) or the module's own
+    att = Attn()
+    exe = SparseExecution(att, _engine(att, {"attn.out_proj": "attn.out_proj.weight"}), "sparse")
+    att(t).sum().backward()
+    assert exe.choices() == {"attn.out_proj": "sparse"}
+    with pytest.warns(KernelWarning, match="'attn.out_proj' runs dense .*its attention module runs its own"):
+        att(t, torch.zeros(3, 5, dtype=torch.bool)).sum().backward()
+    assert exe.choices() == {"attn.out_proj": "dense"}
 
 
 def test_weights_written_outside_the_controller_run_dense_until_masked_again() -> None:

@@ -92,11 +92,6 @@ def mha_input_issue(module: nn.MultiheadAttention, args: tuple, kwargs: dict) ->
     return (x, None) if why is None else (None, why)
 
 
-def mha_input(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """The self-attention input when this call can run the spfde path, else None."""
-    return mha_input_issue(module, args, kwargs)[0]
-
-
 def short_ok(module: nn.MultiheadAttention, qkv: torch.Tensor) -> bool:
     """True when this call's core runs as explicit matmuls (else ``scaled_dot_product_attention``)."""
     return (qkv.device.type == "cpu" and qkv.shape[1] <= SHORT_MAX_LEN
@@ -166,7 +161,7 @@ def attention_core(module: nn.MultiheadAttention, qkv: torch.Tensor) -> torch.Te
 
 def self_attention(module: nn.MultiheadAttention, x: torch.Tensor,
                    project: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, None]:
-    """The module's self-attention of ``x`` (a :func:`mha_input`), its packed projection by ``project``
+    """The module's self-attention of ``x`` (from :func:`mha_input_issue`), its packed projection by ``project``
     (default: the dense ``F.linear``)."""
     if not module.batch_first:
         x = x.transpose(0, 1)

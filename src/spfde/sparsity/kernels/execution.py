@@ -85,7 +85,6 @@ from spfde.errors import ConfigError
 from spfde.sparsity.kernels import calibration, native
 from spfde.sparsity.kernels.attention import (
     SHORT_MAX_LEN,
-    mha_input,
     mha_input_issue,
     self_attention,
     sparse_mha,
@@ -269,6 +268,8 @@ class _Layer:
                 why = ("its weight is nonzero at pruned positions (written outside the controller, e.g. "
                        "load_state_dict after set-up; the next after_step masks it)")
             self._fell_back(why)
+            if self.kind == "mha":
+                _out_proj_runs_dense(self.module, why)
             return self.dense(*args, **kwargs)
         key = self.call_key(x)
         choice = self.choose(key, x, args, kwargs)
@@ -461,10 +462,21 @@ class _Attention:
         self.module = module
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        x = mha_input(self.module, args, kwargs)
-        if x is None or _traced():
+        if _traced():
+            return type(self.module).forward(self.module, *args, **kwargs)
+        x, why = mha_input_issue(self.module, args, kwargs)
+        if x is None:
+            _out_proj_runs_dense(self.module, why)
             return type(self.module).forward(self.module, *args, **kwargs)
         return self_attention(self.module, x)
+
+
+def _out_proj_runs_dense(module: nn.Module, why: str | None) -> None:
+    """The module's own attention forward reads ``out_proj.weight`` directly, so a masked
+    ``out_proj``'s sparse path is not called: record (and under ``sparse`` say) that it ran dense."""
+    layer = getattr(module.out_proj, "_spfde_kernel", None)
+    if isinstance(layer, _Layer):
+        layer._fell_back(f"its attention module runs its own forward ({why})" if why else "")
 
 
 def _kind(module: nn.Module | None, attr: str) -> tuple[str | None, str | None]:
