@@ -1011,6 +1011,11 @@ def test_report_shows_the_kernel_table(tmp_path):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = write_report([run]).read_text()
     assert "| `layer1.0.conv1` | sparse | 2/3 | 2.80x (at density 0.200) |" in text
+    # a measurement kept across a small density change: the density it was timed at is its own field
+    rows[2].update(kernel_speedup={"layer1.0.conv1": 2.8}, kernel_speedup_density={"layer1.0.conv1": 0.2},
+                   layer_density={"layer1.0.conv1": 0.19, "head": 1.0})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert "| `layer1.0.conv1` | sparse | 2/3 | 2.80x (at density 0.200) |" in write_report([run]).read_text()
 
 
 @needs_native
@@ -1033,6 +1038,10 @@ def test_auto_resume_replays_the_checkpointed_choices(tmp_path, monkeypatch):
         tr.metrics.append({"epoch": epoch, **m, "test_acc": None, "wall_s": 0.0})
         tr.checkpoint(epoch)
     assert m["kernels"]["layer1.0.conv1"] == "sparse"
+    first = tr.metrics[0]  # timed at the start: listed with the density it was measured at
+    assert first["kernel_speedup"]["layer1.0.conv1"] == 2.0
+    assert first["kernel_speedup_density"]["layer1.0.conv1"] == pytest.approx(
+        first["layer_density"]["layer1.0.conv1"], abs=1e-3)
     timed_with_grad = []  # timing a training call now would pick dense
     monkeypatch.setattr(execution, "race",
                         lambda dense, sparse: timed_with_grad.append(torch.is_grad_enabled()) or (0.5, 1.0))
@@ -1144,10 +1153,23 @@ def test_calls_that_fall_back_are_reported_dense_with_one_warning_line(monkeypat
         warnings.simplefilter("default")
         model(x).sum().backward()
         model(x).sum().backward()
+        with warnings.catch_warnings():  # a filter change empties the warnings registry: still once
+            warnings.simplefilter("ignore", UserWarning)
+        model(x).sum().backward()
     lines = sorted(str(w.message) for w in seen if issubclass(w.category, KernelWarning))
-    assert len(lines) == 2 and "layer '0'" in lines[0] and "layer '2'" in lines[1]  # one per layer
+    assert len(lines) == 1 and "layer '0'" in lines[0]  # one per reason, naming the first layer
     assert all("torch.float64" in line and "fp32 only" in line for line in lines)
     assert exe.choices() == {"0": "dense", "2": "dense"}  # not the "sparse" it was set up for
+    # under auto too, a layer whose latest training call could not run sparse is reported dense
+    monkeypatch.setattr(execution, "TINY_MACS", 0)
+    monkeypatch.setattr(execution, "race", lambda dense, sparse: (1.0, 0.5))  # sparse measured faster
+    model = _mlp()
+    exe = SparseExecution(model, _engine(model, MLP_LAYERS), "auto", "off")
+    model(torch.randn(8, 16)).sum().backward()
+    assert exe.choices() == {"0": "sparse", "2": "sparse"}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(8, 16)).float().sum().backward()
+    assert exe.choices() == {"0": "dense", "2": "dense"}
 
     class Attn(nn.Module):
         def __init__(self) -> None:
@@ -1180,6 +1202,30 @@ def test_calls_that_fall_back_are_reported_dense_with_one_warning_line(monkeypat
     assert exe.choices() == {"attn.out_proj": "dense"}
 
 
+def test_a_probe_pass_neither_times_nor_keeps_decisions(monkeypatch) -> None:
+    """The memory model's one-sample forward (controller.memory_model) runs inside one_off(probe=True):
+    its shapes must not take up a layer's decision keys, its checkpoint or timing."""
+    monkeypatch.setattr(execution, "TINY_MACS", 0)
+    timed = []
+    monkeypatch.setattr(execution, "race", lambda dense, sparse: timed.append(1) or (1.0, 0.5))
+    model = _mlp()
+    exe = SparseExecution(model, _engine(model, MLP_LAYERS), "auto", "off")
+    with exe.one_off(probe=True):
+        model(torch.randn(1, 16))
+    assert not timed and all(not layer.decisions for layer in exe.layers.values())
+    model(torch.randn(8, 16)).sum().backward()  # a training call: timed, decided, reported
+    assert timed and exe.choices() == {"0": "sparse", "2": "sparse"}
+    with exe.one_off(probe=True):  # now the probe takes the layer's main decision
+        model(torch.randn(1, 16)).sum().backward()
+    assert all(len(layer.decisions) == 1 for layer in exe.layers.values())
+    state = exe.state_dict()
+    assert state["layers"]["0"]["used"] == "sparse"
+    model2 = _mlp()
+    exe2 = SparseExecution(model2, _engine(model2, MLP_LAYERS), "auto", "off")
+    exe2.load_state_dict(state)  # a resumed run reports what the latest training call ran
+    assert exe2.layers["0"].used == "sparse" and exe2.choices() == exe.choices()
+
+
 def test_weights_written_outside_the_controller_run_dense_until_masked_again() -> None:
     """A dense checkpoint loaded after set-up: the sparse kernels, which read the nonzeros only, would
     compute another function than the dense layer until the engine masks the weights again."""
@@ -1204,4 +1250,17 @@ def test_weights_written_outside_the_controller_run_dense_until_masked_again() -
     with torch.no_grad():  # an in-place edit that keeps the pruned weights zero: checked once, sparse
         model[0].weight.mul_(0.5)
     model(x).sum().backward()
-    assert exe.choices() == {"0": "sparse", "2": "sparse"} and engine.weight_clean("0.weight")
+    assert exe.choices() == {"0": "sparse", "2": "sparse"} and engine.weight_issue("0.weight") is None
+    # writes that bypass the version counter: a new storage (``.data =``, vector_to_parameters), a copy
+    for write in (lambda m: setattr(m[0].weight, "data", dense["0.weight"].clone()),
+                  lambda m: torch.nn.utils.vector_to_parameters(
+                      torch.cat([dense[k].flatten() for k in m.state_dict()]), m.parameters())):
+        engine.after_step()
+        write(model)
+        plain.load_state_dict(model.state_dict())
+        _close(model(x), plain(x))
+        assert exe.choices()["0"] == "dense"
+    engine.after_step()
+    twin = copy.deepcopy(model)  # the copy's weights are new tensors: checked, not trusted from the original's
+    twin.load_state_dict(dense)
+    _close(twin(x), plain(x))

@@ -146,7 +146,8 @@ class FreezingConfig:
     cache: Literal["auto", "off", "on"] = _f(
         "auto", doc="serve the frozen blocks' output from a per-sample cache (no forward for them): auto where "
                     "exact (no augmentation, dropout or batch statistics in the frozen blocks, not distributed) "
-                    "and within cache_max_bytes; on: an error where it cannot be exact")
+                    "and within cache_max_bytes; on: an error where it cannot be exact or exceeds an explicit "
+                    "cache_max_bytes")
     cache_max_bytes: int | None = _f(None, lo=0, doc="largest cache; auto's default a quarter of the device's free "
                                                      "memory at start")
 

@@ -532,6 +532,7 @@ class SpFDE:
         speedups = self.kernels.speedups()
         if speedups:  # only what sparsity.kernels: auto timed
             m["kernel_speedup"] = speedups
+            m["kernel_speedup_density"] = self.kernels.speedup_densities()
         m["mem_model_bytes"] = int(self.memory_model()["total"])
         # the same sparse model with nothing frozen: Fig. 4's "DST methods Min." baseline
         m["mem_model_unfrozen_bytes"] = (int(self.memory_model(frozen=False)["total"]) if m["frozen_blocks"]
@@ -565,8 +566,8 @@ class SpFDE:
         fp = self.freezer.frozen_param_names() if self.freezer and frozen else set()
         fm = self.freezer.frozen_module_names() if self.freezer and frozen else set()
         kernels = getattr(self, "kernels", None)
-        # the probe is one forward of one sample: not a training call (the kernels' decisions and reports)
-        with kernels.one_off() if kernels is not None else contextlib.nullcontext():
+        # the probe is one forward of one sample: it neither times, decides nor reports a kernel choice
+        with kernels.one_off(probe=True) if kernels is not None else contextlib.nullcontext():
             return memory_model(self.net, self._x0, batch_size or self.cfg.data.batch_size,
                                 masks=self.sparsity.masks, frozen_params=fp, frozen_modules=fm,
                                 probes=self._memory_probes)

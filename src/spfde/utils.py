@@ -283,7 +283,7 @@ def choose_threads(configured: int | None, env: Mapping[str, str], usable_cores:
         return chosen(from_env[0], f"set by {from_env[1]}")
     bad = [f"{var}={env[var]!r}" for var in THREAD_ENV if env.get(var, "").strip()]
     reason = f"{cores}, load {load:.1f} at start"
-    if bad:  # set but not a positive integer: OpenMP would ignore it too, but silently
+    if bad:  # set but not a positive integer (a nested list "4,2" included): spfde picks its own count
         reason = f"{' and '.join(bad)} ignored (not a positive integer); {reason}"
     if env.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE":
         # Idle OpenMP threads sleep instead of spinning, so threads on busy cores no longer stall

@@ -495,7 +495,8 @@ class ActivationCache:
                 old = None  # no room for both while extending: fill the new rows from the input
             if need > self.max_bytes:
                 raise NotExact(f"its rows need {human_bytes(need)} for {self.n} samples, above "
-                               f"freezing.cache_max_bytes = {human_bytes(self.max_bytes)}")
+                               f"freezing.cache_max_bytes = {human_bytes(self.max_bytes)} (raise it to cache "
+                               "this block)")
         self._store = store = _Store.new(k, module, layout, layouts, Layout.of(x), len(idx), self.n)
         provider = self._check_provider(x, idx, store)
         with torch.no_grad():

@@ -18,11 +18,13 @@ def kernel_blocks(metrics: list[dict[str, Any]], label: str) -> list[tuple]:
         return []
     # the latest measured speedup of each layer, with the layer's density when it was measured: auto
     # does not re-time a decision its earlier timings settle (a density step of MEST), so the last
-    # measurement may predate the last epoch's density
+    # measurement may predate the last epoch's density (kernel_speedup_density; runs before that
+    # field: the density of the epoch that listed it)
     speed: dict[str, tuple[float, float | None]] = {}
     for r in rows:
+        at = r.get("kernel_speedup_density") or r.get("layer_density") or {}
         for layer, s in (r.get("kernel_speedup") or {}).items():
-            speed[layer] = (s, (r.get("layer_density") or {}).get(layer))
+            speed[layer] = (s, at.get(layer))
     now = rows[-1].get("layer_density") or {}
     table = []
     for layer, kernel in rows[-1]["kernels"].items():

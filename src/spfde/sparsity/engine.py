@@ -81,8 +81,9 @@ class SparseEngine:
         self._state_dirty = False
         self._state_keep: dict[str, torch.Tensor] = {}
         self._lists: tuple[list[str], list[nn.Parameter], list[torch.Tensor]] | None = None
-        # each masked weight's version counter when it was last masked (weight_clean)
-        self._clean: dict[str, int] = {}
+        # each masked weight's (version counter, storage address) when last masked or checked, and
+        # whether it was zero at every pruned position then (weight_issue)
+        self._clean: dict[str, tuple[int, int, bool]] = {}
         #: {module: epoch of its final update} (Schedule.last_update_epochs); missing: the run's last update
         self.final_update: dict[str, int] = {}
         #: step mode: optimizer steps taken so far, and the frozen params of the current epoch
@@ -141,29 +142,42 @@ class SparseEngine:
             self._mark_clean()
 
     def _mark_clean(self) -> None:
-        self._clean = {name: p._version for name, p in self._params.items()}
+        self._clean = {name: (p._version, p.data_ptr(), True) for name, p in self._params.items()}
 
-    def weight_clean(self, param: str, weight: torch.Tensor | None = None) -> bool:
-        """True when masked weight ``param`` is known to be zero at every pruned position: nothing wrote
-        it since the engine last masked it (its version counter), or a check found it so. ``weight``:
-        the tensor a layer computes with when it is not the parameter (``torch.func.functional_call``
-        substitutes its own), checked every time.
+    def weight_issue(self, param: str, weight: torch.Tensor | None = None) -> str | None:
+        """None when masked weight ``param`` is zero at every pruned position, else why it is not.
+        ``weight``: the tensor a layer computes with, when that may not be the engine's parameter
+        (``torch.func.functional_call`` substitutes its own; checked every call).
 
         Something outside the engine can write pruned positions between two steps (``load_state_dict``
         after set-up, an in-place edit); the next :meth:`after_step` masks them again. Until then the
         sparse kernels, which read the nonzeros only, would compute a different function than the
-        dense layer, so they ask this first (:mod:`spfde.sparsity.kernels.execution`).
+        dense layer, so they ask this first (:mod:`spfde.sparsity.kernels.execution`). The answer for
+        the parameter itself is kept per (version counter, storage address): an in-place write or a new
+        storage (``param.data = ...``, ``vector_to_parameters``, a deep copy) is checked again; a write
+        through ``param.data`` into the same storage is invisible to both (mask with
+        :meth:`apply_masks` after one).
         """
         p = self._params[param]
         own = weight is None or weight is p
         w = p if own else weight
-        if own and self._clean.get(param) == p._version:
-            return True
-        with torch.no_grad():
-            stray = bool(w.ne(0).logical_and_(self.masks[param].logical_not()).any())
-        if own and not stray:
-            self._clean[param] = p._version
-        return not stray
+        seen = (p._version, p.data_ptr())
+        known = self._clean.get(param) if own else None
+        if known is not None and known[:2] == seen:
+            clean = known[2]
+        else:
+            with torch.no_grad():
+                clean = not bool(w.ne(0).logical_and_(self.masks[param].logical_not()).any())
+            if own:
+                self._clean[param] = (*seen, clean)
+        if clean:
+            return None
+        if isinstance(w, nn.Parameter) and not own:  # never masked by after_step: say so
+            return ("its module holds another Parameter than the one the controller masks, nonzero at "
+                    "pruned positions (replaced after set-up, e.g. by load_state_dict(assign=True): set the "
+                    "controller up after loading)")
+        return ("its weight is nonzero at pruned positions (written outside the controller, e.g. "
+                "load_state_dict after set-up; the next after_step masks it)")
 
     def set_final_updates(self, final_update: dict[str, int]) -> None:
         """Tell the engine each layer's final update epoch (:meth:`Schedule.last_update_epochs`).
@@ -342,7 +356,7 @@ class SparseEngine:
             self._set_mask(lay.param, new)
             # pruned and grown weights are 0 (zero-initialised growth): keep only the survivors' values
             w.mul_(keep)
-            self._clean[lay.param] = w._version
+            self._clean[lay.param] = (w._version, w.data_ptr(), True)
             self._state_keep[lay.param] = keep
         if step is None:
             self.last_update = int(epoch)

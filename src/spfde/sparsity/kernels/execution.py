@@ -195,6 +195,7 @@ class _Layer:
         self.primary: Key | None = None
         self._primary_grad = False
         self.used: str | None = None  # what the latest training call ran (_record)
+        self.fell_back = False  # whether that call could not run sparse at all (_fell_back)
         self.pending: dict[str, Any] | None = None
         # speedups timed at earlier nonzero counts: key -> (dense/sparse speedup, nonzeros)
         self.prior: dict[Key, tuple[float, int]] = {}
@@ -260,13 +261,14 @@ class _Layer:
         return sparse_linear(x, m.weight, m.bias, self.plan, dense_weight_grad)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if _traced() or self.sync() is None:
+        if _traced():
             return self.dense(*args, **kwargs)
         x, why = self._input(args, kwargs)
-        if x is None or not self.exe.engine.weight_clean(self.param, self.weight):
-            if why is None:
-                why = ("its weight is nonzero at pruned positions (written outside the controller, e.g. "
-                       "load_state_dict after set-up; the next after_step masks it)")
+        if x is not None:
+            if self.sync() is None:
+                return self.dense(*args, **kwargs)
+            why = self.exe.engine.weight_issue(self.param, self.weight)
+        if why is not None:
             self._fell_back(why)
             if self.kind == "mha":
                 _out_proj_runs_dense(self.module, why)
@@ -278,18 +280,22 @@ class _Layer:
             return self.dense_call(x, args, kwargs)
         return self.sparse(x, key[2])
 
-    def _record(self, ran: str) -> None:
+    def _record(self, ran: str, fell_back: bool = False) -> None:
         # what training ran: a call with autograd on outside a one-off pass (the memory model's probe,
         # the activation cache's fill), which would otherwise overwrite it
         if torch.is_grad_enabled() and not self.exe.in_one_off:
-            self.used = ran
+            self.used, self.fell_back = ran, fell_back
 
     def _fell_back(self, why: str) -> None:
         """A call that could not run sparse runs dense: recorded; under ``sparse`` one warning line
-        per layer and reason (under ``auto`` running dense is a normal outcome)."""
-        self._record("dense")
-        if why and self.exe.mode == "sparse" and not self.exe.in_one_off:
-            warn_once(f"sparsity.kernels=sparse: layer {self.name!r} runs dense for a call: {why}")
+        per reason and run (under ``auto`` running dense is a normal outcome)."""
+        self._record("dense", fell_back=True)
+        if why and self.exe.mode == "sparse" and not self.exe.in_one_off and why not in self.exe.warned:
+            # kept per run, not only in the warnings registry, which any change of the warning filters
+            # (a catch_warnings block in the user's loop) empties
+            self.exe.warned.add(why)
+            warn_once(f"sparsity.kernels=sparse: layer {self.name!r} runs dense for a call: {why} (the epoch's "
+                      "`kernels` field in metrics.jsonl says which layers did)")
 
     def call_key(self, x: torch.Tensor) -> Key:
         """The decision key of a call on ``x`` in the current grad mode."""
@@ -313,6 +319,8 @@ class _Layer:
             return choice
         if self.exe.in_one_off and (choice := self.one_off_choice(key, x)) is not None:
             return choice
+        if self.exe.in_probe:
+            return self.decisions.get(self.primary, "dense") if self.primary is not None else "dense"
         if len(self.decisions) >= MAX_KEYS:
             return self.decisions.get(self.primary, "dense") if self.primary is not None else "dense"
         similar = [c for k, c in self.decisions.items() if k[:3] == key[:3] and k[3][1:] == key[3][1:]
@@ -442,7 +450,7 @@ class _Layer:
 
     # ------------------------------------------------------------------ reporting and state
     def choice(self) -> str:
-        if self.exe.mode == "auto":
+        if self.exe.mode == "auto" and not self.fell_back:
             return self.decisions.get(self.primary, "dense") if self.primary is not None else "dense"
         # never called with autograd on: its forward did not run (e.g. the out_proj of an attention
         # call that ran the module's own forward, which reads the weight directly), so nothing ran sparse
@@ -450,7 +458,7 @@ class _Layer:
 
     def state(self) -> dict[str, Any]:
         return {"basis_nnz": self.basis_nnz, "primary": _encode(self.primary) if self.primary else None,
-                "primary_grad": self._primary_grad,
+                "primary_grad": self._primary_grad, "used": self.used, "fell_back": self.fell_back,
                 "decisions": [_encode(k) + [c, self.speedups.get(k)] for k, c in self.decisions.items()]}
 
 
@@ -517,6 +525,8 @@ class SparseExecution:
         self.layers: dict[str, _Layer] = {}
         self.unsupported: dict[str, str] = {}
         self.in_one_off = False
+        self.in_probe = False
+        self.warned: set[str] = set()  # the fallback reasons said under ``sparse`` (_Layer._fell_back)
         #: plain self-attention modules whose projection is not masked: spfde's attention path too
         self.attention: dict[str, nn.Module] = {}
         self._order = [lay.module for lay in engine.masked_layers]
@@ -551,17 +561,22 @@ class SparseExecution:
         self.refresh()
 
     @contextmanager
-    def one_off(self) -> Iterator[None]:
+    def one_off(self, probe: bool = False) -> Iterator[None]:
         """Calls inside are a pass that runs once (the activation cache's probe and fill at a freeze):
         ``auto`` decides a new call from the stored decisions or this layer's earlier timings
         (:meth:`_Layer.one_off_choice`) without timing it and without recording it, so a later real
         call of the same key is still timed. Timing a frozen layer's forward costs a few
-        milliseconds; the fill it would decide runs the layer once per sample."""
-        was, self.in_one_off = self.in_one_off, True
+        milliseconds; the fill it would decide runs the layer once per sample.
+
+        ``probe``: a pass whose choice does not matter (the memory model's one-sample forward): a call
+        nothing predicts takes the layer's main decision (else dense), is never timed, and leaves no
+        decision behind (a probe's shapes would take up the layer's keys and its checkpoint)."""
+        was = self.in_one_off, self.in_probe
+        self.in_one_off, self.in_probe = True, probe or self.in_probe
         try:
             yield
         finally:
-            self.in_one_off = was
+            self.in_one_off, self.in_probe = was
 
     @property
     def dense_weight_grad(self) -> bool:
@@ -586,6 +601,13 @@ class SparseExecution:
                 out[name] = round(float(s), 3)
         return out
 
+    def speedup_densities(self) -> dict[str, float]:
+        """``{layer: its density when the speedup of :meth:`speedups` was measured}``: a measurement is
+        kept while the nonzero count stays within ``RETIME_NNZ_CHANGE`` of it, so it can be older
+        than the layer's present density."""
+        return {name: round(self.layers[name].basis_nnz / max(self.layers[name].weight.numel(), 1), 4)
+                for name in self.speedups() if self.layers[name].basis_nnz is not None}
+
     def remove(self) -> None:
         """Put every module's own forward back (the model is then exactly as it was)."""
         for m in [*(layer.module for layer in self.layers.values()), *self.attention.values()]:
@@ -604,4 +626,7 @@ class SparseExecution:
             layer = self.layers.get(name)
             if layer is not None:
                 layer.pending, layer.plan = dict(saved), None
+                # what the latest training call ran, so a resumed run reports what an uninterrupted one
+                # does (a frozen layer the cache serves makes no training call after its freeze)
+                layer.used, layer.fell_back = saved.get("used"), bool(saved.get("fell_back", False))
                 layer.sync()
