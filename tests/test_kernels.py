@@ -1079,12 +1079,21 @@ def test_rigl_step_updates_get_their_dense_gradient_from_sparse_kernels():
         assert torch.equal(dense[name], sparse[name]), name
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("kind", ["linear", "conv", "attention"])
 def test_a_double_backward_through_a_sparse_layer_raises_instead_of_dropping_gradients(kind) -> None:
     """create_graph=True (gradient penalties, MAML) cannot differentiate the native backward: it must
-    raise, not leave the layer's and upstream weights without a gradient."""
+    raise, naming the fix, not leave the layer's and upstream weights without a gradient; a
+    first-order backward with create_graph=True still works."""
     torch.manual_seed(0)
-    if kind == "linear":
+    if kind == "attention":
+        from spfde.sparsity.kernels.attention import attention_core
+
+        if not NATIVE["available"]:
+            pytest.skip("the native attention core did not build")
+        mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        x = torch.randn(3, 5, 48, requires_grad=True)
+        y = attention_core(mha, x)
+    elif kind == "linear":
         w = torch.randn(12, 10, requires_grad=True)
         x = torch.randn(5, 10, requires_grad=True)
         y = sparse_linear(x, w, None, LinearPlan(_mask(w.shape, 0.3), w))
@@ -1093,7 +1102,8 @@ def test_a_double_backward_through_a_sparse_layer_raises_instead_of_dropping_gra
         x = torch.randn(2, 3, 6, 6, requires_grad=True)
         y = sparse_conv2d(conv, x, make_conv_plan(conv, _mask(conv.weight.shape, 0.3)))
     gx, = torch.autograd.grad(y.tanh().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
+    assert gx.shape == x.shape and gx.requires_grad
+    with pytest.raises(RuntimeError, match="first-order gradients only; set sparsity.kernels=dense"):
         gx.pow(2).sum().backward()
 
 
@@ -1200,6 +1210,68 @@ def test_calls_that_fall_back_are_reported_dense_with_one_warning_line(monkeypat
     with pytest.warns(KernelWarning, match="'attn.out_proj' runs dense .*its attention module runs its own"):
         att(t, torch.zeros(3, 5, dtype=torch.bool)).sum().backward()
     assert exe.choices() == {"attn.out_proj": "dense"}
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("length", [5, 30, 60])  # the native core, the matmul core, flash
+def test_attention_path_returns_the_modules_own_layout(batch_first, length) -> None:
+    """A dropout after the attention draws its mask in memory order and a view needs the strides:
+    spfde's attention path must return what nn.MultiheadAttention returns, strides included."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.MultiheadAttention(16, 2, batch_first=batch_first))
+    x = torch.randn((3, length, 16) if batch_first else (length, 3, 16))
+    engine = _engine(model, {"0.in_proj_weight": "0.in_proj_weight"})
+    ref = type(model[0]).forward(model[0], x, x, x, need_weights=False)[0]
+    exe = SparseExecution(model, engine, "sparse")
+    assert exe.layers
+    out = model[0](x, x, x, need_weights=False)[0]
+    _close(out, ref)
+    assert out.stride() == ref.stride()
+
+
+def test_auto_timing_inside_non_reentrant_checkpointing(monkeypatch) -> None:
+    """auto times a layer's first call where it happens, here inside torch.utils.checkpoint
+    (use_reentrant=False), whose saved-tensor hooks must not see the timing's graphs."""
+    import torch.utils.checkpoint as cp
+
+    monkeypatch.setattr(execution, "TINY_MACS", 0)
+    torch.manual_seed(0)
+    model = _mlp()
+    plain = copy.deepcopy(model)
+    engine = _engine(model, MLP_LAYERS)
+    exe = SparseExecution(model, engine, "auto", "off")
+    masks = {name: engine.masks[name] for name in MLP_LAYERS.values()}
+    for name, p in plain.named_parameters():
+        if name in masks:
+            p.data.mul_(masks[name])
+    x = torch.randn(8, 16)
+    cp.checkpoint(model, x, use_reentrant=False).sum().backward()
+    assert all(layer.decisions for layer in exe.layers.values())  # timed inside the checkpointed forward
+    plain(x).sum().backward()
+    for (name, a), b in zip(model.named_parameters(), plain.parameters(), strict=True):
+        keep = masks.get(name, torch.ones_like(a, dtype=torch.bool))  # a dense choice's gradient is unmasked
+        _close(a.grad * keep, b.grad * keep)
+
+
+def test_a_compiled_model_is_reported_dense_with_one_warning_line(monkeypatch) -> None:
+    """torch.compile runs the modules' own (dense) forward: the epoch's kernels field must say so."""
+    from spfde.sparsity.kernels import common
+
+    monkeypatch.setattr(common, "_WARNED", {})
+    model = _mlp()
+    exe = SparseExecution(model, _engine(model, MLP_LAYERS), "sparse")
+    exe.start_epoch()
+    model(torch.randn(8, 16)).sum().backward()
+    assert exe.choices() == {"0": "sparse", "2": "sparse"}
+    exe.start_epoch()
+    compiled = torch.compile(model, backend="eager")
+    with pytest.warns(KernelWarning, match="none of its training calls this epoch went through spfde's kernels"):
+        compiled(torch.randn(8, 16)).sum().backward()
+        assert exe.choices() == {"0": "dense", "2": "dense"}
+    exe.start_epoch()
+    model[0].weight.requires_grad_(False)  # a frozen layer with no call (the cache serves it) keeps its own
+    model[2](torch.randn(8, 32)).sum().backward()
+    assert exe.choices() == {"0": "sparse", "2": "sparse"}
 
 
 def test_a_probe_pass_neither_times_nor_keeps_decisions(monkeypatch) -> None:

@@ -394,6 +394,7 @@ class SpFDE:
         frozen_params = self.freezer.frozen_param_names() if self.freezer else set()
         info["sparsity_update"] = self.sparsity.update(epoch, frozen_params=frozen_params)
         self.kernels.refresh()
+        self.kernels.start_epoch()
         info.update(self.sieve.step_epoch(epoch, self.tracker))
         self.sampler.set_epoch(epoch)
         self.epoch = epoch

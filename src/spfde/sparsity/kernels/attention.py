@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spfde.sparsity.kernels import native
+from spfde.sparsity.kernels.common import first_order_only
 from spfde.sparsity.kernels.linear import LinearPlan, linear_input_issue, sparse_linear
 
 #: the explicit core runs for sequences up to this many tokens on CPU; longer ones go to
@@ -118,7 +119,8 @@ class ShortAttentionFunction(torch.autograd.Function):
         b, length, three_e = qkv.shape
         e = three_e // 3
         scale = (e // heads) ** -0.5
-        out = torch.empty((b, length, e), dtype=torch.float32)
+        # (B, L, E) stored (L, B, E): the layout nn.MultiheadAttention returns (attention_core)
+        out = torch.empty((length, b, e), dtype=torch.float32).transpose(0, 1)
         # the probabilities, [sample block of 16][head][query][key][16 samples], for the backward pass
         probs = torch.empty(((b + 15) // 16 * heads * length * length * 16) if keep else 0, dtype=torch.float32)
         _check(lib.spfde_attention_forward(
@@ -130,7 +132,7 @@ class ShortAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only  # a double backward (create_graph=True) raises instead of dropping gradients
     def backward(ctx, go: torch.Tensor):
         qkv, probs = ctx.saved_tensors
         go = _unit_columns(go.float())
@@ -144,7 +146,10 @@ class ShortAttentionFunction(torch.autograd.Function):
 
 
 def attention_core(module: nn.MultiheadAttention, qkv: torch.Tensor) -> torch.Tensor:
-    """Multi-head attention of a packed ``(B, L, 3·E)`` projection, out ``(B, L, E)`` (heads merged)."""
+    """Multi-head attention of a packed ``(B, L, 3·E)`` projection, out ``(B, L, E)`` (heads merged)
+    stored sequence-first, ``(L, B, E)`` contiguous, as ``F.multi_head_attention_forward`` stores it:
+    ``out_proj`` then writes the module's own output layout, and whatever follows in the model sees
+    the same strides (a dropout draws its mask in memory order; a ``view`` needs the strides)."""
     b, length, three_e = qkv.shape
     e, h = three_e // 3, module.num_heads
     short = short_ok(module, qkv)
@@ -156,7 +161,7 @@ def attention_core(module: nn.MultiheadAttention, qkv: torch.Tensor) -> torch.Te
         o = torch.softmax((q * (e // h) ** -0.5) @ k.transpose(-2, -1), dim=-1) @ v
     else:
         o = F.scaled_dot_product_attention(q, k, v, dropout_p=module.dropout if module.training else 0.0)
-    return o.transpose(1, 2).reshape(b, length, e)
+    return o.permute(2, 0, 1, 3).reshape(length, b, e).transpose(0, 1)
 
 
 def self_attention(module: nn.MultiheadAttention, x: torch.Tensor,
@@ -166,10 +171,8 @@ def self_attention(module: nn.MultiheadAttention, x: torch.Tensor,
     if not module.batch_first:
         x = x.transpose(0, 1)
     qkv = (project or (lambda t: F.linear(t, module.in_proj_weight, module.in_proj_bias)))(x)
-    out = module.out_proj(attention_core(module, qkv))
-    if not module.batch_first:
-        out = out.transpose(0, 1)
-    return out, None
+    out = module.out_proj(attention_core(module, qkv).transpose(0, 1))  # (L, B, E), contiguous
+    return (out.transpose(0, 1) if module.batch_first else out), None
 
 
 def sparse_mha(module: nn.MultiheadAttention, x: torch.Tensor, plan: LinearPlan,

@@ -8,7 +8,10 @@ the engine's gradient masking stays valid.
 
 from __future__ import annotations
 
+import functools
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -24,6 +27,37 @@ def warn_once(message: str) -> None:
     """One warning line (no source line under it), shown once per message and process."""
     warnings.warn_explicit(message, KernelWarning, "spfde.sparsity.kernels", 0, registry=_WARNED,
                            module="spfde.sparsity.kernels")
+
+
+DOUBLE_BACKWARD = ("a double backward (create_graph=True, e.g. a gradient penalty) through spfde's sparse kernels: "
+                   "they compute first-order gradients only; set sparsity.kernels=dense for this model")
+
+
+def first_order_only(backward: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.autograd.function.once_differentiable`` with an error that names spfde and the fix.
+
+    The backward runs without building a graph; under ``create_graph=True`` its outputs carry a node
+    that raises when they are differentiated again, so a double backward fails loudly instead of
+    dropping the second-order terms, while a first-order backward with ``create_graph=True`` works.
+    """
+    delayed = getattr(getattr(torch._C, "_functions", None), "DelayedError", None)
+    if delayed is None:  # a torch without the private node: its own decorator, its own message
+        return torch.autograd.function.once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx: Any, *args: Any) -> Any:
+        with torch.no_grad():
+            outputs = backward(ctx, *args)
+        if not torch.is_grad_enabled() or not any(torch.is_tensor(a) and a.requires_grad for a in args):
+            return outputs
+        single = not isinstance(outputs, tuple)
+        outs = (outputs,) if single else outputs
+        err = delayed(DOUBLE_BACKWARD.encode(), len(outs))
+        marked = err(*[o.detach().requires_grad_() if torch.is_tensor(o) else o for o in outs])
+        marked = marked if isinstance(marked, tuple) else (marked,)
+        return marked[0] if single else marked
+
+    return wrapper
 
 
 def is_dense_storage(t: torch.Tensor) -> bool:

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from spfde.sparsity.kernels import native
-from spfde.sparsity.kernels.common import NonzeroIndex, index_counts, is_dense_storage
+from spfde.sparsity.kernels.common import NonzeroIndex, first_order_only, index_counts, is_dense_storage
 
 
 def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
@@ -114,7 +113,7 @@ class SparseConv2dFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable  # a double backward (create_graph=True) raises instead of dropping gradients
+    @first_order_only  # a double backward (create_graph=True) raises instead of dropping gradients
     def backward(ctx, gy: torch.Tensor):
         plan: ConvPlan = ctx.plan
         x, vals, weight = ctx.saved_tensors

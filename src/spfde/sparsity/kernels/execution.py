@@ -196,6 +196,7 @@ class _Layer:
         self._primary_grad = False
         self.used: str | None = None  # what the latest training call ran (_record)
         self.fell_back = False  # whether that call could not run sparse at all (_fell_back)
+        self.calls = 0  # training calls since the epoch started (SparseExecution.start_epoch)
         self.pending: dict[str, Any] | None = None
         # speedups timed at earlier nonzero counts: key -> (dense/sparse speedup, nonzeros)
         self.prior: dict[Key, tuple[float, int]] = {}
@@ -285,6 +286,7 @@ class _Layer:
         # the activation cache's fill), which would otherwise overwrite it
         if torch.is_grad_enabled() and not self.exe.in_one_off:
             self.used, self.fell_back = ran, fell_back
+            self.calls += 1
 
     def _fell_back(self, why: str) -> None:
         """A call that could not run sparse runs dense: recorded; under ``sparse`` one warning line
@@ -445,7 +447,10 @@ class _Layer:
             return self.dense_call(xx, tuple(_swap(a, x, xx) for a in args),
                                    {k: _swap(v, x, xx) for k, v in kwargs.items()})
 
-        with torch.random.fork_rng(devices=[]):  # dropout inside (attention) must not move the run's RNG
+        # dropout inside (attention) must not move the run's RNG; identity saved-tensor hooks: the timing's
+        # graphs are its own, not part of an enclosing non-reentrant torch.utils.checkpoint region (whose
+        # hooks would pack them and recompute at unpack)
+        with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(_same, _same):
             return race(run(dense), run(lambda xx: self.sparse(xx, dense_w)))
 
     # ------------------------------------------------------------------ reporting and state
@@ -477,6 +482,10 @@ class _Attention:
             _out_proj_runs_dense(self.module, why)
             return type(self.module).forward(self.module, *args, **kwargs)
         return self_attention(self.module, x)
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _out_proj_runs_dense(module: nn.Module, why: str | None) -> None:
@@ -526,6 +535,7 @@ class SparseExecution:
         self.unsupported: dict[str, str] = {}
         self.in_one_off = False
         self.in_probe = False
+        self.counting = False  # start_epoch was called: choices() knows which layers made training calls
         self.warned: set[str] = set()  # the fallback reasons said under ``sparse`` (_Layer._fell_back)
         #: plain self-attention modules whose projection is not masked: spfde's attention path too
         self.attention: dict[str, nn.Module] = {}
@@ -588,9 +598,34 @@ class SparseExecution:
         for layer in self.layers.values():
             layer.sync()
 
+    def start_epoch(self) -> None:
+        """Count each layer's training calls from here on (the controller, at every epoch start): a
+        trainable layer with none by :meth:`choices` ran outside spfde's path this epoch."""
+        self.counting = True
+        for layer in self.layers.values():
+            layer.calls = 0
+
     def choices(self) -> dict[str, str]:
-        """``{layer: "sparse" | "dense"}`` for every masked layer (metrics.jsonl ``kernels``)."""
-        return {name: self.layers[name].choice() if name in self.layers else "dense" for name in self._order}
+        """``{layer: "sparse" | "dense"}`` for every masked layer (metrics.jsonl ``kernels``).
+
+        A layer whose weight trains but that made no training call through its sparse path since
+        :meth:`start_epoch` ran PyTorch's dense forward: a ``torch.compile``'d or traced model calls
+        the module's own forward (``_traced``). It is ``dense`` here, and under ``sparse`` says so once.
+        """
+        out = {}
+        for name in self._order:
+            layer = self.layers.get(name)
+            if layer is not None and self.counting and layer.calls == 0 and layer.weight.requires_grad:
+                out[name] = "dense"
+                why = "none of its training calls this epoch went through spfde's kernels"
+                if self.mode == "sparse" and why not in self.warned:
+                    self.warned.add(why)
+                    warn_once(f"sparsity.kernels=sparse: layer {name!r} (and maybe others): {why}; a "
+                              "torch.compile'd or traced forward runs PyTorch's dense kernels (compile the "
+                              "parts without masked layers to keep the sparse ones)")
+            else:
+                out[name] = layer.choice() if layer is not None else "dense"
+        return out
 
     def speedups(self) -> dict[str, float]:
         """``{layer: dense time / sparse time}`` measured by ``auto`` for the layer's main call."""

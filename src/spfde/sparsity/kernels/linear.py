@@ -22,10 +22,9 @@ import warnings
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from spfde.sparsity.kernels import native
-from spfde.sparsity.kernels.common import NonzeroIndex, index_counts, is_dense_storage
+from spfde.sparsity.kernels.common import NonzeroIndex, first_order_only, index_counts, is_dense_storage
 
 _quiet = [False]
 
@@ -133,7 +132,7 @@ class SparseLinearFunction(torch.autograd.Function):
         return yt.t().contiguous().view(*x.shape[:-1], out_f)
 
     @staticmethod
-    @once_differentiable  # a double backward (create_graph=True) raises instead of dropping gradients
+    @first_order_only  # a double backward (create_graph=True) raises instead of dropping gradients
     def backward(ctx, gy: torch.Tensor):
         plan: LinearPlan = ctx.plan
         # read once: non-reentrant activation checkpointing allows one unpack per backward
