@@ -72,6 +72,71 @@ def test_distributed_sampler_splits_the_single_process_order() -> None:
     assert set(ranks[0]) <= set(active[:10].tolist())
 
 
+def test_tensor_loader_augments_each_rank_differently() -> None:
+    """Batch augmentation draws from one generator per epoch: salted with the sampler's rank, or
+    position p of every rank's batch k would get the same crop and flip (half the variety)."""
+    from spfde.data.datasets import ArrayDataset
+    from spfde.data.loader import TensorLoader
+
+    images = torch.randint(0, 256, (1, 1, 12, 12), dtype=torch.uint8).expand(16, 1, 12, 12).contiguous()  # one image
+    ds = ArrayDataset(images, torch.zeros(16, dtype=torch.long), mean=(0.5,), std=(0.25,))
+    first = {}
+    for rank in (0, 1):
+        sampler = DistributedSieveSampler(_Sieve(torch.arange(16)), 3, rank, 2)
+        loader = TensorLoader(ds, 4, sampler=sampler, augment=True, seed=9)
+        loader.set_epoch(0)
+        first[rank] = next(iter(loader))[0]
+    assert not torch.equal(first[0], first[1])
+    single = TensorLoader(ds, 4, sampler=DistributedSieveSampler(_Sieve(torch.arange(16)), 3, 0, 2),
+                          augment=True, seed=9)
+    plain = TensorLoader(ds, 4, augment=True, seed=9)  # rank 0 keeps the single process's stream
+    for loader in (single, plain):
+        loader.set_epoch(0)
+    assert torch.equal(next(iter(single))[0], next(iter(plain))[0])
+
+
+def test_a_resume_with_another_process_count_is_a_config_change(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from spfde.errors import ConfigError
+    from spfde.train import _check_world_size
+
+    trainer = SimpleNamespace(world_size=1, cfg=SimpleNamespace(data=SimpleNamespace(batch_size=32),
+                                                                 train=SimpleNamespace(epochs=10)))
+    ckpt = {"world_size": 2, "epoch": 4}
+    with pytest.raises(ConfigError, match=r"trained with 2 process\(es\).*global batch from 64 to 32"):
+        _check_world_size(ckpt, trainer, False, [], tmp_path)
+    changes: list[str] = []
+    _check_world_size(ckpt, trainer, True, changes, tmp_path)
+    assert changes == ["processes 2 -> 1 (global batch 64 -> 32)"]
+    for same in ({"world_size": 1, "epoch": 4}, {"epoch": 4}, {"world_size": 2, "epoch": 9}):  # or finished
+        _check_world_size(same, trainer, False, [], tmp_path)
+
+
+def test_each_rank_loads_its_own_kernel_choices() -> None:
+    from torch import nn
+
+    from spfde.controller import SpFDE
+
+    loaded = {}
+    for rank in (0, 1):
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        ctl = SpFDE(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                    {"train": {"epochs": 2}, "sparsity": {"kernels": "sparse"}}, train_size=16,
+                    example_input=torch.randn(2, 8), rank=rank, world_size=2)
+        state = ctl.state_dict()
+        mine = state["kernels"]
+        state["kernels_by_rank"] = [{"mode": "sparse", "layers": {}, "rank": 0}, {**mine, "rank": 1}]
+        seen = []
+        ctl.kernels.load_state_dict = seen.append
+        ctl.load_state_dict(state)
+        loaded[rank] = seen[-1].get("rank")
+        state.pop("kernels_by_rank")  # another world size, or a checkpoint before the field: rank 0's
+        ctl.load_state_dict({**state, "kernels_by_rank": [mine]})
+        assert seen[-1] is state["kernels"]
+    assert loaded == {0: 0, 1: 1}
+
+
 def test_sampler_rejects_a_bad_rank() -> None:
     with pytest.raises(SpfdeError, match="rank 2"):
         DistributedSieveSampler(_Sieve(torch.arange(4)), 0, 2, 2)
@@ -250,6 +315,38 @@ def test_spfde_train_runs_unchanged_under_torchrun(tmp_path: Path) -> None:
 
     assert summary["weights_sha256"] == state_dict_sha256(ckpt["model"])
     assert not any(k.startswith("module.") for k in ckpt["model"])  # the plain model, not the DDP wrapper
+    # each rank resumes with its own kernel choices and RNG (dropout draws per rank); the world size is kept
+    assert ckpt["world_size"] == 2 and len(ckpt["controller"]["kernels_by_rank"]) == 2
+    assert len(ckpt["rng_by_rank"]) == 2
+    assert not torch.equal(ckpt["rng_by_rank"][0]["torch"], ckpt["rng_by_rank"][1]["torch"])
+    assert torch.equal(ckpt["rng_by_rank"][0]["torch"], ckpt["rng"]["torch"])
     for r in rows:  # both ranks' shares together cover the partial set (72 of 96 samples, padded to even)
         assert r["active_samples"] == 72 and r["samples_seen"] == 72
     assert rows[-1]["frozen_blocks"] and summary["final_test_acc"] is not None
+
+
+def test_closing_lines_under_torchrun_are_said_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every rank of a torchrun job ends with the same config error or signal: rank 0 says it; a
+    rank's own failure (a lost peer) is said with its rank, as one line, not a gloo traceback."""
+    from helpers import run_main
+    from spfde import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, want in (("0", 1), ("1", 0)):
+        monkeypatch.setenv("RANK", rank)
+        code, _, err = run_main("train")  # no --config: a ConfigError on every rank
+        assert code == 2 and len([line for line in err.splitlines() if "error:" in line]) == want
+
+    def lost(args):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:"
+                           " Connection reset by peer\nException raised from ...")
+
+    monkeypatch.setitem(cli.COMMANDS, "train", lost)
+    code, _, err = run_main("train", "--resume", "some/run")
+    assert code == 1 and err.splitlines() == [
+        "rank 1: error: lost contact with the job's other processes ([../third_party/gloo/gloo/transport/tcp/"
+        "pair.cc:537] Read error [127.0.0.1]: Connection reset by peer); resume with "
+        "`spfde train --resume some/run`"]
+    monkeypatch.delenv("RANK")  # outside torchrun a RuntimeError is not ours to explain
+    with pytest.raises(RuntimeError, match="gloo"):
+        run_main("train", "--resume", "some/run")

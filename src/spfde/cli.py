@@ -327,21 +327,59 @@ def _main(argv: list[str] | None) -> int:
         with _sigterm_as_interrupt():
             return COMMANDS[args.command](args)
     except SpfdeError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message holds
+        # one line, whatever the message holds; a config error is the same on every rank: rank 0 says it
+        _say(f"error: {' '.join(str(e).split())}", every_rank=not isinstance(e, ConfigError))
         return e.exit_code
     except BrokenPipeError:  # `spfde ... | head`: the reader left; nothing more to say
         sys.stderr.close()
         return 0
     except OSError as e:  # a path we cannot read or write: say which, no traceback
         where = f" {e.filename!r}" if getattr(e, "filename", None) else ""
-        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        _say(f"error: {e.strerror or e}{where}")
         return 1
     except MemoryError:
-        print("error: out of memory; lower data.batch_size, model.width or data.image_size", file=sys.stderr)
+        _say("error: out of memory; lower data.batch_size, model.width or data.image_size")
         return 1
     except KeyboardInterrupt as e:
-        print(_interrupted(args, e), file=sys.stderr)
+        # torchrun signals every rank alike (and the other ranks when one fails): rank 0 speaks for them
+        _say(_interrupted(args, e), every_rank=False)
         return 143 if isinstance(e, Terminated) else 130
+    except RuntimeError as e:
+        if not _lost_peer(e):
+            raise
+        run = getattr(args, "resume", None) or getattr(args, "out", None)
+        again = f"; resume with `spfde train --resume {run}`" if run and args.command in ("train", "demo") else ""
+        _say(f"error: lost contact with the job's other processes ({str(e).splitlines()[0][:200]}){again}")
+        return 1
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 outside it), read from the environment, so it holds
+    before and after the process group exists."""
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def _say(message: str, every_rank: bool = True) -> None:
+    """A closing line on stderr: rank 0's as it is, another rank's prefixed with its rank, or not at
+    all when every rank would say the same (``every_rank=False``)."""
+    rank = _rank()
+    if rank == 0:
+        print(message, file=sys.stderr)
+    elif every_rank:
+        print(f"rank {rank}: {message}", file=sys.stderr)
+
+
+def _lost_peer(e: RuntimeError) -> bool:
+    """A collective failed because another process of the job died or left (gloo/NCCL transport)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:  # not under torchrun
+        return False
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    return any(k in str(e) for k in ("gloo", "NCCL", "Connection reset", "Connection closed"))
 
 
 if __name__ == "__main__":

@@ -157,6 +157,7 @@ class SpFDE:
         # update, not a dozen small ops per step); under DDP each rank sees only its share of the
         # samples and the status of all ranks is merged, so all ranks take the same sieving decision
         self._status = None
+        self._kernels_by_rank: list[Any] | None = None  # every rank's kernel state (end_epoch, under DDP)
         if self._track_status:
             from spfde.distributed import StatusGatherer
 
@@ -503,6 +504,13 @@ class SpFDE:
         self._require_epoch("end_epoch")
         if self._status is not None:
             self._status.flush(self.tracker)  # a collective: every rank calls end_epoch
+        if self.world_size > 1:
+            from spfde.distributed import all_gather_objects, is_distributed
+
+            if is_distributed():
+                # under sparsity.kernels: auto each rank times and decides for itself: a checkpoint (written
+                # by one rank) keeps every rank's choices, so each resumes with its own (state_dict)
+                self._kernels_by_rank = all_gather_objects(self.kernels.state_dict())
         self._in_epoch = False
         if self._last_step is not None:
             # RigL's update reads the last step's (unmasked) gradient: that step computed it densely
@@ -615,7 +623,18 @@ class SpFDE:
             "freezer": self.freezer.state_dict() if self.freezer else None,
             "grad_norms": self.grad_norms.state_dict() if self.grad_norms is not None else None,
             "kernels": self.kernels.state_dict(),
+            **self._kernels_of_every_rank(),
         }
+
+    def _kernels_of_every_rank(self) -> dict[str, Any]:
+        """``{"kernels_by_rank": [...]}`` under DDP (gathered at the last end_epoch, this rank's own
+        entry as it is now: rank 0 evaluates after end_epoch, which can add decisions), else ``{}``."""
+        by_rank = self._kernels_by_rank
+        if not by_rank or len(by_rank) != self.world_size:
+            return {}
+        by_rank = list(by_rank)
+        by_rank[self.rank] = self.kernels.state_dict()
+        return {"kernels_by_rank": by_rank}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = state["epoch"]
@@ -629,7 +648,9 @@ class SpFDE:
             self.grad_norms.load_state_dict(state["grad_norms"])
         self.sparsity.apply_masks()
         self.cache.reset()  # derived data: rebuilt from the restored model at the next epoch start
-        self.kernels.load_state_dict(state.get("kernels") or {})
+        by_rank = state.get("kernels_by_rank")
+        own = by_rank[self.rank] if isinstance(by_rank, list) and len(by_rank) == self.world_size else None
+        self.kernels.load_state_dict(own if own is not None else state.get("kernels") or {})
         self._in_epoch = False
 
     def optimizer_loaded(self) -> None:

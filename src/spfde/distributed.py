@@ -404,6 +404,15 @@ def broadcast_state(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order. A collective; ``[obj]`` without a process group."""
+    if not is_distributed():
+        return [obj]
+    everyone: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(everyone, _to_cpu(obj))
+    return everyone
+
+
 def _to_cpu(obj: Any) -> Any:
     if torch.is_tensor(obj):
         return obj.detach().cpu()
@@ -424,6 +433,10 @@ def sync_controller(controller: Any, src: int = 0) -> None:
         return
     state = broadcast_state(controller.state_dict() if get_rank() == src else None, src=src)
     if get_rank() != src:
+        # each rank keeps its own kernel choices: they are this rank's timings, and the ranks' weights
+        # stay equal whatever each one runs (gradients are averaged)
+        state = {**state, "kernels": controller.kernels.state_dict()}
+        state.pop("kernels_by_rank", None)
         controller.load_state_dict(state)
 
 

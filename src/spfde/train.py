@@ -33,6 +33,7 @@ from spfde.units import format_duration, time_to_acc_fields
 from spfde.utils import (
     atomic_write_json,
     atomic_write_text,
+    make_generator,
     resolve_device,
     rng_states,
     seed_everything,
@@ -193,6 +194,11 @@ class Trainer:
                                               cfg.seed, channels_last=self.channels_last)
         self.eval_loader = make_eval_loader(cfg.data, self.test_set, self.device)
         self.ctl.cache.inputs = self.train_loader.inputs  # fills the activation cache at each freeze
+        if self.rank:
+            # the model and every controller decision are set up from the shared seed; from here the global
+            # RNG only feeds the model's own randomness (dropout), which each rank draws for its own samples
+            seed_everything(make_generator(cfg.seed, "rank", self.rank).initial_seed())
+        self._rng_by_rank: list[Any] | None = None  # every rank's RNG states at the last epoch end (DDP)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
         self.metrics: list[dict[str, Any]] = []
         self.start_epoch = 0
@@ -218,7 +224,10 @@ class Trainer:
             "metrics": self.metrics,
             "wall_s": self.wall_s,
             "threads": self.threads.threads,
+            "world_size": self.world_size,
         }
+        if self._rng_by_rank is not None:
+            state["rng_by_rank"] = self._rng_by_rank
         save_checkpoint(state, self.out / "checkpoints", rotate=not self.last_rejected)
         self.last_rejected = False
 
@@ -242,7 +251,9 @@ class Trainer:
         self.ctl.optimizer_loaded()
         if self.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        set_rng_states(ckpt["rng"])
+        by_rank = ckpt.get("rng_by_rank")
+        set_rng_states(by_rank[self.rank] if isinstance(by_rank, list) and len(by_rank) == self.world_size
+                       else ckpt["rng"])
         self.metrics = list(ckpt["metrics"])
         self.wall_s = float(ckpt["wall_s"])
         self.start_epoch = int(ckpt["epoch"]) + 1
@@ -399,6 +410,8 @@ class Trainer:
                                       if self.device.type == "cuda" else None)}
             row.update(m)
             self.metrics.append(row)
+            if self.world_size > 1:  # a collective: each rank's RNG goes into rank 0's checkpoint
+                self._rng_by_rank = dist_utils.all_gather_objects(rng_states())
             if not self.is_main:  # rank 0 writes every output
                 continue
             hist = row.pop("forgetting_histogram", None)
@@ -516,6 +529,26 @@ def train(cfg: Config, out_dir: str | Path, force: bool = False, quiet: bool = F
         raise
 
 
+def _check_world_size(ckpt: dict[str, Any], trainer: Trainer, allowed: bool, changes: list[str], out: Path) -> None:
+    """The number of processes sets the global batch (``data.batch_size`` is per process): a resume
+    with another count is a config change, refused unless ``--allow-config-change``."""
+    old = ckpt.get("world_size")
+    new = trainer.world_size
+    if old is None or int(old) == new:  # checkpoints before the field: not known
+        return
+    if int(ckpt["epoch"]) + 1 >= trainer.cfg.train.epochs:  # finished: nothing left to train
+        return
+    bs = trainer.cfg.data.batch_size
+    what = f"processes {old} -> {new} (global batch {int(old) * bs} -> {new * bs})"
+    if not allowed:
+        raise ConfigError(f"cannot resume {str(out)!r}: it was trained with {old} process(es) and this launch has "
+                          f"{new}, which changes the global batch from {int(old) * bs} to {new * bs} "
+                          f"(data.batch_size is per process); launch it with {old} (torchrun --nproc_per_node={old}"
+                          f"{'' if int(old) > 1 else ', or plain spfde train'}), or pass --allow-config-change to "
+                          "go on with the new global batch (not bit-identical to an uninterrupted run)")
+    changes.append(what)
+
+
 def resume(out_dir: str | Path, quiet: bool = False, allow_config_change: bool = False) -> dict[str, Any]:
     """Continue the run in ``out_dir`` from its newest intact checkpoint (or from scratch if it
     has none). The checkpoint is verified and its config compared with ``config.yaml`` before
@@ -539,6 +572,7 @@ def resume(out_dir: str | Path, quiet: bool = False, allow_config_change: bool =
         trainer = Trainer(cfg, out, quiet=quiet)
     if found is not None:
         path, ckpt, rejected = found
+        _check_world_size(ckpt, trainer, allow_config_change, changes, out)
         trainer.restore(ckpt, path)
         trainer.last_rejected = rejected
     if changes:

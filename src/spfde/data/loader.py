@@ -79,12 +79,14 @@ class TensorLoader:
 
     ``sampler`` (anything iterable over indices, optionally with ``set_epoch`` and ``__len__``)
     decides which samples and in which order; without one, ``shuffle`` picks between the epoch's
-    permutation and the natural order.
+    permutation and the natural order. Augmentation draws whole batches from one generator per
+    epoch, salted with ``rank`` (default: the sampler's ``rank``, e.g. the controller's
+    distributed sampler; 0 without one), so the ranks of a DDP run draw different crops and flips.
     """
 
     def __init__(self, dataset: Any, batch_size: int, sampler: Iterable[int] | None = None, shuffle: bool = False,
                  augment: bool = False, padding: int = 4, flip: bool = True, device: str | torch.device = "cpu",
-                 seed: int = 0, drop_last: bool = False, channels_last: bool = False) -> None:
+                 seed: int = 0, drop_last: bool = False, channels_last: bool = False, rank: int | None = None) -> None:
         if not hasattr(dataset, "images") or not torch.is_tensor(dataset.images):
             raise SpfdeError(f"the tensor loader needs an in-memory dataset (ArrayDataset), got "
                              f"{type(dataset).__name__}; set data.loader=torch for streaming datasets")
@@ -100,6 +102,7 @@ class TensorLoader:
         self.shuffle = shuffle
         self.augment, self.padding, self.flip = augment, padding, flip
         self.seed = seed
+        self.rank = int(rank if rank is not None else getattr(sampler, "rank", 0) or 0)
         self.drop_last = drop_last
         self.channels_last = channels_last
         self.epoch = 0
@@ -135,7 +138,9 @@ class TensorLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         order = self.order().to(self.device)
-        gen = make_generator(self.seed, "augment", self.epoch) if self.augment else None
+        # rank 0 (and a single process) keeps the unsalted stream
+        salt = ("rank", self.rank) if self.rank else ()
+        gen = make_generator(self.seed, "augment", self.epoch, *salt) if self.augment else None
         bs = self.batch_size
         for start in range(0, order.numel(), bs):
             idx = order[start:start + bs]
