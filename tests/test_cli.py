@@ -120,11 +120,22 @@ def test_unknown_model_and_missing_data_errors(tmp_path):
     old = tmp_path / "old"
     old.mkdir()
     (old / "summary.json").write_text("{}")
+    (old / "config.yaml").write_text("seed: 0\n")  # a run folder: the only kind --force overwrites
     r = cli("train", "--config", "fmnist-demo", "--set", "data.name=imagefolder", "--out", str(old), "--force")
     assert r.returncode == 2 and "data.root" in r.stderr and (old / "summary.json").exists()
     r = cli("train", "--config", "fmnist-demo", "--set", "data.name=cifar10", "--set",
             f"data.root={tmp_path / 'nowhere'}", "--out", str(old), "--force")  # fails inside the trainer
     assert r.returncode == 1 and (old / "summary.json").exists() and "Traceback" not in r.stderr
+    # --force never deletes a folder that is not a run, nor the current folder
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    r = cli("train", "--config", "fmnist-demo", "--out", str(mine), "--force")
+    assert r.returncode == 1 and "not a spfde run" in r.stderr and "notes.txt" in r.stderr
+    assert (mine / "notes.txt").read_text() == "keep" and "--resume" not in r.stderr
+    (mine / "config.yaml").write_text("seed: 0\n")
+    r = cli("train", "--config", "fmnist-demo", "--out", ".", "--force", cwd=mine)
+    assert r.returncode == 1 and "current folder" in r.stderr and (mine / "notes.txt").exists()
     for bad in ("optim.lr=nan", "seed=99999999999999999999"):
         r = cli("train", "--config", "fmnist-demo", "--set", bad, "--out", str(tmp_path / "d"))
         assert r.returncode == 2 and bad.split("=")[0] in r.stderr and "Traceback" not in r.stderr, r.stderr
@@ -272,3 +283,34 @@ def test_packaging_metadata_has_no_deprecated_license_table():
     assert isinstance(meta["project"]["license"], str)
     assert any(r.replace(" ", "").startswith("setuptools>=77") for r in meta["build-system"]["requires"])
     assert "version" not in meta["project"] and "version" in meta["project"]["dynamic"]  # one place: __version__
+
+
+def test_the_model_is_checked_on_one_image_before_training(tmp_path):
+    """Logits of the wrong shape are refused at set-up (not an IndexError inside the loss), and lazy
+    modules get their shapes from the same forward, so a LazyLinear model trains from the CLI."""
+    import torch
+    from torch import nn
+
+    from spfde.errors import SpfdeError
+    from spfde.train import check_model_output
+
+    x = torch.rand(1, 1, 8, 8)
+    for model, got in ((nn.Sequential(nn.Flatten(), nn.Linear(64, 5)), r"shape \(1, 5\)"),
+                       (nn.Sequential(nn.Flatten(0), nn.Linear(64, 10)), r"shape \(10,\)"),
+                       (nn.Sequential(nn.Flatten(), nn.Linear(63, 10)), "forward failed on one digits image")):
+        with pytest.raises(SpfdeError, match=got):
+            check_model_output(model, x, 10, "digits")
+    lazy = nn.Sequential(nn.Flatten(), nn.LazyLinear(10)).train()
+    check_model_output(lazy, x, 10, "digits")
+    assert lazy[1].weight.shape == (10, 64) and lazy.training
+    (tmp_path / "lazy_models.py").write_text(
+        "from torch import nn\n\n"
+        "def net(num_classes, in_channels):\n"
+        "    return nn.Sequential(nn.Conv2d(in_channels, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(32),\n"
+        "                         nn.ReLU(), nn.Linear(32, num_classes))\n")
+    (tmp_path / "base.yaml").write_text("{}\n")
+    sets = [f"--set={kv}" for kv in ("data.name=synthetic", "data.synthetic_size=64", "data.image_size=8",
+                                     "train.epochs=1", "train.threads=1", "logging.progress=false",
+                                     "model.name=lazy_models:net", "sparsity.target=0.5", "freezing.target=0")]
+    r = cli("train", "-c", str(tmp_path / "base.yaml"), "--out", str(tmp_path / "run"), *sets, cwd=tmp_path)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr

@@ -147,6 +147,31 @@ def _no_fmnist_anywhere(monkeypatch, tmp_path):
     monkeypatch.setattr(dsmod, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "system")
 
 
+def test_fashion_mnist_files_that_cannot_train_are_refused(tmp_path):
+    """An empty split, splits of different image shapes and non-8-bit pixels each get one error
+    naming the problem (they used to fail deep inside, report 0% or train on zeros)."""
+    def write(folder: Path, **arrays: np.ndarray) -> Path:
+        write_fmnist(folder)
+        for key, arr in arrays.items():
+            data = idx_bytes(arr) if arr.dtype != np.dtype(">f4") else (
+                bytes([0, 0, 0x0D, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes())
+            (folder / dsmod.FASHION_MNIST_FILES[key]).write_bytes(gzip.compress(data))
+        return folder
+
+    empty = np.zeros((0, 28, 28), np.uint8), np.zeros((0,), np.uint8)
+    cases = [
+        (dict(train_images=empty[0], train_labels=empty[1]), "train set .* is empty"),
+        (dict(test_images=empty[0], test_labels=empty[1]), "test set .* is empty"),
+        (dict(test_images=np.ones((6, 20, 20), np.uint8)),
+         r"train images are \(1, 28, 28\).*test images \(1, 20, 20\)"),
+        (dict(train_images=np.full((12, 28, 28), 0.5, ">f4")), "hold >f4 values; .* uint8"),
+    ]
+    for i, (arrays, message) in enumerate(cases):
+        folder = write(tmp_path / f"case{i}", **arrays)
+        with pytest.raises(SpfdeError, match=message):
+            dsmod.load_fashion_mnist(folder)
+
+
 def test_fashion_mnist_missing_says_how_to_get_it(monkeypatch, tmp_path):
     _no_fmnist_anywhere(monkeypatch, tmp_path)
     with pytest.raises(SpfdeError) as e:
@@ -535,3 +560,15 @@ def test_epoch_shuffle_sampler():
     assert list(t) == e1 and len(t) == 50
     g = make_generator(1, "shuffle", 1)
     assert e1 == torch.randperm(50, generator=g).tolist()  # the documented stream
+
+
+def test_plan_reads_the_users_files_not_the_published_sizes(tmp_path):
+    """`spfde flops`/`plan` with data.root: the user's own files in a known format set the sizes."""
+    from spfde.config import load_config
+    from spfde.planning import data_shape
+
+    write_fmnist(tmp_path / "fm", n_train=12, n_test=6)
+    mine = data_shape(load_config(None, ["data.name=fashion_mnist", f"data.root={tmp_path / 'fm'}"]))
+    assert (mine.train_size, mine.image_size, mine.num_classes) == (12, 28, 10)
+    published = data_shape(load_config(None, ["data.name=fashion_mnist"]))
+    assert published.train_size == 60_000

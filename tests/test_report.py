@@ -159,6 +159,17 @@ def test_report_errors_name_the_directory(tmp_path):
     (bad / "metrics.jsonl").write_text('{"epoch": 0}\n{oops\n')
     with pytest.raises(SpfdeError, match="line 2"):
         write_report([bad])
+    # a field the plots compute with, hand-edited to text: named, not a TypeError inside matplotlib
+    (bad / "metrics.jsonl").write_text('{"epoch": 0, "test_acc": 0.5}\n{"epoch": 1, "test_acc": "x"}\n')
+    with pytest.raises(SpfdeError, match="line 2: field 'test_acc' is 'x', expected a number"):
+        write_report([bad])
+    (bad / "metrics.jsonl").write_text('{"epoch": 0, "test_acc": 0.5}\n')
+    _set_summary(bad, final_test_acc="high")
+    with pytest.raises(SpfdeError, match="summary.json.*'final_test_acc' is 'high'"):
+        write_report([bad])
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SpfdeError, match="is a file, not a folder"):
+        write_report([tmp_path / "afile"])
     assert report_main([str(tmp_path / "missing_dir")]) == 1
 
 
@@ -415,6 +426,12 @@ def test_compare_skips_non_runs_and_warns_about_different_data(tmp_path, capsys)
     assert "note: skipped" in err and "different data" in err and "note:" not in out
     with pytest.raises(SpfdeError, match="no finished run"):
         compare_runs([tmp_path / "notes"])
+    # one run named twice is one seed, not two with a spread of 0
+    notes = []
+    rows = compare_runs([a, tmp_path / "." / "a"], notes=notes)
+    assert rows[0]["n"] == 1 and any("the same run as" in n for n in notes)
+    # the report says what compare says about runs on different data
+    assert "different data" in write_report([a, b], out_dir=tmp_path / "rep").read_text()
 
 
 def test_compare_puts_wall_clock_beside_flops_and_time_to_a_common_accuracy(tmp_path):

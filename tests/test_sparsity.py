@@ -448,3 +448,19 @@ def test_dense_method():
     for epoch in range(3):
         assert engine.update(epoch)["updated"] is False
         list(train_epoch(model, engine, opt))
+
+
+def test_a_target_that_prunes_nothing_says_so() -> None:
+    """Two prunable layers, both edges kept dense: a run would train dense under a sparse target."""
+    from torch import nn
+
+    from spfde.config import load_config
+    from spfde.sparsity import SparsityWarning, build_sparsity
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.warns(SparsityWarning, match="prunes nothing.*'1', '3'.*dense_first_layer"):
+        engine = build_sparsity(model, load_config(None, ["sparsity.target=0.5"]), torch.randn(1, 16))
+    assert all(m.all() for m in engine.masks.values())
+    engine = build_sparsity(model, load_config(None, ["sparsity.target=0.5", "sparsity.dense_first_layer=false"]),
+                            torch.randn(1, 16))
+    assert not engine.masks["1.weight"].all()

@@ -120,6 +120,10 @@ def test_removed_samples_never_reach_the_model(tmp_path, data):
 def test_refuses_non_empty_out_dir(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "x").write_text("keep me")
+    with pytest.raises(SpfdeError, match="not a spfde run .*choose another --out"):
+        train(tiny_cfg(), tmp_path / "run", quiet=True)
+    assert (tmp_path / "run" / "x").read_text() == "keep me"
+    (tmp_path / "run" / "config.yaml").write_text("seed: 0\n")  # a run folder: resume it or --force
     with pytest.raises(SpfdeError, match="--resume"):
         train(tiny_cfg(), tmp_path / "run", quiet=True)
     assert (tmp_path / "run" / "x").read_text() == "keep me"

@@ -33,11 +33,12 @@ _KNOWN = {
 
 
 def data_shape(cfg: Config) -> DataShape:
-    """The dataset's shape after the config's options (padding, channels, subset)."""
+    """The dataset's shape after the config's options (padding, channels, subset): the published
+    dataset's from the table above, else (``data.root`` given, ``imagefolder``) read from the files."""
     d = cfg.data
     if d.name == "synthetic":
         shape = DataShape(d.synthetic_classes, d.channels or 3, d.image_size, d.synthetic_size)
-    elif d.name in _KNOWN:
+    elif d.name in _KNOWN and d.root is None:  # data.root: the user's own files in that format, read below
         shape = _KNOWN[d.name]
         size = 32 if d.pad_to_32 and shape.image_size < 32 else shape.image_size
         shape = DataShape(shape.num_classes, d.channels or shape.in_channels, size, shape.train_size)

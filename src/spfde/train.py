@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from spfde import distributed as dist_utils
 from spfde.checkpoint import FORMAT, check_resume_config, load_latest, read_checkpoint, save_checkpoint
@@ -74,14 +75,52 @@ def _density_note(cfg: Config, epoch: int) -> str:
     return f" (MEST search phase at s'={s:.3f}; target {sp.target:.3f} from epoch {cfg.search_end})"
 
 
+def check_model_output(model: nn.Module, example: torch.Tensor, num_classes: int, dataset: str) -> None:
+    """One forward of one training image (eval mode, no gradient: nothing in the model changes)
+    before anything else uses the model: it gives lazy modules (``LazyLinear``...) their shapes, and
+    the built-in trainer's loss needs logits ``(N, num_classes)``, which is checked here instead of
+    failing as an IndexError inside the loss."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(example)
+    except (TypeError, RuntimeError, ValueError, IndexError) as e:
+        raise SpfdeError(f"the model's forward failed on one {dataset} image of shape {tuple(example.shape)} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); it must take a "
+                         "batch (N, C, H, W) and return logits (N, num_classes)") from None
+    finally:
+        model.train(was)
+    if not torch.is_tensor(out) or out.dim() != 2 or out.shape[1] != num_classes:
+        got = f"a tensor of shape {tuple(out.shape)}" if torch.is_tensor(out) else f"a {type(out).__name__}"
+        raise SpfdeError(f"the model returns {got} for a batch of 1; the built-in trainer needs logits of shape "
+                         f"(1, {num_classes}) for the {num_classes} classes of {dataset} (the model gets "
+                         "num_classes=...: pass it on to its classifier)")
+
+
+def _is_run_dir(out: Path) -> bool:
+    return (out / "config.yaml").is_file() or (out / "checkpoints").is_dir()
+
+
 def check_out_dir(out: Path, force: bool) -> None:
-    """Refuse an output path that is a file, not writable, or a non-empty folder (unless ``force``)."""
+    """Refuse an output path that is a file, not writable, or a non-empty folder (unless ``force``,
+    which only ever deletes a spfde run folder, never the current folder or one holding it)."""
     if out.exists() and not out.is_dir():
         raise SpfdeError(f"--out {str(out)!r} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise SpfdeError(
-            f"output directory {str(out)!r} is not empty; use --resume {out} to continue that run "
-            "or --force to overwrite it")
+    if out.exists() and any(out.iterdir()):
+        if not _is_run_dir(out):
+            names = ", ".join(sorted(p.name for p in out.iterdir())[:3])
+            raise SpfdeError(f"output directory {str(out)!r} is not empty and is not a spfde run (it holds {names}"
+                             f"{', ...' if len(list(out.iterdir())) > 3 else ''}); choose another --out"
+                             f"{' (--force only overwrites a run folder)' if force else ''}")
+        if not force:
+            raise SpfdeError(
+                f"output directory {str(out)!r} holds a run; use --resume {out} to continue that run "
+                "or --force to overwrite it")
+        here = Path.cwd().resolve()
+        if out.resolve() == here or out.resolve() in here.parents:
+            raise SpfdeError(f"--force will not delete {str(out)!r}: it is the current folder or holds it; "
+                             "run from another folder or choose another --out")
     parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise SpfdeError(f"cannot create output directory {str(out)!r}: {str(parent)!r} is not a writable folder")
@@ -165,10 +204,12 @@ class Trainer:
 
         seed_everything(cfg.seed)
         self.train_set, self.test_set, self.info = load_datasets(cfg.data, seed=cfg.seed)
+        example = self.train_set[0][0].unsqueeze(0)
         with config_caused():  # the model comes from the config alone
-            self.model = create_model(cfg.model.name, num_classes=self.info.num_classes,
-                                      in_channels=self.info.in_channels, width=cfg.model.width,
-                                      **cfg.model.kwargs).to(self.device)
+            model = create_model(cfg.model.name, num_classes=self.info.num_classes,
+                                 in_channels=self.info.in_channels, width=cfg.model.width, **cfg.model.kwargs)
+            check_model_output(model, example, self.info.num_classes, self.info.name)
+            self.model = model.to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # CPU: the fused kernel, one pass over all parameters instead of a foreach pass per operation
@@ -178,7 +219,7 @@ class Trainer:
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
             weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov, foreach=not cpu, fused=cpu or None)
-        example = self.train_set[0][0].unsqueeze(0).to(self.device)
+        example = example.to(self.device)
         snip = None
         if cfg.sparsity.method == "static" and cfg.sparsity.static_init == "snip":
             n = min(cfg.data.batch_size, len(self.train_set))

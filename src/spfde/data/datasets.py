@@ -374,7 +374,10 @@ def load_fashion_mnist(root: str | os.PathLike | None = None, pad_to_32: bool = 
         if imgs.ndim != 3 or labels.ndim != 1 or imgs.shape[0] != labels.shape[0]:
             raise SpfdeError(f"Fashion-MNIST files in {folder} do not fit together: {split} images "
                              f"{imgs.shape}, labels {labels.shape}")
-        x = torch.from_numpy(imgs.astype(np.uint8)).unsqueeze(1)
+        if imgs.dtype != np.uint8:  # a cast would wrap floats in [0, 1] (and NaN) to 0 without a word
+            raise SpfdeError(f"Fashion-MNIST {split} images in {folder} hold {imgs.dtype} values; the loader "
+                             "reads 8-bit pixels (idx type 0x08): write the images as uint8 0..255")
+        x = torch.from_numpy(imgs).unsqueeze(1)
         if pad_to_32:
             x = pad_to(x, 32)
         if stats is None:
@@ -404,8 +407,13 @@ def _finish(name: str, sets: list[tuple[torch.Tensor, torch.Tensor]], num_classe
             class_names: list[str] | None, stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
             where: str = "") -> tuple[ArrayDataset, ArrayDataset, DatasetInfo]:
     (xtr, ytr), (xte, yte) = sets
-    for split, y in (("train", ytr), ("test", yte)):
+    for split, x, y in (("train", xtr, ytr), ("test", xte, yte)):
+        if x.shape[0] == 0:
+            raise SpfdeError(f"the {name} {split} set{where} is empty (0 images); check data.root and its files")
         check_labels(y, num_classes, f"{name} {split} labels{where}", "; is data.name right for this data?")
+    if xtr.shape[1:] != xte.shape[1:]:
+        raise SpfdeError(f"{name}{where}: train images are {tuple(xtr.shape[1:])} (channels, height, width) but "
+                         f"test images {tuple(xte.shape[1:])}; both splits must have one image shape")
     mean, std = stats if stats is not None else channel_stats(xtr)
     info = DatasetInfo(name, num_classes, int(xtr.shape[1]), int(xtr.shape[2]), mean, std, class_names)
     return ArrayDataset(xtr, ytr, mean, std), ArrayDataset(xte, yte, mean, std), info

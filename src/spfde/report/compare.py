@@ -112,7 +112,13 @@ def compare_runs(run_dirs: list[str | Path], notes: list[str] | None = None) -> 
     """
     notes = notes if notes is not None else []
     runs = []
+    seen: dict[Path, str | Path] = {}
     for d in run_dirs:
+        where = Path(d).resolve()
+        if where in seen:  # one run counted twice would pass for two seeds with a spread of 0
+            notes.append(f"skipped {str(d)!r}: the same run as {str(seen[where])!r}")
+            continue
+        seen[where] = d
         try:
             runs.append(load_runs([d], require_summary=True)[0])
         except SpfdeError as e:

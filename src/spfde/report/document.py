@@ -218,9 +218,11 @@ def build_report(runs: list[Run], out_dir: Path, probe: torch.Tensor | None = No
     finished = [r for r in runs if r.summary is not None]
     rows = None
     if len(finished) > 1:
-        rows = compare_runs([r.path for r in finished])
+        notes: list[str] = []  # e.g. runs on different data: said here as spfde compare says it
+        rows = compare_runs([r.path for r in finished], notes)
         blocks += [("h", 2, "Comparison (seeds grouped, mean ± std)"),
                    ("table", list(COMPARE_COLUMNS), [compare_row_cells(r) for r in rows])]
+        blocks += [("p", f"Note: {n}") for n in notes]
     blocks += _cost_note(finished, rows)
     blocks.append(("h", 2, "All runs"))
     for fn, name, caption in ((plots.plot_accuracy, "accuracy.png", "Accuracy per epoch"),

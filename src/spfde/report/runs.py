@@ -42,6 +42,22 @@ class Run:
         return node
 
 
+# the fields the report and compare compute with: a number or null wherever they appear
+METRIC_NUMBERS = ("epoch", "lr", "train_loss", "train_acc", "test_acc", "test_loss", "epoch_s", "wall_s", "density",
+                  "train_flops", "cum_train_flops", "samples_seen", "active_samples", "returned",
+                  "removed_this_update", "never_seen_count", "mem_model_bytes", "mem_model_unfrozen_bytes",
+                  "peak_mem_bytes")
+SUMMARY_NUMBERS = ("final_test_acc", "best_test_acc", "wall_s", "train_flops", "dense_train_flops", "flops_saving",
+                   "train_size", "epochs", "seed")
+
+
+def _check_numbers(obj: dict[str, Any], keys: tuple[str, ...], where: str) -> None:
+    for k in keys:
+        v = obj.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise SpfdeError(f"{where}: field {k!r} is {v!r}, expected a number or null; is the file damaged?")
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     rows = []
     try:
@@ -57,6 +73,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             raise SpfdeError(f"{str(path)!r} line {n} is not valid JSON ({e.msg}); is the file damaged?") from None
         if not isinstance(row, dict):
             raise SpfdeError(f"{str(path)!r} line {n} must be a JSON object, got {type(row).__name__}")
+        _check_numbers(row, METRIC_NUMBERS, f"{str(path)!r} line {n}")
         rows.append(row)
     return rows
 
@@ -87,11 +104,14 @@ def load_run(run_dir: str | Path, require_summary: bool = False) -> Run:
     """Load a run directory; a missing folder or one without metrics.jsonl raises :class:`SpfdeError`."""
     path = Path(run_dir)
     if not path.is_dir():
-        raise SpfdeError(f"run directory {str(path)!r} does not exist; pass the --out folder of a `spfde train` run")
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise SpfdeError(f"run directory {str(path)!r} {what}; pass the --out folder of a `spfde train` run")
     mfile, sfile = path / "metrics.jsonl", path / "summary.json"
     if not mfile.exists() and not sfile.exists():
         raise SpfdeError(f"{str(path)!r} is not a spfde run directory: it has neither metrics.jsonl nor summary.json")
     summary = _read_json(sfile)
+    if summary is not None:
+        _check_numbers(summary, SUMMARY_NUMBERS, repr(str(sfile)))
     if require_summary and summary is None:
         raise SpfdeError(f"run {str(path)!r} has no summary.json: it has not finished; resume it with "
                          f"`spfde train --resume {path}` or leave it out")

@@ -20,6 +20,7 @@ method module for its card; docs/sparsity.md lists every default and the option 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -52,6 +53,10 @@ __all__ = [
     "keep_count",
     "layer_sparsity",
 ]
+
+
+class SparsityWarning(UserWarning):
+    """A sparsity setting that does not do what it says (one line, the run goes on)."""
 
 
 def build_sparsity(model: nn.Module, cfg: Config, example_input: torch.Tensor | None = None,
@@ -87,6 +92,13 @@ def _build_engine(model: nn.Module, cfg: Config, example_input: torch.Tensor | N
     target = layer_sparsity(layers, sp.target, sp.distribution, sp.dense_first_layer,
                             first_layer=order[0] if order else None, overrides=sp.layer_overrides,
                             dense_last_layer=sp.dense_last_layer, last_layer=order[-1] if order else None)
+    if sp.target > 0 and layers and not any(target.values()):
+        # every prunable layer is an edge layer kept dense: the run would train dense under a sparse name
+        warnings.warn_explicit(
+            f"sparsity.target = {sp.target} prunes nothing: the model's only prunable layers "
+            f"({', '.join(repr(m) for m in order)}) are its first and last, which sparsity.dense_first_layer / "
+            "sparsity.dense_last_layer keep dense; set those to false to prune them",
+            SparsityWarning, "spfde.sparsity", 0, module="spfde.sparsity")
     if sp.method == "mest":
         return MESTEngine(model, layers, target, schedule, cfg.seed, mest_lambda=sp.mest_lambda)
     if sp.method == "set":
