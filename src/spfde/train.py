@@ -107,11 +107,11 @@ def check_out_dir(out: Path, force: bool) -> None:
     which only ever deletes a spfde run folder, never the current folder or one holding it)."""
     if out.exists() and not out.is_dir():
         raise SpfdeError(f"--out {str(out)!r} exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
+    entries = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    if entries:
         if not _is_run_dir(out):
-            names = ", ".join(sorted(p.name for p in out.iterdir())[:3])
-            raise SpfdeError(f"output directory {str(out)!r} is not empty and is not a spfde run (it holds {names}"
-                             f"{', ...' if len(list(out.iterdir())) > 3 else ''}); choose another --out"
+            raise SpfdeError(f"output directory {str(out)!r} is not empty and is not a spfde run (it holds "
+                             f"{', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}); choose another --out"
                              f"{' (--force only overwrites a run folder)' if force else ''}")
         if not force:
             raise SpfdeError(
@@ -208,8 +208,14 @@ class Trainer:
         with config_caused():  # the model comes from the config alone
             model = create_model(cfg.model.name, num_classes=self.info.num_classes,
                                  in_channels=self.info.in_channels, width=cfg.model.width, **cfg.model.kwargs)
-            check_model_output(model, example, self.info.num_classes, self.info.name)
+            # lazy modules take their shapes from this forward, before .to() can move them; any other
+            # model is checked where it will run (a CUDA-only op would fail on the CPU)
+            lazy = any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters())
+            if lazy:
+                check_model_output(model, example, self.info.num_classes, self.info.name)
             self.model = model.to(self.device)
+            if not lazy:
+                check_model_output(self.model, example.to(self.device), self.info.num_classes, self.info.name)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # CPU: the fused kernel, one pass over all parameters instead of a foreach pass per operation
