@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from spfde.errors import ConfigError, SpfdeError
+from spfde.errors import ConfigError, SpfdeError, first_line
 
 DEMO_PRESET = "fmnist-demo"
 
@@ -349,7 +349,7 @@ def _main(argv: list[str] | None) -> int:
             raise
         run = getattr(args, "resume", None) or getattr(args, "out", None)
         again = f"; resume with `spfde train --resume {run}`" if run and args.command in ("train", "demo") else ""
-        _say(f"error: lost contact with the job's other processes ({str(e).splitlines()[0][:200]}){again}")
+        _say(f"error: lost contact with the job's other processes ({first_line(e)[:200]}){again}")
         return 1
 
 

@@ -48,6 +48,7 @@ from spfde.errors import ConfigError, SpfdeError
 from spfde.names import ancestors
 from spfde.sieving import NoSieve, SieveSampler, build_sieve, build_tracker
 from spfde.sparsity import build_sparsity
+from spfde.utils import lazy_parameters
 
 BlockSpec = Sequence[str] | Callable[[str, nn.Module], Any] | None
 
@@ -118,7 +119,7 @@ class SpFDE:
         if self.train_size <= 0:
             raise SpfdeError(f"train_size must be a positive number of samples, got {train_size}")
         self._check_optimizer(net, optimizer)
-        lazy = [n for n, p in net.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+        lazy = lazy_parameters(net)
         if lazy:
             raise SpfdeError(f"the model has {len(lazy)} uninitialized lazy parameter(s) ({lazy[0]!r}: a LazyLinear, "
                              "LazyConv2d, ...): run one forward pass on a batch before creating the optimizer and "

@@ -33,6 +33,12 @@ class ConfigError(SpfdeError):
         self.problems = list(problems) if problems else [message]
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line (its type name when it has none), for one-line errors."""
+    text = str(e)
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class NonFiniteLossError(SpfdeError):
     """The training loss became NaN or infinite (``train.on_nonfinite: stop``); the CLI exits with code 3."""
 

@@ -29,11 +29,12 @@ from spfde import distributed as dist_utils
 from spfde.checkpoint import FORMAT, check_resume_config, load_latest, read_checkpoint, save_checkpoint
 from spfde.config import Config, dump_config, load_config
 from spfde.controller import SpFDE
-from spfde.errors import ConfigError, NonFiniteLossError, SpfdeError, config_caused, memory_errors
+from spfde.errors import ConfigError, NonFiniteLossError, SpfdeError, config_caused, first_line, memory_errors
 from spfde.units import format_duration, time_to_acc_fields
 from spfde.utils import (
     atomic_write_json,
     atomic_write_text,
+    lazy_parameters,
     make_generator,
     resolve_device,
     rng_states,
@@ -87,7 +88,7 @@ def check_model_output(model: nn.Module, example: torch.Tensor, num_classes: int
             out = model(example)
     except (TypeError, RuntimeError, ValueError, IndexError) as e:
         raise SpfdeError(f"the model's forward failed on one {dataset} image of shape {tuple(example.shape)} "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); it must take a "
+                         f"({type(e).__name__}: {first_line(e)[:200]}); it must take a "
                          "batch (N, C, H, W) and return logits (N, num_classes)") from None
     finally:
         model.train(was)
@@ -210,7 +211,7 @@ class Trainer:
                                  in_channels=self.info.in_channels, width=cfg.model.width, **cfg.model.kwargs)
             # lazy modules take their shapes from this forward, before .to() can move them; any other
             # model is checked where it will run (a CUDA-only op would fail on the CPU)
-            lazy = any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters())
+            lazy = bool(lazy_parameters(model))
             if lazy:
                 check_model_output(model, example, self.info.num_classes, self.info.name)
             self.model = model.to(self.device)

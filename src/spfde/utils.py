@@ -178,6 +178,11 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def lazy_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of ``model``'s parameters a lazy module (``LazyLinear``, ``LazyConv2d``...) has not shaped yet."""
+    return [n for n, p in model.named_parameters() if isinstance(p, torch.nn.parameter.UninitializedParameter)]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))

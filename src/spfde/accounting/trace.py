@@ -42,7 +42,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from spfde.errors import SpfdeError
+from spfde.errors import SpfdeError, first_line
 from spfde.names import name_matches
 
 #: suffix of the ledger unit that holds a module's activation-activation matmuls
@@ -230,7 +230,7 @@ def trace_forward(model: nn.Module, example_input: torch.Tensor) -> ForwardTrace
                 # the first call of the user's model on their input: say what was called, not only where
                 raise SpfdeError(
                     f"the model's forward failed on example_input (per-sample shape {tuple(example_input.shape[1:])}) "
-                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). example_input must be "
+                    f"({type(e).__name__}: {first_line(e)}). example_input must be "
                     "one batch as the model's forward takes it as its only argument (e.g. "
                     "next(iter(loader))[0]); a model with several inputs needs a wrapper module that "
                     "takes one tensor") from e

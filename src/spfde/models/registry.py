@@ -32,7 +32,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from spfde.errors import ConfigError, SpfdeError
+from spfde.errors import ConfigError, SpfdeError, first_line
 
 ModelFn = Callable[..., nn.Module]
 
@@ -220,11 +220,6 @@ def _shown(args: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in args.items())
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e)
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _accepts(fn: Callable[..., Any]) -> str:
     """``"it accepts: depth, dropout"``: the keyword arguments a factory takes besides :data:`AUTO_ARGS`."""
     names = sorted(_accepted(fn) - set(AUTO_ARGS))
@@ -259,7 +254,7 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, width: 
             if not kwargs:  # nothing from model.kwargs was passed: a bug in the factory, not the config
                 raise
             raise ConfigError(f"config field 'model.kwargs': model.name = {name!r} refused {_shown(kwargs)} "
-                              f"({_first_line(e)}); {_accepts(fn)}") from None
+                              f"({first_line(e)}); {_accepts(fn)}") from None
     accepted = _accepted(fn)
     args = {**{k: v for k, v in given.items() if k in accepted}, **kwargs}
     try:
@@ -267,7 +262,7 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, width: 
     except Exception as e:  # noqa: BLE001 - the user's factory may raise anything
         accepts = f" ({_accepts(fn)})" if isinstance(e, TypeError) else ""
         raise ConfigError(f"config field 'model.name' = {name!r}: calling it as {name.partition(':')[2]}"
-                          f"({_shown(args)}) failed ({type(e).__name__}: {_first_line(e)}); check model.kwargs "
+                          f"({_shown(args)}) failed ({type(e).__name__}: {first_line(e)}); check model.kwargs "
                           f"against its signature{accepts}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"config field 'model.name' = {name!r} returned an object of type "

@@ -292,12 +292,9 @@ class _Layer:
         """A call that could not run sparse runs dense: recorded; under ``sparse`` one warning line
         per reason and run (under ``auto`` running dense is a normal outcome)."""
         self._record("dense", fell_back=True)
-        if why and self.exe.mode == "sparse" and not self.exe.in_one_off and why not in self.exe.warned:
-            # kept per run, not only in the warnings registry, which any change of the warning filters
-            # (a catch_warnings block in the user's loop) empties
-            self.exe.warned.add(why)
-            warn_once(f"sparsity.kernels=sparse: layer {self.name!r} runs dense for a call: {why} (the epoch's "
-                      "`kernels` field in metrics.jsonl says which layers did)")
+        if why and not self.exe.in_one_off:
+            self.exe.warn_sparse(why, f"layer {self.name!r} runs dense for a call: {why} (the epoch's "
+                                      "`kernels` field in metrics.jsonl says which layers did)")
 
     def call_key(self, x: torch.Tensor) -> Key:
         """The decision key of a call on ``x`` in the current grad mode."""
@@ -321,10 +318,8 @@ class _Layer:
             return choice
         if self.exe.in_one_off and (choice := self.one_off_choice(key, x)) is not None:
             return choice
-        if self.exe.in_probe:
-            return self.decisions.get(self.primary, "dense") if self.primary is not None else "dense"
-        if len(self.decisions) >= MAX_KEYS:
-            return self.decisions.get(self.primary, "dense") if self.primary is not None else "dense"
+        if self.exe.in_probe or len(self.decisions) >= MAX_KEYS:
+            return self.primary_choice()
         similar = [c for k, c in self.decisions.items() if k[:3] == key[:3] and k[3][1:] == key[3][1:]
                    and key[3][0] <= k[3][0] <= REUSE_BATCH_RATIO * key[3][0]] if self._batch_leading() else []
         if similar:  # the same call at a somewhat smaller batch (a short last batch)
@@ -454,9 +449,13 @@ class _Layer:
             return race(run(dense), run(lambda xx: self.sparse(xx, dense_w)))
 
     # ------------------------------------------------------------------ reporting and state
+    def primary_choice(self) -> str:
+        """The decision for the layer's main call (dense before there is one)."""
+        return self.decisions.get(self.primary, "dense") if self.primary is not None else "dense"
+
     def choice(self) -> str:
         if self.exe.mode == "auto" and not self.fell_back:
-            return self.decisions.get(self.primary, "dense") if self.primary is not None else "dense"
+            return self.primary_choice()
         # never called with autograd on: its forward did not run (e.g. the out_proj of an attention
         # call that ran the module's own forward, which reads the weight directly), so nothing ran sparse
         return self.used or "dense"
@@ -536,7 +535,7 @@ class SparseExecution:
         self.in_one_off = False
         self.in_probe = False
         self.counting = False  # start_epoch was called: choices() knows which layers made training calls
-        self.warned: set[str] = set()  # the fallback reasons said under ``sparse`` (_Layer._fell_back)
+        self.warned: set[str] = set()  # the reasons said under ``sparse`` (warn_sparse)
         #: plain self-attention modules whose projection is not masked: spfde's attention path too
         self.attention: dict[str, nn.Module] = {}
         self._order = [lay.module for lay in engine.masked_layers]
@@ -598,6 +597,14 @@ class SparseExecution:
         for layer in self.layers.values():
             layer.sync()
 
+    def warn_sparse(self, why: str, message: str) -> None:
+        """Under ``sparse`` (where running dense is not what was asked), one warning line per reason and
+        run, kept here, not only in the warnings registry, which any change of the warning filters (a
+        ``catch_warnings`` block in the user's loop) empties; under ``auto`` dense is a normal outcome."""
+        if self.mode == "sparse" and why not in self.warned:
+            self.warned.add(why)
+            warn_once(f"sparsity.kernels=sparse: {message}")
+
     def start_epoch(self) -> None:
         """Count each layer's training calls from here on (the controller, at every epoch start): a
         trainable layer with none by :meth:`choices` ran outside spfde's path this epoch."""
@@ -618,11 +625,9 @@ class SparseExecution:
             if layer is not None and self.counting and layer.calls == 0 and layer.weight.requires_grad:
                 out[name] = "dense"
                 why = "none of its training calls this epoch went through spfde's kernels"
-                if self.mode == "sparse" and why not in self.warned:
-                    self.warned.add(why)
-                    warn_once(f"sparsity.kernels=sparse: layer {name!r} (and maybe others): {why}; a "
-                              "torch.compile'd or traced forward runs PyTorch's dense kernels (compile the "
-                              "parts without masked layers to keep the sparse ones)")
+                self.warn_sparse(why, f"layer {name!r} (and maybe others): {why}; a torch.compile'd or traced "
+                                      "forward runs PyTorch's dense kernels (compile the parts without masked "
+                                      "layers to keep the sparse ones)")
             else:
                 out[name] = layer.choice() if layer is not None else "dense"
         return out
