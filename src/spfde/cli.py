@@ -21,6 +21,7 @@ from typing import Any
 from spfde.errors import ConfigError, SpfdeError, first_line
 
 DEMO_PRESET = "fmnist-demo"
+FORCE_HELP = "overwrite the run in --out (only a spfde run folder, never the current folder)"
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -56,13 +57,13 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="with --resume: accept the safe edits of DIR/config.yaml (more epochs where the schedule "
                         "allows it, train.device, data.test_subset, analysis.snapshots, train.on_nonfinite); see "
                         "docs/design.md")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or per-epoch lines")
 
     p = sub.add_parser("demo", help="a short SpFDE run on Fashion-MNIST, then a report",
                        description=f"Train the {DEMO_PRESET} preset (configs/{DEMO_PRESET}.yaml), then write a report.")
     p.add_argument("--out", "-o", default="runs/demo", metavar="DIR", help="run directory (default: runs/demo)")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or per-epoch lines")
     _add_set_arg(p)
 
