@@ -15,11 +15,14 @@ steps, so load on the machine hits all alike; the table gives medians per step:
   of the projection, so its cost is the difference to ``full``;
 * ``no optimizer step``: forward and backward only (no controller hooks, no ``optimizer.step``);
 * ``linears free`` (``mest`` only): every sparse Linear (the attention projections and the MLP)
-  replaced by a stand-in that returns zeros of the right shape, forward and backward: the step
-  MEST would take if its sparse layers cost nothing, so ``linears free ÷ dense full`` is the
+  replaced by a stand-in that returns zeros of the right shape, forward and backward, the GELU
+  after them as ``unfused GELU`` runs it: the step MEST would take if its sparse layers cost
+  nothing, so ``linears free ÷ dense full`` is the
   floor that no sparse kernel can go below;
 * ``batch 16``: the full step on 16 of the 128 samples: the part of a step that does not scale
-  with the batch (Python, dispatch, autograd, per-parameter optimizer work).
+  with the batch (Python, dispatch, autograd, per-parameter optimizer work);
+* ``unfused GELU`` (``mest`` only): the MLP as ``act(fc1(x))``, the GELU after the sparse kernel
+  instead of fused into it (``linear_act``, docs/kernels.md): what the fusion saves.
 
 Changing the timed runs (a stand-in returns zeros) does not change what the ops cost: they do the
 same work on any values.
@@ -47,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import spfde.models.vit as vit  # noqa: E402
 import spfde.sparsity.kernels.attention as attention  # noqa: E402
 from kernels import matmul_core  # noqa: E402
 from spfde.config import load_config  # noqa: E402
@@ -54,7 +58,9 @@ from spfde.sparsity.kernels.linear import LinearPlan, SparseLinearFunction  # no
 from spfde.train import Trainer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = ("full", "matmul attention core", "no attention core", "no optimizer step", "linears free", "batch 16")
+VARIANTS = ("full", "matmul attention core", "no attention core", "no optimizer step", "linears free", "batch 16",
+            "unfused GELU")
+MEST_ONLY = ("linears free", "unfused GELU")
 
 
 class _FreeLinear(torch.autograd.Function):
@@ -62,14 +68,14 @@ class _FreeLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: LinearPlan,
-                dense_weight_grad: bool, sparse_weight_grad: bool | None = None) -> torch.Tensor:
+                dense_weight_grad: bool, sparse_weight_grad: bool | None = None, gelu: int = 0) -> torch.Tensor:
         ctx.x_shape, ctx.weight, ctx.has_bias = x.shape, weight, bias is not None
         return x.new_zeros(*x.shape[:-1], plan.shape[0])
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor):
         gb = gy.new_zeros(gy.shape[-1]) if ctx.has_bias else None
-        return gy.new_zeros(ctx.x_shape), torch.zeros_like(ctx.weight), gb, None, None, None
+        return gy.new_zeros(ctx.x_shape), torch.zeros_like(ctx.weight), gb, None, None, None, None
 
 
 @contextlib.contextmanager
@@ -79,15 +85,17 @@ def variant(name: str) -> Iterator[None]:
         with matmul_core():
             yield
         return
-    core, apply = attention.attention_core, SparseLinearFunction.apply
+    core, apply, act = attention.attention_core, SparseLinearFunction.apply, vit.linear_act
     if name == "no attention core":
         attention.attention_core = lambda module, qkv: qkv[..., : qkv.shape[-1] // 3]
     if name == "linears free":
         SparseLinearFunction.apply = _FreeLinear.apply
+    if name in ("unfused GELU", "linears free"):  # free linears: the GELU still costs what it costs
+        vit.linear_act = lambda linear, activation, x: activation(linear(x))
     try:
         yield
     finally:
-        attention.attention_core, SparseLinearFunction.apply = core, apply
+        attention.attention_core, SparseLinearFunction.apply, vit.linear_act = core, apply, act
 
 
 def step(tr: Trainer, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, name: str) -> None:
@@ -110,7 +118,7 @@ def measure(runs: dict[str, Trainer], rounds: int, steps: int) -> dict[str, dict
     for _ in range(rounds):
         for run, tr in runs.items():
             for name in VARIANTS:
-                if name == "linears free" and run == "dense":
+                if name in MEST_ONLY and run == "dense":
                     continue
                 with variant(name):
                     for b in batches[run][:2]:  # warm: a first call after a patch allocates afresh
@@ -152,7 +160,8 @@ def main() -> None:
     dense_full = res["dense"]["full"]
     ratios = {"mest_full_over_dense_full": res["mest"]["full"] / dense_full,
               "mest_linears_free_over_dense_full": res["mest"]["linears free"] / dense_full,
-              "dense_batch16_over_dense_full": res["dense"]["batch 16"] / dense_full}
+              "dense_batch16_over_dense_full": res["dense"]["batch 16"] / dense_full,
+              "mest_unfused_gelu_over_dense_full": res["mest"]["unfused GELU"] / dense_full}
     rows = [{"variant": name, **{run: res[run].get(name) for run in res}} for name in VARIANTS]
     if args.json:
         print(json.dumps({"rows": rows, "ratios": ratios, "sparsity": args.sparsity, "threads": args.threads,

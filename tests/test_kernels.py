@@ -279,6 +279,117 @@ def test_native_sparse_linear_dense_weight_gradient_for_rigl(native_spy):
 
 
 @needs_native
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1,), (7,), (33,), (300,), (4, 65)], ids=str)
+def test_native_fused_gelu_matches_gelu_of_the_masked_dense_layer(shape, bias, native_spy):
+    """``sparse_linear(..., gelu=True)``: one forward and one backward kernel call (no GELU op of its
+    own in the graph) that match ``F.gelu`` of the masked dense layer in the output and all three
+    gradients, across row tiles, short vectors and 3-D inputs; a no-grad call (a frozen layer)
+    gives the same output bit for bit."""
+    lin, mask = _linear_case(40, 37, bias, seed=shape[0])
+    with torch.no_grad():
+        lin.weight.mul_(4)  # pre-activations over GELU's curved range, both tails included
+    plan = LinearPlan(mask, lin.weight)
+    x = torch.randn(*shape, 40)
+    xd, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dense = F.gelu(lin(xd))
+    fused = sparse_linear(xs, lin.weight, lin.bias, plan, gelu=True)
+    assert native_spy.calls == ["spfde_linear_forward"]
+    assert type(fused.grad_fn).__name__ == "SparseLinearFunctionBackward"  # the GELU is inside
+    _close(fused, dense)
+    params = [lin.weight] + ([lin.bias] if bias else [])
+    gd, gs = _grads(dense, [xd, *params]), _grads(fused, [xs, *params])
+    _close(gs[0], gd[0])
+    _close(gs[1], gd[1] * mask)
+    assert torch.all(gs[1][~mask] == 0)
+    if bias:
+        _close(gs[2], gd[2])
+    assert native_spy.calls == ["spfde_linear_forward", "spfde_linear_backward"]
+    with torch.no_grad():
+        assert torch.equal(sparse_linear(x, lin.weight, lin.bias, plan, gelu=True), fused.detach())
+
+
+@needs_native
+def test_fused_gelu_is_gelu_after_the_kernel_where_it_cannot_fuse(monkeypatch):
+    """RigL's dense weight gradient is computed from the output gradient outside the kernel, and a
+    call whose only gradient is the bias's runs no kernel: both take ``F.gelu`` after the sparse
+    Linear (same gradients as the masked dense layer), as does the pure-PyTorch path."""
+    lin, mask = _linear_case(30, 26, True, density=0.3)
+    plan = LinearPlan(mask, lin.weight)
+    x = torch.randn(21, 30)
+    xd, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = sparse_linear(xs, lin.weight, lin.bias, plan, dense_weight_grad=True, gelu=True)
+    assert type(out.grad_fn).__name__ == "GeluBackward0"
+    gd, gs = _grads(F.gelu(lin(xd)), [xd, lin.weight]), _grads(out, [xs, lin.weight])
+    _close(gs[0], gd[0])
+    _close(gs[1], gd[1])  # dense: the pruned positions too
+    lin.weight.requires_grad_(False)
+    out = sparse_linear(x, lin.weight, lin.bias, plan, gelu=True)
+    assert type(out.grad_fn).__name__ == "GeluBackward0"
+    _close(_grads(out, [lin.bias])[0], _grads(F.gelu(lin(x)), [lin.bias])[0])
+    lin.weight.requires_grad_(True)
+    monkeypatch.setattr(native, "load", lambda build=True, quiet=False: None)
+    xs = x.clone().requires_grad_()
+    out = sparse_linear(xs, lin.weight, lin.bias, plan, gelu=True)
+    assert type(out.grad_fn).__name__ == "GeluBackward0"
+    _close(out, F.gelu(lin(x)))
+
+
+def _graph_ops(t: torch.Tensor) -> set[str]:
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+@needs_native
+def test_vit_mlp_fuses_its_gelu_only_when_fc1_runs_sparse_and_is_not_hooked():
+    """The ViT's MLP (``linear_act``): without sparse execution, and under ``dense`` kernels, exactly
+    ``fc2(act(fc1(x)))`` (bit-identical, the GELU module called); under ``sparse`` the GELU is in
+    fc1's kernel and the model matches its dense twin in output and gradients; a forward hook on
+    fc1 (which would see the GELU's output) or on the activation turns the fusion off."""
+    from spfde.models.vit import vit_tiny
+
+    torch.manual_seed(0)
+    model = vit_tiny(num_classes=10, in_channels=1)
+    twin = copy.deepcopy(model)
+    mlp = model.layers[0].mlp
+    x = torch.randn(5, 1, 28, 28)
+    h = torch.randn(5, 17, 64)
+    assert torch.equal(mlp(h), mlp.fc2(mlp.act(mlp.fc1(h))))
+    layers = {f"layers.{i}.mlp.fc{j}": f"layers.{i}.mlp.fc{j}.weight" for i in range(4) for j in (1, 2)}
+    engine = _engine(model, layers, density=0.2)
+    with torch.no_grad():
+        for name, m in engine.masks.items():
+            dict(twin.named_parameters())[name].mul_(m)
+    exe = SparseExecution(model, engine, mode="sparse")
+    out, ref = model(x), twin(x)
+    assert "GeluBackward0" in _graph_ops(ref) and "GeluBackward0" not in _graph_ops(out)
+    _close(out, ref)
+    g = torch.randn_like(out)
+    params = [n for n, p in model.named_parameters() if "mlp.fc1" in n]
+    got = torch.autograd.grad(out, [dict(model.named_parameters())[n] for n in params], g)
+    want = torch.autograd.grad(ref, [dict(twin.named_parameters())[n] for n in params], g)
+    for n, a, b in zip(params, got, want, strict=True):
+        _close(a, b * engine.masks[n] if n in engine.masks else b)
+    seen = []
+    handle = mlp.fc1.register_forward_hook(lambda _m, _i, o: seen.append(o))
+    assert "GeluBackward0" in _graph_ops(mlp(h.requires_grad_()))
+    handle.remove()
+    handle = mlp.act.register_forward_hook(lambda _m, _i, o: seen.append(o))
+    assert "GeluBackward0" in _graph_ops(mlp(h))
+    handle.remove()
+    assert len(seen) == 2 and seen[0].shape == (5, 17, 128)
+    exe.remove()
+    assert torch.equal(mlp(h), mlp.fc2(mlp.act(mlp.fc1(h))))
+
+
+@needs_native
 @pytest.mark.parametrize("rows", [300, 1100])
 def test_native_sparse_linear_bit_identical_for_any_thread_count(native_spy, rows):
     # 300 rows: three row tiles (threads share tile x feature units beyond one thread); 1100: nine
@@ -702,7 +813,7 @@ def test_auto_one_off_pass_decides_untimed_and_records_nothing(monkeypatch):
     assert len(calls) == 1
     used = []
     real = exe.layers["0"].sparse
-    monkeypatch.setattr(exe.layers["0"], "sparse", lambda xx, dw: used.append(1) or real(xx, dw))
+    monkeypatch.setattr(exe.layers["0"], "sparse", lambda xx, dw, *more: used.append(1) or real(xx, dw, *more))
     with exe.one_off(), torch.no_grad():
         assert exe.in_one_off
         lin(x)
@@ -955,6 +1066,14 @@ def test_portable_build_without_avx512_is_correct(tmp_path, monkeypatch):
         for rows in (7, 150):  # Linear: 4-vector tiles without AVX-512 (150 rows: three tiles)
             lin, mask = _linear_case(40, 37, True, density=0.3)
             _check_linear(lin, mask, torch.randn(rows, 40))
+            x = torch.randn(rows, 40) * 3  # the fused GELU's generic vector code
+            xd, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+            dense, fused = F.gelu(lin(xd)), sparse_linear(xs, lin.weight, lin.bias, LinearPlan(mask, lin.weight),
+                                                          gelu=True)
+            _close(fused, dense)
+            gd, gs = _grads(dense, [xd, lin.weight]), _grads(fused, [xs, lin.weight])
+            _close(gs[0], gd[0])
+            _close(gs[1], gd[1] * mask)
         mha = nn.MultiheadAttention(24, 3, batch_first=True)  # the attention core's generic transposes
         raw = torch.randn(19, 9, 72)
         qkv, ref64 = raw.clone().requires_grad_(), raw.double().requires_grad_()

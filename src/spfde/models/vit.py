@@ -33,6 +33,7 @@ from torch import nn
 
 from spfde.models.common import BlockModel, scale_channels
 from spfde.models.registry import register_model
+from spfde.sparsity.kernels.linear import linear_act
 
 
 class PatchEmbed(nn.Conv2d):
@@ -73,6 +74,21 @@ class Attention(nn.Module):
         return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
 
 
+class Mlp(nn.Module):
+    """``fc1`` -> GELU -> ``fc2`` (the parameter names of the ``nn.Sequential`` it replaces). Its
+    forward goes through :func:`~spfde.sparsity.kernels.linear.linear_act`, so a sparse ``fc1``
+    fuses the GELU into its kernel; otherwise it is exactly ``fc2(act(fc1(x)))``."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(linear_act(self.fc1, self.act, x))
+
+
 class EncoderBlock(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float, attn: str) -> None:
         super().__init__()
@@ -80,11 +96,7 @@ class EncoderBlock(nn.Module):
         # nn.MultiheadAttention's in_proj_weight is Attention's qkv.weight, out_proj its proj
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True) if attn == "mha" else Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential()
-        self.mlp.fc1 = nn.Linear(dim, hidden)
-        self.mlp.act = nn.GELU()
-        self.mlp.fc2 = nn.Linear(hidden, dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)

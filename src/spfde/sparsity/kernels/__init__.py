@@ -1,19 +1,19 @@
 """Sparse kernels for masked layers, chosen per layer (``sparsity.kernels``; docs/kernels.md).
 
-=====================  ==========================================================================
+=====================  ================================================================================
 ``execution``          :class:`SparseExecution` (install, refresh, choose by measurement, state)
 ``calibration``        the per-machine store of ``auto``'s decisions (``sparsity.kernels_calibration``)
-``linear``             sparse ``nn.Linear``: native (``sparse_conv.cpp``) or pure-PyTorch CSR autograd
+``linear``             sparse ``nn.Linear`` and its fused GELU (``linear_act``): native or CSR autograd
 ``attention``          packed q/k/v projection of ``nn.MultiheadAttention`` through the sparse Linear
 ``conv``               native direct sparse ``nn.Conv2d`` (``sparse_conv.cpp``)
 ``native``             build/load of the C++ library (``python -m spfde.sparsity.kernels.native``)
-=====================  ==========================================================================
+=====================  ================================================================================
 """
 
 from spfde.sparsity.kernels.common import KernelWarning
 from spfde.sparsity.kernels.conv import ConvPlan, SparseConv2dFunction, make_conv_plan, sparse_conv2d
 from spfde.sparsity.kernels.execution import KERNEL_MODES, SparseExecution
-from spfde.sparsity.kernels.linear import LinearPlan, SparseLinearFunction, sparse_linear
+from spfde.sparsity.kernels.linear import LinearPlan, SparseLinearFunction, linear_act, sparse_linear
 
 __all__ = [
     "KERNEL_MODES",
@@ -23,6 +23,7 @@ __all__ = [
     "SparseConv2dFunction",
     "SparseExecution",
     "SparseLinearFunction",
+    "linear_act",
     "make_conv_plan",
     "sparse_conv2d",
     "sparse_linear",

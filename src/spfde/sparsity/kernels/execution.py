@@ -78,6 +78,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from spfde import __version__ as spfde_version
@@ -92,7 +93,13 @@ from spfde.sparsity.kernels.attention import (
 )
 from spfde.sparsity.kernels.common import warn_once
 from spfde.sparsity.kernels.conv import conv_input_issue, make_conv_plan, sparse_conv2d, unsupported_conv
-from spfde.sparsity.kernels.linear import LinearPlan, linear_input_issue, sparse_linear, unsupported_linear
+from spfde.sparsity.kernels.linear import (
+    EPILOGUE_KWARG,
+    LinearPlan,
+    linear_input_issue,
+    sparse_linear,
+    unsupported_linear,
+)
 
 KERNEL_MODES = ("auto", "dense", "sparse")
 #: calls with fewer dense multiply-adds than this run dense without timing (auto)
@@ -253,33 +260,42 @@ class _Layer:
         a dense projection, so dense and sparse differ only in the projection (:mod:`.attention`)."""
         return self_attention(self.module, x) if self.kind == "mha" else self.dense(*args, **kwargs)
 
-    def sparse(self, x: torch.Tensor, dense_weight_grad: bool) -> Any:
+    def sparse(self, x: torch.Tensor, dense_weight_grad: bool, gelu: bool = False) -> Any:
         m = self.module
         if self.kind == "conv":
             return sparse_conv2d(m, x, self.plan, dense_weight_grad)
         if self.kind == "mha":
             return sparse_mha(m, x, self.plan, dense_weight_grad)
-        return sparse_linear(x, m.weight, m.bias, self.plan, dense_weight_grad)
+        return sparse_linear(x, m.weight, m.bias, self.plan, dense_weight_grad, gelu)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # linear_act's call: F.gelu of the output, fused into the kernel when the call runs sparse
+        # (auto decides on the Linear alone, as for any other call)
+        gelu = kwargs.pop(EPILOGUE_KWARG, None) == "gelu"
+        if gelu and self.kind != "linear":
+            return F.gelu(self(*args, **kwargs))
+
+        def dense(out: Any) -> Any:
+            return F.gelu(out) if gelu else out
+
         if _traced():
-            return self.dense(*args, **kwargs)
+            return dense(self.dense(*args, **kwargs))
         x, why = self._input(args, kwargs)
         if x is not None:
             if self.sync() is None:
-                return self.dense(*args, **kwargs)
+                return dense(self.dense(*args, **kwargs))
             why = self.exe.engine.weight_issue(self.param, self.weight)
         if why is not None:
             self._fell_back(why)
             if self.kind == "mha":
                 _out_proj_runs_dense(self.module, why)
-            return self.dense(*args, **kwargs)
+            return dense(self.dense(*args, **kwargs))
         key = self.call_key(x)
         choice = self.choose(key, x, args, kwargs)
         self._record(choice)
         if choice == "dense":
-            return self.dense_call(x, args, kwargs)
-        return self.sparse(x, key[2])
+            return dense(self.dense_call(x, args, kwargs))
+        return self.sparse(x, key[2], gelu)
 
     def _record(self, ran: str, fell_back: bool = False) -> None:
         # what training ran: a call with autograd on outside a one-off pass (the memory model's probe,

@@ -35,7 +35,7 @@ from spfde.sparsity.kernels.common import warn_once
 
 SOURCE = Path(__file__).with_name("sparse_conv.cpp")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17")
-ABI_VERSION = 7
+ABI_VERSION = 8
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"lib": None, "tried": False, "error": None, "path": None, "warned": False}
@@ -47,9 +47,9 @@ _SIGNATURES = {
     "spfde_conv2d_forward": [_ptr] + [_c_i64] * 15 + [_ptr] * 7 + [_c_i64] * 4 + [_c_int],
     "spfde_conv2d_backward": [_ptr] + [_c_i64] * 4 + [_ptr] + [_c_i64] * 4 + [_c_i64] * 15 + [_ptr] * 10
                              + [_ptr] + [_c_i64] * 4 + [_ptr, _c_int],
-    "spfde_linear_forward": [_ptr] + [_c_i64] * 4 + [_ptr] * 5 + [_c_i64, _c_int, _ptr],
+    "spfde_linear_forward": [_ptr] + [_c_i64] * 4 + [_ptr] * 5 + [_c_i64, _c_int, _ptr, _c_int, _ptr],
     "spfde_linear_backward": [_ptr, _c_i64, _ptr] + [_c_i64] * 4 + [_ptr] * 7 + [_c_i64, _ptr, _ptr, _c_int, _ptr,
-                                                                                _c_int, _ptr],
+                                                                                _c_int, _ptr, _ptr],
     "spfde_linear_packed_floats": [_c_i64, _c_i64],
     "spfde_attention_forward": [_ptr] + [_c_i64] * 6 + [ctypes.c_float, _ptr, _c_i64, _c_i64, _ptr, _c_int],
     "spfde_attention_backward": [_ptr] + [_c_i64] * 6 + [ctypes.c_float, _ptr, _c_i64, _c_i64, _ptr, _ptr, _c_i64,

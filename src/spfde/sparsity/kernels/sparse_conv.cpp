@@ -51,6 +51,51 @@ static inline vf ld(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 static inline void st(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 static inline vf splat(float a) { return vf{} + a; }
 
+typedef int32_t vi __attribute__((vector_size(V * sizeof(int32_t))));
+
+// exp(x) for x <= 0: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by a degree-6 polynomial, 2^n from
+// the exponent bits (relative error below 2e-7; inputs below -87.3, where the true value is under
+// 1.2e-38, give about 1.2e-38).
+static inline vf vexp_neg(vf x) {
+  const vf lo = splat(-87.33654f);
+  x = x < lo ? lo : x;
+  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: (t + magic) - magic rounds t to an integer
+  const vf n = (x * 1.44269504088896341f + magic) - magic;
+  vf r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf f;
+  std::memcpy(&f, &e, sizeof(f));
+  return p * f;
+}
+
+
+// GELU, erf form (nn.GELU's default), and its derivative on V lanes: gelu(h) = h * Phi(h) and
+// gelu'(h) = Phi(h) + h * phi(h). erf by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7,
+// the formula of PyTorch's vectorized CPU erf); exp(-h^2 / 2) serves both the erf and phi.
+static inline void vgelu(vf h, vf& out, vf& deriv) {
+  const vf zero = vf{}, x = h * 0.70710678118654752f;
+  const vf ax = x < zero ? -x : x;
+  const vf t = 1.0f / (ax * 0.3275911f + 1.0f);
+  vf p = splat(1.061405429f);
+  p = p * t + -1.453152027f;
+  p = p * t + 1.421413741f;
+  p = p * t + -0.284496736f;
+  p = p * t + 0.254829592f;
+  const vf e = vexp_neg(-(x * x));
+  const vf q = p * t * e;                        // erfc(|x|)
+  const vf cdf2 = x < zero ? q : 2.0f - q;       // 1 + erf(x) = 2 Phi(h)
+  out = h * cdf2 * 0.5f;
+  deriv = cdf2 * 0.5f + h * e * 0.3989422804014327f;
+}
+
 // dst[r * dstep + 0..V) = sum_k w[k] * src[off[k] + r * sstep + 0..V) for r in [0, B)
 template <int B>
 static inline void gather_acc(const float* __restrict src, i64 sstep, const i64* __restrict off,
@@ -328,7 +373,7 @@ struct Scratch {
 
 extern "C" {
 
-int spfde_abi_version() { return 7; }
+int spfde_abi_version() { return 8; }
 int spfde_vector_width() { return V; }
 
 // y = conv2d(x, W, bias) for the nonzeros of W in CSR order (row = output channel): rowptr[OC + 1]
@@ -536,6 +581,18 @@ void pack_linear(const float* a, i64 rs, i64 K, const Tiles& tl, float* P, i64 t
   }
 }
 
+// pack_linear of features [f * V, f * V + V) of tile t of the output gradient, times the GELU
+// derivative the forward kept (gscale, tile t at gscale + t * O * width; NULL: no GELU), so the
+// kernels below see the gradient of the pre-activation.
+void pack_grad(const float* gy, i64 gs, i64 O, const Tiles& tl, float* P, i64 t, i64 f, const float* gscale) {
+  pack_linear(gy, gs, O, tl, P, t, f);
+  if (!gscale) return;
+  const i64 W = tl.width(), k0 = f * V, k1 = O - k0 < V ? O : k0 + V, nw = tl.vectors(t) * V;
+  const float* sc = gscale + t * O * W;
+  for (i64 k = k0; k < k1; ++k)
+    for (i64 j = 0; j < nw; j += V) st(P + k * W + j, ld(P + k * W + j) * ld(sc + k * W + j));
+}
+
 // dst[b * V + 0..V) = sum_k w[k] * src[idx[k] * W + b * V + 0..V) for b < B, in registers
 template <int B>
 void spmm_row(const float* __restrict src, i64 W, const int32_t* __restrict idx, const float* __restrict w, i64 n,
@@ -555,9 +612,12 @@ const SpmmFn spmm_fns[8] = {spmm_row<1>, spmm_row<2>, spmm_row<3>, spmm_row<4>,
                             spmm_row<5>, spmm_row<6>, spmm_row<7>, spmm_row<8>};
 
 // Output features [g * V, g * V + V) of tile t: out[n][m] = sum over row m's nonzeros of
-// w * P[idx][n] (+ bias[m]), P the packed tile; buf is a per-thread [V][width] scratch.
+// w * P[idx][n] (+ bias[m]), P the packed tile; buf is a per-thread [V][width] scratch. gelu: out
+// is gelu of that sum instead, and dkeep (NULL: not kept) receives gelu' of it, feature-major
+// ([M][width], the tile's block), the layout in which the backward packs the output gradient.
 void spmm_unit(const float* P, const Tiles& tl, i64 t, const int32_t* ptr, const int32_t* idx, const float* w,
-               i64 M, i64 g, const float* bias, float* out, i64 os, float* buf) {
+               i64 M, i64 g, const float* bias, float* out, i64 os, float* buf, bool gelu = false,
+               float* dkeep = nullptr) {
   const i64 W = tl.width(), nv = tl.vectors(t), m0 = g * V;
   const int nr = int(M - m0 < V ? M - m0 : V);
   const float* src = P;
@@ -576,6 +636,20 @@ void spmm_unit(const float* P, const Tiles& tl, i64 t, const int32_t* ptr, const
       zero_positions(buf + r * W, V, nv);
     else
       spmm_fns[nv - 1](src, W, idx + s, w + s, n, buf + r * W);
+  }
+  if (gelu) {  // on the feature-major scratch: whole vectors, before the transposing store
+    for (int r = 0; r < nr; ++r) {
+      float* row = buf + r * W;
+      float* d = dkeep ? dkeep + (m0 + r) * W : nullptr;
+      const vf b = splat(bias ? bias[m0 + r] : 0.0f);
+      for (i64 c = 0; c < nv; ++c) {
+        vf a, da;
+        vgelu(ld(row + c * V) + b, a, da);
+        st(row + c * V, a);
+        if (d) st(d + c * V, da);
+      }
+    }
+    bias = nullptr;
   }
   for (i64 c = 0; c < nv; ++c) {
     const i64 n0 = (t * tl.vecs + c) * V;
@@ -671,9 +745,12 @@ extern "C" {
 // y (N, O), row stride ys = x (N, I), row stride xs, times W^T + bias (NULL: none), W's nonzeros in
 // CSR order: rowptr[O + 1], col, vals. xkeep (NULL: none) receives x's packed tiles, tile t at
 // xkeep + t * I * width ([I][width] each; spfde_linear_packed_floats in all), which the backward's
-// weight gradient then reads instead of packing x again. Returns 0, or 1 when out of memory.
+// weight gradient then reads instead of packing x again. gelu: y = gelu(x W^T + bias) (erf form), and
+// dkeep (NULL: none; spfde_linear_packed_floats(N, O) floats, tile t at dkeep + t * O * width)
+// receives its derivative for the backward's gscale. Returns 0, or 1 when out of memory.
 int spfde_linear_forward(const float* x, i64 N, i64 I, i64 xs, i64 O, const int32_t* rowptr, const int32_t* col,
-                         const float* vals, const float* bias, float* y, i64 ys, int nthreads, float* xkeep) {
+                         const float* vals, const float* bias, float* y, i64 ys, int nthreads, float* xkeep,
+                         int gelu, float* dkeep) {
   if (N <= 0) return 0;
   const Tiles tl = make_tiles(N);
   const i64 W = tl.width(), fi = (I + V - 1) / V, fo = (O + V - 1) / V, T = tl.count;
@@ -682,6 +759,7 @@ int spfde_linear_forward(const float* x, i64 N, i64 I, i64 xs, i64 O, const int3
   if ((!xkeep && !xp.p) || !buf.p) return 1;
   // tile t's packed rows: in xkeep, else in the scratch slot (the thread's when by_tile, else the tile's)
   auto packed = [&](i64 t, i64 slot) { return xkeep ? xkeep + t * I * W : xp.at(int(slot)); };
+  auto dk = [&](i64 t) { return dkeep ? dkeep + t * O * W : nullptr; };
 #pragma omp parallel num_threads(nthreads)
   {
     float* b = buf.at(omp_get_thread_num());
@@ -690,7 +768,8 @@ int spfde_linear_forward(const float* x, i64 N, i64 I, i64 xs, i64 O, const int3
       for (i64 t = 0; t < T; ++t) {
         float* P = packed(t, omp_get_thread_num());
         for (i64 f = 0; f < fi; ++f) pack_linear(x, xs, I, tl, P, t, f);
-        for (i64 g = 0; g < fo; ++g) spmm_unit(P, tl, t, rowptr, col, vals, O, g, bias, y, ys, b);
+        for (i64 g = 0; g < fo; ++g)
+          spmm_unit(P, tl, t, rowptr, col, vals, O, g, bias, y, ys, b, gelu != 0, dk(t));
       }
     } else {
 #pragma omp for schedule(static)
@@ -698,7 +777,8 @@ int spfde_linear_forward(const float* x, i64 N, i64 I, i64 xs, i64 O, const int3
       // the implicit barrier above: every tile is packed
 #pragma omp for schedule(dynamic, 1) nowait
       for (i64 u = 0; u < fo * T; ++u)
-        spmm_unit(packed(u % T, u % T), tl, u % T, rowptr, col, vals, O, u / T, bias, y, ys, b);
+        spmm_unit(packed(u % T, u % T), tl, u % T, rowptr, col, vals, O, u / T, bias, y, ys, b, gelu != 0,
+                  dk(u % T));
     }
   }
   return 0;
@@ -718,11 +798,14 @@ i64 spfde_linear_packed_floats(i64 N, i64 I) {
 // = column sums of gy (skipped when NULL; only with gx or gwd), summed from the packed tiles in
 // tile order. The input gradient reads W^T in CSR order: colptr[I + 1], per entry its row (output
 // feature) rowidx and perm, the CSR position of its value. xkept (NULL: none): the forward's xkeep,
-// read instead of packing x (x may then be NULL). Returns 0, or 1 when out of memory.
+// read instead of packing x (x may then be NULL). gscale (NULL: none): the forward's dkeep, a GELU
+// forward's derivative: every gradient is then that of the pre-activation, gy * gelu'. Returns 0,
+// or 1 when out of memory.
 int spfde_linear_backward(const float* x, i64 xs, const float* gy, i64 gs, i64 N, i64 I, i64 O,
                           const int32_t* rowptr, const int32_t* col, const float* vals, const int32_t* colptr,
                           const int32_t* rowidx, const int32_t* perm, float* gx, i64 gxs, float* gwd,
-                          const i64* woff, int zero_rows, float* gb, int nthreads, const float* xkept) {
+                          const i64* woff, int zero_rows, float* gb, int nthreads, const float* xkept,
+                          const float* gscale) {
   const i64 nnz = rowptr[O];
   if (N <= 0) {
     if (gwd && zero_rows) std::memset(gwd, 0, sizeof(float) * size_t(O * I));
@@ -755,7 +838,7 @@ int spfde_linear_backward(const float* x, i64 xs, const float* gy, i64 gs, i64 N
     if (gx)
       for (i64 j = 0; j < nnz; ++j) cw.p[j] = vals[perm[j]];
     for (i64 t = 0; t < T; ++t) {
-      for (i64 f = 0; f < fo; ++f) pack_linear(gy, gs, O, tl, gp.p, t, f);
+      for (i64 f = 0; f < fo; ++f) pack_grad(gy, gs, O, tl, gp.p, t, f, gscale);
       if (pack_x)
         for (i64 f = 0; f < fi; ++f) pack_linear(x, xs, I, tl, xp.p, t, f);
       if (gx)
@@ -781,7 +864,7 @@ int spfde_linear_backward(const float* x, i64 xs, const float* gy, i64 gs, i64 N
 #pragma omp barrier
       }
 #pragma omp for schedule(static) nowait
-      for (i64 u = 0; u < n * fo; ++u) pack_linear(gy, gs, O, tl, gp.at(int(u / fo)), t0 + u / fo, u % fo);
+      for (i64 u = 0; u < n * fo; ++u) pack_grad(gy, gs, O, tl, gp.at(int(u / fo)), t0 + u / fo, u % fo, gscale);
       if (pack_x) {
 #pragma omp for schedule(static) nowait
         for (i64 u = 0; u < n * fi; ++u) pack_linear(x, xs, I, tl, xp.at(int(u / fi)), t0 + u / fi, u % fi);
@@ -831,34 +914,9 @@ int spfde_linear_backward(const float* x, i64 xs, const float* gy, i64 gs, i64 N
 // The probabilities are kept ([unit][L][L][V]) for the backward pass, which recomputes nothing:
 //   dv = p^T do;  dp = do v^T;  ds = p * (dp - rowsum(p * dp)) * scale;  dq = ds k;  dk = ds^T q.
 // Each unit is owned by one thread and every sum runs in a fixed order (keys, then features),
-// so results are bit-identical for any thread count. exp is a polynomial (relative error below
-// 2e-7; inputs below -87.3, where the true value is under 1.2e-38, give about 1.2e-38).
+// so results are bit-identical for any thread count. exp is vexp_neg (at the top of the file).
 
 namespace {
-
-typedef int32_t vi __attribute__((vector_size(V * sizeof(int32_t))));
-
-// exp(x) for x <= 0: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by a degree-6 polynomial, 2^n from
-// the exponent bits.
-inline vf vexp_neg(vf x) {
-  const vf lo = splat(-87.33654f);
-  x = x < lo ? lo : x;
-  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: (t + magic) - magic rounds t to an integer
-  const vf n = (x * 1.44269504088896341f + magic) - magic;
-  vf r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-  vf f;
-  std::memcpy(&f, &e, sizeof(f));
-  return p * f;
-}
 
 // out[j] = scale * sum_d a[d] * b[j][d] for j < L (a: [D][V], b: [L][D][V]), four keys at a time
 inline void att_scores(const float* a, const float* b, i64 L, i64 D, float scale, float* out) {
