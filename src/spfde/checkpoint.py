@@ -23,14 +23,13 @@ import io
 import os
 import pickle
 import re
-import sys
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from spfde.errors import ConfigError, SpfdeError
+from spfde.errors import ConfigError, SpfdeError, warn
 from spfde.utils import atomic_torch_save, read_sha256, sha256_path
 
 FORMAT = "spfde-checkpoint-v2"
@@ -125,9 +124,8 @@ def load_latest(folder: str | os.PathLike) -> tuple[Path, dict[str, Any], bool] 
         except SpfdeError as e:
             problems.append(str(e))
             continue
-        if problems and os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 speaks for the run
-            print(f"warning: {problems[0]}; resuming from {str(p)!r} (epoch {ckpt['epoch']}) instead",
-                  file=sys.stderr, flush=True)
+        if problems:
+            warn(f"{problems[0]}; resuming from {str(p)!r} (epoch {ckpt['epoch']}) instead")
         return p, ckpt, p.name != LAST
     raise SpfdeError(f"{'; '.join(problems)}; no intact checkpoint left: delete {str(folder)!r} to restart the run "
                      "from scratch")
