@@ -378,6 +378,40 @@ def test_gpu_settings_without_a_gpu_exit_2(tmp_path, override):
     assert_one_error(code, err, 2, override.split("=")[0])
 
 
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "imagefolder"])
+def test_channels_an_rgb_dataset_cannot_make_exit_2_before_its_data_loads(tmp_path, name):
+    # data.root points at nothing: were the data read first, this would be exit 1, "not found"
+    for command in (["train", "-o", str(tmp_path / "r"), "-q"], ["plan"]):
+        code, _, err = run_main(*command, *tiny_yaml(tmp_path), *sets(f"data.name={name}", "data.channels=2",
+                                                                      f"data.root={tmp_path / 'none'}"))
+        assert_one_error(code, err, 2, f"'data.channels' = 2 cannot be made from {name}'s 3-channel images",
+                         "allowed: 1 (grey), 3 (RGB) or null")
+    assert not (tmp_path / "r").exists()
+
+
+def test_channels_the_data_can_make_load():
+    from spfde.config import SOURCE_CHANNELS, channels_fit
+    from spfde.data.datasets import set_channels
+    from spfde.planning import _KNOWN
+
+    for name in ("fashion_mnist", "digits", "synthetic"):  # grey images repeat to any count; synthetic is made so
+        assert load_config(None, [f"data.name={name}", "data.channels=2"]).data.channels == 2
+    for name in ("cifar10", "cifar100"):
+        for channels in ("1", "3", "null"):
+            load_config(None, [f"data.name={name}", f"data.channels={channels}"])
+    assert all(SOURCE_CHANNELS[n] == shape.in_channels for n, shape in _KNOWN.items())  # the two tables agree
+    # one rule: the config's check is the converter's
+    for source in (1, 3):
+        for channels in (None, 1, 2, 3):
+            fits = channels_fit(source, channels)
+            try:
+                out = set_channels(torch.zeros(2, source, 4, 4, dtype=torch.uint8), channels)
+            except SpfdeError:
+                assert not fits
+            else:
+                assert fits and out.shape[1] == (channels or source)
+
+
 def test_resume_of_a_folder_that_is_not_a_run_exits_2(tmp_path):
     (tmp_path / "folder").mkdir()
     for target in (tmp_path / "folder", tmp_path / "missing"):

@@ -393,6 +393,18 @@ def _range_text(meta: typing.Mapping[str, Any]) -> str:
 
 _DEVICE = re.compile(r"(auto|cpu|cuda(:\d{1,4})?)")
 
+#: the channels of each dataset's images as they are read (an image folder is decoded as RGB); synthetic
+#: data is made with data.channels channels, any count
+SOURCE_CHANNELS = {"fashion_mnist": 1, "digits": 1, "cifar10": 3, "cifar100": 3, "imagefolder": 3}
+
+
+def channels_fit(source: int, channels: int | None) -> bool:
+    """Whether ``source``-channel images can be given ``data.channels``: grey images are repeated to any
+    count, RGB ones made grey (1) or kept (3); null keeps what is read. The rule of
+    :func:`spfde.data.datasets.set_channels`, checked here from the dataset's name before anything loads."""
+    return channels is None or channels == source or source == 1 or (source == 3 and channels == 1)
+
+
 
 def _cross_problems(cfg: Config) -> list[tuple[tuple[str, ...], str]]:
     """Rules between fields, each with the keys it reads (skipped when one of them had a problem)."""
@@ -431,6 +443,11 @@ def _cross_problems(cfg: Config) -> list[tuple[tuple[str, ...], str]]:
     if not cfg.sparsity.kernels_calibration.strip():
         out.append((("sparsity.kernels_calibration",), "config field 'sparsity.kernels_calibration' is empty; "
                                                        "allowed: auto, off, or a file path"))
+    source = SOURCE_CHANNELS.get(cfg.data.name)
+    if source is not None and not channels_fit(source, cfg.data.channels):
+        out.append((("data.channels", "data.name"),
+                    f"config field 'data.channels' = {cfg.data.channels} cannot be made from {cfg.data.name}'s "
+                    f"{source}-channel images; allowed: 1 (grey), 3 (RGB) or null (as read)"))
     if not _DEVICE.fullmatch(cfg.train.device):
         out.append((("train.device",), f"config field 'train.device' = {_show(cfg.train.device)}; "
                                        "allowed: auto, cpu, cuda, cuda:N"))

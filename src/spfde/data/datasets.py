@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spfde.config import channels_fit
 from spfde.data.augment import augment_batch, normalize
 from spfde.errors import SpfdeError
 from spfde.utils import make_generator
@@ -283,14 +284,14 @@ def pad_to(images: torch.Tensor, size: int) -> torch.Tensor:
 def set_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor:
     """Repeat grey images to ``channels`` (the CIFAR models expect 3), or RGB to grey for 1."""
     c = images.shape[1]
+    if not channels_fit(c, channels):  # a config names a dataset whose channels fit (config.SOURCE_CHANNELS)
+        raise SpfdeError(f"data.channels={channels} does not fit {c}-channel images; use 1, 3 or leave it null")
     if channels is None or channels == c:
         return images
     if c == 1:
         return images.expand(-1, channels, -1, -1).contiguous()
-    if c == 3 and channels == 1:
-        w = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32).view(1, 3, 1, 1)
-        return (images.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
-    raise SpfdeError(f"data.channels={channels} does not fit {c}-channel images; use 1, 3 or leave it null")
+    w = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32).view(1, 3, 1, 1)  # RGB to grey
+    return (images.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
 
 
 # --------------------------------------------------------------------------------------------
