@@ -412,6 +412,33 @@ def test_channels_the_data_can_make_load():
                 assert fits and out.shape[1] == (channels or source)
 
 
+def test_a_subset_larger_than_the_training_split_is_a_config_error(tmp_path, monkeypatch):
+    from spfde.config import DataConfig
+    from spfde.data import load_datasets
+    from test_data import write_fmnist
+
+    write_fmnist(tmp_path / "fm", n_train=12)  # the user's own files: their size, not the published one
+    with pytest.raises(ConfigError, match=r"'data.subset' = 13 is larger than the fashion_mnist training split "
+                                          r"\(12 images\); set data.subset to at most 12, or to null"):
+        load_datasets(DataConfig(name="fashion_mnist", root=str(tmp_path / "fm"), subset=13))
+    assert len(load_datasets(DataConfig(name="fashion_mnist", root=str(tmp_path / "fm"), subset=12))[0]) == 12
+    # the CLI: exit 2, one line, and no run folder left behind
+    code, _, err = run_main("train", *tiny_yaml(tmp_path), *sets("data.subset=100000"), "-o", str(tmp_path / "r"),
+                            "-q")
+    size = load_config(None, TINY).data.synthetic_size
+    assert_one_error(code, err, 2, "'data.subset' = 100000", f"synthetic training split ({size} images)")
+    assert not (tmp_path / "r").exists()
+    # plan and flops check the published size and read no data
+    import spfde.data
+
+    monkeypatch.setattr(spfde.data, "load_datasets", lambda *a, **k: pytest.fail("plan read the data"))
+    for command in ("plan", "flops"):
+        code, _, err = run_main(command, *DEMO, *sets("data.subset=60001"))
+        assert_one_error(code, err, 2, "'data.subset' = 60001", "fashion_mnist training split (60000 images)")
+    code, out, err = run_main("flops", *DEMO, *sets("data.subset=60000"), "--json")
+    assert code == 0 and json.loads(out)["train_flops"] > 0, err
+
+
 def test_resume_of_a_folder_that_is_not_a_run_exits_2(tmp_path):
     (tmp_path / "folder").mkdir()
     for target in (tmp_path / "folder", tmp_path / "missing"):

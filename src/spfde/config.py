@@ -40,7 +40,8 @@ class DataConfig:
     name: Literal["fashion_mnist", "cifar10", "cifar100", "imagefolder", "digits", "synthetic"] = _f(
         "fashion_mnist", doc="dataset")
     root: str | None = _f(None, doc="dataset folder; default: $SPFDE_DATA or the dataset's usual place")
-    subset: int | None = _f(None, lo=1, doc="train on N samples: class-stratified, drawn from the seed")
+    subset: int | None = _f(None, lo=1, doc="train on N samples: class-stratified, drawn from the seed; more than "
+                                             "the training split holds is an error")
     test_subset: int | None = _f(None, lo=1, doc="test on N samples: class-stratified, drawn from the seed")
     batch_size: int = _f(128, lo=1, hi=2**20)
     eval_batch_size: int = _f(1000, lo=1, hi=2**20)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from spfde.config import channels_fit
 from spfde.data.augment import augment_batch, normalize
-from spfde.errors import SpfdeError
+from spfde.errors import ConfigError, SpfdeError
 from spfde.utils import make_generator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -244,6 +244,17 @@ def stratified_subset(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tens
     shuffled = labels[perm]
     keep = [perm[shuffled == c][: int(q)] for c, q in zip(classes.tolist(), quota.tolist(), strict=True)]
     return torch.cat(keep).sort().values
+
+
+def check_subset(subset: int | None, available: int, dataset: str) -> None:
+    """``data.subset`` against the training split it is drawn from. More than the split holds is a
+    config error, not the whole split in silence: the run would train on fewer samples than its config
+    says, and a sweep over ``data.subset`` would hold the same run twice under two sizes. Checked where
+    the subset is drawn (:func:`load_datasets`) and by ``spfde plan``/``flops`` against the published size."""
+    if subset is not None and subset > available:
+        raise ConfigError(f"config field 'data.subset' = {subset} is larger than the {dataset} training split "
+                          f"({available} images); set data.subset to at most {available}, or to null to train on "
+                          "the whole split")
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -677,6 +688,7 @@ def load_datasets(cfg: Any, seed: int = 0) -> tuple[Any, Any, DatasetInfo]:
     else:
         raise SpfdeError(f"unknown dataset data.name={name!r}; allowed: fashion_mnist, cifar10, cifar100, "
                          "imagefolder, digits, synthetic")
+    check_subset(cfg.subset, len(train), name)
     train = train.subset(cfg.subset, seed).with_options(augment=cfg.augment, padding=cfg.crop_padding,
                                                         flip=cfg.flip, seed=seed)
     test = test.subset(cfg.test_subset, seed).with_options(augment=False)
