@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -270,29 +271,84 @@ def test_damaged_yaml_is_one_line_with_its_position(tmp_path, content, words):
     assert_one_error(code, err, 2, *words)
 
 
-def test_failed_checkpoint_write_is_one_line_and_keeps_the_previous(tmp_path, monkeypatch):
+TORCH_WRITER_ERROR = ("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file data/3: "
+                      "file write failed")  # what torch.save raises when its own writer cannot write a path
+
+
+class _FillsUp:
+    """A file that takes ``room`` bytes, then fails as a full disk does."""
+
+    def __init__(self, f, room: int) -> None:
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(28, "No space left on device")
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+
+
+@pytest.mark.parametrize("how", ["torch-writer", "oserror", "real-torch-save", "torch-writer-with-room"])
+def test_failed_checkpoint_write_is_one_line_and_keeps_the_previous(tmp_path, monkeypatch, how):
+    import builtins
+
+    import spfde.utils
+
     original = torch.save
     calls = {"n": 0}
 
-    def save(obj, f, *args, **kwargs):  # what a full disk does to torch.save's zip writer
+    def save(obj, f, *args, **kwargs):  # the second checkpoint fails half-way, as on a full disk
         calls["n"] += 1
         if calls["n"] == 2:
-            Path(f).write_bytes(b"PK\x03\x04partial")
-            raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing "
-                               "file data/3: file write failed")
+            f.write(b"PK\x03\x04partial")
+            if how == "oserror":
+                raise OSError(28, "No space left on device")
+            raise RuntimeError(TORCH_WRITER_ERROR)
         return original(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(torch, "save", save)
+    def fills_up(file, mode="r", *args, **kwargs):  # the real torch.save into a file that fills up
+        f = builtins.open(file, mode, *args, **kwargs)
+        if "w" in mode and re.fullmatch(r"\.last\.pt\.\w+\.tmp", Path(file).name):
+            calls["n"] += 1
+            return _FillsUp(f, room=1000) if calls["n"] == 2 else f
+        return f
+
+    if how == "real-torch-save":
+        monkeypatch.setattr(spfde.utils, "open", fills_up, raising=False)
+    else:
+        monkeypatch.setattr(torch, "save", save)
+    if how == "torch-writer":  # torch's writer says only where it failed: the full disk tells
+        usage = spfde.utils.shutil.disk_usage(tmp_path)
+        monkeypatch.setattr(spfde.utils.shutil, "disk_usage", lambda p: usage._replace(free=4096))
     run = tmp_path / "run"
     with pytest.raises(SpfdeError) as e:
         train(tiny_cfg("train.epochs=3"), run, quiet=True)
-    assert f"cannot write '{run / 'checkpoints' / 'last.pt'}'" in str(e.value) and "file write failed" in str(e.value)
-    assert "\n" not in str(e.value) and "MiB free" in str(e.value)
-    assert read_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 0
-    assert not list((run / "checkpoints").glob(".*.tmp"))
+    message = str(e.value)
+    last = run / "checkpoints" / "last.pt"
+    assert "\n" not in message and "inline_container" not in message and "enforce" not in message, message
+    if how == "torch-writer-with-room":
+        assert message.startswith(f"could not write checkpoint '{last}': the write failed (PytorchStreamWriter "
+                                  "failed writing file data/3: file write failed; "), message
+        assert "MiB free on its disk)" in message
+    else:
+        assert message == (f"could not write checkpoint '{last}': no space left on device (free space or choose "
+                           "another out dir); the previous version of the file is intact")
+    assert read_checkpoint(last)["epoch"] == 0  # the previous checkpoint, in place and verified
+    assert not list((run / "checkpoints").glob(".*.tmp")) and not (run / "checkpoints" / "prev.pt").exists()
     monkeypatch.undo()
     assert resume(run, quiet=True)["epochs"] == 3  # and the run goes on from there
 
+
+def test_failed_output_write_is_one_line_and_keeps_the_previous(tmp_path, monkeypatch):
     # ENOSPC from the OS on any other output: one line naming the file, the old content intact
     import spfde.utils
 
@@ -307,7 +363,8 @@ def test_failed_checkpoint_write_is_one_line_and_keeps_the_previous(tmp_path, mo
 
     monkeypatch.setattr(spfde.utils.os, "fsync", full)
     code, _, err = run_main("train", "--resume", str(run2), "-q")
-    assert_one_error(code, err, 1, "metrics.jsonl", "No space left on device")
+    assert_one_error(code, err, 1, f"could not write '{run2 / 'metrics.jsonl'}': no space left on device (free "
+                                   "space or choose another out dir); the previous version of the file is intact")
     assert len((run2 / "metrics.jsonl").read_text().splitlines()) == 1
 
 

@@ -47,7 +47,7 @@ def save_checkpoint(state: dict[str, Any], folder: str | os.PathLike, rotate: bo
     ``prev.pt`` (``rotate=False``: it is overwritten, for a ``last.pt`` known to be bad). A failed
     write raises :class:`SpfdeError` naming the file and the cause, the previous checkpoint intact."""
     folder = Path(folder)
-    atomic_torch_save(state, folder / LAST, keep_previous=folder / PREV if rotate else None)
+    atomic_torch_save(state, folder / LAST, keep_previous=folder / PREV if rotate else None, kind="checkpoint")
     return folder / LAST
 
 
