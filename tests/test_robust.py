@@ -694,3 +694,72 @@ def test_controller_setup_errors_name_the_model_and_its_input(case):
         assert f"the model's forward failed on example_input (per-sample shape ({width},))" in msg
         assert "only argument" in msg
         assert ("pad_mask" if case == "two inputs" else "cannot be multiplied") in msg
+
+
+# ------------------------------------------------------------------------------------------
+# one process per run folder
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, monkeypatch):
+    from spfde.utils import LOCK_NAME, RunLock
+
+    run = tmp_path / "run"
+    interrupt_after(monkeypatch, 0)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg("train.epochs=2"), run, quiet=True)
+    monkeypatch.undo()
+    assert not (run / LOCK_NAME).exists()  # an interrupted run let go of its folder
+    before = file_sha256(run / "checkpoints" / "last.pt")
+    with RunLock(run):  # another spfde process's lock (a second open file conflicts within one process too)
+        for argv in (["train", "--resume", str(run), "-q"],
+                     ["train", *tiny_yaml(tmp_path), "-o", str(run), "--force", "-q"]):
+            code, _, err = run_main(*argv)
+            assert_one_error(code, err, 1, f"run folder '{run}' is in use by another spfde process "
+                                           f"(pid {os.getpid()})", "wait for it to end")
+        with RunLock(run, enabled=False):  # a torchrun rank other than 0 takes no lock: rank 0 holds the folder
+            pass
+    assert file_sha256(run / "checkpoints" / "last.pt") == before and (run / "config.yaml").is_file()
+    assert resume(run, quiet=True)["epochs"] == 2  # the folder is free again
+    assert not (run / LOCK_NAME).exists()
+    # --force over a run: the lock is taken before the old run is deleted, and kept through it
+    def held(self: Trainer) -> dict:
+        probe = RunLock(run)
+        try:
+            probe.acquire()
+        except SpfdeError:
+            return {"held": True}
+        probe.release()
+        return {"held": False}
+
+    monkeypatch.setattr(Trainer, "run", held)
+    assert train(tiny_cfg("train.epochs=2"), run, force=True, quiet=True) == {"held": True}
+    assert not (run / LOCK_NAME).exists() and not (run / "checkpoints").exists()
+
+
+_HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, str(os.getpid()).encode())
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_lock_of_a_killed_process_is_gone_with_it(tmp_path):
+    from spfde.utils import LOCK_NAME, RunLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run / LOCK_NAME)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(SpfdeError, match=rf"is in use by another spfde process \(pid {child.pid}\)"):
+            RunLock(run).acquire()
+    finally:
+        child.kill()
+        child.wait()
+    assert (run / LOCK_NAME).exists()  # what a crash leaves behind does not hold the folder
+    with RunLock(run) as lock:
+        assert lock.held and (run / LOCK_NAME).read_text().strip() == str(os.getpid())
+    assert not (run / LOCK_NAME).exists()

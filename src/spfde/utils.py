@@ -123,6 +123,94 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+#: the advisory lock file of a run folder (:class:`RunLock`)
+LOCK_NAME = ".spfde.lock"
+
+
+class RunLock:
+    """An advisory lock on a run folder for as long as a run uses it: ``fcntl.flock`` on
+    ``<folder>/.spfde.lock``, so that a second ``spfde train --resume`` (or a ``--force``) of the same
+    folder stops with one line instead of interleaving its checkpoints with the first one's.
+
+    The OS drops the lock when the process ends, a crash or a kill included; :meth:`release` (or the
+    ``with`` block's end) drops it and removes the file. A lock is held by its open file, so a second
+    lock on the folder conflicts even within one process. ``enabled=False`` (the ranks of a torchrun
+    job other than 0, which write nothing), a platform without ``fcntl`` and a folder that cannot hold
+    the file (read-only: nothing can be written there anyway) make it a no-op; a filesystem without
+    locks says so in one warning line.
+    """
+
+    def __init__(self, folder: str | os.PathLike, enabled: bool = True) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.enabled = enabled
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        """Take the lock (a no-op when held); another process holding it raises :class:`SpfdeError`."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            return
+        if self._fd is not None or not self.enabled:
+            return
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+            except OSError:
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise SpfdeError(
+                    f"run folder {str(self.folder)!r} is in use by another spfde process"
+                    f"{f' (pid {owner})' if owner.isdigit() else ''}; wait for it to end (or stop it) and run this "
+                    "again, or choose another --out") from None
+            except OSError as e:
+                os.close(fd)
+                from spfde.errors import warn
+
+                warn(f"cannot lock run folder {str(self.folder)!r} ({e.strerror}); nothing stops a second spfde "
+                     "process from using it at the same time")
+                return
+            # the holder before us may have removed the file (release) between our open and our lock, and
+            # a third process made a new one: then ours locks a file no one else sees, so start again
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                current = None
+            if current is not None and os.path.samestat(current, os.fstat(fd)):
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the message another process gives
+        self._fd = fd
+
+    def release(self) -> None:
+        """Drop the lock and remove its file (first: a process that opened it meanwhile sees it gone)."""
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
