@@ -33,6 +33,7 @@ import io
 import os
 import pickle
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -312,9 +313,10 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dt
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
-def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
+def parse_idx(data: bytes | bytearray, name: str = "<bytes>") -> np.ndarray:
     """Decode an idx file (the MNIST format): 2 zero bytes, a dtype code, the number of
-    dimensions, then big-endian uint32 sizes and the big-endian data."""
+    dimensions, then big-endian uint32 sizes and the big-endian data. The array views ``data``
+    (writable when ``data`` is a bytearray, as :func:`read_idx` gives it)."""
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise SpfdeError(f"{name} is not an idx file (bad magic {data[:4].hex() or 'empty'}); "
                          "expected the Fashion-MNIST *-ubyte(.gz) files")
@@ -331,18 +333,36 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, count=count, offset=head).reshape(dims)
 
 
+def _read_into_bytearray(path: Path) -> bytearray:
+    """The file's bytes (gunzipped when it is gzip) in a bytearray: writable, so the arrays
+    :func:`parse_idx` views on it are too, and ``torch.from_numpy`` shares them as they are (over a
+    read-only ``bytes`` it warns "The given NumPy array is not writable": a write to such a tensor
+    would change an immutable object). Read straight into the buffer, no extra copy of the data: a
+    plain file into one of its size, a gzip one in chunks as they are unpacked (the size its trailer
+    states is not trusted: a damaged one could ask for gigabytes)."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            f.seek(0)
+            buf = bytearray(os.fstat(f.fileno()).st_size)
+            del buf[f.readinto(buf):]  # what a file shrunk since fstat did not fill (a no-op otherwise)
+            return buf
+        f.seek(0)
+        buf = bytearray()
+        with gzip.GzipFile(fileobj=f) as g:
+            while chunk := g.read(1 << 24):
+                buf += chunk
+        return buf
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an idx file, gzip-compressed or not."""
+    """Read an idx file, gzip-compressed or not, into a writable array."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        raw = _read_into_bytearray(path)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise SpfdeError(f"{str(path)!r} is a broken gzip file ({e}); delete it and fetch it again") from None
     except OSError as e:
         raise SpfdeError(f"cannot read {str(path)!r}: {e.strerror}") from None
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise SpfdeError(f"{str(path)!r} is a broken gzip file ({e}); delete it and fetch it again") from None
     return parse_idx(raw, repr(str(path)))
 
 
