@@ -102,3 +102,56 @@ def test_docs_config_md_is_current():
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
     assert doc.read_text() == config_markdown(), "regenerate: python -m spfde.config > docs/config.md"
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["sieving.method=none", "sieving.ratio=0.2"], "sieving.ratio = 0.2 is ignored: sieving.method is 'none'"),
+    (["freezing.cache=on", "freezing.target=0"], "freezing.cache = 'on' has nothing to cache: freezing.target is 0"),
+    (["optim.warmup_epochs=3", "train.epochs=3"], "optim.warmup_epochs = 3 is not below train.epochs = 3"),
+    (["optim.warmup_epochs=5", "train.epochs=3"], "never reaches its peak"),
+    (["optim.warmup_epochs=2", "optim.schedule=constant"], "optim.warmup_epochs = 2 is ignored: optim.schedule is "
+                                                           "'constant'"),
+], ids=["sieving-none-ratio", "cache-on-no-freezing", "warmup-all-epochs", "warmup-past-epochs", "warmup-constant"])
+def test_contradictory_but_harmless_settings_give_one_warning(overrides, words):
+    from spfde.config import config_warnings
+
+    cfg = load_config(None, overrides)  # loading alone says nothing: the run's setup does
+    [message] = config_warnings(cfg)
+    assert words in message
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["sieving.method=none"], ["sieving.method=none", "sieving.ratio=0"], ["sieving.method=circular"],
+    ["sieving.method=static", "sieving.ratio=0"], ["freezing.target=0"], ["freezing.cache=off", "freezing.target=0"],
+    ["freezing.cache=on", "freezing.target=0.2"], ["optim.warmup_epochs=2", "train.epochs=3"],
+], ids=str)
+def test_the_usual_ways_of_switching_off_say_nothing(overrides):
+    from spfde.config import config_warnings
+
+    assert config_warnings(load_config(None, overrides)) == []
+
+
+@pytest.mark.parametrize("preset", ["cifar100-resnet32x2", "fmnist-demo", "fmnist-vit"])
+def test_presets_as_shipped_say_nothing(preset):
+    from spfde.config import config_warnings
+
+    assert config_warnings(load_config(preset)) == []
+    # the dense spelling docs/results.md gives for a preset
+    assert config_warnings(load_config(preset, ["sieving.method=none", "sieving.ratio=0", "freezing.target=0"])) == []
+
+
+def test_run_setup_says_each_warning_once_and_runs_on(tmp_path, monkeypatch):
+    from helpers import error_lines, run_main
+
+    (tmp_path / "c.yaml").write_text("seed: 0\n")
+    tiny = ["data.name=synthetic", "data.synthetic_size=64", "data.image_size=8", "model.width=0.25",
+            "train.epochs=2", "freezing.target=0", "sieving.method=none", "sieving.ratio=0.3",
+            "optim.warmup_epochs=2"]
+    code, out, err = run_main("flops", "-c", str(tmp_path / "c.yaml"), *[a for o in tiny for a in ("--set", o)])
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert code == 0 and not error_lines(err) and "train_flops" in out, err
+    assert len(warnings) == 2, err
+    assert "sieving.ratio = 0.3 is ignored" in warnings[0] and "optim.warmup_epochs = 2" in warnings[1]
+    monkeypatch.setenv("RANK", "1")  # under torchrun rank 0 speaks for the run
+    code, _, err = run_main("flops", "-c", str(tmp_path / "c.yaml"), *[a for o in tiny for a in ("--set", o)])
+    assert code == 0 and "warning:" not in err, err

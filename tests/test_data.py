@@ -572,3 +572,29 @@ def test_plan_reads_the_users_files_not_the_published_sizes(tmp_path):
     assert (mine.train_size, mine.image_size, mine.num_classes) == (12, 28, 10)
     published = data_shape(load_config(None, ["data.name=fashion_mnist"]))
     assert published.train_size == 60_000
+
+
+def test_idx_files_load_into_writable_arrays_without_a_copy(tmp_path):
+    arrays = write_fmnist(tmp_path / "fm")
+    raw = tmp_path / "plain-idx"
+    raw.write_bytes(idx_bytes(arrays["train_images"]))
+    for path in (tmp_path / "fm" / dsmod.FASHION_MNIST_FILES["train_images"], raw):  # gzip and plain
+        out = read_idx(path)
+        assert out.flags.writeable and np.array_equal(out, arrays["train_images"]), path
+        assert out.base is not None  # a view on the buffer read, not a copy of it
+    # the images as loaded share that buffer: torch.from_numpy takes it as it is
+    train, _, _ = dsmod.load_fashion_mnist(tmp_path / "fm")
+    assert train.images.numpy().flags.writeable
+
+
+def test_loading_fashion_mnist_says_no_numpy_warning(tmp_path):
+    """torch warns once per process ("The given NumPy array is not writable"): a fresh process tells."""
+    import subprocess
+    import sys
+
+    write_fmnist(tmp_path / "fm")
+    code = ("import sys, warnings; warnings.simplefilter('error'); from spfde.data import load_fashion_mnist; "
+            "load_fashion_mnist(sys.argv[1])")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "fm")], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode == 0 and "not writable" not in r.stderr, r.stderr

@@ -108,7 +108,7 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "data.channels": st.sampled_from([None, 1, 3]),
     "data.loader": st.sampled_from(["tensor", "torch"]),
     "data.num_workers": st.integers(0, 256),
-    "data.synthetic_size": st.integers(32, 512),
+    "data.synthetic_size": st.integers(512, 600),  # at least any data.subset above (more is an error)
     "data.synthetic_classes": st.integers(2, 10),
     "data.image_size": st.integers(8, 32),
     "model.name": st.sampled_from(["resnet20", "resnet32"]),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -270,29 +271,84 @@ def test_damaged_yaml_is_one_line_with_its_position(tmp_path, content, words):
     assert_one_error(code, err, 2, *words)
 
 
-def test_failed_checkpoint_write_is_one_line_and_keeps_the_previous(tmp_path, monkeypatch):
+TORCH_WRITER_ERROR = ("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file data/3: "
+                      "file write failed")  # what torch.save raises when its own writer cannot write a path
+
+
+class _FillsUp:
+    """A file that takes ``room`` bytes, then fails as a full disk does."""
+
+    def __init__(self, f, room: int) -> None:
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(28, "No space left on device")
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+
+
+@pytest.mark.parametrize("how", ["torch-writer", "oserror", "real-torch-save", "torch-writer-with-room"])
+def test_failed_checkpoint_write_is_one_line_and_keeps_the_previous(tmp_path, monkeypatch, how):
+    import builtins
+
+    import spfde.utils
+
     original = torch.save
     calls = {"n": 0}
 
-    def save(obj, f, *args, **kwargs):  # what a full disk does to torch.save's zip writer
+    def save(obj, f, *args, **kwargs):  # the second checkpoint fails half-way, as on a full disk
         calls["n"] += 1
         if calls["n"] == 2:
-            Path(f).write_bytes(b"PK\x03\x04partial")
-            raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing "
-                               "file data/3: file write failed")
+            f.write(b"PK\x03\x04partial")
+            if how == "oserror":
+                raise OSError(28, "No space left on device")
+            raise RuntimeError(TORCH_WRITER_ERROR)
         return original(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(torch, "save", save)
+    def fills_up(file, mode="r", *args, **kwargs):  # the real torch.save into a file that fills up
+        f = builtins.open(file, mode, *args, **kwargs)
+        if "w" in mode and re.fullmatch(r"\.last\.pt\.\w+\.tmp", Path(file).name):
+            calls["n"] += 1
+            return _FillsUp(f, room=1000) if calls["n"] == 2 else f
+        return f
+
+    if how == "real-torch-save":
+        monkeypatch.setattr(spfde.utils, "open", fills_up, raising=False)
+    else:
+        monkeypatch.setattr(torch, "save", save)
+    if how == "torch-writer":  # torch's writer says only where it failed: the full disk tells
+        usage = spfde.utils.shutil.disk_usage(tmp_path)
+        monkeypatch.setattr(spfde.utils.shutil, "disk_usage", lambda p: usage._replace(free=4096))
     run = tmp_path / "run"
     with pytest.raises(SpfdeError) as e:
         train(tiny_cfg("train.epochs=3"), run, quiet=True)
-    assert f"cannot write '{run / 'checkpoints' / 'last.pt'}'" in str(e.value) and "file write failed" in str(e.value)
-    assert "\n" not in str(e.value) and "MiB free" in str(e.value)
-    assert read_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 0
-    assert not list((run / "checkpoints").glob(".*.tmp"))
+    message = str(e.value)
+    last = run / "checkpoints" / "last.pt"
+    assert "\n" not in message and "inline_container" not in message and "enforce" not in message, message
+    if how == "torch-writer-with-room":
+        assert message.startswith(f"could not write checkpoint '{last}': the write failed (PytorchStreamWriter "
+                                  "failed writing file data/3: file write failed; "), message
+        assert "MiB free on its disk)" in message
+    else:
+        assert message == (f"could not write checkpoint '{last}': no space left on device (free space or choose "
+                           "another out dir); the previous version of the file is intact")
+    assert read_checkpoint(last)["epoch"] == 0  # the previous checkpoint, in place and verified
+    assert not list((run / "checkpoints").glob(".*.tmp")) and not (run / "checkpoints" / "prev.pt").exists()
     monkeypatch.undo()
     assert resume(run, quiet=True)["epochs"] == 3  # and the run goes on from there
 
+
+def test_failed_output_write_is_one_line_and_keeps_the_previous(tmp_path, monkeypatch):
     # ENOSPC from the OS on any other output: one line naming the file, the old content intact
     import spfde.utils
 
@@ -307,7 +363,8 @@ def test_failed_checkpoint_write_is_one_line_and_keeps_the_previous(tmp_path, mo
 
     monkeypatch.setattr(spfde.utils.os, "fsync", full)
     code, _, err = run_main("train", "--resume", str(run2), "-q")
-    assert_one_error(code, err, 1, "metrics.jsonl", "No space left on device")
+    assert_one_error(code, err, 1, f"could not write '{run2 / 'metrics.jsonl'}': no space left on device (free "
+                                   "space or choose another out dir); the previous version of the file is intact")
     assert len((run2 / "metrics.jsonl").read_text().splitlines()) == 1
 
 
@@ -376,6 +433,67 @@ def test_config_caused_errors_exit_2(tmp_path, overrides, words):
 def test_gpu_settings_without_a_gpu_exit_2(tmp_path, override):
     code, _, err = run_main("train", *DEMO, "--set", override, "-o", str(tmp_path / "r"), "-q")
     assert_one_error(code, err, 2, override.split("=")[0])
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "imagefolder"])
+def test_channels_an_rgb_dataset_cannot_make_exit_2_before_its_data_loads(tmp_path, name):
+    # data.root points at nothing: were the data read first, this would be exit 1, "not found"
+    for command in (["train", "-o", str(tmp_path / "r"), "-q"], ["plan"]):
+        code, _, err = run_main(*command, *tiny_yaml(tmp_path), *sets(f"data.name={name}", "data.channels=2",
+                                                                      f"data.root={tmp_path / 'none'}"))
+        assert_one_error(code, err, 2, f"'data.channels' = 2 cannot be made from {name}'s 3-channel images",
+                         "allowed: 1 (grey), 3 (RGB) or null")
+    assert not (tmp_path / "r").exists()
+
+
+def test_channels_the_data_can_make_load():
+    from spfde.config import SOURCE_CHANNELS, channels_fit
+    from spfde.data.datasets import set_channels
+    from spfde.planning import _KNOWN
+
+    for name in ("fashion_mnist", "digits", "synthetic"):  # grey images repeat to any count; synthetic is made so
+        assert load_config(None, [f"data.name={name}", "data.channels=2"]).data.channels == 2
+    for name in ("cifar10", "cifar100"):
+        for channels in ("1", "3", "null"):
+            load_config(None, [f"data.name={name}", f"data.channels={channels}"])
+    assert all(SOURCE_CHANNELS[n] == shape.in_channels for n, shape in _KNOWN.items())  # the two tables agree
+    # one rule: the config's check is the converter's
+    for source in (1, 3):
+        for channels in (None, 1, 2, 3):
+            fits = channels_fit(source, channels)
+            try:
+                out = set_channels(torch.zeros(2, source, 4, 4, dtype=torch.uint8), channels)
+            except SpfdeError:
+                assert not fits
+            else:
+                assert fits and out.shape[1] == (channels or source)
+
+
+def test_a_subset_larger_than_the_training_split_is_a_config_error(tmp_path, monkeypatch):
+    from spfde.config import DataConfig
+    from spfde.data import load_datasets
+    from test_data import write_fmnist
+
+    write_fmnist(tmp_path / "fm", n_train=12)  # the user's own files: their size, not the published one
+    with pytest.raises(ConfigError, match=r"'data.subset' = 13 is larger than the fashion_mnist training split "
+                                          r"\(12 images\); set data.subset to at most 12, or to null"):
+        load_datasets(DataConfig(name="fashion_mnist", root=str(tmp_path / "fm"), subset=13))
+    assert len(load_datasets(DataConfig(name="fashion_mnist", root=str(tmp_path / "fm"), subset=12))[0]) == 12
+    # the CLI: exit 2, one line, and no run folder left behind
+    code, _, err = run_main("train", *tiny_yaml(tmp_path), *sets("data.subset=100000"), "-o", str(tmp_path / "r"),
+                            "-q")
+    size = load_config(None, TINY).data.synthetic_size
+    assert_one_error(code, err, 2, "'data.subset' = 100000", f"synthetic training split ({size} images)")
+    assert not (tmp_path / "r").exists()
+    # plan and flops check the published size and read no data
+    import spfde.data
+
+    monkeypatch.setattr(spfde.data, "load_datasets", lambda *a, **k: pytest.fail("plan read the data"))
+    for command in ("plan", "flops"):
+        code, _, err = run_main(command, *DEMO, *sets("data.subset=60001"))
+        assert_one_error(code, err, 2, "'data.subset' = 60001", "fashion_mnist training split (60000 images)")
+    code, out, err = run_main("flops", *DEMO, *sets("data.subset=60000"), "--json")
+    assert code == 0 and json.loads(out)["train_flops"] > 0, err
 
 
 def test_resume_of_a_folder_that_is_not_a_run_exits_2(tmp_path):
@@ -576,3 +694,72 @@ def test_controller_setup_errors_name_the_model_and_its_input(case):
         assert f"the model's forward failed on example_input (per-sample shape ({width},))" in msg
         assert "only argument" in msg
         assert ("pad_mask" if case == "two inputs" else "cannot be multiplied") in msg
+
+
+# ------------------------------------------------------------------------------------------
+# one process per run folder
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, monkeypatch):
+    from spfde.utils import LOCK_NAME, RunLock
+
+    run = tmp_path / "run"
+    interrupt_after(monkeypatch, 0)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg("train.epochs=2"), run, quiet=True)
+    monkeypatch.undo()
+    assert not (run / LOCK_NAME).exists()  # an interrupted run let go of its folder
+    before = file_sha256(run / "checkpoints" / "last.pt")
+    with RunLock(run):  # another spfde process's lock (a second open file conflicts within one process too)
+        for argv in (["train", "--resume", str(run), "-q"],
+                     ["train", *tiny_yaml(tmp_path), "-o", str(run), "--force", "-q"]):
+            code, _, err = run_main(*argv)
+            assert_one_error(code, err, 1, f"run folder '{run}' is in use by another spfde process "
+                                           f"(pid {os.getpid()})", "wait for it to end")
+        with RunLock(run, enabled=False):  # a torchrun rank other than 0 takes no lock: rank 0 holds the folder
+            pass
+    assert file_sha256(run / "checkpoints" / "last.pt") == before and (run / "config.yaml").is_file()
+    assert resume(run, quiet=True)["epochs"] == 2  # the folder is free again
+    assert not (run / LOCK_NAME).exists()
+    # --force over a run: the lock is taken before the old run is deleted, and kept through it
+    def held(self: Trainer) -> dict:
+        probe = RunLock(run)
+        try:
+            probe.acquire()
+        except SpfdeError:
+            return {"held": True}
+        probe.release()
+        return {"held": False}
+
+    monkeypatch.setattr(Trainer, "run", held)
+    assert train(tiny_cfg("train.epochs=2"), run, force=True, quiet=True) == {"held": True}
+    assert not (run / LOCK_NAME).exists() and not (run / "checkpoints").exists()
+
+
+_HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, str(os.getpid()).encode())
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_lock_of_a_killed_process_is_gone_with_it(tmp_path):
+    from spfde.utils import LOCK_NAME, RunLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run / LOCK_NAME)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(SpfdeError, match=rf"is in use by another spfde process \(pid {child.pid}\)"):
+            RunLock(run).acquire()
+    finally:
+        child.kill()
+        child.wait()
+    assert (run / LOCK_NAME).exists()  # what a crash leaves behind does not hold the folder
+    with RunLock(run) as lock:
+        assert lock.held and (run / LOCK_NAME).read_text().strip() == str(os.getpid())
+    assert not (run / LOCK_NAME).exists()

@@ -23,14 +23,13 @@ import io
 import os
 import pickle
 import re
-import sys
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from spfde.errors import ConfigError, SpfdeError
+from spfde.errors import ConfigError, SpfdeError, warn
 from spfde.utils import atomic_torch_save, read_sha256, sha256_path
 
 FORMAT = "spfde-checkpoint-v2"
@@ -48,7 +47,7 @@ def save_checkpoint(state: dict[str, Any], folder: str | os.PathLike, rotate: bo
     ``prev.pt`` (``rotate=False``: it is overwritten, for a ``last.pt`` known to be bad). A failed
     write raises :class:`SpfdeError` naming the file and the cause, the previous checkpoint intact."""
     folder = Path(folder)
-    atomic_torch_save(state, folder / LAST, keep_previous=folder / PREV if rotate else None)
+    atomic_torch_save(state, folder / LAST, keep_previous=folder / PREV if rotate else None, kind="checkpoint")
     return folder / LAST
 
 
@@ -125,9 +124,8 @@ def load_latest(folder: str | os.PathLike) -> tuple[Path, dict[str, Any], bool] 
         except SpfdeError as e:
             problems.append(str(e))
             continue
-        if problems and os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 speaks for the run
-            print(f"warning: {problems[0]}; resuming from {str(p)!r} (epoch {ckpt['epoch']}) instead",
-                  file=sys.stderr, flush=True)
+        if problems:
+            warn(f"{problems[0]}; resuming from {str(p)!r} (epoch {ckpt['epoch']}) instead")
         return p, ckpt, p.name != LAST
     raise SpfdeError(f"{'; '.join(problems)}; no intact checkpoint left: delete {str(folder)!r} to restart the run "
                      "from scratch")

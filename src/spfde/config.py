@@ -13,7 +13,6 @@ import dataclasses
 import math
 import re
 import reprlib
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from spfde.errors import ConfigError
+from spfde.errors import ConfigError, warn
 
 # Presets live in the repository's configs/ folder; an installed copy also looks in ./configs.
 CONFIG_DIRS = (Path(__file__).resolve().parents[2] / "configs", Path.cwd() / "configs")
@@ -41,7 +40,8 @@ class DataConfig:
     name: Literal["fashion_mnist", "cifar10", "cifar100", "imagefolder", "digits", "synthetic"] = _f(
         "fashion_mnist", doc="dataset")
     root: str | None = _f(None, doc="dataset folder; default: $SPFDE_DATA or the dataset's usual place")
-    subset: int | None = _f(None, lo=1, doc="train on N samples: class-stratified, drawn from the seed")
+    subset: int | None = _f(None, lo=1, doc="train on N samples: class-stratified, drawn from the seed; more than "
+                                             "the training split holds is an error")
     test_subset: int | None = _f(None, lo=1, doc="test on N samples: class-stratified, drawn from the seed")
     batch_size: int = _f(128, lo=1, hi=2**20)
     eval_batch_size: int = _f(1000, lo=1, hi=2**20)
@@ -394,6 +394,18 @@ def _range_text(meta: typing.Mapping[str, Any]) -> str:
 
 _DEVICE = re.compile(r"(auto|cpu|cuda(:\d{1,4})?)")
 
+#: the channels of each dataset's images as they are read (an image folder is decoded as RGB); synthetic
+#: data is made with data.channels channels, any count
+SOURCE_CHANNELS = {"fashion_mnist": 1, "digits": 1, "cifar10": 3, "cifar100": 3, "imagefolder": 3}
+
+
+def channels_fit(source: int, channels: int | None) -> bool:
+    """Whether ``source``-channel images can be given ``data.channels``: grey images are repeated to any
+    count, RGB ones made grey (1) or kept (3); null keeps what is read. The rule of
+    :func:`spfde.data.datasets.set_channels`, checked here from the dataset's name before anything loads."""
+    return channels is None or channels == source or source == 1 or (source == 3 and channels == 1)
+
+
 
 def _cross_problems(cfg: Config) -> list[tuple[tuple[str, ...], str]]:
     """Rules between fields, each with the keys it reads (skipped when one of them had a problem)."""
@@ -432,10 +444,50 @@ def _cross_problems(cfg: Config) -> list[tuple[tuple[str, ...], str]]:
     if not cfg.sparsity.kernels_calibration.strip():
         out.append((("sparsity.kernels_calibration",), "config field 'sparsity.kernels_calibration' is empty; "
                                                        "allowed: auto, off, or a file path"))
+    source = SOURCE_CHANNELS.get(cfg.data.name)
+    if source is not None and not channels_fit(source, cfg.data.channels):
+        out.append((("data.channels", "data.name"),
+                    f"config field 'data.channels' = {cfg.data.channels} cannot be made from {cfg.data.name}'s "
+                    f"{source}-channel images; allowed: 1 (grey), 3 (RGB) or null (as read)"))
     if not _DEVICE.fullmatch(cfg.train.device):
         out.append((("train.device",), f"config field 'train.device' = {_show(cfg.train.device)}; "
                                        "allowed: auto, cpu, cuda, cuda:N"))
     return out
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings that contradict each other but harm nothing: the run goes on and ignores one of
+    them. One line each, said once at run setup (:class:`spfde.controller.SpFDE`, which the trainer
+    and ``spfde plan``/``flops`` build), not at every load: ``spfde report`` reads finished runs' configs.
+
+    The usual ways of switching a feature off stay silent: sieving with ``sieving.ratio: 0`` (the
+    default, whatever the method), ``freezing.cache: auto`` with ``freezing.target: 0``.
+    """
+    out: list[str] = []
+    sv, fz, opt = cfg.sieving, cfg.freezing, cfg.optim
+    if sv.method == "none" and sv.ratio > 0:
+        out.append(f"sieving.ratio = {sv.ratio} is ignored: sieving.method is 'none', so every sample is trained on; "
+                   "set sieving.ratio: 0 to say so, or a sieving.method (circular, random, static) to sieve")
+    if fz.cache == "on" and fz.target == 0:
+        out.append("freezing.cache = 'on' has nothing to cache: freezing.target is 0, so no block freezes; set "
+                   "freezing.target > 0 to freeze, or freezing.cache: auto")
+    if opt.warmup_epochs > 0 and opt.schedule == "constant":
+        out.append(f"optim.warmup_epochs = {opt.warmup_epochs} is ignored: optim.schedule is 'constant', which "
+                   "keeps the learning rate as it is set from the first step; set optim.warmup_epochs: 0, or "
+                   "optim.schedule: cosine to warm up")
+    elif opt.warmup_epochs >= cfg.train.epochs:
+        # a warning, not an error: the run is sound (only slower to learn), and shortening a preset that
+        # warms up (fmnist-vit: 1 epoch) to a 1-epoch smoke test is a normal thing to do
+        out.append(f"optim.warmup_epochs = {opt.warmup_epochs} is not below train.epochs = {cfg.train.epochs}: "
+                   "the learning rate rises for the whole run and never reaches its peak (optim.lr), and no "
+                   "cosine decay follows; lower optim.warmup_epochs or raise train.epochs")
+    return out
+
+
+def warn_config(cfg: Config) -> None:
+    """Say :func:`config_warnings`, one ``warning:`` line each."""
+    for message in config_warnings(cfg):
+        warn(message)
 
 
 def _raise_problems(problems: list[str]) -> None:
@@ -643,9 +695,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     data = _parse_yaml(path, _decode(path, raw))
     if data is None:
         d = Config()
-        print(f"warning: config file {str(path)!r} is empty: every key takes its default "
-              f"(model.name={d.model.name}, data.name={d.data.name}, train.epochs={d.train.epochs}, "
-              f"sparsity.target={d.sparsity.target}); see docs/config.md", file=sys.stderr)
+        warn(f"config file {str(path)!r} is empty: every key takes its default "
+             f"(model.name={d.model.name}, data.name={d.data.name}, train.epochs={d.train.epochs}, "
+             f"sparsity.target={d.sparsity.target}); see docs/config.md")
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
@@ -720,7 +772,15 @@ def config_markdown() -> str:
              "- Refused with the file, line and column: YAML syntax errors, duplicate keys, text that is not "
              f"UTF-8, nesting deeper than {MAX_YAML_DEPTH} levels.",
              "- Numbers must be finite; the ranges below are sanity bounds (a value outside is refused before "
-             "any work starts).", "",
+             "any work starts).",
+             "- Settings that contradict each other but harm nothing are run, with one `warning:` line each when "
+             "the run is set up (`spfde train`, `plan`, `flops`; the controller in your own loop): "
+             "`sieving.method: none` with a nonzero `sieving.ratio` (the ratio is ignored; `sieving.ratio: 0` "
+             "is the silent way to switch sieving off, whatever the method), `freezing.cache: on` with "
+             "`freezing.target: 0` (nothing freezes, nothing is cached), `optim.warmup_epochs` with "
+             "`optim.schedule: constant` (no warmup) or not below `train.epochs` (the learning rate never "
+             "reaches `optim.lr`; a warning, not an error, so a preset shortened to a smoke test still runs).",
+             "",
              "| key | default | meaning / allowed |", "|---|---|---|"]
     lines += [f"| `{k}` | `{d}` | {doc} |" for k, d, doc in field_docs()]
     return "\n".join(lines) + "\n"

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from spfde.accounting.flops import FlopsLedger, forward_flops_breakdown, modules_forward_flops
-from spfde.config import Config, from_dict, load_config
+from spfde.config import Config, from_dict, load_config, warn_config
 from spfde.errors import ConfigError, SpfdeError
 from spfde.names import ancestors
 from spfde.sieving import NoSieve, SieveSampler, build_sieve, build_tracker
@@ -130,6 +130,7 @@ class SpFDE:
             raise SpfdeError("example_input must be a batched input tensor, e.g. next(iter(loader))[0]")
         x0 = example_input[:1].detach()
         self._x0 = x0
+        warn_config(cfg)  # contradictory but harmless settings: one line each, once per run set up
         self._memory_probes: dict = {}  # memory_model's probe of each trainable set (one forward each)
         self.rank, self.world_size = rank, world_size
 

@@ -8,7 +8,9 @@ on one line and exits with the error's ``exit_code`` instead of showing a traceb
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -31,6 +33,14 @@ class ConfigError(SpfdeError):
     def __init__(self, message: str, problems: list[str] | None = None) -> None:
         super().__init__(message)
         self.problems = list(problems) if problems else [message]
+
+
+def warn(message: str) -> None:
+    """One ``warning: ...`` line on stderr: something the user set is contradictory but harmless,
+    and the run goes on (docs/design.md, "Exit codes"). Under torchrun rank 0 says it for the run:
+    every rank reads the same config and files."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
 def first_line(e: BaseException) -> str:

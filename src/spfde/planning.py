@@ -48,7 +48,10 @@ def data_shape(cfg: Config) -> DataShape:
         train, _, info = load_datasets(d, seed=cfg.seed)
         return DataShape(info.num_classes, info.in_channels, info.image_size, len(train))
     if d.subset is not None:
-        shape = DataShape(shape.num_classes, shape.in_channels, shape.image_size, min(d.subset, shape.train_size))
+        from spfde.data.datasets import check_subset
+
+        check_subset(d.subset, shape.train_size, d.name)  # the published size: no data is read here
+        shape = DataShape(shape.num_classes, shape.in_channels, shape.image_size, d.subset)
     return shape
 
 

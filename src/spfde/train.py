@@ -32,6 +32,8 @@ from spfde.controller import SpFDE
 from spfde.errors import ConfigError, NonFiniteLossError, SpfdeError, config_caused, first_line, memory_errors
 from spfde.units import format_duration, time_to_acc_fields
 from spfde.utils import (
+    LOCK_NAME,
+    RunLock,
     atomic_write_json,
     atomic_write_text,
     lazy_parameters,
@@ -108,7 +110,8 @@ def check_out_dir(out: Path, force: bool) -> None:
     which only ever deletes a spfde run folder, never the current folder or one holding it)."""
     if out.exists() and not out.is_dir():
         raise SpfdeError(f"--out {str(out)!r} exists and is not a directory")
-    entries = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    # the lock file alone (a run killed as it started, or this process's own lock) is no content
+    entries = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.exists() else []
     if entries:
         if not _is_run_dir(out):
             raise SpfdeError(f"output directory {str(out)!r} is not empty and is not a spfde run (it holds "
@@ -129,10 +132,16 @@ def check_out_dir(out: Path, force: bool) -> None:
 
 def prepare_out_dir(out: Path, force: bool) -> None:
     check_out_dir(out, force)
-    if out.exists() and any(out.iterdir()):
+    if out.exists():
         import shutil
 
-        shutil.rmtree(out)
+        for p in out.iterdir():
+            if p.name == LOCK_NAME:  # this process's RunLock: removing it would let a second process lock
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -558,16 +567,20 @@ def train(cfg: Config, out_dir: str | Path, force: bool = False, quiet: bool = F
 
     out = Path(out_dir)
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prepares the directory
+    lock = RunLock(out, enabled=main)  # rank 0 writes every output: it alone holds the folder
     started = False
     try:
         if main:
             check_out_dir(out, force)
+            if out.is_dir():
+                lock.acquire()  # a folder another run is using (--force) is refused before any work
         with config_caused():  # a bad name, import path or kwargs fails before data loads
             resolve_model(cfg.model.name, cfg.model.kwargs)
         with memory_errors(at_start=True):
             trainer = Trainer(cfg, out, quiet=quiet)
         if main:
             prepare_out_dir(out, force)
+            lock.acquire()  # a new folder: held from its start, before anything is written in it
             atomic_write_text(out / "config.yaml", dump_config(cfg))
         started = True
         with memory_errors(at_start=False):
@@ -575,6 +588,8 @@ def train(cfg: Config, out_dir: str | Path, force: bool = False, quiet: bool = F
     except KeyboardInterrupt as e:
         e.run_dir = str(out) if started else None
         raise
+    finally:
+        lock.release()
 
 
 def _check_world_size(ckpt: dict[str, Any], trainer: Trainer, allowed: bool, changes: list[str], out: Path) -> None:
@@ -608,6 +623,12 @@ def resume(out_dir: str | Path, quiet: bool = False, allow_config_change: bool =
     if not cfg_path.is_file():
         raise ConfigError(f"cannot resume {str(out)!r}: no config.yaml there, so it is not a spfde run directory; "
                           "start a run with --config FILE --out DIR")
+    # before anything is read: a second process resuming the same run would interleave its checkpoints
+    with RunLock(out, enabled=int(os.environ.get("RANK", "0")) == 0):
+        return _resume(out, cfg_path, quiet, allow_config_change)
+
+
+def _resume(out: Path, cfg_path: Path, quiet: bool, allow_config_change: bool) -> dict[str, Any]:
     cfg = load_config(cfg_path)
     found = load_latest(out / "checkpoints")
     changes: list[str] = []

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -31,18 +33,54 @@ def _read_umask() -> int:
 _FILE_MODE = 0o666 & ~_read_umask()
 
 
-def _write_failed(path: Path, e: BaseException) -> SpfdeError:
-    """One line naming the file and the cause (a full disk, a read-only folder, torch's writer)."""
-    if isinstance(e, OSError) and e.strerror:
-        cause = e.strerror
-    else:  # torch.save's RuntimeError does not say ENOSPC: report the free space instead
+_NO_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+_NO_SPACE_FIX = "free space or choose another out dir"
+#: below this much free space a write that failed without an OS error is taken for a full disk
+_FULL_BELOW = 16 * 2**20
+# torch's C++ zip writer prefixes its message with where in its source the check failed
+_ENFORCE = re.compile(r"^\[enforce fail at [^\]]*\]\s*\.?\s*")
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OS's error behind ``e``: ``e`` itself, or one it was raised from or while handling (torch.save
+    re-raises a failed write of its file object as a RuntimeError whose context is the OSError)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _write_failed(path: Path, e: BaseException, kind: str = "") -> SpfdeError:
+    """One line naming the file (``kind``: what it is, e.g. "checkpoint"), the cause and, for a full
+    disk, the fix; never torch's internals. Call it before the temp file is removed: a write that
+    failed on a full disk leaves that disk full until then."""
+    os_error = _os_error(e)
+    free = _free_bytes(path.parent)
+    if os_error is not None and os_error.errno in _NO_SPACE:
+        cause = f"{_NO_SPACE[os_error.errno]} ({_NO_SPACE_FIX})"
+    elif os_error is not None:
+        cause = os_error.strerror or type(os_error).__name__
+    elif free is not None and free < _FULL_BELOW:  # torch's writer on a path says only where it failed
+        cause = f"no space left on device ({_NO_SPACE_FIX})"
+    else:
         lines = str(e).strip().splitlines()
-        cause = (lines[-1] if lines else type(e).__name__)[:200]
-        try:
-            cause += f" ({shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free on its disk)"
-        except OSError:
-            pass
-    return SpfdeError(f"cannot write {str(path)!r}: {cause}; the previous version of the file is intact")
+        what = _ENFORCE.sub("", lines[-1] if lines else "")[:200] or type(e).__name__
+        cause = f"the write failed ({what}" + (f"; {free / 2**20:.0f} MiB free on its disk)" if free is not None
+                                               else ")")
+    name = f"{kind} {str(path)!r}" if kind else repr(str(path))
+    left = ("the previous version of the file is intact" if path.exists()
+            else "no partial file is left in its place")
+    return SpfdeError(f"could not write {name}: {cause}; {left}")
 
 
 def _temp_beside(path: Path) -> str:
@@ -69,10 +107,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; outputs get the usual umask permissions
         os.replace(tmp, path)
     except BaseException as e:
+        error = _write_failed(path, e) if isinstance(e, OSError) else None
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise _write_failed(path, e) from None
+        if error is not None:
+            raise error from None
         raise
 
 
@@ -84,6 +123,94 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+#: the advisory lock file of a run folder (:class:`RunLock`)
+LOCK_NAME = ".spfde.lock"
+
+
+class RunLock:
+    """An advisory lock on a run folder for as long as a run uses it: ``fcntl.flock`` on
+    ``<folder>/.spfde.lock``, so that a second ``spfde train --resume`` (or a ``--force``) of the same
+    folder stops with one line instead of interleaving its checkpoints with the first one's.
+
+    The OS drops the lock when the process ends, a crash or a kill included; :meth:`release` (or the
+    ``with`` block's end) drops it and removes the file. A lock is held by its open file, so a second
+    lock on the folder conflicts even within one process. ``enabled=False`` (the ranks of a torchrun
+    job other than 0, which write nothing), a platform without ``fcntl`` and a folder that cannot hold
+    the file (read-only: nothing can be written there anyway) make it a no-op; a filesystem without
+    locks says so in one warning line.
+    """
+
+    def __init__(self, folder: str | os.PathLike, enabled: bool = True) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.enabled = enabled
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        """Take the lock (a no-op when held); another process holding it raises :class:`SpfdeError`."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            return
+        if self._fd is not None or not self.enabled:
+            return
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+            except OSError:
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise SpfdeError(
+                    f"run folder {str(self.folder)!r} is in use by another spfde process"
+                    f"{f' (pid {owner})' if owner.isdigit() else ''}; wait for it to end (or stop it) and run this "
+                    "again, or choose another --out") from None
+            except OSError as e:
+                os.close(fd)
+                from spfde.errors import warn
+
+                warn(f"cannot lock run folder {str(self.folder)!r} ({e.strerror}); nothing stops a second spfde "
+                     "process from using it at the same time")
+                return
+            # the holder before us may have removed the file (release) between our open and our lock, and
+            # a third process made a new one: then ours locks a file no one else sees, so start again
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                current = None
+            if current is not None and os.path.samestat(current, os.fstat(fd)):
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the message another process gives
+        self._fd = fd
+
+    def release(self) -> None:
+        """Drop the lock and remove its file (first: a process that opened it meanwhile sees it gone)."""
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -92,41 +219,44 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def torch_save_temp(obj: Any, path: str | os.PathLike) -> tuple[str, str]:
+def torch_save_temp(obj: Any, path: str | os.PathLike, kind: str = "") -> tuple[str, str]:
     """``torch.save`` into a synced temp file beside ``path``: ``(temp path, its SHA-256)``.
 
-    The caller renames it into place. A failed write (``torch.save`` raises RuntimeError on a
-    full disk, the OS raises OSError) removes the temp file and raises :class:`SpfdeError`
-    naming ``path`` and the cause.
+    The caller renames it into place. torch writes to a file object opened here, unbuffered, so a
+    failed write reaches us as the OS's error (ENOSPC) rather than as the bare RuntimeError torch's
+    own file writer raises, which names only a line of its C++ source. A failed write removes the
+    temp file and raises :class:`SpfdeError` naming ``path`` (a ``kind``, e.g. "checkpoint") and the cause.
     """
     path = Path(path)
     tmp = None
     try:
         tmp = _temp_beside(path)
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
+        with open(tmp, "wb", buffering=0) as f:
+            torch.save(obj, f)
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)
         return tmp, file_sha256(tmp)
     except BaseException as e:
+        error = _write_failed(path, e, kind) if isinstance(e, (OSError, RuntimeError)) else None
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(e, (OSError, RuntimeError)):
-            raise _write_failed(path, e) from None
+        if error is not None:
+            raise error from None
         raise
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike, keep_previous: str | os.PathLike | None = None) -> str:
+def atomic_torch_save(obj: Any, path: str | os.PathLike, keep_previous: str | os.PathLike | None = None,
+                      kind: str = "") -> str:
     """``torch.save`` through a temp file and rename, so a kill never leaves a torn file; also
     writes ``<path>.sha256`` (``sha256sum`` format). Returns the SHA-256 of the file.
 
     ``keep_previous``: the current ``path`` (and its checksum) is renamed to it first, so the
     previous good file survives (checkpoint rotation). Order: temp file (synced, hashed) ->
-    rotate -> checksum -> rename. A failed write raises :class:`SpfdeError` naming the file and
-    the cause, with the previous file intact.
+    rotate -> checksum -> rename. A failed write raises :class:`SpfdeError` naming the file (as a
+    ``kind``, e.g. "checkpoint") and the cause, with the previous file intact and no temp file left.
     """
     path = Path(path)
-    tmp, digest = torch_save_temp(obj, path)
+    tmp, digest = torch_save_temp(obj, path, kind)
     try:
         if keep_previous is not None and path.exists():
             os.replace(path, keep_previous)
@@ -135,10 +265,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, keep_previous: str | os
         write_sha256(path, digest)
         os.replace(tmp, path)
     except BaseException as e:
+        error = _write_failed(path, e, kind) if isinstance(e, OSError) else None
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise _write_failed(path, e) from None
+        if error is not None:
+            raise error from None
         raise
     return digest
 

@@ -67,7 +67,7 @@ def save_snapshot(run_dir: str | Path, epoch: int, model: nn.Module, masks: Any 
     state = {k: v.detach().to("cpu").clone() for k, v in _unwrap(model).state_dict().items()}
     payload = {"epoch": int(epoch), "model": state, "masks": _masks_to_dict(masks)}
     path = Path(run_dir) / SNAPSHOT_DIR / f"epoch_{int(epoch):04d}.pt"
-    atomic_torch_save(payload, path)
+    atomic_torch_save(payload, path, kind="snapshot")
     return path
 
 

@@ -33,6 +33,7 @@ import io
 import os
 import pickle
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spfde.config import channels_fit
 from spfde.data.augment import augment_batch, normalize
-from spfde.errors import SpfdeError
+from spfde.errors import ConfigError, SpfdeError
 from spfde.utils import make_generator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -245,6 +247,17 @@ def stratified_subset(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tens
     return torch.cat(keep).sort().values
 
 
+def check_subset(subset: int | None, available: int, dataset: str) -> None:
+    """``data.subset`` against the training split it is drawn from. More than the split holds is a
+    config error, not the whole split in silence: the run would train on fewer samples than its config
+    says, and a sweep over ``data.subset`` would hold the same run twice under two sizes. Checked where
+    the subset is drawn (:func:`load_datasets`) and by ``spfde plan``/``flops`` against the published size."""
+    if subset is not None and subset > available:
+        raise ConfigError(f"config field 'data.subset' = {subset} is larger than the {dataset} training split "
+                          f"({available} images); set data.subset to at most {available}, or to null to train on "
+                          "the whole split")
+
+
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Exact per-channel mean and std of ``uint8`` images, in ``[0, 1]`` units.
 
@@ -283,14 +296,14 @@ def pad_to(images: torch.Tensor, size: int) -> torch.Tensor:
 def set_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor:
     """Repeat grey images to ``channels`` (the CIFAR models expect 3), or RGB to grey for 1."""
     c = images.shape[1]
+    if not channels_fit(c, channels):  # a config names a dataset whose channels fit (config.SOURCE_CHANNELS)
+        raise SpfdeError(f"data.channels={channels} does not fit {c}-channel images; use 1, 3 or leave it null")
     if channels is None or channels == c:
         return images
     if c == 1:
         return images.expand(-1, channels, -1, -1).contiguous()
-    if c == 3 and channels == 1:
-        w = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32).view(1, 3, 1, 1)
-        return (images.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
-    raise SpfdeError(f"data.channels={channels} does not fit {c}-channel images; use 1, 3 or leave it null")
+    w = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32).view(1, 3, 1, 1)  # RGB to grey
+    return (images.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,9 +313,10 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dt
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
-def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
+def parse_idx(data: bytes | bytearray, name: str = "<bytes>") -> np.ndarray:
     """Decode an idx file (the MNIST format): 2 zero bytes, a dtype code, the number of
-    dimensions, then big-endian uint32 sizes and the big-endian data."""
+    dimensions, then big-endian uint32 sizes and the big-endian data. The array views ``data``
+    (writable when ``data`` is a bytearray, as :func:`read_idx` gives it)."""
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise SpfdeError(f"{name} is not an idx file (bad magic {data[:4].hex() or 'empty'}); "
                          "expected the Fashion-MNIST *-ubyte(.gz) files")
@@ -319,18 +333,36 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, count=count, offset=head).reshape(dims)
 
 
+def _read_into_bytearray(path: Path) -> bytearray:
+    """The file's bytes (gunzipped when it is gzip) in a bytearray: writable, so the arrays
+    :func:`parse_idx` views on it are too, and ``torch.from_numpy`` shares them as they are (over a
+    read-only ``bytes`` it warns "The given NumPy array is not writable": a write to such a tensor
+    would change an immutable object). Read straight into the buffer, no extra copy of the data: a
+    plain file into one of its size, a gzip one in chunks as they are unpacked (the size its trailer
+    states is not trusted: a damaged one could ask for gigabytes)."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            f.seek(0)
+            buf = bytearray(os.fstat(f.fileno()).st_size)
+            del buf[f.readinto(buf):]  # what a file shrunk since fstat did not fill (a no-op otherwise)
+            return buf
+        f.seek(0)
+        buf = bytearray()
+        with gzip.GzipFile(fileobj=f) as g:
+            while chunk := g.read(1 << 24):
+                buf += chunk
+        return buf
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an idx file, gzip-compressed or not."""
+    """Read an idx file, gzip-compressed or not, into a writable array."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        raw = _read_into_bytearray(path)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise SpfdeError(f"{str(path)!r} is a broken gzip file ({e}); delete it and fetch it again") from None
     except OSError as e:
         raise SpfdeError(f"cannot read {str(path)!r}: {e.strerror}") from None
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise SpfdeError(f"{str(path)!r} is a broken gzip file ({e}); delete it and fetch it again") from None
     return parse_idx(raw, repr(str(path)))
 
 
@@ -676,6 +708,7 @@ def load_datasets(cfg: Any, seed: int = 0) -> tuple[Any, Any, DatasetInfo]:
     else:
         raise SpfdeError(f"unknown dataset data.name={name!r}; allowed: fashion_mnist, cifar10, cifar100, "
                          "imagefolder, digits, synthetic")
+    check_subset(cfg.subset, len(train), name)
     train = train.subset(cfg.subset, seed).with_options(augment=cfg.augment, padding=cfg.crop_padding,
                                                         flip=cfg.flip, seed=seed)
     test = test.subset(cfg.test_subset, seed).with_options(augment=False)
