@@ -60,6 +60,14 @@ def interrupt_after(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
     monkeypatch.setattr(Trainer, "checkpoint", checkpoint)
 
 
+def killed_after_first_epoch(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2-epoch tiny run in ``run`` killed right after epoch 0's checkpoint."""
+    interrupt_after(monkeypatch, 0)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg("train.epochs=2"), run, quiet=True)
+    monkeypatch.undo()
+
+
 def edit_config(run: Path, **changes: object) -> None:
     data = yaml.safe_load((run / "config.yaml").read_text())
     for key, value in changes.items():
@@ -353,10 +361,7 @@ def test_failed_output_write_is_one_line_and_keeps_the_previous(tmp_path, monkey
     import spfde.utils
 
     run2 = tmp_path / "run2"
-    interrupt_after(monkeypatch, 0)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_cfg("train.epochs=2"), run2, quiet=True)
-    monkeypatch.undo()
+    killed_after_first_epoch(run2, monkeypatch)
 
     def full(fd):
         raise OSError(28, "No space left on device")
@@ -704,10 +709,7 @@ def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, monkeypatch
     from spfde.utils import LOCK_NAME, RunLock
 
     run = tmp_path / "run"
-    interrupt_after(monkeypatch, 0)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_cfg("train.epochs=2"), run, quiet=True)
-    monkeypatch.undo()
+    killed_after_first_epoch(run, monkeypatch)
     assert not (run / LOCK_NAME).exists()  # an interrupted run let go of its folder
     before = file_sha256(run / "checkpoints" / "last.pt")
     with RunLock(run):  # another spfde process's lock (a second open file conflicts within one process too)
