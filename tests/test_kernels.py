@@ -352,7 +352,8 @@ def test_vit_mlp_fuses_its_gelu_only_when_fc1_runs_sparse_and_is_not_hooked():
     """The ViT's MLP (``linear_act``): without sparse execution, and under ``dense`` kernels, exactly
     ``fc2(act(fc1(x)))`` (bit-identical, the GELU module called); under ``sparse`` the GELU is in
     fc1's kernel and the model matches its dense twin in output and gradients; a forward hook on
-    fc1 (which would see the GELU's output) or on the activation turns the fusion off."""
+    fc1 (which would see the GELU's output) or on the activation, a backward hook on either, a
+    keyword-seeing pre-hook on fc1 and FX tracing turn the fusion off."""
     from spfde.models.vit import vit_tiny
 
     torch.manual_seed(0)
@@ -385,6 +386,20 @@ def test_vit_mlp_fuses_its_gelu_only_when_fc1_runs_sparse_and_is_not_hooked():
     assert "GeluBackward0" in _graph_ops(mlp(h))
     handle.remove()
     assert len(seen) == 2 and seen[0].shape == (5, 17, 128)
+    # a backward hook on either module would see the GELU's gradient as fc1's (or never fire)
+    for m in (mlp.fc1, mlp.act):
+        handle = m.register_full_backward_hook(lambda _m, gi, go: seen.append(go[0]))
+        assert "GeluBackward0" in _graph_ops(mlp(h))
+        handle.remove()
+    # a forward pre-hook that sees keyword arguments would see the fused call's own keyword
+    handle = mlp.fc1.register_forward_pre_hook(lambda _m, a, kw: None, with_kwargs=True)
+    assert "GeluBackward0" in _graph_ops(mlp(h))
+    handle.remove()
+    assert "GeluBackward0" not in _graph_ops(mlp(h))
+    # FX records the module calls as written: no epilogue keyword in the graph
+    graph = torch.fx.symbolic_trace(mlp).graph
+    assert all("spfde_epilogue" not in n.kwargs for n in graph.nodes)
+    assert any(n.op == "call_module" and n.target == "act" for n in graph.nodes)
     exe.remove()
     assert torch.equal(mlp(h), mlp.fc2(mlp.act(mlp.fc1(h))))
 

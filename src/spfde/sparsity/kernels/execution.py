@@ -181,6 +181,9 @@ def _forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return self._spfde_kernel(*args, **kwargs)
 
 
+_forward.spfde_forward = True  # type: ignore[attr-defined]  # linear_act: this instance forward is spfde's
+
+
 def _encode(key: Key) -> list:
     return [key[0], key[1], key[2], list(key[3])]
 

@@ -257,12 +257,27 @@ def _fused_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 EPILOGUE_KWARG = "spfde_epilogue"
 
 
-def _hooked(m: nn.Module) -> bool:
-    """Whether ``m`` (the activation, which the fused path does not call) has hooks, or any module
-    has global ones."""
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def _hooked(m: nn.Module, forward_pre: bool = True) -> bool:
+    """Whether ``m`` has hooks that the fused path would bypass or show another output or gradient
+    to (forward, backward; forward pre-hooks unless ``forward_pre`` is False, when only those that
+    see keyword arguments count), or any module has global ones."""
     glob = nn.modules.module
-    return bool(m._forward_hooks or m._forward_pre_hooks or getattr(glob, "_global_forward_hooks", None)
-                or getattr(glob, "_global_forward_pre_hooks", None))
+    own = (m._forward_hooks, m._backward_hooks, getattr(m, "_backward_pre_hooks", None),
+           m._forward_pre_hooks if forward_pre else
+           [h for h in m._forward_pre_hooks if h in getattr(m, "_forward_pre_hooks_with_kwargs", {})])
+    return any(own) or any(getattr(glob, name, None) for name in _GLOBAL_HOOKS)
+
+
+def _fx_tracing() -> bool:
+    try:
+        from torch.fx._symbolic_trace import is_fx_tracing
+    except ImportError:  # older torch
+        return False
+    return bool(is_fx_tracing())
 
 
 def linear_act(linear: nn.Module, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -271,11 +286,12 @@ def linear_act(linear: nn.Module, act: nn.Module, x: torch.Tensor) -> torch.Tens
     When ``act`` is ``nn.GELU()`` (erf form) and :class:`~spfde.sparsity.kernels.SparseExecution`
     runs ``linear`` sparse, the GELU is fused into the kernel (module docstring). Everything else
     is exactly ``act(linear(x))``, module calls included, so a dense run is bit-identical to writing
-    it out; so are modules with forward hooks (the ledger's trace, the memory model, similarity
-    probes), which would see the GELU's output as the Linear's, or miss the activation's call.
+    it out; so are modules with hooks (the ledger's trace, the memory model, similarity probes, a
+    backward hook), which would see the GELU's output or gradient as the Linear's, or miss the
+    activation's call, and FX tracing, which would record the fused call as the Linear's.
     """
-    if ("forward" in vars(linear) and getattr(linear, "_spfde_kernel", None) is not None
-            and type(act) is nn.GELU and act.approximate == "none" and not linear._forward_hooks
-            and not _hooked(act)):
+    forward = getattr(vars(linear).get("forward"), "__func__", None)
+    if (getattr(forward, "spfde_forward", False) and type(act) is nn.GELU and act.approximate == "none"
+            and not _hooked(linear, forward_pre=False) and not _hooked(act) and not _fx_tracing()):
         return linear(x, **{EPILOGUE_KWARG: "gelu"})
     return act(linear(x))

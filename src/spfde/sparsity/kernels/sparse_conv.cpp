@@ -89,7 +89,8 @@ static inline void vgelu(vf h, vf& out, vf& deriv) {
   p = p * t + 1.421413741f;
   p = p * t + -0.284496736f;
   p = p * t + 0.254829592f;
-  const vf e = vexp_neg(-(x * x));
+  // exp(-x^2), exactly 0 where vexp_neg's clamp would leave ~1e-38 (else h * e grows for huge |h|)
+  const vf e = x * x > splat(87.0f) ? zero : vexp_neg(-(x * x));
   const vf q = p * t * e;                        // erfc(|x|)
   const vf cdf2 = x < zero ? q : 2.0f - q;       // 1 + erf(x) = 2 Phi(h)
   out = h * cdf2 * 0.5f;
