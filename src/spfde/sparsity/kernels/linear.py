@@ -19,9 +19,10 @@ run the module's dense forward.
 forward applies the GELU to each output tile while it is still feature-major in registers' reach
 and keeps the GELU's derivative in the same packed layout; the backward multiplies the output
 gradient by it while packing it, which it does anyway. So the GELU costs neither a pass over the
-activations of its own, forward or backward, nor an autograd node (at the ViT preset's MLP it was
-9% of a MEST step). Without the native library, or in a step that needs RigL's dense weight
-gradient, it is ``F.gelu`` after the sparse Linear.
+activations of its own, forward or backward, nor an autograd node (11% of a ViT-preset MEST step,
+``bench/step_breakdown.py``'s ``unfused GELU`` row, docs/benchmarks.md). Without the native
+library, or in a step that needs RigL's dense weight gradient, it is ``F.gelu`` after the sparse
+Linear.
 """
 
 from __future__ import annotations
