@@ -296,7 +296,7 @@ def test_spfde_train_runs_unchanged_under_torchrun(tmp_path: Path) -> None:
     cfg.write_text(textwrap.dedent("""
         seed: 1
         data: {name: synthetic, synthetic_size: 96, synthetic_classes: 4, image_size: 16, batch_size: 16,
-               test_subset: 32, augment: false}
+               test_subset: 24, augment: false}
         model: {name: resnet20, width: 0.25}
         train: {epochs: 3, interval: 1, device: cpu, threads: 1}
         sparsity: {method: mest, target: 0.5}

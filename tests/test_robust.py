@@ -474,6 +474,23 @@ def test_channels_the_data_can_make_load():
                 assert fits and out.shape[1] == (channels or source)
 
 
+def test_a_test_subset_larger_than_the_test_split_is_a_config_error(tmp_path):
+    from spfde.config import DataConfig
+    from spfde.data import load_datasets
+    from test_data import write_fmnist
+
+    write_fmnist(tmp_path / "fm", n_train=12, n_test=6)
+    with pytest.raises(ConfigError, match=r"'data.test_subset' = 7 is larger than the fashion_mnist test split "
+                                          r"\(6 images\); set data.test_subset to at most 6, or to null to test"):
+        load_datasets(DataConfig(name="fashion_mnist", root=str(tmp_path / "fm"), test_subset=7))
+    assert len(load_datasets(DataConfig(name="fashion_mnist", root=str(tmp_path / "fm"), test_subset=6))[1]) == 6
+    # the CLI: exit 2, one line, before a run folder exists
+    code, _, err = run_main("train", *tiny_yaml(tmp_path), *sets("data.test_subset=100000"), "-o",
+                            str(tmp_path / "r"), "-q")
+    assert_one_error(code, err, 2, "'data.test_subset' = 100000", "synthetic test split")
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_subset_larger_than_the_training_split_is_a_config_error(tmp_path, monkeypatch):
     from spfde.config import DataConfig
     from spfde.data import load_datasets

@@ -541,7 +541,7 @@ def test_trainer_sieves_by_loss_and_the_vit_preset_trains_from_the_cli(tmp_path)
     from spfde.train import train
 
     cfg = from_dict({"data": {"name": "synthetic", "synthetic_size": 48, "image_size": 28, "channels": 1,
-                              "batch_size": 16, "augment": False, "test_subset": 16},
+                              "batch_size": 16, "augment": False, "test_subset": 12},
                      "model": {"name": "vit_tiny_sdpa", "width": 0.5}, "train": {"epochs": 3, "interval": 1},
                      "sparsity": {"method": "mest", "target": 0.8},
                      "sieving": {"method": "circular", "ratio": 0.25, "criterion": "loss"}})

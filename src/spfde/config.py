@@ -42,7 +42,8 @@ class DataConfig:
     root: str | None = _f(None, doc="dataset folder; default: $SPFDE_DATA or the dataset's usual place")
     subset: int | None = _f(None, lo=1, doc="train on N samples: class-stratified, drawn from the seed; more than "
                                              "the training split holds is an error")
-    test_subset: int | None = _f(None, lo=1, doc="test on N samples: class-stratified, drawn from the seed")
+    test_subset: int | None = _f(None, lo=1, doc="test on N samples: class-stratified, drawn from the seed; "
+                                                   "more than the test split holds is an error")
     batch_size: int = _f(128, lo=1, hi=2**20)
     eval_batch_size: int = _f(1000, lo=1, hi=2**20)
     augment: bool = _f(True, doc="random crop with padding + horizontal flip")

@@ -247,15 +247,18 @@ def stratified_subset(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tens
     return torch.cat(keep).sort().values
 
 
-def check_subset(subset: int | None, available: int, dataset: str) -> None:
-    """``data.subset`` against the training split it is drawn from. More than the split holds is a
-    config error, not the whole split in silence: the run would train on fewer samples than its config
-    says, and a sweep over ``data.subset`` would hold the same run twice under two sizes. Checked where
-    the subset is drawn (:func:`load_datasets`) and by ``spfde plan``/``flops`` against the published size."""
-    if subset is not None and subset > available:
-        raise ConfigError(f"config field 'data.subset' = {subset} is larger than the {dataset} training split "
-                          f"({available} images); set data.subset to at most {available}, or to null to train on "
-                          "the whole split")
+def check_subset(subset: int | None, available: int, dataset: str, split: str = "training") -> None:
+    """``data.subset`` (``split="training"``) or ``data.test_subset`` (``"test"``) against the split it is
+    drawn from. More than the split holds is a config error, not the whole split in silence: the run
+    would train (or report test accuracy) on fewer samples than its config says, and a sweep over the
+    field would hold the same run twice under two sizes. Checked where the subsets are drawn
+    (:func:`load_datasets`); ``spfde plan``/``flops`` check ``data.subset`` against the published size."""
+    if subset is None or subset <= available:
+        return
+    field, verb = ("data.subset", "train") if split == "training" else ("data.test_subset", "test")
+    raise ConfigError(f"config field '{field}' = {subset} is larger than the {dataset} {split} split "
+                      f"({available} images); set {field} to at most {available}, or to null to {verb} on "
+                      "the whole split")
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -709,6 +712,7 @@ def load_datasets(cfg: Any, seed: int = 0) -> tuple[Any, Any, DatasetInfo]:
         raise SpfdeError(f"unknown dataset data.name={name!r}; allowed: fashion_mnist, cifar10, cifar100, "
                          "imagefolder, digits, synthetic")
     check_subset(cfg.subset, len(train), name)
+    check_subset(cfg.test_subset, len(test), name, "test")
     train = train.subset(cfg.subset, seed).with_options(augment=cfg.augment, padding=cfg.crop_padding,
                                                         flip=cfg.flip, seed=seed)
     test = test.subset(cfg.test_subset, seed).with_options(augment=False)
