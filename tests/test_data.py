@@ -206,6 +206,29 @@ def test_fashion_mnist_download_falls_back_to_second_mirror(monkeypatch, tmp_pat
     assert (len(train), len(test)) == (7, 3)
 
 
+def test_fashion_mnist_download_on_a_full_disk_names_the_flag_that_moves_it(monkeypatch, tmp_path):
+    import spfde.utils
+
+    src = tmp_path / "mirror"
+    write_fmnist(src, n_train=7, n_test=3)
+    monkeypatch.setattr(fetchmod, "_EXPECTED_N", {"train_images": 7, "train_labels": 7, "test_images": 3,
+                                                  "test_labels": 3})
+    monkeypatch.setattr(fetchmod.urllib.request, "urlopen",
+                        lambda url, timeout=None: io.BytesIO((src / url.rsplit("/", 1)[1]).read_bytes()))
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spfde.utils.os, "fsync", full)
+    dest = tmp_path / "dest"
+    with pytest.raises(SpfdeError) as e:
+        ensure_fashion_mnist(str(dest), allow_apt=False)
+    first = dest / next(iter(dsmod.FASHION_MNIST_FILES.values()))
+    assert str(e.value) == (f"could not write {str(first)!r}: no space left on device (free space or point "
+                            "`spfde data --root` or data.root at another disk); no partial file is left in its place")
+    assert not list(dest.iterdir())
+
+
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="dataset-fashion-mnist absent")
 def test_real_fashion_mnist(monkeypatch):
     monkeypatch.delenv("SPFDE_DATA", raising=False)

@@ -34,7 +34,8 @@ _FILE_MODE = 0o666 & ~_read_umask()
 
 
 _NO_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
-_NO_SPACE_FIX = "free space or choose another out dir"
+#: the default way out of a full disk in a write's error (a command with another output flag passes its own)
+ELSEWHERE = "choose another out dir"
 #: below this much free space a write that failed without an OS error is taken for a full disk
 _FULL_BELOW = 16 * 2**20
 # torch's C++ zip writer prefixes its message with where in its source the check failed
@@ -60,18 +61,18 @@ def _free_bytes(folder: Path) -> int | None:
         return None
 
 
-def _write_failed(path: Path, e: BaseException, kind: str = "") -> SpfdeError:
+def _write_failed(path: Path, e: BaseException, kind: str = "", elsewhere: str = ELSEWHERE) -> SpfdeError:
     """One line naming the file (``kind``: what it is, e.g. "checkpoint"), the cause and, for a full
-    disk, the fix; never torch's internals. Call it before the temp file is removed: a write that
-    failed on a full disk leaves that disk full until then."""
+    disk, the fix (free space, or ``elsewhere``); never torch's internals. Call it before the temp file
+    is removed: a write that failed on a full disk leaves that disk full until then."""
     os_error = _os_error(e)
     free = _free_bytes(path.parent)
     if os_error is not None and os_error.errno in _NO_SPACE:
-        cause = f"{_NO_SPACE[os_error.errno]} ({_NO_SPACE_FIX})"
+        cause = f"{_NO_SPACE[os_error.errno]} (free space or {elsewhere})"
     elif os_error is not None:
         cause = os_error.strerror or type(os_error).__name__
     elif free is not None and free < _FULL_BELOW:  # torch's writer on a path says only where it failed
-        cause = f"no space left on device ({_NO_SPACE_FIX})"
+        cause = f"no space left on device (free space or {elsewhere})"
     else:
         lines = str(e).strip().splitlines()
         what = _ENFORCE.sub("", lines[-1] if lines else "")[:200] or type(e).__name__
@@ -90,11 +91,11 @@ def _temp_beside(path: Path) -> str:
     return tmp
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, elsewhere: str = ELSEWHERE) -> None:
     """Write ``data`` to ``path`` so a reader never sees a partial file (temp file + rename).
 
     A failed write (a full disk, a read-only folder) raises :class:`SpfdeError` naming ``path``
-    and the cause; ``path`` keeps its previous content.
+    and the cause (for a full disk: free space, or ``elsewhere``); ``path`` keeps its previous content.
     """
     path = Path(path)
     tmp = None
@@ -107,7 +108,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; outputs get the usual umask permissions
         os.replace(tmp, path)
     except BaseException as e:
-        error = _write_failed(path, e) if isinstance(e, OSError) else None
+        error = _write_failed(path, e, elsewhere=elsewhere) if isinstance(e, OSError) else None
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         if error is not None:

@@ -74,7 +74,7 @@ def _download(dest: Path, timeout: float = 60.0) -> Path:
             except Exception as e:  # noqa: BLE001 - any failure of one mirror: try the next
                 errors.append(f"{base + fname}: {e}")
                 continue
-            atomic_write_bytes(dest / fname, data)
+            atomic_write_bytes(dest / fname, data, elsewhere="point `spfde data --root` or data.root at another disk")
             break
         else:
             raise SpfdeError(f"could not download Fashion-MNIST file {fname} ({'; '.join(errors[-2:])}); "
