@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -154,4 +155,24 @@ def test_run_setup_says_each_warning_once_and_runs_on(tmp_path, monkeypatch):
     assert "sieving.ratio = 0.3 is ignored" in warnings[0] and "optim.warmup_epochs = 2" in warnings[1]
     monkeypatch.setenv("RANK", "1")  # under torchrun rank 0 speaks for the run
     code, _, err = run_main("flops", "-c", str(tmp_path / "c.yaml"), *[a for o in tiny for a in ("--set", o)])
+    assert code == 0 and "warning:" not in err, err
+
+
+def test_a_block_that_freezes_within_the_warmup_is_named_at_run_setup(tmp_path):
+    from helpers import error_lines, run_main
+
+    (tmp_path / "c.yaml").write_text("seed: 0\n")
+    tiny = ["data.name=synthetic", "data.synthetic_size=64", "data.image_size=8", "model.width=0.25",
+            "train.epochs=6", "train.interval=1", "freezing.target=0.05", "freezing.tfrz=2", "sieving.method=none",
+            "optim.warmup_epochs=3"]
+    args = ["plan", "-c", str(tmp_path / "c.yaml"), "--json"]
+    code, out, err = run_main(*args, *[a for o in tiny for a in ("--set", o)])
+    assert code == 0 and not error_lines(err), err
+    early = [b for b in json.loads(out)["blocks"] if b["freeze_epoch"] is not None and b["freeze_epoch"] <= 3]
+    assert early, out  # the setting freezes a block inside the warmup
+    [warning] = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert f"{len(early)} block(s) freeze before optim.warmup_epochs = 3 ends ({early[0]['name']!r} at epoch " \
+           f"{early[0]['freeze_epoch']}" in warning and "lower optim.warmup_epochs" in warning
+    # the same plan with the warmup over before the first freeze says nothing
+    code, _, err = run_main(*args, *[a for o in tiny for a in ("--set", o)], "--set", "optim.warmup_epochs=1")
     assert code == 0 and "warning:" not in err, err

@@ -549,6 +549,23 @@ def test_block_lr_known_points() -> None:
     assert block_lr(0.1, 0.0, 6.0, 10, warmup_epochs=2) == pytest.approx(0.05)
 
 
+def test_block_lr_names_the_blocks_that_freeze_before_the_warmup_ends() -> None:
+    m = tiny()
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)
+    split_param_groups_by_block(opt, m, resolve_blocks(m))
+    plan = manual_plan([("stem", 2), ("body", 6)], epochs=12)
+    sched = BlockLR(opt, plan, 12, 0.1, 0.0, warmup_epochs=2)
+    assert sched.frozen_in_warmup() == [("stem", 2)]
+    # what the warning says: the stem's rate is still rising on its last active step and never reaches 0.1
+    assert sched.lr_for("stem", 1.99) < 0.1 and sched.lr_for("body", 2.0) == pytest.approx(0.1)
+    assert BlockLR(opt, plan, 12, 0.1, 0.0, warmup_epochs=1).frozen_in_warmup() == []
+    assert BlockLR(opt, plan, 12, 0.1, 0.0, warmup_epochs=6).frozen_in_warmup() == [("stem", 2), ("body", 6)]
+    # block-wise LR off, no warmup, or no plan: every block follows the global schedule, nothing to say
+    assert BlockLR(opt, plan, 12, 0.1, 0.0, block_lr_enabled=False, warmup_epochs=6).frozen_in_warmup() == []
+    assert BlockLR(opt, plan, 12, 0.1, 0.0).frozen_in_warmup() == []
+    assert BlockLR(opt, None, 12, 0.1, 0.0, warmup_epochs=6).frozen_in_warmup() == []
+
+
 def test_block_lr_scheduler_per_block() -> None:
     m = tiny()
     blocks = resolve_blocks(m)

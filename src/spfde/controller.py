@@ -44,7 +44,7 @@ from torch import nn
 
 from spfde.accounting.flops import FlopsLedger, forward_flops_breakdown, modules_forward_flops
 from spfde.config import Config, from_dict, load_config, warn_config
-from spfde.errors import ConfigError, SpfdeError
+from spfde.errors import ConfigError, SpfdeError, warn
 from spfde.names import ancestors
 from spfde.sieving import NoSieve, SieveSampler, build_sieve, build_tracker
 from spfde.sparsity import build_sparsity
@@ -250,6 +250,12 @@ class SpFDE:
             self.block_lr = BlockLR(
                 self.optimizer, self.plan if cfg.freezing.block_lr else None, cfg.train.epochs,
                 self.base_lr, cfg.optim.end_lr, warmup_epochs=cfg.optim.warmup_epochs)
+            early = self.block_lr.frozen_in_warmup()
+            if early:
+                listed = ", ".join(f"{name!r} at epoch {e}" for name, e in early[:3]) + (", ..." * (len(early) > 3))
+                warn(f"{len(early)} block(s) freeze before optim.warmup_epochs = {cfg.optim.warmup_epochs} ends "
+                     f"({listed}): the block-wise learning rate is still rising when they freeze, so they never train "
+                     "at optim.lr and get no cosine decay; lower optim.warmup_epochs, or set freezing.tfrz later")
 
     def _plan_algorithm1(self, plan_freezing: Callable[..., Any]) -> Any:
         """``freezing.planner: algorithm1``: Algorithm 1's arithmetic as written (BpFlops of every block

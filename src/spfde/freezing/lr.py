@@ -105,6 +105,14 @@ class BlockLR:
         for group in optimizer.param_groups:  # as torch's schedulers do: the schedule's start stays readable
             group.setdefault("initial_lr", self.base_lr)
 
+    def frozen_in_warmup(self) -> list[tuple[str, int]]:
+        """``[(block, freeze epoch)]`` of the blocks that stop training before the warmup ends: their rate
+        is still rising when they freeze, so they never train at ``base_lr`` and no cosine decay brings
+        them down (the schedule of Section 4.2.1 assumes the warmup ends first)."""
+        if not self.enabled or self.warmup_epochs <= 0:
+            return []
+        return [(name, int(end)) for name, end in self._end.items() if end < self.epochs and end <= self.warmup_epochs]
+
     def lr_for(self, block: str | None, epoch_float: float) -> float:
         """The learning rate of ``block`` (``None``: a group outside every block) at ``epoch_float``."""
         end = float(self.epochs)
