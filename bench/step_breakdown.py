@@ -14,6 +14,8 @@ steps, so load on the machine hits all alike; the table gives medians per step:
 * ``no attention core``: the attention core (``sparsity/kernels/attention.py``) replaced by a view
   of the projection, so its cost is the difference to ``full``;
 * ``no optimizer step``: forward and backward only (no controller hooks, no ``optimizer.step``);
+* ``forward only``: the training forward and the loss alone (autograd records, no backward runs), so
+  ``no optimizer step`` minus it is the backward;
 * ``linears free`` (``mest`` only): every sparse Linear (the attention projections and the MLP)
   replaced by a stand-in that returns zeros of the right shape, forward and backward, the GELU
   after them as ``unfused GELU`` runs it: the step MEST would take if its sparse layers cost
@@ -58,8 +60,8 @@ from spfde.sparsity.kernels.linear import LinearPlan, SparseLinearFunction  # no
 from spfde.train import Trainer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = ("full", "matmul attention core", "no attention core", "no optimizer step", "linears free", "batch 16",
-            "unfused GELU")
+VARIANTS = ("full", "matmul attention core", "no attention core", "no optimizer step", "forward only", "linears free",
+            "batch 16", "unfused GELU")
 MEST_ONLY = ("linears free", "unfused GELU")
 
 
@@ -104,6 +106,8 @@ def step(tr: Trainer, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, name:
         x, y, idx = x[:16], y[:16], idx[:16]
     logits = tr.model(x)
     loss = F.cross_entropy(logits, y)
+    if name == "forward only":
+        return
     if name == "no optimizer step":
         tr.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -161,7 +165,8 @@ def main() -> None:
     ratios = {"mest_full_over_dense_full": res["mest"]["full"] / dense_full,
               "mest_linears_free_over_dense_full": res["mest"]["linears free"] / dense_full,
               "dense_batch16_over_dense_full": res["dense"]["batch 16"] / dense_full,
-              "mest_unfused_gelu_over_dense_full": res["mest"]["unfused GELU"] / dense_full}
+              "mest_unfused_gelu_over_dense_full": res["mest"]["unfused GELU"] / dense_full,
+              "mest_forward_over_dense_forward": res["mest"]["forward only"] / res["dense"]["forward only"]}
     rows = [{"variant": name, **{run: res[run].get(name) for run in res}} for name in VARIANTS]
     if args.json:
         print(json.dumps({"rows": rows, "ratios": ratios, "sparsity": args.sparsity, "threads": args.threads,
