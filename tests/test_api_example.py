@@ -192,3 +192,17 @@ def test_param_groups_built_at_different_rates_are_reported_at_construction() ->
         build("cosine", 0.1)
         ctl = build("constant", 1.0)
     assert ctl.optimizer.param_groups[1]["lr"] == 1.0
+
+
+def test_indices_that_do_not_match_the_batch_are_named_as_such() -> None:
+    """A batch of 8 with 6 indices is a loop mistake: the error names the indices, not sieving.criterion."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctl = SpFDE(model, opt, {"train": {"epochs": 2, "interval": 1}, "sieving": {"ratio": 0.25}}, train_size=32,
+                example_input=torch.randn(2, 8))
+    ctl.start_epoch(0)
+    logits, y = model(torch.randn(8, 8)), torch.randint(0, 4, (8,))
+    with pytest.raises(SpfdeError, match=r"6 sample indices for a batch of 8") as err:
+        ctl.after_step(logits, y, torch.arange(6))
+    assert "criterion" not in str(err.value)

@@ -516,6 +516,12 @@ class SpFDE:
             # an integer pattern of the float losses when the status is gathered across ranks
             return self.tracker.encode(losses) if self._status is not None else losses
         shape = lambda t: tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+        if (torch.is_tensor(logits) and torch.is_tensor(targets) and logits.dim() == 2 and targets.dim() == 1
+                and logits.shape[0] == targets.shape[0] != n):
+            # a batch whose index column does not match it (a sliced or accumulated batch): not a criterion choice
+            raise SpfdeError(
+                f"after_step got {n} sample indices for a batch of {logits.shape[0]} (logits {shape(logits)}); pass "
+                "the indices of exactly the samples in logits and targets (the third item of each batch)")
         if not (torch.is_tensor(logits) and torch.is_tensor(targets) and logits.dim() == 2 and targets.dim() == 1
                 and logits.shape[0] == targets.shape[0] == n and not targets.is_floating_point()):
             # a config choice that does not fit this model's outputs: exit 2 from the CLI, like any config error
