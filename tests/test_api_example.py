@@ -164,3 +164,45 @@ def test_a_resumed_optimizer_is_not_mistaken_for_a_user_change() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _run_epochs(ctl2, model2, opt2, 2, start=2)
+
+
+def test_param_groups_built_at_different_rates_are_reported_at_construction() -> None:
+    """A 10x head (or any per-group lr) is overwritten by the cosine: one warning at SpFDE(...) says so and
+    names optim.schedule: constant; groups at one rate, or the constant schedule, stay silent."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    cfg = {"train": {"epochs": 2, "interval": 1}, "data": {"augment": False},
+           "sparsity": {"target": 0.5, "dense_first_layer": False}}
+
+    def build(schedule: str, head_lr: float) -> SpFDE:
+        opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": head_lr}],
+                              lr=0.1)
+        return SpFDE(model, opt, {**cfg, "optim": {"schedule": schedule}}, train_size=8,
+                     example_input=torch.randn(2, 8))
+
+    with pytest.warns(UserWarning, match=r"different learning rates \(group 0: 0.1, group 1: 1\).*optim.schedule: "
+                                         "constant") as rec:
+        ctl = build("cosine", 1.0)
+    assert sum("different learning rates" in str(w.message) for w in rec) == 1
+    assert ctl.optimizer.param_groups[1]["lr"] == pytest.approx(0.1)  # what the warning says happened
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build("cosine", 0.1)
+        ctl = build("constant", 1.0)
+    assert ctl.optimizer.param_groups[1]["lr"] == 1.0
+
+
+def test_indices_that_do_not_match_the_batch_are_named_as_such() -> None:
+    """A batch of 8 with 6 indices is a loop mistake: the error names the indices, not sieving.criterion."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctl = SpFDE(model, opt, {"train": {"epochs": 2, "interval": 1}, "sieving": {"ratio": 0.25}}, train_size=32,
+                example_input=torch.randn(2, 8))
+    ctl.start_epoch(0)
+    logits, y = model(torch.randn(8, 8)), torch.randint(0, 4, (8,))
+    with pytest.raises(SpfdeError, match=r"6 sample indices for a batch of 8") as err:
+        ctl.after_step(logits, y, torch.arange(6))
+    assert "criterion" not in str(err.value)

@@ -235,3 +235,39 @@ def test_planned_static_sieve_removes_after_warmup():
     assert [sieve.planned_samples(e) for e in range(6)] == [10, 10, 7, 7, 7, 7]  # removal at Δτ = 2
     out = planned_flops(c, flops, 10, samples_per_epoch=sieve.planned_samples)
     assert out["epoch_flops"] == [round(3 * 0.5 * (CONV + FC) * n) for n in (10, 10, 7, 7, 7, 7)]
+
+
+def test_an_lstm_on_cpu_is_counted_and_in_forward_order() -> None:
+    """nn.LSTM's CPU kernel (aten.mkldnn_rnn_layer) has no FlopCounterMode formula: uncounted, the LSTM cost
+    nothing in the ledger, and its weights were missing from the forward order, so dense_first_layer kept
+    the Linear after it dense and dense_last_layer the LSTM's last weight instead of the head."""
+    from spfde.accounting.trace import trace_forward
+
+    torch.manual_seed(0)
+    lstm = nn.LSTM(4, 5, num_layers=2, batch_first=True, bidirectional=True)
+    trace = trace_forward(lstm, torch.randn(1, 3, 4))
+    rows = 3  # T·B per sample
+    want = {f"weight_{kind}_l{layer}{rev}": 2 * rows * getattr(lstm, f"weight_{kind}_l{layer}{rev}").numel()
+            for layer in (0, 1) for rev in ("", "_reverse") for kind in ("ih", "hh")}
+    assert trace.units == want and trace.other == 0
+    assert trace.param_order[:2] == ["weight_ih_l0", "weight_hh_l0"]
+    # GRU's per-step addmm are counted by torch's formulas: the LSTM is counted the same way
+    gru = trace_forward(nn.GRU(4, 5, batch_first=True), torch.randn(1, 3, 4)).units
+    assert gru == {"weight_ih_l0": 2 * rows * 15 * 4, "weight_hh_l0": 2 * rows * 15 * 5}
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(6, 8, batch_first=True)
+            self.fc = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.fc(self.rnn(x)[0][:, -1])))
+
+    net = Net()
+    cfg = from_dict({"sparsity": {"method": "static", "target": 0.5, "include": ["rnn", "fc", "head"]}})
+    engine = build_sparsity(net, cfg, torch.randn(2, 5, 6))
+    # the first layer in forward order (the LSTM's input weight) and the last (the head) stay dense
+    assert engine.layer_sparsity_target() == {"rnn.weight_ih_l0": 0.0, "rnn.weight_hh_l0": 0.5, "fc": 0.5,
+                                              "head": 0.0}

@@ -1346,6 +1346,29 @@ def test_calls_that_fall_back_are_reported_dense_with_one_warning_line(monkeypat
     assert exe.choices() == {"attn.out_proj": "dense"}
 
 
+@pytest.mark.parametrize("kwargs,why", [(dict(add_bias_kv=True), "bias_k/bias_v or add_zero_attn"),
+                                        (dict(add_zero_attn=True), "bias_k/bias_v or add_zero_attn"),
+                                        (dict(kdim=6, vdim=6), "separate q/k/v projection weights")])
+def test_out_proj_of_an_attention_that_runs_its_own_forward_is_unsupported_at_setup(kwargs, why) -> None:
+    """Such an nn.MultiheadAttention always runs its own forward, which reads out_proj.weight itself: the
+    masked out_proj can never run sparse. Set-up says so with the reason (one warning under sparse), not
+    an epoch later as 'no training call went through spfde's kernels ... torch.compile'."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True, **kwargs)
+    model = nn.Sequential(mha)
+    with pytest.warns(KernelWarning, match=r"run dense kernels"):
+        exe = SparseExecution(model, _engine(model, {"0.out_proj": "0.out_proj.weight"}), "sparse")
+    assert exe.unsupported == {"0.out_proj": f"the out_proj of an nn.MultiheadAttention that runs its own forward "
+                                             f"({why}), which reads the weight directly"}
+    assert not exe.layers and "forward" not in vars(mha.out_proj)
+    exe.start_epoch()
+    t, kv = torch.randn(3, 5, 8), torch.randn(3, 5, kwargs.get("kdim", 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second, misleading warning at the epoch's end
+        mha(t, kv, kv, need_weights=False)[0].sum().backward()
+        assert exe.choices() == {"0.out_proj": "dense"}
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("length", [5, 30, 60])  # the native core, the matmul core, flash
 def test_attention_path_returns_the_modules_own_layout(batch_first, length) -> None:

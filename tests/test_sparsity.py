@@ -464,3 +464,19 @@ def test_a_target_that_prunes_nothing_says_so() -> None:
     engine = build_sparsity(model, load_config(None, ["sparsity.target=0.5", "sparsity.dense_first_layer=false"]),
                             torch.randn(1, 16))
     assert not engine.masks["1.weight"].all()
+
+
+def test_a_weight_the_user_fixed_is_never_pruned():
+    """A parameter set to requires_grad=False before SpFDE is built (a pretrained stem) gets no gradient:
+    pruning it would zero weights that can never grow back. The freezing blocks already leave it alone."""
+    model = make()
+    model.body[0].weight.requires_grad_(False)
+    assert "body.0" not in [lay.module for lay in find_prunable(model)]
+    assert "body.0" not in [lay.module for lay in find_prunable(model, include=["body"])]
+    with pytest.raises(ConfigError, match="requires_grad=False"):
+        find_prunable(model, include=["body.0"])
+    before = model.body[0].weight.detach().clone()
+    engine = build_sparsity(model, cfg("mest", 0.9), X[:1])
+    engine.apply_masks()
+    assert "body.0" not in engine.layer_density() and "body.3" in engine.layer_density()
+    assert torch.equal(model.body[0].weight.detach(), before)  # not one weight of it zeroed

@@ -126,6 +126,8 @@ class SpFDE:
                              "SpFDE, so that every weight has its shape")
         group = optimizer.param_groups[0]
         self.base_lr = float(group.get("initial_lr", group["lr"]))
+        if cfg.optim.schedule == "cosine":
+            self._warn_group_rates(optimizer)
         if not torch.is_tensor(example_input) or example_input.dim() < 2:
             raise SpfdeError("example_input must be a batched input tensor, e.g. next(iter(loader))[0]")
         x0 = example_input[:1].detach()
@@ -213,6 +215,24 @@ class SpFDE:
             raise SpfdeError(
                 f"the optimizer does not hold the model's parameters (e.g. {missing[0]!r}); "
                 "build it from this model's parameters: SGD(model.parameters(), ...)")
+
+    def _warn_group_rates(self, optimizer: torch.optim.Optimizer) -> None:
+        """One warning when the param groups start at different rates (a 10x head, a low-lr backbone).
+
+        The cosine (and the block-wise cosine of Section 4.2.1) sets every group's lr from one base
+        rate, so a per-group ratio the user built in would be overwritten at the first ``set``
+        without a word; the ``changed_outside`` warning only sees changes made after construction.
+        """
+        rates = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
+        other = next((i for i, r in enumerate(rates) if r != self.base_lr), None)
+        if other is None:
+            return
+        warnings.warn(
+            f"spfde: the optimizer's param groups start at different learning rates (group 0: {self.base_lr:.4g}, "
+            f"group {other}: {rates[other]:.4g}); with optim.schedule: cosine the controller sets every group's lr "
+            f"on one cosine from {self.base_lr:.4g}, so the other rates are overwritten. To keep per-group rates, "
+            "set optim.schedule: constant and run your own schedule (README, 'Use it in your own loop')",
+            UserWarning, stacklevel=3)
 
     def _make_sampler(self) -> SieveSampler:
         if self.world_size > 1:
@@ -496,6 +516,12 @@ class SpFDE:
             # an integer pattern of the float losses when the status is gathered across ranks
             return self.tracker.encode(losses) if self._status is not None else losses
         shape = lambda t: tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+        if (torch.is_tensor(logits) and torch.is_tensor(targets) and logits.dim() == 2 and targets.dim() == 1
+                and logits.shape[0] == targets.shape[0] != n):
+            # a batch whose index column does not match it (a sliced or accumulated batch): not a criterion choice
+            raise SpfdeError(
+                f"after_step got {n} sample indices for a batch of {logits.shape[0]} (logits {shape(logits)}); pass "
+                "the indices of exactly the samples in logits and targets (the third item of each batch)")
         if not (torch.is_tensor(logits) and torch.is_tensor(targets) and logits.dim() == 2 and targets.dim() == 1
                 and logits.shape[0] == targets.shape[0] == n and not targets.is_floating_point()):
             # a config choice that does not fit this model's outputs: exit 2 from the CLI, like any config error

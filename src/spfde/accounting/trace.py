@@ -23,7 +23,10 @@ convolutions, attention kernels; a multiply-add counts 2) is charged to a *unit*
 
 The CPU kernel of ``scaled_dot_product_attention`` has no formula in ``FlopCounterMode``; it is
 counted analytically (``2·B·L·S·(E + Ev)``, causal masking counted as full, as the GPU formulas
-do).
+do). So is ``nn.LSTM``'s CPU kernel ``aten.mkldnn_rnn_layer`` (:func:`_rnn_layer_flops`): its two
+matmuls go to ``weight_ih_lN`` and ``weight_hh_lN``; uncounted, an LSTM would cost nothing in the
+ledger, its blocks nothing to Algorithm 1, and its weights would be missing from the forward order
+``sparsity.dense_first_layer`` / ``dense_last_layer`` read.
 
 Training conditions: the pass runs in train mode with autograd on and the
 ``nn.MultiheadAttention`` fast path off, so the ops are the ones training runs (eval/no-grad
@@ -92,6 +95,23 @@ def _sdpa_flops(args: tuple[Any, ...]) -> int:
     return 2 * batch * lq * s * (e + ev)
 
 
+def _rnn_layer_flops(args: tuple[Any, ...]) -> tuple[int, int]:
+    """``(input-to-hidden, hidden-to-hidden)`` matmul FLOPs of one ``aten.mkldnn_rnn_layer`` call.
+
+    The CPU (oneDNN) kernel ``nn.LSTM`` runs per layer and direction, one op that has no formula in
+    ``FlopCounterMode``: counted analytically, ``2·(T·B)·(gates·H)·in`` for ``x W_ihᵀ`` and
+    ``2·(T·B)·(gates·H)·H`` for ``h W_hhᵀ`` (every step), as the per-step ``addmm`` of GRU/RNN are
+    counted; the gates' element-wise work is not a matmul and is not counted, as elsewhere.
+    """
+    x, w_ih, w_hh = args[:3]
+    rows = x.numel() // max(int(x.shape[-1]), 1)  # T·B whatever the layout
+    return 2 * rows * w_ih.numel(), 2 * rows * w_hh.numel()
+
+
+def _is_rnn_layer(packet: Any) -> bool:
+    return str(packet) == "aten.mkldnn_rnn_layer"
+
+
 def _is_sdpa(packet: Any) -> bool:
     name = str(packet)
     return "scaled_dot_product" in name and "backward" not in name
@@ -151,6 +171,12 @@ class _Attributor(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         packet = func._overloadpacket
+        if _is_rnn_layer(packet):  # nn.LSTM on CPU: without this, its weights would cost nothing and be unseen
+            out = func(*args, **kwargs)
+            ih, hh = _rnn_layer_flops(args)
+            self._charge(ih, (args[0], args[1]), {}, False)
+            self._charge(hh, (args[5], args[2]), {}, False)
+            return out
         counted = packet in self.registry or _is_sdpa(packet)
         if not counted:
             with self:  # as FlopCounterMode: an op without a formula may decompose into ops with one

@@ -91,7 +91,11 @@ def find_prunable(
     module names or their ancestors, in whole dotted components) replaces the default with every
     parameter of 2+ dims it covers; an embedding table only when named itself. ``exclude``
     removes parameters the same way. A weight tied under several names (GPT-2's ``lm_head`` =
-    ``wte``) is never pruned. A pattern that matches nothing is a :class:`ConfigError`.
+    ``wte``) is never pruned, nor is one the caller fixed with ``requires_grad=False`` before
+    training (a pretrained stem, a frozen embedding): it never gets a gradient, so a pruned weight
+    could never grow back and MEST/SET/RigL would only ever take weights from it; the freezing
+    blocks leave such a parameter alone for the same reason (``spfde.freezing.blocks``). Naming
+    either in ``include`` itself is a :class:`ConfigError`, as is a pattern that matches nothing.
     """
     modules = dict(model.named_modules())
     aliases: dict[int, list[str]] = {}
@@ -119,6 +123,7 @@ def find_prunable(
         owner, _, attr = name.rpartition(".")
         mod = modules[owner]
         tied = len(aliases_of[name]) > 1
+        fixed = not p.requires_grad  # fixed by the user's code before SpFDE was built, not by our freezer
         if include is not None:
             pats = [pat for pat in include if named(name, [pat])]
             if not pats or p.dim() < 2:
@@ -133,9 +138,16 @@ def find_prunable(
                         f"config field 'sparsity.include' names {direct[0]!r}, a weight tied under several names "
                         f"({', '.join(aliases_of[name])}); tied weights are never pruned: drop it from include")
                 continue
+            if fixed:
+                if direct:
+                    raise ConfigError(
+                        f"config field 'sparsity.include' names {direct[0]!r}, a parameter with requires_grad=False "
+                        "(fixed before training): it gets no gradient, so a pruned weight could never grow back; "
+                        "drop it from include, or make it trainable before building SpFDE")
+                continue
             for pat in pats:
                 picked[pat].append(name)
-        elif tied or p.dim() < 2 or not default_prunable(mod, attr):
+        elif tied or fixed or p.dim() < 2 or not default_prunable(mod, attr):
             continue
         if named(name, exclude):
             continue
@@ -144,7 +156,8 @@ def find_prunable(
     if empty:
         raise ConfigError(
             f"config field 'sparsity.include' names {empty[0]!r}, which holds no prunable parameter (a weight of "
-            "2+ dims that is not a bias, a norm or a tied weight); name conv/linear/attention modules or weights")
+            "2+ dims that is not a bias, a norm, a tied weight or fixed with requires_grad=False); name "
+            "conv/linear/attention modules or weights")
     return out
 
 

@@ -514,6 +514,23 @@ def _out_proj_runs_dense(module: nn.Module, why: str | None) -> None:
         layer._fell_back(f"its attention module runs its own forward ({why})" if why else "")
 
 
+def _out_proj_never_called(modules: dict[str, nn.Module], owner: str, module: nn.Module) -> str | None:
+    """Why the Linear ``owner`` can never run sparse: it is the ``out_proj`` of a plain
+    ``nn.MultiheadAttention`` that always runs its own forward (:func:`unsupported_mha`), which reads
+    ``out_proj.weight`` directly and never calls the Linear. Said at set-up like any other layer without a
+    sparse path, instead of an epoch later as "no training call went through spfde's kernels", a
+    message that blames torch.compile."""
+    parent, _, leaf = owner.rpartition(".")
+    mha = modules.get(parent)
+    if leaf != "out_proj" or not isinstance(mha, nn.MultiheadAttention) or mha.out_proj is not module:
+        return None
+    why = unsupported_mha(mha)
+    if why is None or type(mha).forward is not nn.MultiheadAttention.forward:
+        return None  # spfde's attention path calls it, or a subclass's own forward may call it as a module
+    return (f"the out_proj of an nn.MultiheadAttention that runs its own forward ({why}), which reads the "
+            "weight directly")
+
+
 def _kind(module: nn.Module | None, attr: str) -> tuple[str | None, str | None]:
     """(kind, None) when parameter ``attr`` of ``module`` has a sparse path, else (None, reason)."""
     if isinstance(module, nn.Conv2d) and attr == "weight":
@@ -567,6 +584,9 @@ class SparseExecution:
             owner, _, attr = lay.param.rpartition(".")
             m = modules.get(owner)
             kind, reason = _kind(m, attr)
+            if kind is not None:
+                reason = _out_proj_never_called(modules, owner, m)
+                kind = None if reason is not None else kind
             if kind is not None and "forward" in vars(m):
                 kind, reason = None, "its forward is already replaced on the instance"
             if kind is None:
