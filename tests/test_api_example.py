@@ -166,32 +166,37 @@ def test_a_resumed_optimizer_is_not_mistaken_for_a_user_change() -> None:
         _run_epochs(ctl2, model2, opt2, 2, start=2)
 
 
-def test_param_groups_built_at_different_rates_are_reported_at_construction() -> None:
-    """A 10x head (or any per-group lr) is overwritten by the cosine: one warning at SpFDE(...) says so and
-    names optim.schedule: constant; groups at one rate, or the constant schedule, stay silent."""
+def test_param_groups_built_at_other_rates_keep_their_ratio_along_the_schedule() -> None:
+    """A 10x head stays 10x under the cosine (and the block-wise cosine, whose split groups inherit the
+    rate), as torch's schedulers keep each group's base rate; groups at the first group's rate get the
+    schedule's values bit for bit, and nothing warns."""
     import warnings
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-    cfg = {"train": {"epochs": 2, "interval": 1}, "data": {"augment": False},
-           "sparsity": {"target": 0.5, "dense_first_layer": False}}
+    from spfde.freezing.lr import block_lr
 
-    def build(schedule: str, head_lr: float) -> SpFDE:
-        opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": head_lr}],
-                              lr=0.1)
-        return SpFDE(model, opt, {**cfg, "optim": {"schedule": schedule}}, train_size=8,
-                     example_input=torch.randn(2, 8))
+    def build(head_lr: float, freezing: dict) -> tuple[SpFDE, nn.Module]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+        opt = torch.optim.SGD([{"params": [*model[0].parameters(), *model[2].parameters()]},
+                               {"params": model[4].parameters(), "lr": head_lr}], lr=0.1)
+        cfg = {"train": {"epochs": 4, "interval": 1}, "data": {"augment": False}, "optim": {"end_lr": 0.001},
+               "sparsity": {"target": 0.5, "dense_first_layer": False}, "freezing": freezing}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            return SpFDE(model, opt, cfg, train_size=8, example_input=torch.randn(2, 8)), model
 
-    with pytest.warns(UserWarning, match=r"different learning rates \(group 0: 0.1, group 1: 1\).*optim.schedule: "
-                                         "constant") as rec:
-        ctl = build("cosine", 1.0)
-    assert sum("different learning rates" in str(w.message) for w in rec) == 1
-    assert ctl.optimizer.param_groups[1]["lr"] == pytest.approx(0.1)  # what the warning says happened
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        build("cosine", 0.1)
-        ctl = build("constant", 1.0)
-    assert ctl.optimizer.param_groups[1]["lr"] == 1.0
+    for freezing in ({"target": 0}, {"target": 0.2, "tfrz": 1, "blocks": ["0", "2", "4"]}):
+        ctl, model = build(1.0, freezing)
+        ctl.start_epoch(1)
+        head = id(next(model[4].parameters()))
+        rates = {id(p): g["lr"] for g in ctl.optimizer.param_groups for p in g["params"]}
+        assert rates[head] > 0.0 and rates[head] == pytest.approx(10 * block_lr(0.1, 0.001, 1.0, 4))
+        # the other groups are untouched by the ratio: the schedule's value exactly
+        same, _ = build(0.1, freezing)
+        same.start_epoch(1)
+        for g, g_same in zip(ctl.optimizer.param_groups, same.optimizer.param_groups, strict=True):
+            if head not in {id(p) for p in g["params"]}:
+                assert g["lr"] == g_same["lr"]
 
 
 def test_indices_that_do_not_match_the_batch_are_named_as_such() -> None:
@@ -206,3 +211,39 @@ def test_indices_that_do_not_match_the_batch_are_named_as_such() -> None:
     with pytest.raises(SpfdeError, match=r"6 sample indices for a batch of 8") as err:
         ctl.after_step(logits, y, torch.arange(6))
     assert "criterion" not in str(err.value)
+
+
+def test_a_state_dict_that_is_not_the_controllers_is_named_as_such() -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctl = SpFDE(model, opt, {"train": {"epochs": 2}, "data": {"augment": False}}, train_size=8,
+                example_input=torch.randn(2, 8))
+    for wrong, said in (({"epoch": 1}, "a dict without ['sparsity', 'sieve', 'tracker', 'ledger']"),
+                        (model.state_dict(), "a dict without ['epoch', 'sparsity'"), (None, "a NoneType")):
+        with pytest.raises(SpfdeError, match="SpFDE.load_state_dict got " + re.escape(said)):
+            ctl.load_state_dict(wrong)
+    ctl.load_state_dict(ctl.state_dict())  # its own state loads
+
+
+def test_frozen_blocks_are_listed_in_forward_order() -> None:
+    from collections import OrderedDict
+
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict([("stem", nn.Linear(8, 32)), ("act", nn.ReLU()), ("body", nn.Linear(32, 32)),
+                                       ("act2", nn.ReLU()), ("head", nn.Linear(32, 4))]))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = {"train": {"epochs": 4, "interval": 1}, "data": {"augment": False}, "sieving": {"method": "none"},
+           "sparsity": {"target": 0.5, "dense_first_layer": False},
+           "freezing": {"target": 0.2, "tfrz": 1, "blocks": ["stem", "body", "head"], "unreachable": "reduce"}}
+    ctl = SpFDE(model, opt, cfg, train_size=16, example_input=torch.randn(2, 8))
+    x, y, idx = torch.randn(16, 8), torch.randint(0, 4, (16,)), torch.arange(16)
+    for epoch in range(4):
+        ctl.start_epoch(epoch)
+        out = model(x)
+        opt.zero_grad()
+        nn.functional.cross_entropy(out, y).backward()
+        ctl.before_step()
+        opt.step()
+        ctl.after_step(out, y, idx)
+        m = ctl.end_epoch()
+    assert m["frozen_blocks"] == ["stem", "body"]  # not sorted by name (body, stem)

@@ -68,6 +68,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+#: the entries :meth:`SpFDE.load_state_dict` cannot do without (the others are optional)
+_STATE_KEYS = ("epoch", "sparsity", "sieve", "tracker", "ledger")
+
+
 class SpFDE:
     """Drives sparsity, freezing and sieving from inside any training loop.
 
@@ -77,7 +81,9 @@ class SpFDE:
             enabled under ``optim.schedule: cosine``, its param groups are split per block (before
             the first step), and the controller sets every group's lr at each step. The cosine
             schedule (``optim.schedule``) starts from the learning rate this optimizer was built
-            with (its first group's ``initial_lr`` or ``lr``) and ends at ``optim.end_lr``;
+            with (its first group's ``initial_lr`` or ``lr``) and ends at ``optim.end_lr``; a
+            group built at another rate (a 10x head) follows the same schedule times its own rate's
+            ratio to the first group's, as torch's schedulers keep each group's base rate.
             ``optim.lr`` is only what the built-in trainer builds its optimizer with.
         config: a :class:`~spfde.config.Config`, a dict of sections or a YAML path.
         train_size: number of samples in the training set (indices are ``0..train_size-1``).
@@ -126,8 +132,6 @@ class SpFDE:
                              "SpFDE, so that every weight has its shape")
         group = optimizer.param_groups[0]
         self.base_lr = float(group.get("initial_lr", group["lr"]))
-        if cfg.optim.schedule == "cosine":
-            self._warn_group_rates(optimizer)
         if not torch.is_tensor(example_input) or example_input.dim() < 2:
             raise SpfdeError("example_input must be a batched input tensor, e.g. next(iter(loader))[0]")
         x0 = example_input[:1].detach()
@@ -215,24 +219,6 @@ class SpFDE:
             raise SpfdeError(
                 f"the optimizer does not hold the model's parameters (e.g. {missing[0]!r}); "
                 "build it from this model's parameters: SGD(model.parameters(), ...)")
-
-    def _warn_group_rates(self, optimizer: torch.optim.Optimizer) -> None:
-        """One warning when the param groups start at different rates (a 10x head, a low-lr backbone).
-
-        The cosine (and the block-wise cosine of Section 4.2.1) sets every group's lr from one base
-        rate, so a per-group ratio the user built in would be overwritten at the first ``set``
-        without a word; the ``changed_outside`` warning only sees changes made after construction.
-        """
-        rates = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
-        other = next((i for i, r in enumerate(rates) if r != self.base_lr), None)
-        if other is None:
-            return
-        warnings.warn(
-            f"spfde: the optimizer's param groups start at different learning rates (group 0: {self.base_lr:.4g}, "
-            f"group {other}: {rates[other]:.4g}); with optim.schedule: cosine the controller sets every group's lr "
-            f"on one cosine from {self.base_lr:.4g}, so the other rates are overwritten. To keep per-group rates, "
-            "set optim.schedule: constant and run your own schedule (README, 'Use it in your own loop')",
-            UserWarning, stacklevel=3)
 
     def _make_sampler(self) -> SieveSampler:
         if self.world_size > 1:
@@ -562,7 +548,7 @@ class SpFDE:
             "returned": int(info.get("returned", 0)),
             "removed_this_update": int(info.get("removed_this_update", 0)),
             "never_seen_count": int(info.get("never_seen_count", 0)),
-            "frozen_blocks": sorted(self.freezer.frozen_block_names) if self.freezer else [],
+            "frozen_blocks": self.freezer.frozen_block_names if self.freezer else [],  # forward order
             "active_params": self.active_params(),
             "bp_flops_saved": int(self._bp_saved),
             "skipped_steps": int(self._skipped),
@@ -671,6 +657,11 @@ class SpFDE:
         return {"kernels_by_rank": by_rank}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            what = f"a {type(state).__name__}" if not isinstance(state, dict) else f"a dict without {missing}"
+            raise SpfdeError(f"SpFDE.load_state_dict got {what}: pass what SpFDE.state_dict() returned (saved with "
+                             "the model's and the optimizer's state), not the model's or a hand-made dict")
         self.epoch = state["epoch"]
         self.sparsity.load_state_dict(state["sparsity"])
         self.sieve.load_state_dict(state["sieve"])

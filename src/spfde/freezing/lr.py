@@ -80,7 +80,9 @@ class BlockLR:
     Args:
         optimizer: ideally split with :func:`split_param_groups_by_block` (groups carry ``"block"``).
         plan: the freezing plan; ``None`` (no freezing) puts every group on the global cosine.
-        epochs: T. base_lr, end_lr: the cosine's start and end.
+        epochs: T. base_lr, end_lr: the cosine's start and end for the first param group and every
+            group built at its rate; a group whose ``initial_lr`` (else ``lr``) differs from the first
+            group's gets the same schedule times that ratio (:meth:`ratio`).
         block_lr_enabled: ``False`` puts every group on the global cosine over T.
         warmup_epochs: linear warmup before the cosine.
 
@@ -102,8 +104,11 @@ class BlockLR:
         self._end = {name: plan.active_end_epoch(i) for i, (name, _) in enumerate(plan.blocks)} if plan else {}
         self._lrs: dict[str, float] = {}
         self._set_last: list[float] | None = None  # each group's lr as set() left it
-        for group in optimizer.param_groups:  # as torch's schedulers do: the schedule's start stays readable
-            group.setdefault("initial_lr", self.base_lr)
+        # as torch's schedulers do: each group's own starting rate stays readable, and a group built at
+        # another rate than the first (a 10x head, a low-lr backbone) keeps that ratio along the schedule
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self._first = float(optimizer.param_groups[0]["initial_lr"]) if optimizer.param_groups else 0.0
 
     def frozen_in_warmup(self) -> list[tuple[str, int]]:
         """``[(block, freeze epoch)]`` of the blocks that stop training before the warmup ends: their rate
@@ -127,11 +132,17 @@ class BlockLR:
         lrs: dict[str, float] = {}
         for group in self.optimizer.param_groups:
             block = group.get("block")
-            lr = self.lr_for(block, epoch_float)
+            lr = self.lr_for(block, epoch_float) * self.ratio(group)
             group["lr"] = lr
             lrs[block if block is not None else "all"] = lr
         self._lrs = lrs
         self._set_last = [g["lr"] for g in self.optimizer.param_groups]
+
+    def ratio(self, group: dict[str, Any]) -> float:
+        """``group``'s starting rate over the first group's (whose schedule starts at ``base_lr``): exactly
+        1.0 for a group built at the first group's rate, so such groups get the schedule's values bit
+        for bit."""
+        return float(group["initial_lr"]) / self._first if self._first else 1.0
 
     def changed_outside(self) -> tuple[int, float, float] | None:
         """``(group index, lr set here, lr now)`` of the first group whose lr someone else changed
