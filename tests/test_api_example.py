@@ -247,3 +247,20 @@ def test_frozen_blocks_are_listed_in_forward_order() -> None:
         ctl.after_step(out, y, idx)
         m = ctl.end_epoch()
     assert m["frozen_blocks"] == ["stem", "body"]  # not sorted by name (body, stem)
+
+
+def test_an_epoch_outside_the_configured_epochs_is_refused() -> None:
+    import numpy as np
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctl = SpFDE(model, opt, {"train": {"epochs": 4}, "data": {"augment": False}}, train_size=8,
+                example_input=torch.randn(2, 8))
+    for wrong in (4, 10, -1):
+        with pytest.raises(SpfdeError, match=rf"start_epoch\({wrong}\): train.epochs = 4, so epochs run from 0 to 3"):
+            ctl.start_epoch(wrong)
+    for wrong in (1.0, True, "1"):
+        with pytest.raises(SpfdeError, match="the epoch must be an int"):
+            ctl.start_epoch(wrong)
+    ctl.start_epoch(np.int64(3))  # numpy's ints are ints
+    assert ctl.epoch == 3 and type(ctl.epoch) is int

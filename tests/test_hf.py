@@ -109,7 +109,10 @@ def test_gpt2_causal_lm_tied_head_loss_criterion() -> None:
     metrics = train(model, ids, ctl, step)
     check_common(ctl, metrics)
     assert model.transformer.wte.weight.requires_grad and not model.transformer.wpe.weight.requires_grad
-    # the forgetting criterion cannot tell a correct sequence: a clear error, not a crash
+    # the forgetting criterion cannot tell a correct sequence: a clear error, not a crash (on the same
+    # model, trainable again: the run above froze its blocks, and a fixed weight is never pruned)
+    for p in model.parameters():
+        p.requires_grad_(True)
     fz = SpFDE(model, torch.optim.SGD(model.parameters(), lr=0.1), {**config("forgetting"), "freezing": {}},
                train_size=N, example_input=ids[:2])
     fz.start_epoch(0)

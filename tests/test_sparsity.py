@@ -480,3 +480,8 @@ def test_a_weight_the_user_fixed_is_never_pruned():
     engine.apply_masks()
     assert "body.0" not in engine.layer_density() and "body.3" in engine.layer_density()
     assert torch.equal(model.body[0].weight.detach(), before)  # not one weight of it zeroed
+    # a model whose every prunable weight is fixed (one an earlier run froze) says so, not "no conv/linear"
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ConfigError, match=r"every prunable weight of .* requires_grad=False .*requires_grad_\(True\)"):
+        find_prunable(model)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -402,6 +403,7 @@ class SpFDE:
         """Epoch boundary: freezing, Prune&Grow and the dataset update (Algorithm 1's order)."""
         if self._in_epoch:
             raise SpfdeError(f"start_epoch({epoch}) called before end_epoch() of epoch {self.epoch}")
+        epoch = self._check_epoch(epoch)
         info: dict[str, Any] = {}
         if self.freezer is not None:
             info.update(self.freezer.apply(epoch) or {})
@@ -422,6 +424,23 @@ class SpFDE:
         self._epoch_info = info
         self._set_lr(float(epoch))
         return info
+
+    def _check_epoch(self, epoch: Any) -> int:
+        """``epoch`` as an int within ``train.epochs``: the freezing plan, MEST's schedule, the sieve's
+        rotation and the cosine are laid out over epochs ``0 .. T-1`` (Algorithm 1), so an epoch outside
+        them would run a schedule the plan never made. (Order is not checked: a resumed Lightning run
+        may start an epoch again.)"""
+        total = self.cfg.train.epochs
+        try:  # an int, numpy's or a 0-dim integer tensor; not a float or a bool
+            if isinstance(epoch, bool):
+                raise TypeError
+            epoch = operator.index(epoch)
+        except TypeError:
+            raise SpfdeError(f"start_epoch({epoch!r}): the epoch must be an int (0 .. {total - 1})") from None
+        if not 0 <= epoch < total:
+            raise SpfdeError(f"start_epoch({epoch}): train.epochs = {total}, so epochs run from 0 to {total - 1}; "
+                             "set train.epochs in the config to the number of epochs your loop runs")
+        return epoch
 
     def before_step(self) -> None:
         """After ``loss.backward()`` (and ``scaler.unscale_(optimizer)`` with AMP), before

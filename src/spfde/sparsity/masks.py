@@ -118,6 +118,7 @@ def find_prunable(
         return any(name_matches(a, p) for a in aliases_of[n] for p in pats)
 
     out: list[PrunableLayer] = []
+    skipped_fixed: list[str] = []  # prunable but for requires_grad=False
     picked: dict[str, list[str]] = {p: [] for p in include or []}
     for name, p in params:
         owner, _, attr = name.rpartition(".")
@@ -148,6 +149,8 @@ def find_prunable(
             for pat in pats:
                 picked[pat].append(name)
         elif tied or fixed or p.dim() < 2 or not default_prunable(mod, attr):
+            if fixed and not tied and p.dim() >= 2 and default_prunable(mod, attr) and not named(name, exclude):
+                skipped_fixed.append(name)
             continue
         if named(name, exclude):
             continue
@@ -158,6 +161,11 @@ def find_prunable(
             f"config field 'sparsity.include' names {empty[0]!r}, which holds no prunable parameter (a weight of "
             "2+ dims that is not a bias, a norm, a tied weight or fixed with requires_grad=False); name "
             "conv/linear/attention modules or weights")
+    if not out and skipped_fixed:
+        raise ConfigError(
+            f"every prunable weight of {type(model).__name__} has requires_grad=False ({len(skipped_fixed)}, e.g. "
+            f"{skipped_fixed[0]!r}), and weights fixed before training are never pruned; a model that an earlier "
+            "run froze needs p.requires_grad_(True) on its parameters before SpFDE is built")
     return out
 
 
