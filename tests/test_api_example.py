@@ -264,3 +264,17 @@ def test_an_epoch_outside_the_configured_epochs_is_refused() -> None:
             ctl.start_epoch(wrong)
     ctl.start_epoch(np.int64(3))  # numpy's ints are ints
     assert ctl.epoch == 3 and type(ctl.epoch) is int
+
+
+def test_indices_that_are_not_integers_are_refused() -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctl = SpFDE(model, opt, {"train": {"epochs": 2}, "data": {"augment": False}}, train_size=8,
+                example_input=torch.randn(2, 8))
+    ctl.start_epoch(0)
+    x, y = torch.randn(4, 8), torch.randint(0, 4, (4,))
+    for wrong in (torch.arange(4).float(), torch.ones(4, dtype=torch.bool), [0.0, 1.0, 2.0, 3.0]):
+        with pytest.raises(SpfdeError, match="after_step: indices are torch.(float32|bool); pass the batch's integer"):
+            ctl.after_step(model(x), y, wrong)
+    ctl.after_step(model(x), y, torch.arange(4))  # integer indices, a tensor or a list, are what it takes
+    ctl.after_step(model(x), y, [4, 5, 6, 7])

@@ -467,6 +467,10 @@ class SpFDE:
         """
         self._require_epoch("after_step")
         indices = torch.as_tensor(indices)
+        if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+            # a float would be truncated and a bool read as a mask: the sieve would track other samples
+            raise SpfdeError(f"after_step: indices are {indices.dtype}; pass the batch's integer sample indices "
+                             "(the idx the loader yields with each batch, 0 .. train_size-1)")
         n = int(indices.numel())
         # sample status only feeds the sieve; skip the device sync without one
         status = (self._sample_status(logits, targets, indices, losses)
