@@ -683,11 +683,13 @@ class SpFDE:
 
         A loaded optimizer state may hold momentum for parameters that are frozen now (their state is
         dropped: frozen blocks keep none, Section 4.2) and nonzero momentum at positions that are
-        pruned now (zeroed, so it cannot revive a pruned weight).
+        pruned now (zeroed, so it cannot revive a pruned weight). A Prune&Grow update of an epoch
+        already started still zeroes its freshly grown positions after the next step, as without
+        the load.
         """
         if self.freezer is not None:
             self.freezer.drop_optimizer_state()
-        self.sparsity.mask_optimizer_state(self.optimizer)
+        self.sparsity.mask_optimizer_state(self.optimizer, pending=False)
         if self.block_lr is not None:  # the loaded rates are ours from before the checkpoint, not a user's
             self.block_lr.forget()
 
