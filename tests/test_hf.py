@@ -115,3 +115,22 @@ def test_gpt2_causal_lm_tied_head_loss_criterion() -> None:
     fz.start_epoch(0)
     with pytest.raises(SpfdeError, match="criterion: loss"):
         fz.after_step(model(ids[:4]).logits, ids[:4], torch.arange(4))
+
+
+def test_a_model_output_passed_as_logits_names_the_logits_tensor() -> None:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=32,
+                                                     max_position_embeddings=T, num_labels=3))
+    ids = torch.randint(0, V, (4, T), generator=torch.Generator().manual_seed(0))
+    ctl = SpFDE(model, torch.optim.SGD(model.parameters(), lr=0.1), {**config("forgetting"), "freezing": {}},
+                train_size=N, example_input=ids[:2])
+    ctl.start_epoch(0)
+    out = model(ids)
+    # the whole SequenceClassifierOutput, not out.logits: not a reason to switch to criterion: loss
+    with pytest.raises(SpfdeError, match=r"got a SequenceClassifierOutput as logits; pass its logits tensor") as e:
+        ctl.after_step(out, ids[:, 0] % 3, torch.arange(4))
+    assert "criterion" not in str(e.value)
+    ctl.after_step(out.logits, ids[:, 0] % 3, torch.arange(4))  # the tensor is accepted

@@ -502,6 +502,12 @@ class SpFDE:
             # an integer pattern of the float losses when the status is gathered across ranks
             return self.tracker.encode(losses) if self._status is not None else losses
         shape = lambda t: tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+        if not torch.is_tensor(logits) and torch.is_tensor(getattr(logits, "logits", None)):
+            # a Hugging Face ModelOutput passed whole (model(x) instead of model(x).logits): a call mistake,
+            # not a criterion choice, so the criterion error below would send the user the wrong way
+            raise SpfdeError(
+                f"after_step got a {type(logits).__name__} as logits; pass its logits tensor "
+                "(after_step(out.logits, targets, indices), or 'logits': out.logits in SpFDECallback's dict)")
         if (torch.is_tensor(logits) and torch.is_tensor(targets) and logits.dim() == 2 and targets.dim() == 1
                 and logits.shape[0] == targets.shape[0] != n):
             # a batch whose index column does not match it (a sliced or accumulated batch): not a criterion choice
