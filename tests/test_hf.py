@@ -16,7 +16,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from spfde import SpFDE  # noqa: E402
-from spfde.errors import SpfdeError  # noqa: E402
+from spfde.errors import ConfigError, SpfdeError  # noqa: E402
 from spfde.integrations.hf import causal_lm_losses  # noqa: E402
 from spfde.sparsity import keep_count  # noqa: E402
 
@@ -109,6 +109,12 @@ def test_gpt2_causal_lm_tied_head_loss_criterion() -> None:
     metrics = train(model, ids, ctl, step)
     check_common(ctl, metrics)
     assert model.transformer.wte.weight.requires_grad and not model.transformer.wpe.weight.requires_grad
+    # the blocks the run froze are requires_grad=False now, so they are never pruned: a model left with no
+    # trainable conv/linear weight is named as such (not "no conv/linear weight matched")
+    with pytest.raises(ConfigError, match=r"conv/linear weight\(s\) .* have requires_grad=False"):
+        SpFDE(model, torch.optim.SGD(model.parameters(), lr=0.1), {**config("forgetting"), "freezing": {}},
+              train_size=N, example_input=ids[:2])
+    model.requires_grad_(True)
     # the forgetting criterion cannot tell a correct sequence: a clear error, not a crash
     fz = SpFDE(model, torch.optim.SGD(model.parameters(), lr=0.1), {**config("forgetting"), "freezing": {}},
                train_size=N, example_input=ids[:2])

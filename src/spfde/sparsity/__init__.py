@@ -30,7 +30,7 @@ from spfde.config import Config
 from spfde.errors import ConfigError
 from spfde.sparsity.distribution import erk_density, layer_sparsity
 from spfde.sparsity.engine import DenseEngine, SparseEngine
-from spfde.sparsity.masks import PrunableLayer, find_prunable, forward_order, keep_count
+from spfde.sparsity.masks import PrunableLayer, default_prunable, find_prunable, forward_order, keep_count
 from spfde.sparsity.mest import MESTEngine
 from spfde.sparsity.rigl import RigLEngine
 from spfde.sparsity.schedule import Schedule
@@ -77,6 +77,24 @@ def build_sparsity(model: nn.Module, cfg: Config, example_input: torch.Tensor | 
     return engine
 
 
+def _refuse_only_fixed(model: nn.Module) -> None:
+    """No prunable layer because every conv/linear weight has ``requires_grad=False``: say so.
+
+    Such weights are never pruned (:func:`~spfde.sparsity.masks.find_prunable`); a model whose blocks
+    an earlier :class:`~spfde.controller.SpFDE` froze, or a fully frozen backbone, would otherwise get
+    "no conv/linear weight matched", which sends the user to ``sparsity.include``.
+    """
+    modules = dict(model.named_modules())
+    fixed = [n for n, p in model.named_parameters() if not p.requires_grad and p.dim() >= 2
+             and default_prunable(modules[n.rpartition(".")[0]], n.rpartition(".")[2])]
+    if fixed:
+        raise ConfigError(
+            f"the model has no prunable layer: its {len(fixed)} conv/linear weight(s) (e.g. {fixed[0]!r}) have "
+            "requires_grad=False (fixed before SpFDE was built, e.g. by an earlier SpFDE's freezing), and such "
+            "weights are never pruned; make them trainable (model.requires_grad_(True)) before building SpFDE, or "
+            "use sparsity.method: dense")
+
+
 def _build_engine(model: nn.Module, cfg: Config, example_input: torch.Tensor | None,
                   snip_batch: Any) -> SparseEngine:
     sp = cfg.sparsity
@@ -86,6 +104,8 @@ def _build_engine(model: nn.Module, cfg: Config, example_input: torch.Tensor | N
         return DenseEngine(model, layers, {lay.module: 0.0 for lay in layers},
                            Schedule(method="dense", interval=schedule.interval, search_end=schedule.search_end),
                            cfg.seed)
+    if not layers and sp.include is None:
+        _refuse_only_fixed(model)
     order = forward_order(model, [lay.module for lay in layers], example_input)
     by_name = {lay.module: lay for lay in layers}
     layers = [by_name[m] for m in order]
