@@ -156,6 +156,21 @@ def test_resume_at_a_prune_and_grow_epoch_is_bit_identical(tmp_path: Path) -> No
     assert all(torch.equal(full_opt[k]["momentum_buffer"], res_opt[k]["momentum_buffer"]) for k in full_opt)
 
 
+class TwoOptimizers(Module):
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.net[:3].parameters(), lr=0.05),
+                torch.optim.SGD(self.net[3:].parameters(), lr=0.05)]
+
+
+def test_several_optimizers_are_refused_naming_param_groups(tmp_path: Path) -> None:
+    cb = SpFDECallback(CONFIG, train_size=N, blocks=[["net.0", "net.1"], "net.3", "net.7"])
+    module = TwoOptimizers(cb, Indexed())
+    module.automatic_optimization = False  # Lightning's own rule for several optimizers
+    with pytest.raises(SpfdeError, match=r"exactly one optimizer, configure_optimizers returned 2; return one "
+                                         r"optimizer with a param group per part"):
+        _quiet_fit(_trainer(tmp_path, cb), module)
+
+
 def test_training_step_must_return_the_sample_status(tmp_path: Path) -> None:
     with pytest.raises(SpfdeError, match="'logits', 'targets' and 'indices'"):
         _fit(tmp_path, full_output=False)

@@ -239,8 +239,11 @@ class SpFDECallback(pl.Callback):
         if self.controller is not None:
             return
         if len(trainer.optimizers) != 1:
+            # the controller sets each param group's lr and masks one optimizer's state: one optimizer whose
+            # param groups carry the per-part settings does what several would
             raise SpfdeError(f"SpFDECallback supports exactly one optimizer, configure_optimizers returned "
-                             f"{len(trainer.optimizers)}")
+                             f"{len(trainer.optimizers)}; return one optimizer with a param group per part "
+                             "(e.g. SGD([{'params': a, 'lr': 0.1}, {'params': b, 'lr': 0.01}]))")
         x0 = self.example_input if self.example_input is not None else getattr(pl_module, "example_input_array", None)
         if not torch.is_tensor(x0):
             raise SpfdeError("SpFDECallback needs an example input batch: pass example_input= or set "
