@@ -140,3 +140,18 @@ def test_a_model_output_passed_as_logits_names_the_logits_tensor() -> None:
         ctl.after_step(out, ids[:, 0] % 3, torch.arange(4))
     assert "criterion" not in str(e.value)
     ctl.after_step(out.logits, ids[:, 0] % 3, torch.arange(4))  # the tensor is accepted
+
+
+def test_causal_lm_losses_leave_out_the_padding_of_the_attention_mask() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, V)
+    ids = torch.randint(1, V, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 3:] = 0  # sequence 1 has 3 real tokens, then right padding
+    padded = ids.clone()
+    padded[1, 3:] = 0  # the tokenizer's pad id
+    got = causal_lm_losses(logits, padded, attention_mask=mask)
+    # each sequence's loss is that of its real tokens alone, whatever the pad positions hold
+    assert torch.allclose(got[0], causal_lm_losses(logits[:1], ids[:1])[0])
+    assert torch.allclose(got[1], causal_lm_losses(logits[1:, :3], ids[1:, :3])[0])
+    assert torch.allclose(causal_lm_losses(logits, padded), causal_lm_losses(logits, padded, attention_mask=None))
