@@ -171,6 +171,14 @@ def test_several_optimizers_are_refused_naming_param_groups(tmp_path: Path) -> N
         _quiet_fit(_trainer(tmp_path, cb), module)
 
 
+def test_a_callback_reused_for_a_second_fit_says_so(tmp_path: Path) -> None:
+    cb = SpFDECallback(CONFIG, train_size=N, blocks=[["net.0", "net.1"], "net.3", "net.7"])
+    module = Module(cb, Indexed())
+    _quiet_fit(_trainer(tmp_path, cb), module)
+    with pytest.raises(SpfdeError, match="already drove an earlier trainer.fit.*build a new SpFDECallback"):
+        _quiet_fit(_trainer(tmp_path, cb), module)
+
+
 def test_training_step_must_return_the_sample_status(tmp_path: Path) -> None:
     with pytest.raises(SpfdeError, match="'logits', 'targets' and 'indices'"):
         _fit(tmp_path, full_output=False)

@@ -237,6 +237,13 @@ class SpFDECallback(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.controller is not None:
+            if trainer.optimizers and trainer.optimizers[0] is not self.controller.optimizer:
+                # a second fit built a new optimizer: the controller would set the lr of, and drop the state
+                # from, the first fit's, and its sampler is not in the new loader
+                raise SpfdeError(
+                    "this SpFDECallback already drove an earlier trainer.fit (its controller holds that fit's "
+                    "optimizer, masks, frozen blocks and partial set); build a new SpFDECallback for each fit, and "
+                    "continue a run with trainer.fit(..., ckpt_path=...)")
             return
         if len(trainer.optimizers) != 1:
             # the controller sets each param group's lr and masks one optimizer's state: one optimizer whose
