@@ -16,7 +16,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from spfde import SpFDE  # noqa: E402
-from spfde.errors import SpfdeError  # noqa: E402
+from spfde.errors import ConfigError, SpfdeError  # noqa: E402
 from spfde.integrations.hf import causal_lm_losses  # noqa: E402
 from spfde.sparsity import keep_count  # noqa: E402
 
@@ -109,12 +109,49 @@ def test_gpt2_causal_lm_tied_head_loss_criterion() -> None:
     metrics = train(model, ids, ctl, step)
     check_common(ctl, metrics)
     assert model.transformer.wte.weight.requires_grad and not model.transformer.wpe.weight.requires_grad
-    # the forgetting criterion cannot tell a correct sequence: a clear error, not a crash (on the same
-    # model, trainable again: the run above froze its blocks, and a fixed weight is never pruned)
-    for p in model.parameters():
-        p.requires_grad_(True)
+    # the blocks the run froze are requires_grad=False now, so they are never pruned: a model left with no
+    # trainable conv/linear weight is named as such (not "no conv/linear weight matched")
+    with pytest.raises(ConfigError, match=r"every prunable weight of GPT2LMHeadModel has requires_grad=False"):
+        SpFDE(model, torch.optim.SGD(model.parameters(), lr=0.1), {**config("forgetting"), "freezing": {}},
+              train_size=N, example_input=ids[:2])
+    model.requires_grad_(True)
+    # the forgetting criterion cannot tell a correct sequence: a clear error, not a crash
     fz = SpFDE(model, torch.optim.SGD(model.parameters(), lr=0.1), {**config("forgetting"), "freezing": {}},
                train_size=N, example_input=ids[:2])
     fz.start_epoch(0)
     with pytest.raises(SpfdeError, match="criterion: loss"):
         fz.after_step(model(ids[:4]).logits, ids[:4], torch.arange(4))
+
+
+def test_a_model_output_passed_as_logits_names_the_logits_tensor() -> None:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=32,
+                                                     max_position_embeddings=T, num_labels=3))
+    ids = torch.randint(0, V, (4, T), generator=torch.Generator().manual_seed(0))
+    ctl = SpFDE(model, torch.optim.SGD(model.parameters(), lr=0.1), {**config("forgetting"), "freezing": {}},
+                train_size=N, example_input=ids[:2])
+    ctl.start_epoch(0)
+    out = model(ids)
+    # the whole SequenceClassifierOutput, not out.logits: not a reason to switch to criterion: loss
+    with pytest.raises(SpfdeError, match=r"got a SequenceClassifierOutput as logits; pass its logits tensor") as e:
+        ctl.after_step(out, ids[:, 0] % 3, torch.arange(4))
+    assert "criterion" not in str(e.value)
+    ctl.after_step(out.logits, ids[:, 0] % 3, torch.arange(4))  # the tensor is accepted
+
+
+def test_causal_lm_losses_leave_out_the_padding_of_the_attention_mask() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, V)
+    ids = torch.randint(1, V, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 3:] = 0  # sequence 1 has 3 real tokens, then right padding
+    padded = ids.clone()
+    padded[1, 3:] = 0  # the tokenizer's pad id
+    got = causal_lm_losses(logits, padded, attention_mask=mask)
+    # each sequence's loss is that of its real tokens alone, whatever the pad positions hold
+    assert torch.allclose(got[0], causal_lm_losses(logits[:1], ids[:1])[0])
+    assert torch.allclose(got[1], causal_lm_losses(logits[1:, :3], ids[1:, :3])[0])
+    assert torch.allclose(causal_lm_losses(logits, padded), causal_lm_losses(logits, padded, attention_mask=None))

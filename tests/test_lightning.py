@@ -86,8 +86,9 @@ class StopAfter(L.Callback):
 
 
 def _fit(tmp: Path, max_epochs: int = EPOCHS, ckpt: Path | None = None, full_output: bool = True,
-         stop_after: int | None = None, **trainer_kw):
-    cb = SpFDECallback(CONFIG, train_size=N, blocks=[["net.0", "net.1"], "net.3", "net.7"])
+         stop_after: int | None = None, config: dict | None = None, **trainer_kw):
+    cb = SpFDECallback(CONFIG if config is None else config, train_size=N,
+                       blocks=[["net.0", "net.1"], "net.3", "net.7"])
     module = Module(cb, Indexed(), full_output)
     extra = [StopAfter(stop_after)] if stop_after else []
     trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, callbacks=[cb, *extra], **trainer_kw,
@@ -104,7 +105,7 @@ def _state(cb: SpFDECallback, module: Module) -> dict:
     return {"weights": state_dict_sha256(module.state_dict()),
             "masks": state_dict_sha256(dict(sorted(ctl.sparsity.masks.items()))),
             "active": sorted(ctl.sieve.active.tolist()),
-            "frozen": ctl.freezer.frozen_block_names}
+            "frozen": ctl.freezer.frozen_block_names if ctl.freezer else []}
 
 
 def test_callback_trains_logs_and_resumes_identically(tmp_path: Path) -> None:
@@ -136,6 +137,46 @@ def test_callback_trains_logs_and_resumes_identically(tmp_path: Path) -> None:
     # the resumed epochs saw exactly the batches of the uninterrupted run's last epochs
     assert res_mod.batches == full_mod.batches[len(half_mod.batches):]
     assert _state(res_cb, res_mod) == _state(full_cb, full_mod)
+
+
+def test_resume_at_a_prune_and_grow_epoch_is_bit_identical(tmp_path: Path) -> None:
+    # the resumed epoch 2 starts with a Prune&Grow update of a layer that is not frozen: the callback
+    # takes it in on_fit_start, before Lightning loads the optimizer state, and that load must not
+    # move the zeroing of the update's pruned and grown positions' momentum to before the first step
+    config = {**CONFIG, "freezing": {}, "sparsity": {"method": "mest", "target": 0.5, "search_end": 3}}
+    full_cb, full_mod, _ = _fit(tmp_path / "full", EPOCHS, config=config)
+    assert full_cb.history[2]["sparsity_updated"]
+    _, _, half_trainer = _fit(tmp_path / "half", stop_after=2, config=config)
+    ckpt = tmp_path / "half.ckpt"
+    half_trainer.save_checkpoint(ckpt)
+    res_cb, res_mod, _ = _fit(tmp_path / "resumed", EPOCHS, ckpt=ckpt, config=config)
+    assert _state(res_cb, res_mod) == _state(full_cb, full_mod)
+    full_opt = full_cb.controller.optimizer.state_dict()["state"]
+    res_opt = res_cb.controller.optimizer.state_dict()["state"]
+    assert all(torch.equal(full_opt[k]["momentum_buffer"], res_opt[k]["momentum_buffer"]) for k in full_opt)
+
+
+class TwoOptimizers(Module):
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.net[:3].parameters(), lr=0.05),
+                torch.optim.SGD(self.net[3:].parameters(), lr=0.05)]
+
+
+def test_several_optimizers_are_refused_naming_param_groups(tmp_path: Path) -> None:
+    cb = SpFDECallback(CONFIG, train_size=N, blocks=[["net.0", "net.1"], "net.3", "net.7"])
+    module = TwoOptimizers(cb, Indexed())
+    module.automatic_optimization = False  # Lightning's own rule for several optimizers
+    with pytest.raises(SpfdeError, match=r"exactly one optimizer, configure_optimizers returned 2; return one "
+                                         r"optimizer with a param group per part"):
+        _quiet_fit(_trainer(tmp_path, cb), module)
+
+
+def test_a_callback_reused_for_a_second_fit_says_so(tmp_path: Path) -> None:
+    cb = SpFDECallback(CONFIG, train_size=N, blocks=[["net.0", "net.1"], "net.3", "net.7"])
+    module = Module(cb, Indexed())
+    _quiet_fit(_trainer(tmp_path, cb), module)
+    with pytest.raises(SpfdeError, match="already drove an earlier trainer.fit.*build a new SpFDECallback"):
+        _quiet_fit(_trainer(tmp_path, cb), module)
 
 
 def test_training_step_must_return_the_sample_status(tmp_path: Path) -> None:

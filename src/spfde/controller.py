@@ -525,6 +525,12 @@ class SpFDE:
             # an integer pattern of the float losses when the status is gathered across ranks
             return self.tracker.encode(losses) if self._status is not None else losses
         shape = lambda t: tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+        if not torch.is_tensor(logits) and torch.is_tensor(getattr(logits, "logits", None)):
+            # a Hugging Face ModelOutput passed whole (model(x) instead of model(x).logits): a call mistake,
+            # not a criterion choice, so the criterion error below would send the user the wrong way
+            raise SpfdeError(
+                f"after_step got a {type(logits).__name__} as logits; pass its logits tensor "
+                "(after_step(out.logits, targets, indices), or 'logits': out.logits in SpFDECallback's dict)")
         if (torch.is_tensor(logits) and torch.is_tensor(targets) and logits.dim() == 2 and targets.dim() == 1
                 and logits.shape[0] == targets.shape[0] != n):
             # a batch whose index column does not match it (a sliced or accumulated batch): not a criterion choice
@@ -706,11 +712,13 @@ class SpFDE:
 
         A loaded optimizer state may hold momentum for parameters that are frozen now (their state is
         dropped: frozen blocks keep none, Section 4.2) and nonzero momentum at positions that are
-        pruned now (zeroed, so it cannot revive a pruned weight).
+        pruned now (zeroed, so it cannot revive a pruned weight). A Prune&Grow update of an epoch
+        already started still zeroes its freshly grown positions after the next step, as without
+        the load.
         """
         if self.freezer is not None:
             self.freezer.drop_optimizer_state()
-        self.sparsity.mask_optimizer_state(self.optimizer)
+        self.sparsity.mask_optimizer_state(self.optimizer, pending=False)
         if self.block_lr is not None:  # the loaded rates are ours from before the checkpoint, not a user's
             self.block_lr.forget()
 

@@ -11,8 +11,9 @@ Nothing here is needed to train a ``transformers`` model: the controller handles
   GPT-style ``wpe`` / ``h.N`` / ``ln_f`` / ``lm_head`` are found without a spec; the tied ``wte``
   table trains with ``lm_head`` until the last block freezes (:mod:`spfde.freezing.blocks`).
 * **Sieving**: a causal LM has no single correct class per sample, so use
-  ``sieving.criterion: loss`` and pass per-sample losses (:func:`causal_lm_losses`) to
-  ``after_step``; a sequence classifier works with the default forgetting criterion too.
+  ``sieving.criterion: loss`` and pass per-sample losses (:func:`causal_lm_losses`; a padded batch:
+  with ``attention_mask=``, so padding does not count) to ``after_step``; a sequence classifier works
+  with the default forgetting criterion too.
 
 Example (a causal LM)::
 
@@ -37,11 +38,21 @@ import torch.nn.functional as F
 __all__ = ["causal_lm_losses"]
 
 
-def causal_lm_losses(logits: torch.Tensor, input_ids: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def causal_lm_losses(logits: torch.Tensor, input_ids: torch.Tensor, ignore_index: int = -100,
+                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample next-token loss ``(batch,)``: token ``t`` predicts token ``t + 1``, averaged over each
-    sequence's predicted tokens (those whose label is not ``ignore_index``)."""
+    sequence's predicted tokens (those whose label is not ``ignore_index`` and, given the tokenizer's
+    ``attention_mask``, not padding).
+
+    A padded batch needs ``attention_mask`` (or labels with ``ignore_index`` at the padding): the
+    pad tokens of ``input_ids`` are ordinary ids, and counting them would make short sequences look
+    easy to ``sieving.criterion: loss``, which removes the lowest-loss samples first.
+    """
     labels = input_ids[:, 1:]
     tok = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index,
                           reduction="none").view(labels.shape)
-    keep = (labels != ignore_index).to(tok.dtype)
+    keep = labels != ignore_index
+    if attention_mask is not None:
+        keep = keep & attention_mask[:, 1:].to(keep.device).bool()
+    keep = keep.to(tok.dtype)
     return (tok * keep).sum(1) / keep.sum(1).clamp_min(1.0)

@@ -237,10 +237,20 @@ class SpFDECallback(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.controller is not None:
+            if trainer.optimizers and trainer.optimizers[0] is not self.controller.optimizer:
+                # a second fit built a new optimizer: the controller would set the lr of, and drop the state
+                # from, the first fit's, and its sampler is not in the new loader
+                raise SpfdeError(
+                    "this SpFDECallback already drove an earlier trainer.fit (its controller holds that fit's "
+                    "optimizer, masks, frozen blocks and partial set); build a new SpFDECallback for each fit, and "
+                    "continue a run with trainer.fit(..., ckpt_path=...)")
             return
         if len(trainer.optimizers) != 1:
+            # the controller sets each param group's lr and masks one optimizer's state: one optimizer whose
+            # param groups carry the per-part settings does what several would
             raise SpfdeError(f"SpFDECallback supports exactly one optimizer, configure_optimizers returned "
-                             f"{len(trainer.optimizers)}")
+                             f"{len(trainer.optimizers)}; return one optimizer with a param group per part "
+                             "(e.g. SGD([{'params': a, 'lr': 0.1}, {'params': b, 'lr': 0.01}]))")
         x0 = self.example_input if self.example_input is not None else getattr(pl_module, "example_input_array", None)
         if not torch.is_tensor(x0):
             raise SpfdeError("SpFDECallback needs an example input batch: pass example_input= or set "

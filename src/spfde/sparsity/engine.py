@@ -295,15 +295,25 @@ class SparseEngine:
         return kept
 
     @torch.no_grad()
-    def mask_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
-        """Zero every state tensor shaped like a masked weight at its pruned (and freshly grown) positions."""
+    def mask_optimizer_state(self, optimizer: torch.optim.Optimizer, pending: bool = True) -> None:
+        """Zero every state tensor shaped like a masked weight at its pruned (and freshly grown) positions.
+
+        ``pending=False`` (a state just loaded into the optimizer) zeroes the pruned positions of the
+        current masks and leaves a weight whose update's zeroing is still due (after the next step)
+        to that zeroing: an update taken before the load (Lightning's resume runs the epoch's
+        ``start_epoch`` before it loads the optimizer) then zeroes its pruned and freshly grown
+        positions after that step, as in an uninterrupted run, and the resume stays bit-identical.
+        """
         for name, p in self._params.items():
             keep = self._state_keep.get(name)
+            if keep is not None and not pending:
+                continue
             for v in optimizer.state.get(p, {}).values():
                 if torch.is_tensor(v) and v.shape == p.shape:
                     v.mul_(self._fmasks[name].to(v.dtype) if keep is None else keep.to(v.device, v.dtype))
-        self._state_keep = {}
-        self._state_dirty = False
+        if pending or not self._state_keep:
+            self._state_keep = {}
+            self._state_dirty = False
 
     # ------------------------------------------------------------------ epoch boundary
     def needs_dense_grad(self, epoch: int) -> bool:
