@@ -148,8 +148,10 @@ def find_prunable(
                 continue
             for pat in pats:
                 picked[pat].append(name)
-        elif tied or fixed or p.dim() < 2 or not default_prunable(mod, attr):
-            if fixed and not tied and p.dim() >= 2 and default_prunable(mod, attr) and not named(name, exclude):
+        elif tied or p.dim() < 2 or not default_prunable(mod, attr):
+            continue
+        elif fixed:
+            if not named(name, exclude):
                 skipped_fixed.append(name)
             continue
         if named(name, exclude):
