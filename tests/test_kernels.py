@@ -46,6 +46,20 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def _like_masked_dense(sparse: torch.Tensor, dense: torch.Tensor, xs: torch.Tensor, xd: torch.Tensor,
+                       lin: nn.Linear, mask: torch.Tensor) -> None:
+    """A sparse Linear's output and its input, weight and bias gradients are the masked dense layer's
+    (``dense`` computed from ``xd``, ``sparse`` from ``xs``); the weight gradient is exactly 0 where pruned."""
+    _close(sparse, dense)
+    params = [lin.weight] + ([lin.bias] if lin.bias is not None else [])
+    gd, gs = _grads(dense, [xd, *params]), _grads(sparse, [xs, *params])
+    _close(gs[0], gd[0])
+    _close(gs[1], gd[1] * mask)
+    assert torch.all(gs[1][~mask] == 0)
+    if lin.bias is not None:
+        _close(gs[2], gd[2])
+
+
 # ----------------------------------------------------------------------------- conv: masked-dense equality
 
 CONVS = [  # (in, out, kernel, stride, padding, spatial)
@@ -166,14 +180,7 @@ def test_sparse_linear_matches_masked_dense(shape, bias):
     xd, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
     dense = lin(xd)
     sparse = sparse_linear(xs, lin.weight, lin.bias, LinearPlan(mask, lin.weight))
-    _close(sparse, dense)
-    params = [lin.weight] + ([lin.bias] if bias else [])
-    gd, gs = _grads(dense, [xd, *params]), _grads(sparse, [xs, *params])
-    _close(gs[0], gd[0])
-    _close(gs[1], gd[1] * mask)
-    assert torch.all(gs[1][~mask] == 0)
-    if bias:
-        _close(gs[2], gd[2])
+    _like_masked_dense(sparse, dense, xs, xd, lin, mask)
 
 
 class _LibSpy:
@@ -296,14 +303,7 @@ def test_native_fused_gelu_matches_gelu_of_the_masked_dense_layer(shape, bias, n
     fused = sparse_linear(xs, lin.weight, lin.bias, plan, gelu=True)
     assert native_spy.calls == ["spfde_linear_forward"]
     assert type(fused.grad_fn).__name__ == "SparseLinearFunctionBackward"  # the GELU is inside
-    _close(fused, dense)
-    params = [lin.weight] + ([lin.bias] if bias else [])
-    gd, gs = _grads(dense, [xd, *params]), _grads(fused, [xs, *params])
-    _close(gs[0], gd[0])
-    _close(gs[1], gd[1] * mask)
-    assert torch.all(gs[1][~mask] == 0)
-    if bias:
-        _close(gs[2], gd[2])
+    _like_masked_dense(fused, dense, xs, xd, lin, mask)
     assert native_spy.calls == ["spfde_linear_forward", "spfde_linear_backward"]
     with torch.no_grad():
         assert torch.equal(sparse_linear(x, lin.weight, lin.bias, plan, gelu=True), fused.detach())
