@@ -23,8 +23,12 @@ steps, so load on the machine hits all alike; the table gives medians per step:
   floor that no sparse kernel can go below;
 * ``batch 16``: the full step on 16 of the 128 samples: the part of a step that does not scale
   with the batch (Python, dispatch, autograd, per-parameter optimizer work);
-* ``unfused GELU`` (``mest`` only): the MLP as ``act(fc1(x))``, the GELU after the sparse kernel
-  instead of fused into it (``linear_act``, docs/kernels.md): what the fusion saves.
+* ``unfused GELU`` (``mest`` only): the MLP as ``fc2(act(fc1(x)))``, three calls, the GELU after
+  the sparse kernel instead of fused into it (``linear_act``, docs/kernels.md): what the GELU
+  epilogue and the fused MLP save together;
+* ``unfused MLP`` (``mest`` only): the MLP as two sparse Linear calls, fc1's GELU fused into its
+  kernel (``fc2(linear_act(fc1, act, x))``) instead of one fused MLP call (``mlp_act``,
+  ``sparsity/kernels/mlp.py``): what the fused MLP saves.
 
 Changing the timed runs (a stand-in returns zeros) does not change what the ops cost: they do the
 same work on any values.
@@ -56,13 +60,13 @@ import spfde.models.vit as vit  # noqa: E402
 import spfde.sparsity.kernels.attention as attention  # noqa: E402
 from kernels import matmul_core  # noqa: E402
 from spfde.config import load_config  # noqa: E402
-from spfde.sparsity.kernels.linear import LinearPlan, SparseLinearFunction  # noqa: E402
+from spfde.sparsity.kernels.linear import LinearPlan, SparseLinearFunction, linear_act  # noqa: E402
 from spfde.train import Trainer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("full", "matmul attention core", "no attention core", "no optimizer step", "forward only", "linears free",
-            "batch 16", "unfused GELU")
-MEST_ONLY = ("linears free", "unfused GELU")
+            "batch 16", "unfused GELU", "unfused MLP")
+MEST_ONLY = ("linears free", "unfused GELU", "unfused MLP")
 
 
 class _FreeLinear(torch.autograd.Function):
@@ -87,17 +91,19 @@ def variant(name: str) -> Iterator[None]:
         with matmul_core():
             yield
         return
-    core, apply, act = attention.attention_core, SparseLinearFunction.apply, vit.linear_act
+    core, apply, mlp = attention.attention_core, SparseLinearFunction.apply, vit.mlp_act
     if name == "no attention core":
         attention.attention_core = lambda module, qkv: qkv[..., : qkv.shape[-1] // 3]
     if name == "linears free":
         SparseLinearFunction.apply = _FreeLinear.apply
     if name in ("unfused GELU", "linears free"):  # free linears: the GELU still costs what it costs
-        vit.linear_act = lambda linear, activation, x: activation(linear(x))
+        vit.mlp_act = lambda fc1, activation, fc2, x: fc2(activation(fc1(x)))
+    if name == "unfused MLP":
+        vit.mlp_act = lambda fc1, activation, fc2, x: fc2(linear_act(fc1, activation, x))
     try:
         yield
     finally:
-        attention.attention_core, SparseLinearFunction.apply, vit.linear_act = core, apply, act
+        attention.attention_core, SparseLinearFunction.apply, vit.mlp_act = core, apply, mlp
 
 
 def step(tr: Trainer, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, name: str) -> None:
@@ -166,6 +172,7 @@ def main() -> None:
               "mest_linears_free_over_dense_full": res["mest"]["linears free"] / dense_full,
               "dense_batch16_over_dense_full": res["dense"]["batch 16"] / dense_full,
               "mest_unfused_gelu_over_dense_full": res["mest"]["unfused GELU"] / dense_full,
+              "mest_unfused_mlp_over_dense_full": res["mest"]["unfused MLP"] / dense_full,
               "mest_forward_over_dense_forward": res["mest"]["forward only"] / res["dense"]["forward only"]}
     rows = [{"variant": name, **{run: res[run].get(name) for run in res}} for name in VARIANTS]
     if args.json:

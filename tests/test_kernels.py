@@ -404,6 +404,142 @@ def test_vit_mlp_fuses_its_gelu_only_when_fc1_runs_sparse_and_is_not_hooked():
     assert torch.equal(mlp(h), mlp.fc2(mlp.act(mlp.fc1(h))))
 
 
+def _mlp_case(bias: bool, seed: int = 0, dim: int = 40, hidden: int = 72):
+    """fc1 (dim -> hidden) and fc2 (hidden -> dim), masked (with an empty row and an unread column
+    each), and their plans."""
+    fc1, m1 = _linear_case(dim, hidden, bias, density=0.25, seed=seed)
+    fc2, m2 = _linear_case(hidden, dim, bias, density=0.25, seed=seed + 1)
+    with torch.no_grad():
+        fc1.weight.mul_(4)  # pre-activations over GELU's curved range
+    return fc1, m1, fc2, m2, LinearPlan(m1, fc1.weight), LinearPlan(m2, fc2.weight)
+
+
+def _unfused_mlp(x, fc1, fc2, p1, p2):
+    return sparse_linear(sparse_linear(x, fc1.weight, fc1.bias, p1, gelu=True), fc2.weight, fc2.bias, p2)
+
+
+@needs_native
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1,), (17,), (129,), (300,), (5, 61)], ids=str)
+def test_native_sparse_mlp_is_the_two_sparse_linears_bit_for_bit(shape, bias, native_spy):
+    """``sparse_mlp``: one forward and one backward kernel call whose output and five gradients are
+    those of fc1 (GELU fused) and fc2 as two sparse Linear calls, bit for bit on 1, 2 and 3 threads,
+    and match the masked dense MLP; a no-grad call (a frozen MLP) gives the same output."""
+    from spfde.sparsity.kernels.mlp import sparse_mlp
+
+    fc1, m1, fc2, m2, p1, p2 = _mlp_case(bias, seed=shape[0])
+    x = torch.randn(*shape, 40)
+    params = [p for m in (fc1, fc2) for p in m.parameters()]
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            xf, xu = x.clone().requires_grad_(), x.clone().requires_grad_()
+            fused, unfused = sparse_mlp(xf, fc1, fc2, p1, p2), _unfused_mlp(xu, fc1, fc2, p1, p2)
+            assert torch.equal(fused, unfused)
+            for a, b in zip(_grads(fused, [xf, *params]), _grads(unfused, [xu, *params]), strict=True):
+                assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(threads)
+    assert native_spy.calls.count("spfde_mlp_forward") == 3 and native_spy.calls.count("spfde_mlp_backward") == 3
+    xd, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dense = F.linear(F.gelu(F.linear(xd, fc1.weight * m1, fc1.bias)), fc2.weight * m2, fc2.bias)
+    fused = sparse_mlp(xf, fc1, fc2, p1, p2)
+    _close(fused, dense)
+    for got, want in zip(_grads(fused, [xf, *params]), _grads(dense, [xd, *params]), strict=True):
+        _close(got, want * m1 if got.shape == m1.shape else want * m2 if got.shape == m2.shape else want)
+    with torch.no_grad():
+        assert torch.equal(sparse_mlp(x, fc1, fc2, p1, p2), fused.detach())
+
+
+@needs_native
+def test_native_sparse_mlp_gradients_for_every_mix_of_what_needs_one():
+    """A frozen fc1 under a trainable fc2, an input that needs no gradient, biases alone, and weights
+    stored transposed (the kernel writes their gradients through the storage offsets): the same
+    gradients as the two sparse Linear calls, bit for bit, and none for what needs none."""
+    from spfde.sparsity.kernels.mlp import sparse_mlp
+
+    fc1, _, fc2, _, _, _ = _mlp_case(True, seed=3)
+    for m in (fc1, fc2):  # column-major storage: weight.stride() == (1, out)
+        m.weight = nn.Parameter(m.weight.detach().t().contiguous().t())
+    p1, p2 = LinearPlan(fc1.weight != 0, fc1.weight), LinearPlan(fc2.weight != 0, fc2.weight)
+    x = torch.randn(150, 40)
+    params = [fc1.weight, fc1.bias, fc2.weight, fc2.bias]
+    for x_grad, needs in [(True, (0, 0, 1, 1)), (False, (1, 1, 1, 1)), (False, (0, 1, 0, 1)), (True, (0, 0, 0, 0)),
+                          (False, (0, 0, 1, 0))]:
+        for p, need in zip(params, needs, strict=True):
+            p.requires_grad_(bool(need))
+        inputs = [p for p, need in zip(params, needs, strict=True) if need]
+        xf, xu = x.clone().requires_grad_(x_grad), x.clone().requires_grad_(x_grad)
+        fused, unfused = sparse_mlp(xf, fc1, fc2, p1, p2), _unfused_mlp(xu, fc1, fc2, p1, p2)
+        assert torch.equal(fused, unfused)
+        got = _grads(fused, ([xf] if x_grad else []) + inputs)
+        want = _grads(unfused, ([xu] if x_grad else []) + inputs)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+@needs_native
+def test_vit_mlp_is_one_fused_call_only_when_both_linears_run_sparse(native_spy, monkeypatch):
+    """The ViT's MLP (``mlp_act``) under ``sparse`` kernels: one ``spfde_mlp_*`` call pair per block,
+    the model's output and gradients those of the unfused model bit for bit (which matches its
+    masked dense twin: the GELU test above); a hook on fc2, a RigL dense-gradient step, or fc2
+    not masked run the Linears one by one; under ``auto`` an undecided fc2 runs unfused once,
+    which decides it, and a fc2 decided dense never fuses."""
+    from spfde.models.vit import vit_tiny
+    from spfde.sparsity.kernels import mlp as mlp_mod
+
+    torch.manual_seed(0)
+    model = vit_tiny(num_classes=10, in_channels=1)
+    layers = {f"layers.{i}.mlp.fc{j}": f"layers.{i}.mlp.fc{j}.weight" for i in range(4) for j in (1, 2)}
+    engine = _engine(model, layers, density=0.2)
+    exe = SparseExecution(model, engine, mode="sparse")
+    x = torch.randn(6, 1, 28, 28)
+    names = [n for n, _ in model.named_parameters()]
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        native_spy.calls.clear()
+        out = model(x)
+        return out, _grads(out, list(model.parameters()))
+
+    out, grads = run()
+    assert native_spy.calls.count("spfde_mlp_forward") == 4 and native_spy.calls.count("spfde_mlp_backward") == 4
+    assert "spfde_linear_forward" not in native_spy.calls
+    assert exe.choices() == dict.fromkeys(layers, "sparse")
+    monkeypatch.setattr(mlp_mod, "FUSED_MAX_BYTES", -1)  # every call too large to fuse: one by one
+    ref, ref_grads = run()
+    assert "spfde_mlp_forward" not in native_spy.calls and native_spy.calls.count("spfde_linear_forward") == 8
+    assert torch.equal(out, ref)
+    for n, a, b in zip(names, grads, ref_grads, strict=True):
+        assert torch.equal(a, b), n
+    monkeypatch.undo()
+    monkeypatch.setattr(native, "load", lambda build=True, quiet=False: native_spy)
+    handle = model.layers[1].mlp.fc2.register_forward_hook(lambda *_: None)
+    run()
+    assert native_spy.calls.count("spfde_mlp_forward") == 3
+    handle.remove()
+    monkeypatch.setattr(SparseExecution, "dense_weight_grad", property(lambda self: True))
+    run()
+    assert "spfde_mlp_forward" not in native_spy.calls
+    monkeypatch.undo()
+    monkeypatch.setattr(native, "load", lambda build=True, quiet=False: native_spy)
+    exe.remove()
+
+    # auto: fc2's decision comes from its own (unfused) call; one decided dense keeps the block unfused
+    torch.manual_seed(0)
+    model = vit_tiny(num_classes=10, in_channels=1)
+    exe = SparseExecution(model, _engine(model, layers, density=0.2), "auto", "off")
+    monkeypatch.setattr(execution, "TINY_MACS", 0)
+    monkeypatch.setattr(execution, "race", _fake_race(2.0, 1.0, []))  # sparse wins
+    run()
+    assert "spfde_mlp_forward" not in native_spy.calls  # the first call decides fc1 and fc2 one by one
+    assert native_spy.calls.count("spfde_linear_forward") == 8
+    slow = exe.layers["layers.2.mlp.fc2"]
+    slow.decisions = dict.fromkeys(slow.decisions, "dense")  # as if its timing had said dense
+    run()
+    assert native_spy.calls.count("spfde_mlp_forward") == 3  # the blocks whose fc2 is sparse fuse
+    assert exe.choices()["layers.2.mlp.fc2"] == "dense" and exe.layers["layers.2.mlp.fc1"].used == "sparse"
+
+
 @needs_native
 @pytest.mark.parametrize("rows", [300, 1100])
 def test_native_sparse_linear_bit_identical_for_any_thread_count(native_spy, rows):
@@ -849,6 +985,37 @@ def test_auto_one_off_pass_decides_untimed_and_records_nothing(monkeypatch):
         slow(x)
     assert exe2.layers["0"].used == "dense" and exe2.layers["0"].one_off_choice((False, False, False, (64, 512)), x) \
         == "dense"
+
+
+@needs_native
+def test_vit_training_with_fused_mlps_is_bit_identical_to_the_linears_one_by_one(monkeypatch, tmp_path):
+    """A MEST ViT run with its MLP blocks fused (Prune&Grow, freezing, the activation cache and
+    sieving included) ends with the weights and masks of the same run with every MLP as two sparse
+    Linear calls, bit for bit."""
+    from spfde.sparsity.kernels import mlp as mlp_mod
+    from spfde.train import Trainer
+
+    cfg = load_config(None, ["data.name=fashion_mnist", "data.subset=256", "data.test_subset=64",
+                             "data.batch_size=64", "data.augment=false", "data.channels=null", "model.name=vit_tiny",
+                             "model.width=0.5", "train.epochs=3", "train.interval=1", "train.threads=2",
+                             "logging.progress=false", "sparsity.method=mest", "sparsity.target=0.8",
+                             "sparsity.kernels=sparse", "freezing.target=0.05", "freezing.tfrz=1",
+                             "freezing.cache=auto", "sieving.method=circular", "sieving.ratio=0.2"])
+    fused_calls = []
+    real = mlp_mod.SparseMlpFunction.apply
+    monkeypatch.setattr(mlp_mod.SparseMlpFunction, "apply", lambda *a: fused_calls.append(1) or real(*a))
+    states = []
+    for limit in (mlp_mod.FUSED_MAX_BYTES, -1):
+        monkeypatch.setattr(mlp_mod, "FUSED_MAX_BYTES", limit)
+        fused_calls.clear()
+        tr = Trainer(cfg, tmp_path / str(limit), quiet=True)
+        for epoch in range(3):
+            tr.train_epoch(epoch)
+        assert bool(fused_calls) == (limit > 0)
+        states.append((copy.deepcopy(tr.model.state_dict()), {k: v.clone() for k, v in tr.ctl.sparsity.masks.items()}))
+    (w1, m1), (w2, m2) = states
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert m1.keys() == m2.keys() and all(torch.equal(m1[k], m2[k]) for k in m1)
 
 
 def test_controller_runs_the_cache_activation_as_a_one_off_pass(monkeypatch, tmp_path):

@@ -33,7 +33,7 @@ from torch import nn
 
 from spfde.models.common import BlockModel, scale_channels
 from spfde.models.registry import register_model
-from spfde.sparsity.kernels.linear import linear_act
+from spfde.sparsity.kernels.mlp import mlp_act
 
 
 class PatchEmbed(nn.Conv2d):
@@ -76,8 +76,9 @@ class Attention(nn.Module):
 
 class Mlp(nn.Module):
     """``fc1`` -> GELU -> ``fc2`` (the parameter names of the ``nn.Sequential`` it replaces). Its
-    forward goes through :func:`~spfde.sparsity.kernels.linear.linear_act`, so a sparse ``fc1``
-    fuses the GELU into its kernel; otherwise it is exactly ``fc2(act(fc1(x)))``."""
+    forward goes through :func:`~spfde.sparsity.kernels.mlp.mlp_act`: with both Linears sparse the
+    three run as one native call, with only ``fc1`` sparse the GELU is fused into its kernel;
+    otherwise it is exactly ``fc2(act(fc1(x)))``."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -86,7 +87,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(linear_act(self.fc1, self.act, x))
+        return mlp_act(self.fc1, self.act, self.fc2, x)
 
 
 class EncoderBlock(nn.Module):

@@ -317,9 +317,44 @@ class _Layer:
 
     def call_key(self, x: torch.Tensor) -> Key:
         """The decision key of a call on ``x`` in the current grad mode."""
+        return self.key_for(tuple(x.shape), x.requires_grad)
+
+    def key_for(self, shape: tuple[int, ...], x_grad: bool) -> Key:
+        """The decision key of a call on an input of ``shape`` (needing a gradient when ``x_grad``)."""
         grad = torch.is_grad_enabled()
         w_grad = grad and self.weight.requires_grad
-        return (grad and x.requires_grad, w_grad, w_grad and self.exe.dense_weight_grad, tuple(x.shape))
+        return (grad and x_grad, w_grad, w_grad and self.exe.dense_weight_grad, shape)
+
+    # ------------------------------------------------------------------ fused calls (kernels/mlp.py)
+    def sparse_key(self, x: torch.Tensor) -> Key | None:
+        """The key of a training call of this Linear on ``x`` that runs sparse by the layer's choice
+        (timed now when not decided yet, as a call would be); None when the call would run dense for
+        any reason (the module's own call then runs, records and explains it). Not recorded."""
+        if self.kind != "linear" or _traced() or self.exe.in_one_off or self.exe.in_probe:
+            return None
+        if linear_input_issue(self.module.weight, x) is not None or self.sync() is None:
+            return None
+        if self.exe.engine.weight_issue(self.param, self.weight) is not None:
+            return None
+        key = self.call_key(x)
+        return key if self.choose(key, x, (x,), {}) == "sparse" else None
+
+    def decided_sparse(self, key: Key, like: torch.Tensor) -> bool:
+        """Whether a call with ``key`` (on an input of ``like``'s dtype and device) runs sparse by a
+        decision already made: for a Linear whose input a fused kernel never forms, so nothing can
+        be timed (an undecided call runs the Linears one by one, which decides it)."""
+        if self.kind != "linear" or self.sync() is None or self.exe.in_one_off or self.exe.in_probe:
+            return False
+        w = self.module.weight
+        if linear_input_issue(w, like.new_empty((1, w.shape[1]))) is not None:
+            return False
+        if self.exe.engine.weight_issue(self.param, self.weight) is not None:
+            return False
+        return self.exe.mode == "sparse" or self.decisions.get(key) == "sparse"
+
+    def record_sparse(self) -> None:
+        """A fused call ran this layer sparse."""
+        self._record("sparse")
 
     # ------------------------------------------------------------------ the choice
     def macs(self, x: torch.Tensor) -> int:

@@ -391,7 +391,7 @@ struct Scratch {
 
 extern "C" {
 
-int spfde_abi_version() { return 8; }
+int spfde_abi_version() { return 9; }
 int spfde_vector_width() { return V; }
 
 // y = conv2d(x, W, bias) for the nonzeros of W in CSR order (row = output channel): rowptr[OC + 1]
@@ -756,6 +756,48 @@ void bias_grad_tile(const float* gpk, const Tiles& tl, i64 t, i64 o0, i64 o1, fl
   }
 }
 
+// Weight-gradient chunks of a CSR weight with O rows: consecutive rows, about nnz / (4 threads)
+// nonzeros each, at least 256 ({0, cut, ..., O}).
+std::vector<i64> row_chunks(const int32_t* rowptr, i64 O, int nthreads) {
+  std::vector<i64> cuts{0};
+  i64 target = rowptr[O] / (4 * i64(nthreads > 0 ? nthreads : 1));
+  target = target < 256 ? 256 : target;
+  for (i64 o = 0; o < O; ++o)
+    if (rowptr[o + 1] - rowptr[cuts.back()] >= target || o + 1 == O) cuts.push_back(o + 1);
+  return cuts;
+}
+
+// Rows [0, M) of tile t of a packed output straight into Hp [M][width] (rows innermost, the layout
+// pack_linear gives): Hp[m] = sum over row m's nonzeros of w * P[idx]. gelu: gelu(that + bias[m])
+// (bias NULL: + 0, as spmm_unit adds), its derivative into Dp [M][width] when Dp is not NULL, and
+// the lanes past the last row zeroed, as pack_linear would leave them. scale (not with gelu):
+// Hp[m] *= scale[m], the product pack_grad forms. The same sums as spmm_unit's in the same order.
+void spmm_packed(const float* P, const Tiles& tl, i64 t, const int32_t* ptr, const int32_t* idx, const float* w, i64 M,
+                 const float* bias, bool gelu, float* Hp, float* Dp, const float* scale) {
+  const i64 W = tl.width(), nv = tl.vectors(t);
+  const i64 last = t * tl.vecs + nv - 1, tail = tl.N - last * V;  // real lanes of the tile's last vector
+  for (i64 m = 0; m < M; ++m) {
+    float* row = Hp + m * W;
+    const i64 s = ptr[m], n = ptr[m + 1] - s;
+    if (n == 0)
+      zero_positions(row, V, nv);
+    else
+      spmm_fns[nv - 1](P, W, idx + s, w + s, n, row);
+    if (gelu) {
+      const vf b = splat(bias ? bias[m] : 0.0f);
+      for (i64 c = 0; c < nv; ++c) {
+        vf a, da;
+        vgelu(ld(row + c * V) + b, a, da);
+        st(row + c * V, a);
+        if (Dp) st(Dp + m * W + c * V, da);
+      }
+      for (i64 j = tail; j < V; ++j) row[(nv - 1) * V + j] = 0.0f;
+    } else if (scale) {
+      for (i64 c = 0; c < nv; ++c) st(row + c * V, ld(row + c * V) * ld(scale + m * W + c * V));
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -832,14 +874,7 @@ int spfde_linear_backward(const float* x, i64 xs, const float* gy, i64 gs, i64 N
   }
   const Tiles tl = make_tiles(N);
   const i64 W = tl.width(), fi = (I + V - 1) / V, fo = (O + V - 1) / V;
-  // weight-gradient chunks: consecutive rows, about nnz / (4 threads) nonzeros each, at least 256
-  std::vector<i64> cuts{0};
-  if (gwd) {
-    i64 target = nnz / (4 * i64(nthreads > 0 ? nthreads : 1));
-    target = target < 256 ? 256 : target;
-    for (i64 o = 0; o < O; ++o)
-      if (rowptr[o + 1] - rowptr[cuts.back()] >= target || o + 1 == O) cuts.push_back(o + 1);
-  }
+  const std::vector<i64> cuts = gwd ? row_chunks(rowptr, O, nthreads) : std::vector<i64>{0};
   const i64 chunks = i64(cuts.size()) - 1, T = tl.count;
   // tiles are packed in groups of G (all of them unless that passes 64 MiB of packed rows), so a
   // call has one barrier per group: one for any but very large inputs
@@ -911,6 +946,135 @@ int spfde_linear_backward(const float* x, i64 xs, const float* gy, i64 gs, i64 N
           for (i64 j = 0; j < n; ++j)
             bias_grad_tile(gp.at(int(j)), tl, t0 + j, g * V, g * V + V < O ? g * V + V : O, bacc.p, gb);
       }
+    }
+  }
+  return 0;
+}
+
+}  // extern "C"
+
+// =============================================================================================
+// Sparse MLP: y = fc2(gelu(fc1(x))), a transformer block's MLP, both weights sparse, in one call.
+//
+// Layout: the Linear's tiles. Each tile of x is packed once; fc1's outputs for the tile go
+// straight into a packed [hidden][width] tile (spmm_packed: rows innermost, the layout fc2 reads),
+// are GELU'd there with the derivative kept, and fc2's outputs are transposed into y. So the
+// hidden activation is never written row-major nor packed again: of the four transposes of fc1
+// and fc2 called one after the other (fc1's output, fc2's input; in the backward fc2's input
+// gradient, fc1's output gradient) none is left, and the whole forward of a tile runs on one
+// thread from cache, with no barrier. The backward packs the tiles of gy, forms fc2's input
+// gradient as fc1's packed output gradient (times the kept GELU derivative), and transposes only
+// fc1's input gradient out (then one barrier before the weight and bias gradients, which walk
+// every tile). Every sum is the one spfde_linear_forward / _backward computes on the same tiles,
+// in the same order, so the results are bit-identical to the two Linear calls (fc1 with its
+// fused GELU) for any thread count.
+
+extern "C" {
+
+// y (N, O), row stride ys = fc2(gelu(fc1(x))) for x (N, I), row stride xs; fc1 (Hd, I) and fc2
+// (O, Hd) in CSR order (rowptr, col, vals; bias NULL: none). xkeep: x's packed tiles (for fc1's
+// weight gradient; spfde_linear_packed_floats(N, I)), hkeep: the packed hidden activation (fc2's
+// weight gradient; (N, Hd)), dkeep: the GELU's derivative (any gradient through fc1; (N, Hd));
+// each NULL: not kept. Returns 0, or 1 when out of memory.
+int spfde_mlp_forward(const float* x, i64 N, i64 I, i64 xs, i64 Hd, i64 O, const int32_t* p1, const int32_t* c1,
+                      const float* v1, const float* b1, const int32_t* p2, const int32_t* c2, const float* v2,
+                      const float* b2, float* y, i64 ys, int nthreads, float* xkeep, float* hkeep, float* dkeep) {
+  if (N <= 0) return 0;
+  const Tiles tl = make_tiles(N);
+  const i64 W = tl.width(), fi = (I + V - 1) / V, fo = (O + V - 1) / V, T = tl.count;
+  const int nt = nthreads > 0 ? nthreads : 1;
+  Scratch xp(I * W, xkeep ? 0 : nt, false), hp(Hd * W, hkeep ? 0 : nt, false), buf(V * W, nt, false);
+  if ((!xkeep && !xp.p) || (!hkeep && !hp.p) || !buf.p) return 1;
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int me = omp_get_thread_num();
+    float* b = buf.at(me);
+#pragma omp for schedule(dynamic, 1)
+    for (i64 t = 0; t < T; ++t) {
+      float* P = xkeep ? xkeep + t * I * W : xp.at(me);
+      float* Hp = hkeep ? hkeep + t * Hd * W : hp.at(me);
+      for (i64 f = 0; f < fi; ++f) pack_linear(x, xs, I, tl, P, t, f);
+      spmm_packed(P, tl, t, p1, c1, v1, Hd, b1, true, Hp, dkeep ? dkeep + t * Hd * W : nullptr, nullptr);
+      for (i64 g = 0; g < fo; ++g) spmm_unit(Hp, tl, t, p2, c2, v2, O, g, b2, y, ys, b);
+    }
+  }
+  return 0;
+}
+
+// Gradients of the forward above for gy (N, O), row stride gs, from its xkeep / hkeep / dkeep: gx
+// (N, I), row stride gxs; the weight gradients at the nonzeros written into the dense gradients gw1
+// (Hd, I) and gw2 (O, Hd) at the storage offsets woff1 / woff2 (zero1 / zero2: row-major, zeroed
+// here, else the caller zeroed them); the bias gradients gb1 (Hd), gb2 (O). Each output NULL:
+// skipped. fc1 / fc2 as in the forward plus their transposed structure (colptr, rowidx, perm: as
+// spfde_linear_backward reads it). gx, gw1 and gb1 need dkeep, gw1 xkeep, gw2 hkeep. Returns 0, or
+// 1 when out of memory.
+int spfde_mlp_backward(const float* gy, i64 gs, i64 N, i64 I, i64 Hd, i64 O, const int32_t* p1, const int32_t* c1,
+                       const float* v1, const int32_t* tp1, const int32_t* tc1, const int32_t* perm1, const i64* woff1,
+                       const int32_t* p2, const int32_t* c2, const float* v2, const int32_t* tp2, const int32_t* tc2,
+                       const int32_t* perm2, const i64* woff2, const float* xkeep, const float* hkeep,
+                       const float* dkeep, float* gx, i64 gxs, float* gw1, int zero1, float* gb1, float* gw2, int zero2,
+                       float* gb2, int nthreads) {
+  const i64 nnz1 = p1[Hd], nnz2 = p2[O];
+  if (N <= 0) {
+    if (gw1 && zero1) std::memset(gw1, 0, sizeof(float) * size_t(Hd * I));
+    if (gw2 && zero2) std::memset(gw2, 0, sizeof(float) * size_t(O * Hd));
+    if (gb1) std::memset(gb1, 0, sizeof(float) * size_t(Hd));
+    if (gb2) std::memset(gb2, 0, sizeof(float) * size_t(O));
+    return 0;
+  }
+  const Tiles tl = make_tiles(N);
+  const i64 W = tl.width(), fi = (I + V - 1) / V, fo = (O + V - 1) / V, fh = (Hd + V - 1) / V, T = tl.count;
+  const int nt = nthreads > 0 ? nthreads : 1;
+  const bool gh = gx || gw1 || gb1;  // fc1's output gradient is needed
+  const std::vector<i64> cuts1 = gw1 ? row_chunks(p1, Hd, nthreads) : std::vector<i64>{0};
+  const std::vector<i64> cuts2 = gw2 ? row_chunks(p2, O, nthreads) : std::vector<i64>{0};
+  const i64 ch1 = i64(cuts1.size()) - 1, ch2 = i64(cuts2.size()) - 1;
+  Scratch gp(T * O * W, 1, false), ghp(T * Hd * W, gh ? 1 : 0, false), buf(V * W, gx ? nt : 0, false),
+      cw1(nnz1, gx ? 1 : 0, false), cw2(nnz2, gh ? 1 : 0, false), acc1(T > 1 ? nnz1 * V : 0, gw1 ? 1 : 0, false),
+      acc2(T > 1 ? nnz2 * V : 0, gw2 ? 1 : 0, false), sums1(nnz1, gw1 ? 1 : 0, false),
+      sums2(nnz2, gw2 ? 1 : 0, false), bacc1(Hd * V, gb1 ? 1 : 0, true), bacc2(O * V, gb2 ? 1 : 0, true);
+  if (!gp.p || (gh && (!ghp.p || !cw2.p)) || (gx && (!buf.p || !cw1.p)) || (gw1 && (!acc1.p || !sums1.p)) ||
+      (gw2 && (!acc2.p || !sums2.p)) || (gb1 && !bacc1.p) || (gb2 && !bacc2.p))
+    return 1;
+  auto G = [&](i64 t) { return gp.p + t * O * W; };
+  auto GH = [&](i64 t) { return ghp.p + t * Hd * W; };
+#pragma omp parallel num_threads(nthreads)
+  {
+    float* b = gx ? buf.at(omp_get_thread_num()) : nullptr;
+    if (gx) {
+#pragma omp for schedule(static) nowait
+      for (i64 j = 0; j < nnz1; ++j) cw1.p[j] = v1[perm1[j]];
+    }
+    if (gh) {
+#pragma omp for schedule(static)
+      for (i64 j = 0; j < nnz2; ++j) cw2.p[j] = v2[perm2[j]];
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (i64 t = 0; t < T; ++t) {
+      for (i64 f = 0; f < fo; ++f) pack_grad(gy, gs, O, tl, G(t), t, f, nullptr);
+      if (!gh) continue;
+      spmm_packed(G(t), tl, t, tp2, tc2, cw2.p, Hd, nullptr, false, GH(t), nullptr, dkeep + t * Hd * W);
+      if (gx)
+        for (i64 g = 0; g < fi; ++g) spmm_unit(GH(t), tl, t, tp1, tc1, cw1.p, I, g, nullptr, gx, gxs, b);
+    }
+    // the implicit barrier above: every tile's gradients are packed
+#pragma omp for schedule(dynamic, 1) nowait
+    for (i64 c = 0; c < ch1 + ch2; ++c)
+      for (i64 t = 0; t < T; ++t) {
+        if (c < ch1)
+          wgrad_chunk(xkeep + t * I * W, GH(t), tl, t, p1, c1, cuts1[c], cuts1[c + 1], acc1.p, sums1.p, gw1, woff1, I,
+                      zero1 != 0);
+        else
+          wgrad_chunk(hkeep + t * Hd * W, G(t), tl, t, p2, c2, cuts2[c - ch1], cuts2[c - ch1 + 1], acc2.p, sums2.p,
+                      gw2, woff2, Hd, zero2 != 0);
+      }
+#pragma omp for schedule(static) nowait
+    for (i64 g = 0; g < (gb1 ? fh : 0) + (gb2 ? fo : 0); ++g) {
+      const bool first = gb1 && g < fh;  // fc1's bias groups, then fc2's
+      const i64 gg = first ? g : g - (gb1 ? fh : 0), M = first ? Hd : O;
+      for (i64 t = 0; t < T; ++t)
+        bias_grad_tile(first ? GH(t) : G(t), tl, t, gg * V, gg * V + V < M ? gg * V + V : M, first ? bacc1.p : bacc2.p,
+                       first ? gb1 : gb2);
     }
   }
   return 0;

@@ -1,0 +1,169 @@
+"""A transformer MLP, ``fc2(GELU(fc1(x)))``, in one native call when both Linears run sparse.
+
+Method card
+-----------
+What it does
+    :func:`mlp_act` is what a model's MLP forward calls instead of ``fc2(act(fc1(x)))`` (the ViT's
+    :class:`~spfde.models.vit.Mlp` does). When :class:`~spfde.sparsity.kernels.SparseExecution`
+    runs both Linears sparse for this call, the native ``spfde_mlp_forward`` / ``_backward`` run
+    the pair tile by tile: each tile of ``x`` is packed once, fc1's outputs go straight into a
+    packed hidden tile (rows innermost, the layout fc2 reads), GELU'd there with its derivative
+    kept, and fc2's outputs are written into ``y``. The hidden activation is never written
+    row-major or packed again, forward or backward (four transposes of ``N x hidden`` floats
+    fewer than two sparse Linear calls), the forward of a tile runs on one thread from cache with
+    no barrier, and there is one autograd node and one Python call for the pair instead of two.
+    Otherwise it is exactly ``fc2(linear_act(fc1, act, x))``: fc1's GELU epilogue when fc1 alone
+    runs sparse (:func:`~spfde.sparsity.kernels.linear.linear_act`), module calls included.
+Paper
+    None: an execution detail of the sparse kernels (issue 13), not an algorithm of the paper.
+When it is fused
+    ``act`` is exactly ``nn.GELU()`` (erf form); both Linears have spfde's forward installed and
+    no hooks (nor any global module hooks; the fused call never calls the modules), nothing is
+    FX tracing, the native library loaded; fc1's call runs sparse by its own decision (``auto``
+    times it as its own call would, at its first use) and fc2's call by a decision already made
+    (fc2's input is never formed, so an undecided fc2 runs the Linears one by one once, which
+    decides it); no RigL dense-gradient step, no one-off pass (the activation cache's fill, the
+    memory model's probe); the call's packed scratch below ``FUSED_MAX_BYTES``.
+Results
+    Bit-identical to the two sparse Linear calls, forward and every gradient, for any thread
+    count (the kernels form the same sums in the same order; ``tests/test_kernels.py``), so a
+    run's weights do not depend on whether a call fused.
+Expected effect
+    ``bench/step_breakdown.py`` (``unfused MLP`` row) and docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from spfde.sparsity.kernels import native
+from spfde.sparsity.kernels.common import first_order_only
+from spfde.sparsity.kernels.linear import (
+    LinearPlan,
+    _check,
+    _fused_gelu,
+    _fx_tracing,
+    _hooked,
+    _ptr,
+    _rows,
+    linear_act,
+    sparse_linear,
+)
+
+#: the fused call's packed buffers (x, hidden and its GELU derivative, the output gradient) may
+#: take at most this many bytes; a larger call runs the Linears one by one, which work in
+#: bounded groups of tiles
+FUSED_MAX_BYTES = 1 << 28
+
+
+class SparseMlpFunction(torch.autograd.Function):
+    """``fc2(gelu(fc1(x)))`` with both weights masked, through ``spfde_mlp_forward`` / ``_backward``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                b2: torch.Tensor | None, plan1: LinearPlan, plan2: LinearPlan, keep: tuple[bool, bool, bool]
+                ) -> torch.Tensor:
+        # keep: (x's packed tiles for fc1's weight gradient, the packed hidden activation for fc2's,
+        # the GELU derivative for any gradient through fc1): decided by the caller, which knows
+        # whether autograd records this call
+        lib = native.load(quiet=True)
+        hidden, in_f = plan1.shape
+        out_f = plan2.shape[0]
+        x2 = _rows(x, in_f)
+        n = x2.shape[0]
+        v1, v2 = plan1.index.gather(w1.detach()), plan2.index.gather(w2.detach())
+        b1d = b1.detach().contiguous() if b1 is not None else None
+        b2d = b2.detach().contiguous() if b2 is not None else None
+        y = torch.empty((n, out_f), dtype=torch.float32)
+        xk, hk, dk = (torch.empty(lib.spfde_linear_packed_floats(n, f), dtype=torch.float32) if k else None
+                      for k, f in zip(keep, (in_f, hidden, hidden), strict=True))
+        p1, p2 = plan1.ptrs, plan2.ptrs
+        _check(lib.spfde_mlp_forward(x2.data_ptr(), n, in_f, x2.stride(0), hidden, out_f, p1["crow"], p1["col"],
+                                     v1.data_ptr(), _ptr(b1d), p2["crow"], p2["col"], v2.data_ptr(), _ptr(b2d),
+                                     y.data_ptr(), y.stride(0), torch.get_num_threads(), _ptr(xk), _ptr(hk), _ptr(dk)))
+        ctx.plans, ctx.x_shape, ctx.lib = (plan1, plan2), x.shape, lib
+        ctx.save_for_backward(xk, hk, dk, v1, v2, w1, w2)
+        return y.view(*x.shape[:-1], out_f)
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, gy: torch.Tensor):
+        plan1, plan2 = ctx.plans
+        xk, hk, dk, v1, v2, w1, w2 = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        hidden, in_f = plan1.shape
+        out_f = plan2.shape[0]
+        g2 = _rows(gy, out_f)
+        n = g2.shape[0]
+        gx = torch.empty((n, in_f), dtype=torch.float32) if need_x else None
+
+        def weight_grad(need: bool, w: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+            if not need:
+                return None, False
+            row_major = w.stride() == (w.shape[1], 1)
+            g = torch.empty_strided(w.shape, w.stride())
+            return (g if row_major else g.zero_()), row_major  # the kernel zeroes a row-major one itself
+
+        gw1, zero1 = weight_grad(need_w1, w1)
+        gw2, zero2 = weight_grad(need_w2, w2)
+        gb1 = torch.empty(hidden, dtype=torch.float32) if need_b1 else None
+        gb2 = torch.empty(out_f, dtype=torch.float32) if need_b2 else None
+        p1, p2 = plan1.ptrs, plan2.ptrs
+        _check(ctx.lib.spfde_mlp_backward(
+            g2.data_ptr(), g2.stride(0), n, in_f, hidden, out_f,
+            p1["crow"], p1["col"], v1.data_ptr(), p1["tcrow"], p1["tcol"], p1["perm32"], p1["offsets"],
+            p2["crow"], p2["col"], v2.data_ptr(), p2["tcrow"], p2["tcol"], p2["perm32"], p2["offsets"],
+            _ptr(xk), _ptr(hk), _ptr(dk), _ptr(gx), in_f, _ptr(gw1), int(zero1), _ptr(gb1), _ptr(gw2), int(zero2),
+            _ptr(gb2), torch.get_num_threads()))
+        return (gx.view(ctx.x_shape) if gx is not None else None), gw1, gb1, gw2, gb2, None, None, None
+
+
+def sparse_mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, plan1: LinearPlan, plan2: LinearPlan
+               ) -> torch.Tensor:
+    """``fc2(F.gelu(fc1(x)))`` with both weights masked by their plans, fused (native library needed).
+
+    Always the two sparse Linear calls' result, bit for bit: where fc1's GELU epilogue is
+    ``F.gelu`` after its kernel (a call whose only gradient through fc1 is its bias's:
+    :func:`~spfde.sparsity.kernels.linear._fused_gelu`), it is those two calls."""
+    rec = torch.is_grad_enabled()
+    w1, b1, w2, b2 = fc1.weight, fc1.bias, fc2.weight, fc2.bias
+    if _fused_gelu(x, w1, b1, False, rec and w1.requires_grad) == 0:
+        return sparse_linear(sparse_linear(x, w1, b1, plan1, gelu=True), w2, b2, plan2)
+    through_fc1 = x.requires_grad or w1.requires_grad or (b1 is not None and b1.requires_grad)
+    keep = (rec and w1.requires_grad, rec and w2.requires_grad, rec and through_fc1)
+    return SparseMlpFunction.apply(x, w1, b1, w2, b2, plan1, plan2, keep)
+
+
+def _kernel(m: nn.Module):
+    forward = getattr(vars(m).get("forward"), "__func__", None)
+    return m.__dict__.get("_spfde_kernel") if getattr(forward, "spfde_forward", False) else None
+
+
+def fused_bytes(rows: int, fc1: nn.Linear, fc2: nn.Linear) -> int:
+    """The packed buffers a fused call of ``rows`` rows allocates at most (forward keeps + backward)."""
+    lib = native.load(quiet=True)
+    floats = sum(lib.spfde_linear_packed_floats(rows, f) for f in
+                 (fc1.in_features, fc1.out_features, fc1.out_features, fc1.out_features, fc2.out_features))
+    return 4 * int(floats)
+
+
+def mlp_act(fc1: nn.Module, act: nn.Module, fc2: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``fc2(act(fc1(x)))``, a transformer MLP, for a model's own forward: fused into one native call
+    when both Linears run sparse (module card), otherwise exactly ``fc2(linear_act(fc1, act, x))``."""
+    l1, l2 = _kernel(fc1), _kernel(fc2)
+    if (l1 is not None and l2 is not None and type(act) is nn.GELU and act.approximate == "none"
+            and not _hooked(fc1) and not _hooked(act) and not _hooked(fc2) and not _fx_tracing()
+            and native.load(quiet=True) is not None and fc2.in_features == fc1.out_features
+            and not l1.exe.dense_weight_grad):
+        key1 = l1.sparse_key(x)
+        if key1 is not None:
+            rec = torch.is_grad_enabled()
+            through = rec and (x.requires_grad or any(p.requires_grad for p in fc1.parameters()))
+            key2 = l2.key_for((*key1[3][:-1], fc1.out_features), through)
+            rows = x.numel() // max(fc1.in_features, 1)
+            if l2.decided_sparse(key2, x) and fused_bytes(rows, fc1, fc2) <= FUSED_MAX_BYTES:
+                l1.record_sparse()
+                l2.record_sparse()
+                return sparse_mlp(x, fc1, fc2, l1.plan, l2.plan)
+    return fc2(linear_act(fc1, act, x))
