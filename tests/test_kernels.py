@@ -714,6 +714,19 @@ def test_dense_mode_installs_nothing_and_unsupported_calls_fall_back():
     assert unsupported_conv(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")) == "padding_mode 'reflect'"
     assert unsupported_conv(nn.Conv2d(4, 4, 3, padding="same")) == "padding 'same'"
     assert unsupported_conv(nn.Conv2d(4, 4, 3, padding="valid")) is None
+
+    class StdConv(nn.Conv2d):  # its forward is nn.Conv2d's, which calls this with the weight
+        def _conv_forward(self, x, w, b):
+            return super()._conv_forward(x, 2.0 * w, b)
+
+    assert unsupported_conv(StdConv(4, 4, 3)) == "StdConv overrides _conv_forward"
+    std = nn.Sequential(StdConv(4, 8, 3, padding=1))
+    ref = copy.deepcopy(std)
+    with pytest.warns(KernelWarning, match="StdConv overrides _conv_forward"):
+        SparseExecution(std, _engine(std, {"0": "0.weight"}), "sparse")
+    _engine(ref, {"0": "0.weight"})
+    x = torch.randn(3, 4, 6, 6)
+    assert torch.equal(std(x), ref(x))  # its own forward: the sparse kernel would drop the 2x
     conv = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1))
     ref = copy.deepcopy(conv)
     SparseExecution(conv, _engine(conv, {"0": "0.weight"}), "sparse")
