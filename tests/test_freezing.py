@@ -89,6 +89,10 @@ def test_resolve_blocks_errors() -> None:
     x = data()[0]
     with pytest.raises(SpfdeError, match="no blocks"):
         resolve_blocks(NoBlocks())
+    # the error's example names the model's own modules (a Sequential's are '0', '2', ...), not a ResNet's
+    seq = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Linear(4, 2))
+    with pytest.raises(ConfigError, match=r"its top-level modules with parameters are \['0', '2', '3'\]"):
+        resolve_blocks(seq)
     with pytest.raises(SpfdeError, match="nonexistent"):
         resolve_blocks(m, ["stem", "nonexistent", "head"])
     with pytest.raises(SpfdeError, match="no freezing block") as e:

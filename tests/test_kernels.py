@@ -850,6 +850,19 @@ def test_dense_mode_installs_nothing_and_unsupported_calls_fall_back():
     assert unsupported_conv(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")) == "padding_mode 'reflect'"
     assert unsupported_conv(nn.Conv2d(4, 4, 3, padding="same")) == "padding 'same'"
     assert unsupported_conv(nn.Conv2d(4, 4, 3, padding="valid")) is None
+
+    class StdConv(nn.Conv2d):  # its forward is nn.Conv2d's, which calls this with the weight
+        def _conv_forward(self, x, w, b):
+            return super()._conv_forward(x, 2.0 * w, b)
+
+    assert unsupported_conv(StdConv(4, 4, 3)) == "StdConv overrides _conv_forward"
+    std = nn.Sequential(StdConv(4, 8, 3, padding=1))
+    ref = copy.deepcopy(std)
+    with pytest.warns(KernelWarning, match="StdConv overrides _conv_forward"):
+        SparseExecution(std, _engine(std, {"0": "0.weight"}), "sparse")
+    _engine(ref, {"0": "0.weight"})
+    x = torch.randn(3, 4, 6, 6)
+    assert torch.equal(std(x), ref(x))  # its own forward: the sparse kernel would drop the 2x
     conv = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1))
     ref = copy.deepcopy(conv)
     SparseExecution(conv, _engine(conv, {"0": "0.weight"}), "sparse")
@@ -1154,6 +1167,46 @@ def test_mest_run_with_sparse_kernels_matches_dense_kernels(tmp_path):
 
     again = train(load_config(None, [*DIGITS, "sparsity.kernels=sparse"]), tmp_path / "again", quiet=True)
     assert again["weights_sha256"] == state_dict_sha256(runs["sparse"]["model"])
+
+
+def _own_loop_with_accumulation_and_clipping(kernels: str, clip_first: bool) -> nn.Module:
+    """Two micro-batches per AdamW step, gradient clipping, zero_grad(set_to_none=False), MEST updates."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.ReLU(),
+                      nn.Conv2d(16, 16, 1, stride=2), nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+    x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 4, (32,))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    cfg = {"train": {"epochs": 3, "interval": 1}, "sparsity": {"method": "mest", "target": 0.7, "kernels": kernels},
+           "sieving": {"method": "none"}}
+    ctl = SpFDE(m, opt, cfg, train_size=32, example_input=x)
+    for epoch in range(3):
+        ctl.start_epoch(epoch)
+        for idx in torch.tensor(list(ctl.sampler)).split(16):
+            opt.zero_grad(set_to_none=False)
+            outs = []
+            for part in idx.split(8):
+                outs.append(m(x[part]))
+                (F.cross_entropy(outs[-1], y[part]) / 2).backward()
+            if clip_first:
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 0.01)
+            ctl.before_step()
+            if not clip_first:
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 0.01)
+            opt.step()
+            ctl.after_step(torch.cat(outs), y[idx], idx)
+        assert ctl.end_epoch()["kernels"]["2"] == kernels
+    return m
+
+
+@needs_native
+def test_own_loop_accumulation_and_clipping_after_before_step_match_across_kernels():
+    """docs/design.md: clipped after before_step, a dense and a sparse run agree within float tolerance;
+    clipped before it, the dense kernels' gradients at pruned positions enter the norm and they part."""
+    dense, sparse = (_own_loop_with_accumulation_and_clipping(k, clip_first=False) for k in ("dense", "sparse"))
+    for a, b in zip(dense.parameters(), sparse.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    dense, sparse = (_own_loop_with_accumulation_and_clipping(k, clip_first=True) for k in ("dense", "sparse"))
+    assert max(float((a - b).abs().max()) for a, b in zip(dense.parameters(), sparse.parameters(), strict=True)) > 1e-4
 
 
 def test_controller_logs_kernels_and_checkpoints_the_choices():

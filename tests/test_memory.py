@@ -148,3 +148,37 @@ def test_memory_timeline_avg_and_min() -> None:
     assert tl["max"] == none
     assert tl["avg"] == pytest.approx(sum(tl["per_epoch"]) / 8)
     assert all_frozen < tl["avg"] < none
+
+
+@pytest.mark.parametrize(("make", "slots"), [
+    (lambda p: torch.optim.SGD(p, lr=0.1), 0),
+    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), 1),
+    (lambda p: torch.optim.Adam(p, lr=1e-3), 2),
+    (lambda p: torch.optim.AdamW(p, lr=1e-3, amsgrad=True), 3),
+], ids=["sgd", "sgd-momentum", "adam", "adamw-amsgrad"])
+def test_controller_models_its_own_optimizer_and_the_loops_batch(make, slots) -> None:
+    """Your own loop: the epoch's mem_model_bytes counts the optimizer's real state (not always one SGD
+    momentum buffer) and the loader's batch size (not the config's data.batch_size default, 128)."""
+    from spfde import SpFDE
+    from spfde.accounting.memory import optimizer_slots
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = make(m.parameters())
+    assert optimizer_slots(opt) == slots  # before any step: from its type and hyper-parameters
+    x, y = torch.randn(24, 6), torch.randint(0, 3, (24,))
+    ctl = SpFDE(m, opt, {"train": {"epochs": 1}, "sparsity": {"method": "mest", "target": 0.5, "kernels": "dense"},
+                         "sieving": {"method": "none"}}, train_size=24, example_input=x)
+    ctl.start_epoch(0)
+    for idx in torch.arange(24).split(8):  # batches of 8
+        out = m(x[idx])
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(out, y[idx]).backward()
+        ctl.before_step()
+        opt.step()
+        ctl.after_step(out, y[idx], idx)
+    assert optimizer_slots(opt) == slots  # measured from its state
+    row = ctl.end_epoch()
+    want = memory_model(m, x, 8, masks=ctl.sparsity.masks, optimizer_slots=slots)
+    assert row["mem_model_bytes"] == want["total"]
+    assert row["mem_model_bytes"] != memory_model(m, x, 128, masks=ctl.sparsity.masks)["total"]

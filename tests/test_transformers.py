@@ -408,6 +408,42 @@ def test_tied_weight_trains_until_its_last_block_freezes_and_the_ledger_follows(
     assert wte.grad is not None and model.transformer.h[0].weight.grad is None
 
 
+class SharedLayers(nn.Module):
+    """ALBERT-style: one encoder layer registered (and run) three times, ``layers = [shared] * 3``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(FEAT, E)
+        shared = nn.TransformerEncoderLayer(E, H, 2 * E, dropout=0.0, batch_first=True)
+        self.layers = nn.ModuleList([shared] * 3)
+        self.head = nn.Linear(E, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h.mean(1))
+
+
+def test_a_module_registered_under_several_names_is_pruned_as_one_layer() -> None:
+    """Its weights have several names but one owner, so nothing else (an embedding table) would be pruned
+    with them: they are pruned like any layer's; a weight two modules share (GPT-2's head) is not."""
+    model = SharedLayers()
+    units = [lay.module for lay in find_prunable(model)]
+    assert units == ["embed", "layers.0.self_attn.in_proj_weight", "layers.0.self_attn.out_proj",
+                     "layers.0.linear1", "layers.0.linear2", "head"]
+    assert "lm_head" not in [lay.module for lay in find_prunable(GPTStyle())]  # tied to wte: never pruned
+    x, y = seq_data(8)
+    cfg = {"train": {"epochs": 2}, "sparsity": {"method": "static", "target": 0.75, "kernels": "dense"},
+           "sieving": {"method": "none"}}
+    ctl = SpFDE(model, torch.optim.SGD(model.parameters(), lr=0.1), cfg, train_size=8, example_input=x)
+    shared = model.layers[0]
+    assert ctl.sparsity.masks["layers.0.linear1.weight"].float().mean() == 0.25
+    assert float((shared.linear1.weight == 0).float().mean()) >= 0.75
+    # the ledger charges the layer's three calls at its density
+    assert ctl.layer_flops["layers.0.linear1"] == 3 * 2 * T * E * 2 * E
+
+
 # --------------------------------------------------------------------------------------- ViT
 def test_vit_flavours_compute_the_same_function_and_flops() -> None:
     torch.manual_seed(0)

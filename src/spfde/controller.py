@@ -198,6 +198,7 @@ class SpFDE:
         self.track_seen = False
         self._bp_saved = 0
         self._skipped: int | torch.Tensor = 0  # steps the loop reported skipped this epoch
+        self._batch_max = 0  # the largest batch after_step saw this epoch (this process): the memory model's
         self._fwd_saved = self._fill_flops = 0.0
         self._last_step: tuple[int, dict[str, float], set[str]] | None = None
         self._lr_warned = False
@@ -419,6 +420,7 @@ class SpFDE:
         self._seen = 0
         self._bp_saved = 0
         self._skipped = 0
+        self._batch_max = 0
         self._fwd_saved = self._fill_flops = 0.0
         self._seen_indices = torch.zeros(self.train_size, dtype=torch.bool) if self.track_seen else None
         self._epoch_info = info
@@ -472,6 +474,7 @@ class SpFDE:
             raise SpfdeError(f"after_step: indices are {indices.dtype}; pass the batch's integer sample indices "
                              "(the idx the loader yields with each batch, 0 .. train_size-1)")
         n = int(indices.numel())
+        self._batch_max = max(self._batch_max, n)
         # sample status only feeds the sieve; skip the device sync without one
         status = (self._sample_status(logits, targets, indices, losses)
                   if self._track_status and not bool(skipped) else None)
@@ -617,18 +620,21 @@ class SpFDE:
     def memory_model(self, batch_size: int | None = None, frozen: bool = True) -> dict[str, int]:
         """Training memory of the current state (Section 5.2): weights, activations, grads, optimizer.
 
-        ``frozen=False``: the same masks with no block frozen (the un-frozen sparse run).
+        ``batch_size``: default the largest batch ``after_step`` saw this epoch (your loader's, this
+        process's), before any step ``data.batch_size``. The optimizer state counts the tensors per weight
+        this controller's optimizer keeps (:func:`~spfde.accounting.memory.optimizer_slots`: SGD with
+        momentum 1, Adam 2). ``frozen=False``: the same masks with no block frozen (the un-frozen sparse run).
         """
-        from spfde.accounting.memory import memory_model
+        from spfde.accounting.memory import memory_model, optimizer_slots
 
         fp = self.freezer.frozen_param_names() if self.freezer and frozen else set()
         fm = self.freezer.frozen_module_names() if self.freezer and frozen else set()
         kernels = getattr(self, "kernels", None)
         # the probe is one forward of one sample: it neither times, decides nor reports a kernel choice
         with kernels.one_off(probe=True) if kernels is not None else contextlib.nullcontext():
-            return memory_model(self.net, self._x0, batch_size or self.cfg.data.batch_size,
+            return memory_model(self.net, self._x0, batch_size or self._batch_max or self.cfg.data.batch_size,
                                 masks=self.sparsity.masks, frozen_params=fp, frozen_modules=fm,
-                                probes=self._memory_probes)
+                                optimizer_slots=optimizer_slots(self.optimizer), probes=self._memory_probes)
 
     def seen_indices(self) -> torch.Tensor | None:
         """Indices passed to ``after_step`` this epoch (set ``track_seen = True`` first)."""

@@ -11,7 +11,7 @@ using a 32-bit floating-point representation with a batch size of 64"); "SpFDE M
 memory after all target blocks are frozen and "SpFDE Avg." the average over training
 (:func:`memory_timeline`).
 Hyper-parameters: ``batch_size``, ``optimizer_slots`` (state tensors per weight: 1 for SGD with
-momentum, 2 for Adam).
+momentum, 2 for Adam; :func:`optimizer_slots` reads them off an optimizer, as the controller does).
 Expected effect: a frozen prefix needs no saved activations, no weight or activation gradients
 and no optimizer state; sparse weights need about ``density × 2`` of the dense bytes.
 
@@ -53,6 +53,36 @@ INDEX = 4  # int32 column indices and row pointers
 _NO_SAVE = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
             nn.AdaptiveAvgPool3d, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
             nn.Dropout3d)
+
+
+def optimizer_slots(optimizer: torch.optim.Optimizer | None) -> int:
+    """State tensors ``optimizer`` keeps per weight element (the memory model's ``optimizer_slots``).
+
+    Measured from its state once it has any: the most tensors shaped like their parameter that one
+    parameter's state holds (SGD with momentum 1, without 0; Adam/AdamW 2, 3 with ``amsgrad``; any
+    optimizer of your own likewise). Before the first step, from its type and hyper-parameters: SGD
+    ``momentum > 0`` in any group 1, else 0; Adam, AdamW, Adamax, NAdam, RAdam 2 (+1 ``amsgrad``);
+    Adadelta and Rprop 2; RMSprop 1 (+1 ``centered``, +1 ``momentum > 0``); Adagrad 1; any other 1.
+    ``None``: 1 (SGD with momentum, the built-in trainer's optimizer)."""
+    if optimizer is None:
+        return 1
+    params = {id(p): p for g in optimizer.param_groups for p in g["params"]}
+    measured = [sum(1 for v in st.values() if torch.is_tensor(v) and v.dim() > 0 and v.shape == params[id(p)].shape)
+                for p, st in optimizer.state.items() if id(p) in params]
+    if measured:
+        return max(measured)
+    groups = optimizer.param_groups
+    any_of = lambda key: any(g.get(key) for g in groups)  # noqa: E731
+    o = torch.optim
+    if isinstance(optimizer, o.SGD):
+        return int(any(float(g.get("momentum", 0.0)) > 0 for g in groups))
+    if isinstance(optimizer, (o.Adam, o.AdamW, o.Adamax, o.NAdam, o.RAdam)):
+        return 2 + int(any_of("amsgrad"))
+    if isinstance(optimizer, (o.Adadelta, o.Rprop)):
+        return 2
+    if isinstance(optimizer, o.RMSprop):
+        return 1 + int(any_of("centered")) + int(any(float(g.get("momentum", 0.0)) > 0 for g in groups))
+    return 1
 
 
 def weight_bytes(param: torch.Tensor, mask: torch.Tensor | None) -> int:

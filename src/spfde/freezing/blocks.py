@@ -306,11 +306,14 @@ def resolve_blocks(model: nn.Module, spec: BlockSpec = None, example_input: torc
             spec = layout_blocks(model)
             sort = True
             if spec is None:
+                # the model's own top-level modules with trainable parameters, as the example of a spec
+                own = [n for n, m in model.named_children() if any(p.requires_grad for p in m.parameters())]
+                example = (f"its top-level modules with parameters are {own[:6]}{' ...' if len(own) > 6 else ''}"
+                           if own else "e.g. ['conv1', 'layer1', 'fc']")
                 raise ConfigError(
                     f"model {type(model).__name__} has no blocks() method and no recognised layout (a list of "
                     f"numbered layers called {', '.join(STACK_NAMES)}), so its freezing blocks are unknown; set "
-                    "freezing.blocks to its module names in forward order (e.g. ['conv1', 'layer1', 'fc']) or pass "
-                    "blocks= to SpFDE")
+                    f"freezing.blocks to its module names in forward order ({example}) or pass blocks= to SpFDE")
     if callable(spec):
         blocks = _from_callable(model, spec)
         sort = True

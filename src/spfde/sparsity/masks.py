@@ -90,17 +90,25 @@ def find_prunable(
     ``v_proj_weight``; never embedding tables, norms or biases. ``include`` (parameter names,
     module names or their ancestors, in whole dotted components) replaces the default with every
     parameter of 2+ dims it covers; an embedding table only when named itself. ``exclude``
-    removes parameters the same way. A weight tied under several names (GPT-2's ``lm_head`` =
-    ``wte``) is never pruned, nor is one the caller fixed with ``requires_grad=False`` before
+    removes parameters the same way. A weight tied between modules (GPT-2's ``lm_head`` =
+    ``wte``) is never pruned (a module registered under several names, ALBERT's ``[layer] * N``, is
+    one layer: its weights are pruned as any), nor is one the caller fixed with ``requires_grad=False`` before
     training (a pretrained stem, a frozen embedding): it never gets a gradient, so a pruned weight
     could never grow back and MEST/SET/RigL would only ever take weights from it; the freezing
     blocks leave such a parameter alone for the same reason (``spfde.freezing.blocks``). Naming
     either in ``include`` itself is a :class:`ConfigError`, as is a pattern that matches nothing.
     """
     modules = dict(model.named_modules())
+    every_module = dict(model.named_modules(remove_duplicate=False))
     aliases: dict[int, list[str]] = {}
+    # the (module object, attribute) pairs holding each tensor: a module registered under several names
+    # (ALBERT's `layers = [shared] * 3`) holds its weights once, under several names; only a tensor held
+    # by two modules (or two attributes) is tied
+    holders: dict[int, set[tuple[int, str]]] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(n)
+        owner, _, attr = n.rpartition(".")
+        holders.setdefault(id(p), set()).add((id(every_module[owner]), attr))
     params = list(model.named_parameters())
     every = [n for names in aliases.values() for n in names]
     exclude = list(exclude)
@@ -123,7 +131,7 @@ def find_prunable(
     for name, p in params:
         owner, _, attr = name.rpartition(".")
         mod = modules[owner]
-        tied = len(aliases_of[name]) > 1
+        tied = len(holders[id(p)]) > 1
         fixed = not p.requires_grad  # fixed by the user's code before SpFDE was built, not by our freezer
         if include is not None:
             pats = [pat for pat in include if named(name, [pat])]

@@ -25,6 +25,10 @@ def unsupported_conv(module: nn.Module) -> str | None:
     """Why ``module`` cannot use the sparse convolution (None when it can)."""
     if not isinstance(module, nn.Conv2d) or type(module).forward is not nn.Conv2d.forward:
         return "not a plain nn.Conv2d"
+    if type(module)._conv_forward is not nn.Conv2d._conv_forward:
+        # nn.Conv2d.forward calls it with the weight: a subclass that transforms the weight there (weight
+        # standardisation) or pads its own way computes another function than the sparse kernel's
+        return f"{type(module).__name__} overrides _conv_forward"
     if module.groups != 1:
         return "groups != 1"
     if tuple(module.dilation) != (1, 1):
