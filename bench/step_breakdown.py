@@ -28,7 +28,10 @@ steps, so load on the machine hits all alike; the table gives medians per step:
   epilogue and the fused MLP save together;
 * ``unfused MLP`` (``mest`` only): the MLP as two sparse Linear calls, fc1's GELU fused into its
   kernel (``fc2(linear_act(fc1, act, x))``) instead of one fused MLP call (``mlp_act``,
-  ``sparsity/kernels/mlp.py``): what the fused MLP saves.
+  ``sparsity/kernels/mlp.py``): what the fused MLP saves;
+* ``unfused attention`` (``mest`` only): the self-attention block as its three steps (the sparse
+  packed projection, the native core, the sparse ``out_proj``) instead of one fused native call
+  (``attention.fused_plan``): what the fused block saves.
 
 Changing the timed runs (a stand-in returns zeros) does not change what the ops cost: they do the
 same work on any values.
@@ -65,8 +68,8 @@ from spfde.train import Trainer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("full", "matmul attention core", "no attention core", "no optimizer step", "forward only", "linears free",
-            "batch 16", "unfused GELU", "unfused MLP")
-MEST_ONLY = ("linears free", "unfused GELU", "unfused MLP")
+            "batch 16", "unfused GELU", "unfused MLP", "unfused attention")
+MEST_ONLY = ("linears free", "unfused GELU", "unfused MLP", "unfused attention")
 
 
 class _FreeLinear(torch.autograd.Function):
@@ -87,11 +90,10 @@ class _FreeLinear(torch.autograd.Function):
 @contextlib.contextmanager
 def variant(name: str) -> Iterator[None]:
     """Patch the kernels for one variant (and undo it)."""
-    if name == "matmul attention core":
-        with matmul_core():
-            yield
-        return
-    core, apply, mlp = attention.attention_core, SparseLinearFunction.apply, vit.mlp_act
+    core, apply, mlp, fused = attention.attention_core, SparseLinearFunction.apply, vit.mlp_act, attention.fused_plan
+    # the variants that change the core or the projections run the attention block as its three steps
+    if name in ("unfused attention", "matmul attention core", "no attention core", "linears free"):
+        attention.fused_plan = lambda module, x: None
     if name == "no attention core":
         attention.attention_core = lambda module, qkv: qkv[..., : qkv.shape[-1] // 3]
     if name == "linears free":
@@ -101,9 +103,11 @@ def variant(name: str) -> Iterator[None]:
     if name == "unfused MLP":
         vit.mlp_act = lambda fc1, activation, fc2, x: fc2(linear_act(fc1, activation, x))
     try:
-        yield
+        with matmul_core() if name == "matmul attention core" else contextlib.nullcontext():
+            yield
     finally:
-        attention.attention_core, SparseLinearFunction.apply, vit.mlp_act = core, apply, mlp
+        attention.attention_core, SparseLinearFunction.apply = core, apply
+        vit.mlp_act, attention.fused_plan = mlp, fused
 
 
 def step(tr: Trainer, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, name: str) -> None:
@@ -173,6 +177,7 @@ def main() -> None:
               "dense_batch16_over_dense_full": res["dense"]["batch 16"] / dense_full,
               "mest_unfused_gelu_over_dense_full": res["mest"]["unfused GELU"] / dense_full,
               "mest_unfused_mlp_over_dense_full": res["mest"]["unfused MLP"] / dense_full,
+              "mest_unfused_attention_over_dense_full": res["mest"]["unfused attention"] / dense_full,
               "mest_forward_over_dense_forward": res["mest"]["forward only"] / res["dense"]["forward only"]}
     rows = [{"variant": name, **{run: res[run].get(name) for run in res}} for name in VARIANTS]
     if args.json:

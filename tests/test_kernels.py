@@ -22,7 +22,8 @@ from spfde.errors import ConfigError
 from spfde.sparsity import build_sparsity
 from spfde.sparsity.engine import SparseEngine
 from spfde.sparsity.kernels import KernelWarning, SparseExecution, attention, execution, native
-from spfde.sparsity.kernels.attention import sparse_mha
+from spfde.sparsity.kernels import common as kernel_common
+from spfde.sparsity.kernels.attention import NATIVE_MAX_LEN, sparse_mha
 from spfde.sparsity.kernels.conv import make_conv_plan, sparse_conv2d
 from spfde.sparsity.kernels.linear import LinearPlan, SparseLinearFunction, sparse_linear
 from spfde.sparsity.masks import PrunableLayer
@@ -191,7 +192,7 @@ class _LibSpy:
 
     def __getattr__(self, name: str):
         fn = getattr(self.lib, name)
-        if name == "spfde_linear_packed_floats":  # a size query, not a kernel
+        if name.endswith("_floats"):  # a size query, not a kernel
             return fn
 
         def call(*args):
@@ -486,7 +487,6 @@ def test_vit_mlp_is_one_fused_call_only_when_both_linears_run_sparse(native_spy,
     not masked run the Linears one by one; under ``auto`` an undecided fc2 runs unfused once,
     which decides it, and a fc2 decided dense never fuses."""
     from spfde.models.vit import vit_tiny
-    from spfde.sparsity.kernels import mlp as mlp_mod
 
     torch.manual_seed(0)
     model = vit_tiny(num_classes=10, in_channels=1)
@@ -505,7 +505,7 @@ def test_vit_mlp_is_one_fused_call_only_when_both_linears_run_sparse(native_spy,
     assert native_spy.calls.count("spfde_mlp_forward") == 4 and native_spy.calls.count("spfde_mlp_backward") == 4
     assert "spfde_linear_forward" not in native_spy.calls
     assert exe.choices() == dict.fromkeys(layers, "sparse")
-    monkeypatch.setattr(mlp_mod, "FUSED_MAX_BYTES", -1)  # every call too large to fuse: one by one
+    monkeypatch.setattr(kernel_common, "FUSED_MAX_BYTES", -1)  # every call too large to fuse: one by one
     ref, ref_grads = run()
     assert "spfde_mlp_forward" not in native_spy.calls and native_spy.calls.count("spfde_linear_forward") == 8
     assert torch.equal(out, ref)
@@ -773,6 +773,153 @@ def test_masked_attention_dense_choice_runs_the_same_core(monkeypatch):
     _close(out, ref)
 
 
+class _SelfAttention(nn.Module):
+    def __init__(self, dim: int = 64, heads: int = 4, batch_first: bool = True, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=batch_first, dropout=dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+ATTN_LAYERS = {"attn.in_proj_weight": "attn.in_proj_weight", "attn.out_proj": "attn.out_proj.weight"}
+
+
+def _attention_runs(model: nn.Module, x: torch.Tensor, fused: bool, monkeypatch) -> list[torch.Tensor]:
+    """The output and the gradients of x and every parameter, the block fused or as three steps."""
+    with monkeypatch.context() as m:
+        if not fused:
+            m.setattr(attention, "fused_plan", lambda *a: None)
+        xs = x.clone().requires_grad_()
+        out = model(xs)
+        return [out, *_grads(out, [xs, *model.parameters()])]
+
+
+@needs_native
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("samples", [1, 5, 37, 128])
+def test_fused_self_attention_is_the_three_steps(samples, batch_first, native_spy, monkeypatch):
+    """A self-attention block with both projections sparse runs as one forward and one backward
+    call: output and input gradient bit for bit those of the projection, core and out_proj one by
+    one (the same sums), the weight and bias gradients within float rounding of them (summed over
+    the rows in another order) and of the masked dense module; bit-identical on 1, 2 and 3
+    threads; the output keeps the module's own strides."""
+    torch.manual_seed(samples)
+    model = _SelfAttention(batch_first=batch_first)
+    exe = SparseExecution(model, _engine(model, ATTN_LAYERS, density=0.2), "sparse")
+    x = torch.randn(samples, 17, 64) if batch_first else torch.randn(17, samples, 64)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            native_spy.calls.clear()
+            runs.append(_attention_runs(model, x, True, monkeypatch))
+            assert native_spy.calls == ["spfde_mha_forward", "spfde_mha_backward"]
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other, strict=True))
+    fused, steps = runs[0], _attention_runs(model, x, False, monkeypatch)
+    assert "spfde_mha_forward" not in native_spy.calls[-4:]
+    assert torch.equal(fused[0], steps[0]) and fused[0].stride() == steps[0].stride()
+    assert torch.equal(fused[1], steps[1])
+    for a, b in zip(fused[2:], steps[2:], strict=True):
+        _close(a, b)
+    exe.remove()  # the module's own forward on the masked weights (the engine masked them)
+    dense = _attention_runs(model, x, False, monkeypatch)
+    masks = [p != 0 if p.dim() == 2 else torch.ones_like(p, dtype=torch.bool) for p in model.parameters()]
+    _close(fused[0], dense[0])
+    _close(fused[1], dense[1])
+    for a, b, m in zip(fused[2:], dense[2:], masks, strict=True):
+        _close(a, b * m)
+
+
+@needs_native
+def test_fused_self_attention_only_where_it_is_the_same_function(native_spy, monkeypatch):
+    """The block stays three steps when out_proj is not masked, has a hook, or is decided dense
+    (auto: decided by its own first call, which runs the steps), for dropout in training, more
+    tokens than the native core takes, or a RigL dense-gradient step; and without gradients (a
+    frozen block) it fuses with nothing kept."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 17, 64)
+
+    def fused_after(model: nn.Module, inp: torch.Tensor = x) -> bool:
+        native_spy.calls.clear()
+        model(inp.clone().requires_grad_()).sum().backward()
+        return "spfde_mha_forward" in native_spy.calls
+
+    model = _SelfAttention()
+    exe = SparseExecution(model, _engine(model, {"attn.in_proj_weight": "attn.in_proj_weight"}), "sparse")
+    assert not fused_after(model)
+    exe.remove()
+    model = _SelfAttention()
+    exe = SparseExecution(model, _engine(model, ATTN_LAYERS), "sparse")
+    assert fused_after(model)
+    handle = model.attn.out_proj.register_forward_hook(lambda *_: None)
+    assert not fused_after(model)
+    handle.remove()
+    assert not fused_after(model, torch.randn(8, NATIVE_MAX_LEN + 1, 64))
+    with monkeypatch.context() as m:
+        m.setattr(SparseExecution, "dense_weight_grad", property(lambda self: True))
+        assert not fused_after(model)
+    with torch.no_grad():
+        native_spy.calls.clear()
+        model(x)
+        assert native_spy.calls == ["spfde_mha_forward"]
+    exe.remove()
+    model = _SelfAttention(dropout=0.1)
+    exe = SparseExecution(model, _engine(model, ATTN_LAYERS), "sparse")
+    assert not fused_after(model)
+    model.eval()
+    assert fused_after(model)
+    exe.remove()
+    # auto: out_proj's first call decides it; decided dense, the block stays three steps
+    model = _SelfAttention()
+    monkeypatch.setattr(execution, "TINY_MACS", 0)
+    monkeypatch.setattr(execution, "race", _fake_race(2.0, 1.0, []))
+    exe = SparseExecution(model, _engine(model, ATTN_LAYERS), "auto", "off")
+    assert not fused_after(model) and fused_after(model)
+    layer = exe.layers["attn.out_proj"]
+    layer.decisions = dict.fromkeys(layer.decisions, "dense")
+    assert not fused_after(model)
+
+
+@needs_native
+def test_vit_training_with_fused_attention_matches_the_three_steps(monkeypatch, tmp_path):
+    """A MEST ViT run with its attention blocks fused ends with the masks of the same run with the
+    blocks as three steps and weights within float rounding of it; a second fused run is
+    bit-identical."""
+    from spfde.train import Trainer
+
+    cfg = load_config(None, ["data.name=fashion_mnist", "data.subset=256", "data.test_subset=64",
+                             "data.batch_size=64", "data.augment=false", "data.channels=null", "model.name=vit_tiny",
+                             "model.width=0.5", "optim.lr=0.02", "train.epochs=3", "train.interval=1",
+                             "train.threads=2", "logging.progress=false", "sparsity.method=mest",
+                             "sparsity.target=0.8", "sparsity.kernels=sparse", "sieving.method=circular",
+                             "sieving.ratio=0.2"])
+    fused_calls = []
+    real = attention.FusedSelfAttentionFunction.apply
+    monkeypatch.setattr(attention.FusedSelfAttentionFunction, "apply", lambda *a: fused_calls.append(1) or real(*a))
+    states = []
+    for fused in (True, False, True):
+        with monkeypatch.context() as m:
+            if not fused:
+                m.setattr(attention, "fused_plan", lambda *a: None)
+            fused_calls.clear()
+            tr = Trainer(cfg, tmp_path / str(len(states)), quiet=True)
+            for epoch in range(3):
+                tr.train_epoch(epoch)
+            assert bool(fused_calls) == fused
+            masks = {k: v.clone() for k, v in tr.ctl.sparsity.masks.items()}
+            states.append((copy.deepcopy(tr.model.state_dict()), masks))
+    (w1, m1), (w2, m2), (w3, m3) = states
+    assert all(torch.equal(m1[k], m2[k]) and torch.equal(m1[k], m3[k]) for k in m1)
+    for k in w1:
+        assert torch.equal(w1[k], w3[k])
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- SparseExecution
 
 
@@ -1015,11 +1162,12 @@ def test_vit_training_with_fused_mlps_is_bit_identical_to_the_linears_one_by_one
                              "sparsity.kernels=sparse", "freezing.target=0.05", "freezing.tfrz=1",
                              "freezing.cache=auto", "sieving.method=circular", "sieving.ratio=0.2"])
     fused_calls = []
+    monkeypatch.setattr(attention, "fused_plan", lambda *a: None)  # the MLPs alone switch (see the attention test)
     real = mlp_mod.SparseMlpFunction.apply
     monkeypatch.setattr(mlp_mod.SparseMlpFunction, "apply", lambda *a: fused_calls.append(1) or real(*a))
     states = []
-    for limit in (mlp_mod.FUSED_MAX_BYTES, -1):
-        monkeypatch.setattr(mlp_mod, "FUSED_MAX_BYTES", limit)
+    for limit in (kernel_common.FUSED_MAX_BYTES, -1):
+        monkeypatch.setattr(kernel_common, "FUSED_MAX_BYTES", limit)
         fused_calls.clear()
         tr = Trainer(cfg, tmp_path / str(limit), quiet=True)
         for epoch in range(3):

@@ -40,9 +40,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spfde.sparsity.kernels import native
+from spfde.sparsity.kernels import common, native
 from spfde.sparsity.kernels.common import first_order_only
-from spfde.sparsity.kernels.linear import LinearPlan, linear_input_issue, sparse_linear
+from spfde.sparsity.kernels.linear import (
+    LinearPlan,
+    _fx_tracing,
+    _hooked,
+    _ptr,
+    installed_layer,
+    linear_input_issue,
+    sparse_linear,
+)
 
 #: the explicit core runs for sequences up to this many tokens on CPU; longer ones go to
 #: ``F.scaled_dot_product_attention`` (flash), which wins on long sequences (bench/kernels.py --attention)
@@ -177,6 +185,129 @@ def self_attention(module: nn.MultiheadAttention, x: torch.Tensor,
 
 def sparse_mha(module: nn.MultiheadAttention, x: torch.Tensor, plan: LinearPlan,
                dense_weight_grad: bool = False) -> tuple[torch.Tensor, None]:
-    """Self-attention with the packed input projection through the sparse Linear path."""
+    """Self-attention with the packed input projection through the sparse Linear path: the whole
+    block as one native call where :func:`fused_plan` allows (``out_proj`` sparse too), else the
+    three steps of :func:`self_attention`."""
+    out_plan = None if dense_weight_grad else fused_plan(module, x)
+    if out_plan is not None:
+        return fused_self_attention(module, x, plan, out_plan), None
     return self_attention(module, x, lambda t: sparse_linear(t, module.in_proj_weight, module.in_proj_bias, plan,
                                                              dense_weight_grad))
+
+
+def _seq_batch(module: nn.MultiheadAttention, x: torch.Tensor) -> tuple[int, int, int, int]:
+    """(tokens, samples, token stride, sample stride) of the module's input ``x``."""
+    if module.batch_first:
+        return x.shape[1], x.shape[0], x.stride(1), x.stride(0)
+    return x.shape[0], x.shape[1], x.stride(0), x.stride(1)
+
+
+def fused_bytes(samples: int, tokens: int, dim: int, heads: int) -> int:
+    """The buffers a fused block call of this shape allocates at most (forward keeps and backward)."""
+    units = (samples + 15) // 16
+    return 4 * units * 16 * tokens * (11 * dim + heads * tokens)
+
+
+def fused_plan(module: nn.MultiheadAttention, x: torch.Tensor) -> LinearPlan | None:
+    """``out_proj``'s plan when this call (whose ``in_proj`` runs sparse) can run as one fused native
+    call, None otherwise: ``out_proj`` masked and decided sparse for this call already (the fused
+    call never forms its input, so an undecided one runs the three steps once, which times and
+    decides it), unhooked (the fused call never calls it), the core native (CPU fp32, at most
+    ``NATIVE_MAX_LEN`` tokens, no dropout in training), no FX tracing, no one-off pass, and the
+    call's buffers within ``common.FUSED_MAX_BYTES``."""
+    layer = installed_layer(module.out_proj)
+    if layer is None or _hooked(module.out_proj) or _fx_tracing() or module.embed_dim % module.num_heads:
+        return None
+    lib = native.load(quiet=True)
+    tokens, samples = _seq_batch(module, x)[:2]
+    if (lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or tokens > NATIVE_MAX_LEN
+            or (module.training and module.dropout > 0)):
+        return None
+    if fused_bytes(samples, tokens, module.embed_dim, module.num_heads) > common.FUSED_MAX_BYTES:
+        return None
+    rec = torch.is_grad_enabled()
+    through = rec and (x.requires_grad or any(p.requires_grad for p in (module.in_proj_weight, module.in_proj_bias)
+                                              if p is not None))
+    key = layer.key_for((tokens, samples, module.embed_dim), through)  # out_proj's call: (L, B, E)
+    if not layer.decided_sparse(key, x):
+        return None
+    layer.record_sparse()
+    return layer.plan
+
+
+class FusedSelfAttentionFunction(torch.autograd.Function):
+    """``out_proj(attention(in_proj(x)))`` with both projections masked, through ``spfde_mha_forward`` /
+    ``_backward`` (``sparse_conv.cpp``: one call per direction, 16-sample units in one layout)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                b2: torch.Tensor | None, plan1: LinearPlan, plan2: LinearPlan, module: nn.MultiheadAttention,
+                keep: tuple[bool, bool, bool]) -> torch.Tensor:
+        # keep: (x for in_proj's weight gradient, q/k/v and the probabilities for any gradient through
+        # the core, the core's output for out_proj's weight gradient): the caller knows whether autograd records
+        lib = native.load(quiet=True)
+        x = _unit_columns(x)
+        tokens, samples, xl, xb = _seq_batch(module, x)
+        e, h = module.embed_dim, module.num_heads
+        scale = (e // h) ** -0.5
+        v1, v2 = plan1.index.gather(w1.detach()), plan2.index.gather(w2.detach())
+        b1d = b1.detach().contiguous() if b1 is not None else None
+        b2d = b2.detach().contiguous() if b2 is not None else None
+        out = torch.empty((tokens, samples, e), dtype=torch.float32)  # (L, B, E): as self_attention returns it
+        floats = lambda c: lib.spfde_mha_unit_floats(samples, tokens, c)  # noqa: E731
+        xk = torch.empty(floats(e), dtype=torch.float32) if keep[0] else None
+        qk = torch.empty(floats(3 * e), dtype=torch.float32) if keep[1] else None
+        pk = torch.empty((samples + 15) // 16 * h * tokens * tokens * 16, dtype=torch.float32) if keep[1] else None
+        ok = torch.empty(floats(e), dtype=torch.float32) if keep[2] else None
+        p1, p2 = plan1.ptrs, plan2.ptrs
+        _check(lib.spfde_mha_forward(
+            x.data_ptr(), samples, tokens, e, h, xb, xl, scale, p1["crow"], p1["col"], v1.data_ptr(), _ptr(b1d),
+            p2["crow"], p2["col"], v2.data_ptr(), _ptr(b2d), out.data_ptr(), out.stride(1), out.stride(0),
+            torch.get_num_threads(), _ptr(xk), _ptr(qk), _ptr(pk), _ptr(ok)))
+        ctx.plans, ctx.lib, ctx.geometry = (plan1, plan2), lib, (samples, tokens, e, h, scale, module.batch_first)
+        ctx.save_for_backward(xk, qk, pk, ok, v1, v2, w1, w2)
+        return out.transpose(0, 1) if module.batch_first else out
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, gy: torch.Tensor):
+        plan1, plan2 = ctx.plans
+        xk, qk, pk, ok, v1, v2, w1, w2 = ctx.saved_tensors
+        samples, tokens, e, h, scale, batch_first = ctx.geometry
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        gy = _unit_columns(gy.float())
+        gl, gb = (gy.stride(1), gy.stride(0)) if batch_first else (gy.stride(0), gy.stride(1))
+        gx = torch.empty((tokens, samples, e), dtype=torch.float32) if need_x else None
+
+        def weight_grad(need: bool, w: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+            if not need:
+                return None, False
+            row_major = w.stride() == (w.shape[1], 1)
+            g = torch.empty_strided(w.shape, w.stride())
+            return (g if row_major else g.zero_()), row_major  # the kernel zeroes a row-major one itself
+
+        gw1, zero1 = weight_grad(need_w1, w1)
+        gw2, zero2 = weight_grad(need_w2, w2)
+        gb1 = torch.empty(3 * e, dtype=torch.float32) if need_b1 else None
+        gb2 = torch.empty(e, dtype=torch.float32) if need_b2 else None
+        p1, p2 = plan1.ptrs, plan2.ptrs
+        _check(ctx.lib.spfde_mha_backward(
+            gy.data_ptr(), gb, gl, samples, tokens, e, h, scale,
+            p1["crow"], p1["col"], v1.data_ptr(), p1["tcrow"], p1["tcol"], p1["perm32"], p1["offsets"],
+            p2["crow"], p2["col"], v2.data_ptr(), p2["tcrow"], p2["tcol"], p2["perm32"], p2["offsets"],
+            _ptr(xk), _ptr(qk), _ptr(pk), _ptr(ok), _ptr(gx), gx.stride(1) if gx is not None else 0,
+            gx.stride(0) if gx is not None else 0, _ptr(gw1), int(zero1), _ptr(gb1), _ptr(gw2), int(zero2), _ptr(gb2),
+            torch.get_num_threads()))
+        if gx is not None and batch_first:
+            gx = gx.transpose(0, 1)
+        return gx, gw1, gb1, gw2, gb2, None, None, None, None
+
+
+def fused_self_attention(module: nn.MultiheadAttention, x: torch.Tensor, plan1: LinearPlan, plan2: LinearPlan
+                         ) -> torch.Tensor:
+    """The module's self-attention output for ``x`` as one fused call (:func:`fused_plan` said it can)."""
+    rec = torch.is_grad_enabled()
+    w1, b1, w2, b2 = module.in_proj_weight, module.in_proj_bias, module.out_proj.weight, module.out_proj.bias
+    through = x.requires_grad or w1.requires_grad or (b1 is not None and b1.requires_grad)
+    keep = (rec and w1.requires_grad, rec and through, rec and w2.requires_grad)
+    return FusedSelfAttentionFunction.apply(x, w1, b1, w2, b2, plan1, plan2, module, keep)

@@ -22,6 +22,11 @@ class KernelWarning(RuntimeWarning):
 
 _WARNED: dict = {}
 
+#: a fused call (a transformer MLP, :mod:`.mlp`; a self-attention block, :mod:`.attention`) may
+#: allocate at most this many bytes of packed buffers; a larger call runs its layers one by one,
+#: which work in bounded groups of tiles
+FUSED_MAX_BYTES = 1 << 28
+
 
 def warn_once(message: str) -> None:
     """One warning line (no source line under it), shown once per message and process."""

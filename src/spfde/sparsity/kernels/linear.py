@@ -28,6 +28,7 @@ Linear.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -271,6 +272,12 @@ def _hooked(m: nn.Module, forward_pre: bool = True) -> bool:
            m._forward_pre_hooks if forward_pre else
            [h for h in m._forward_pre_hooks if h in getattr(m, "_forward_pre_hooks_with_kwargs", {})])
     return any(own) or any(getattr(glob, name, None) for name in _GLOBAL_HOOKS)
+
+
+def installed_layer(m: nn.Module) -> Any:
+    """The sparse-execution layer installed on ``m`` (``SparseExecution``'s ``_Layer``), None if none."""
+    forward = getattr(vars(m).get("forward"), "__func__", None)
+    return m.__dict__.get("_spfde_kernel") if getattr(forward, "spfde_forward", False) else None
 
 
 def _fx_tracing() -> bool:

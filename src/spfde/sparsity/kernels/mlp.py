@@ -23,7 +23,7 @@ When it is fused
     times it as its own call would, at its first use) and fc2's call by a decision already made
     (fc2's input is never formed, so an undecided fc2 runs the Linears one by one once, which
     decides it); no RigL dense-gradient step, no one-off pass (the activation cache's fill, the
-    memory model's probe); the call's packed scratch below ``FUSED_MAX_BYTES``.
+    memory model's probe); the call's packed buffers within ``common.FUSED_MAX_BYTES``.
 Results
     Bit-identical to the two sparse Linear calls, forward and every gradient, for any thread
     count (the kernels form the same sums in the same order; ``tests/test_kernels.py``), so a
@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spfde.sparsity.kernels import native
+from spfde.sparsity.kernels import common, native
 from spfde.sparsity.kernels.common import first_order_only
 from spfde.sparsity.kernels.linear import (
     LinearPlan,
@@ -47,14 +47,10 @@ from spfde.sparsity.kernels.linear import (
     _hooked,
     _ptr,
     _rows,
+    installed_layer,
     linear_act,
     sparse_linear,
 )
-
-#: the fused call's packed buffers (x, hidden and its GELU derivative, the output gradient) may
-#: take at most this many bytes; a larger call runs the Linears one by one, which work in
-#: bounded groups of tiles
-FUSED_MAX_BYTES = 1 << 28
 
 
 class SparseMlpFunction(torch.autograd.Function):
@@ -135,11 +131,6 @@ def sparse_mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, plan1: LinearPla
     return SparseMlpFunction.apply(x, w1, b1, w2, b2, plan1, plan2, keep)
 
 
-def _kernel(m: nn.Module):
-    forward = getattr(vars(m).get("forward"), "__func__", None)
-    return m.__dict__.get("_spfde_kernel") if getattr(forward, "spfde_forward", False) else None
-
-
 def fused_bytes(rows: int, fc1: nn.Linear, fc2: nn.Linear) -> int:
     """The packed buffers a fused call of ``rows`` rows allocates at most (forward keeps + backward)."""
     lib = native.load(quiet=True)
@@ -151,7 +142,7 @@ def fused_bytes(rows: int, fc1: nn.Linear, fc2: nn.Linear) -> int:
 def mlp_act(fc1: nn.Module, act: nn.Module, fc2: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``fc2(act(fc1(x)))``, a transformer MLP, for a model's own forward: fused into one native call
     when both Linears run sparse (module card), otherwise exactly ``fc2(linear_act(fc1, act, x))``."""
-    l1, l2 = _kernel(fc1), _kernel(fc2)
+    l1, l2 = installed_layer(fc1), installed_layer(fc2)
     if (l1 is not None and l2 is not None and type(act) is nn.GELU and act.approximate == "none"
             and not _hooked(fc1) and not _hooked(act) and not _hooked(fc2) and not _fx_tracing()
             and native.load(quiet=True) is not None and fc2.in_features == fc1.out_features
@@ -162,7 +153,7 @@ def mlp_act(fc1: nn.Module, act: nn.Module, fc2: nn.Module, x: torch.Tensor) -> 
             through = rec and (x.requires_grad or any(p.requires_grad for p in fc1.parameters()))
             key2 = l2.key_for((*key1[3][:-1], fc1.out_features), through)
             rows = x.numel() // max(fc1.in_features, 1)
-            if l2.decided_sparse(key2, x) and fused_bytes(rows, fc1, fc2) <= FUSED_MAX_BYTES:
+            if l2.decided_sparse(key2, x) and fused_bytes(rows, fc1, fc2) <= common.FUSED_MAX_BYTES:
                 l1.record_sparse()
                 l2.record_sparse()
                 return sparse_mlp(x, fc1, fc2, l1.plan, l2.plan)

@@ -51,6 +51,10 @@ _SIGNATURES = {
     "spfde_linear_backward": [_ptr, _c_i64, _ptr] + [_c_i64] * 4 + [_ptr] * 7 + [_c_i64, _ptr, _ptr, _c_int, _ptr,
                                                                                 _c_int, _ptr, _ptr],
     "spfde_linear_packed_floats": [_c_i64, _c_i64],
+    "spfde_mha_unit_floats": [_c_i64, _c_i64, _c_i64],
+    "spfde_mha_forward": [_ptr] + [_c_i64] * 6 + [ctypes.c_float] + [_ptr] * 9 + [_c_i64, _c_i64, _c_int] + [_ptr] * 4,
+    "spfde_mha_backward": [_ptr] + [_c_i64] * 6 + [ctypes.c_float] + [_ptr] * 19 + [_c_i64, _c_i64, _ptr, _c_int, _ptr,
+                                                                                  _ptr, _c_int, _ptr, _c_int],
     "spfde_mlp_forward": [_ptr] + [_c_i64] * 5 + [_ptr] * 9 + [_c_i64, _c_int] + [_ptr] * 3,
     "spfde_mlp_backward": [_ptr] + [_c_i64] * 5 + [_ptr] * 18 + [_c_i64, _ptr, _c_int, _ptr, _ptr, _c_int, _ptr,
                                                                    _c_int],
@@ -139,7 +143,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes = args
-        fn.restype = _c_i64 if name == "spfde_linear_packed_floats" else ctypes.c_int
+        fn.restype = _c_i64 if name.endswith("_floats") else ctypes.c_int
     return lib
 
 

@@ -1190,6 +1190,47 @@ void att_prefetch_out(float* dst, i64 sb, i64 sl, i64 L, i64 D, i64 c0, int nv) 
       for (i64 d = 0; d < D; d += V) __builtin_prefetch(dst + s * sb + i * sl + c0 + d, 1, 3);
 }
 
+// One (16 samples, head) unit of the forward: ob [L][D][V] = softmax(q k^T * scale) v for q, k, v
+// [L][D][V]; pu [L][L][V] receives the probabilities (kept for the backward, or scratch).
+void att_forward_unit(const float* q, const float* k, const float* v, i64 L, i64 D, float scale, float* pu,
+                      float* ob) {
+  for (i64 i = 0; i < L; ++i) {
+    float* p = pu + i * L * V;
+    att_scores(q + i * D * V, k, L, D, scale, p);
+    vf m = ld(p);
+    for (i64 j = 1; j < L; ++j) {
+      const vf s = ld(p + j * V);
+      m = s > m ? s : m;
+    }
+    vf sum{};
+    for (i64 j = 0; j < L; ++j) {
+      const vf e = vexp_neg(ld(p + j * V) - m);
+      st(p + j * V, e);
+      sum += e;
+    }
+    const vf inv = 1.0f / sum;
+    for (i64 j = 0; j < L; ++j) st(p + j * V, ld(p + j * V) * inv);
+    att_mix(p, V, v, L, D, ob + i * D * V);
+  }
+}
+
+// One unit of the backward: dq, dk, dv [L][D][V] from q, k, v, the output gradient g [L][D][V]
+// and the forward's probabilities pu; ds [L][L][V] is scratch.
+void att_backward_unit(const float* q, const float* k, const float* v, const float* g, const float* pu, i64 L,
+                       i64 D, float scale, float* dq, float* dk, float* dv, float* ds) {
+  for (i64 j = 0; j < L; ++j) att_mix(pu + j * V, L * V, g, L, D, dv + j * D * V);  // dv = p^T do
+  for (i64 i = 0; i < L; ++i) {
+    const float* p = pu + i * L * V;
+    float* s = ds + i * L * V;
+    att_scores(g + i * D * V, v, L, D, 1.0f, s);  // dp = do v^T
+    vf delta{};
+    for (i64 j = 0; j < L; ++j) delta += ld(p + j * V) * ld(s + j * V);
+    for (i64 j = 0; j < L; ++j) st(s + j * V, ld(p + j * V) * (ld(s + j * V) - delta) * scale);
+    att_mix(s, V, k, L, D, dq + i * D * V);  // dq = ds k
+  }
+  for (i64 j = 0; j < L; ++j) att_mix(ds + j * V, L * V, q, L, D, dk + j * D * V);  // dk = ds^T q
+}
+
 }  // namespace
 
 extern "C" {
@@ -1214,25 +1255,7 @@ int spfde_attention_forward(const float* qkv, i64 B, i64 L, i64 E, i64 H, i64 qb
       const i64 nb = u / H, h = u % H;
       const int nv = att_load_unit(qkv, B, H, qb, ql, L, D, E, u, q, k, v);
       att_prefetch_out(o + nb * V * sob, sob, ol, L, D, h * D, nv);
-      float* pu = P ? P + u * L * L * V : own;
-      for (i64 i = 0; i < L; ++i) {
-        float* p = pu + i * L * V;
-        att_scores(q + i * D * V, k, L, D, scale, p);
-        vf m = ld(p);
-        for (i64 j = 1; j < L; ++j) {
-          const vf s = ld(p + j * V);
-          m = s > m ? s : m;
-        }
-        vf sum{};
-        for (i64 j = 0; j < L; ++j) {
-          const vf e = vexp_neg(ld(p + j * V) - m);
-          st(p + j * V, e);
-          sum += e;
-        }
-        const vf inv = 1.0f / sum;
-        for (i64 j = 0; j < L; ++j) st(p + j * V, ld(p + j * V) * inv);
-        att_mix(p, V, v, L, D, ob + i * D * V);
-      }
+      att_forward_unit(q, k, v, L, D, scale, P ? P + u * L * L * V : own, ob);
       att_unpack(ob, L, D, o + nb * V * sob, sob, ol, h * D, nv);
     }
   }
@@ -1260,22 +1283,264 @@ int spfde_attention_backward(const float* qkv, i64 B, i64 L, i64 E, i64 H, i64 q
       const int nv = att_load_unit(qkv, B, H, qb, ql, L, D, E, u, q, k, v);
       att_pack(go + nb * V * gb, gb, gl, L, D, h * D, nv, g);
       for (i64 part = 0; part < 3; ++part) att_prefetch_out(dqkv + nb * V * db, db, dl, L, D, part * E + h * D, nv);
-      const float* pu = P + u * L * L * V;
-      for (i64 j = 0; j < L; ++j) att_mix(pu + j * V, L * V, g, L, D, dv + j * D * V);  // dv = p^T do
-      for (i64 i = 0; i < L; ++i) {
-        const float* p = pu + i * L * V;
-        float* s = ds + i * L * V;
-        att_scores(g + i * D * V, v, L, D, 1.0f, s);  // dp = do v^T
-        vf delta{};
-        for (i64 j = 0; j < L; ++j) delta += ld(p + j * V) * ld(s + j * V);
-        for (i64 j = 0; j < L; ++j) st(s + j * V, ld(p + j * V) * (ld(s + j * V) - delta) * scale);
-        att_mix(s, V, k, L, D, dq + i * D * V);  // dq = ds k
-      }
-      for (i64 j = 0; j < L; ++j) att_mix(ds + j * V, L * V, q, L, D, dk + j * D * V);  // dk = ds^T q
+      att_backward_unit(q, k, v, g, P + u * L * L * V, L, D, scale, dq, dk, dv, ds);
       float* out = dqkv + nb * V * db;
       att_unpack(dq, L, D, out, db, dl, h * D, nv);
       att_unpack(dk, L, D, out, db, dl, E + h * D, nv);
       att_unpack(dv, L, D, out, db, dl, 2 * E + h * D, nv);
+    }
+  }
+  return 0;
+}
+
+}  // extern "C"
+
+// =============================================================================================
+// Fused self-attention block: y = out_proj(attention(in_proj(x))) of nn.MultiheadAttention, both
+// projections sparse, the short-attention core in between, in one call.
+//
+// Layout: units of 16 samples (the core's unit), each activation of a unit stored [feature][token]
+// [16 samples] ("unit layout", L vectors per feature row). A unit's x is packed once (16 x 16
+// register transposes); in_proj writes q, k and v straight in unit layout (a row's nonzeros stream
+// the packed x, L vectors at a time in pieces of at most 8), the core reads each head from there
+// (vector copies into its [token][feature][16] scratch, no transposes), out_proj reads the core's
+// output in unit layout, and only y is transposed out. So of the eight transposes of the three
+// calls one after the other (in_proj's output, the core's q/k/v and o, out_proj's input; and their
+// mirrors in the backward) none is left, a unit's forward runs on one thread from cache with no
+// barrier, and the block is one call instead of three. The backward packs gy per unit, forms
+// out_proj's input gradient, runs the core's backward and in_proj's input gradient in unit layout
+// and transposes only gx out; after one barrier both weight gradients and both bias gradients
+// are summed from the kept unit buffers, unit by unit in order.
+// Outputs and the input gradient are the three calls' bit for bit (every element is the same sum
+// in the same order); the weight and bias gradients sum the same products over the rows in
+// another order (units, not 128-row tiles), so they agree within float rounding. Every sum runs in
+// an order fixed by the shapes and the masks: bit-identical for any thread count.
+
+namespace {
+
+// Unit nb's rows of a (B, L, C) activation (sample stride sb, token stride sl, unit column stride)
+// into U [C][L][V]; lanes past nv read as zero.
+void unit_pack(const float* a, i64 sb, i64 sl, i64 L, i64 C, int nv, float* U) {
+  for (i64 l = 0; l < L; ++l)
+    for (i64 c = 0; c < C; c += V) {
+      const int nd = int(C - c < V ? C - c : V);
+      tile(a + l * sl + c, sb, nv, nd, U + (c * L + l) * V, L * V, nd, V, nullptr, 0.0f);
+    }
+}
+
+// U [C][L][V] back into a unit's rows of a (B, L, C) activation, + bias[c] when bias is not NULL.
+void unit_unpack(const float* U, i64 L, i64 C, float* a, i64 sb, i64 sl, int nv, const float* bias) {
+  for (i64 l = 0; l < L; ++l)
+    for (i64 c = 0; c < C; c += V) {
+      const int nd = int(C - c < V ? C - c : V);
+      tile(U + (c * L + l) * V, L * V, nd, nv, a + l * sl + c, sb, nv, nd, bias ? bias + c : nullptr, 0.0f);
+    }
+}
+
+// out [M][L][V] = sum over row m's nonzeros of w * U[idx] (U [.][L][V]), + bias[m] when bias is not
+// NULL; lanes past nv zeroed (when nv < V), as a pack from rows would leave them.
+void unit_spmm(const float* U, i64 L, const int32_t* ptr, const int32_t* idx, const float* w, i64 M,
+               const float* bias, int nv, float* out) {
+  const i64 W = L * V;
+  for (i64 m = 0; m < M; ++m) {
+    const i64 s = ptr[m], n = ptr[m + 1] - s;
+    float* row = out + m * W;
+    for (i64 p = 0; p < L; p += 8) {
+      const i64 b = L - p < 8 ? L - p : 8;
+      if (n == 0)
+        zero_positions(row + p * V, V, b);
+      else
+        spmm_fns[b - 1](U + p * V, W, idx + s, w + s, n, row + p * V);
+    }
+    if (bias) {
+      const vf bb = splat(bias[m]);
+      for (i64 l = 0; l < L; ++l) st(row + l * V, ld(row + l * V) + bb);
+    }
+    if (nv < V)
+      for (i64 l = 0; l < L; ++l)
+        for (int j = nv; j < V; ++j) row[l * V + j] = 0.0f;
+  }
+}
+
+// Head h of a unit-layout [F][L][V] buffer (feature offset c0) <-> the core's [L][D][V] scratch.
+void head_in(const float* U, i64 L, i64 D, i64 c0, float* t) {
+  for (i64 i = 0; i < L; ++i)
+    for (i64 d = 0; d < D; ++d) st(t + (i * D + d) * V, ld(U + ((c0 + d) * L + i) * V));
+}
+void head_out(const float* t, i64 L, i64 D, i64 c0, float* U) {
+  for (i64 i = 0; i < L; ++i)
+    for (i64 d = 0; d < D; ++d) st(U + ((c0 + d) * L + i) * V, ld(t + (i * D + d) * V));
+}
+
+// Weight gradient of rows [r0, r1) for piece (u, p) of the unit-layout buffers (x [NB][I][L][V], g
+// [NB][O][L][V]): acc[k] carries nonzero k's vector sum over the pieces, units in order, each
+// unit's L vectors in pieces of at most 8; after the last piece the sums go into the dense
+// gradient at woff (rows [r0, r1) zeroed first when zero_rows).
+void unit_wgrad(const float* x, i64 I, const float* g, i64 O, i64 NB, i64 L, i64 u, i64 p, const int32_t* ptr,
+                const int32_t* idx, i64 r0, i64 r1, float* acc, float* sums, float* gwd, const i64* woff, bool zero_rows) {
+  const i64 W = L * V, pieces = (L + 7) / 8, p0 = p * 8, b = L - p0 < 8 ? L - p0 : 8;
+  const bool first = u == 0 && p == 0, last = u == NB - 1 && p == pieces - 1;
+  const WgradFn fn = wgrad_fns[b - 1][(first ? 2 : 0) + (last ? 1 : 0)];
+  for (i64 o = r0; o < r1; ++o) {
+    const i64 s = ptr[o], n = ptr[o + 1] - s;
+    if (n) fn(g + (u * O + o) * W + p0 * V, x + u * I * W + p0 * V, W, idx + s, n, acc + s * V, sums + s);
+  }
+  if (!last) return;
+  if (zero_rows) std::memset(gwd + r0 * I, 0, sizeof(float) * size_t((r1 - r0) * I));
+  for (i64 k = ptr[r0]; k < ptr[r1]; ++k) gwd[woff[k]] = sums[k];
+}
+
+// gb[o] for o in [o0, o1): the lanes' sum (fixed tree) of row o's vectors over every unit in order.
+void unit_bias_grad(const float* g, i64 O, i64 NB, i64 L, i64 o0, i64 o1, float* gb) {
+  const i64 W = L * V;
+  for (i64 o = o0; o < o1; ++o) {
+    vf a{};
+    for (i64 u = 0; u < NB; ++u)
+      for (i64 l = 0; l < L; ++l) a += ld(g + (u * O + o) * W + l * V);
+    gb[o] = lane_sum(a);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Floats of one unit-layout buffer of C features for B samples of L tokens (every unit).
+i64 spfde_mha_unit_floats(i64 B, i64 L, i64 C) { return (B + V - 1) / V * C * L * V; }
+
+// y (B, L, E; sample / token strides yb, yl) = out_proj(attention(in_proj(x))) for x (B, L, E;
+// strides xb, xl; unit column strides), H heads, scale 1/sqrt(E/H); in_proj (3E, E) and out_proj (E, E)
+// in CSR order (bias NULL: none). Kept for the backward (NULL: not kept): xkeep (unit-layout x, for
+// in_proj's weight gradient), qkvkeep (unit-layout q/k/v) and P (the probabilities, as
+// spfde_attention_forward keeps them) for any gradient through the core, okeep (the core's output,
+// for out_proj's weight gradient). Returns 0, or 1 when out of memory.
+int spfde_mha_forward(const float* x, i64 B, i64 L, i64 E, i64 H, i64 xb, i64 xl, float scale, const int32_t* p1,
+                      const int32_t* c1, const float* v1, const float* b1, const int32_t* p2, const int32_t* c2,
+                      const float* v2, const float* b2, float* y, i64 yb, i64 yl, int nthreads, float* xkeep,
+                      float* qkvkeep, float* P, float* okeep) {
+  if (B <= 0 || L <= 0) return 0;
+  const i64 D = E / H, NB = (B + V - 1) / V, LV = L * V, LDV = L * D * V;
+  const int nt = nthreads > 0 ? nthreads : 1;
+  Scratch xs(E * LV, xkeep ? 0 : nt, false), qs(3 * E * LV, qkvkeep ? 0 : nt, false), os(E * LV, okeep ? 0 : nt, false),
+      ys(E * LV, nt, false), hs(4 * LDV, nt, false), pb(L * L * V, P ? 0 : nt, false);
+  if ((!xkeep && !xs.p) || (!qkvkeep && !qs.p) || (!okeep && !os.p) || !ys.p || !hs.p || (!P && !pb.p)) return 1;
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int me = omp_get_thread_num();
+    float* q = hs.at(me);
+    float *k = q + LDV, *v = k + LDV, *ob = v + LDV;
+#pragma omp for schedule(dynamic, 1)
+    for (i64 nb = 0; nb < NB; ++nb) {
+      const int nv = int(B - nb * V < V ? B - nb * V : V);
+      float* X = xkeep ? xkeep + nb * E * LV : xs.at(me);
+      float* Q = qkvkeep ? qkvkeep + nb * 3 * E * LV : qs.at(me);
+      float* O = okeep ? okeep + nb * E * LV : os.at(me);
+      unit_pack(x + nb * V * xb, xb, xl, L, E, nv, X);
+      unit_spmm(X, L, p1, c1, v1, 3 * E, b1, nv, Q);
+      for (i64 h = 0; h < H; ++h) {
+        head_in(Q, L, D, h * D, q);
+        head_in(Q, L, D, E + h * D, k);
+        head_in(Q, L, D, 2 * E + h * D, v);
+        att_forward_unit(q, k, v, L, D, scale, P ? P + (nb * H + h) * L * L * V : pb.at(me), ob);
+        head_out(ob, L, D, h * D, O);
+      }
+      unit_spmm(O, L, p2, c2, v2, E, nullptr, V, ys.at(me));
+      unit_unpack(ys.at(me), L, E, y + nb * V * yb, yb, yl, nv, b2);
+    }
+  }
+  return 0;
+}
+
+// Gradients of the forward above for gy (B, L, E; strides gb, gl) from its keeps: gx (strides gxb,
+// gxl), the weight gradients at the nonzeros written into the dense gw1 (3E, E) and gw2 (E, E) at the
+// storage offsets woff1 / woff2 (zero1 / zero2: row-major, zeroed here, else the caller zeroed
+// them), the bias gradients gb1 (3E) and gb2 (E); each output NULL: skipped. The projections as in
+// the forward plus their transposed structure (colptr, rowidx, perm; as spfde_linear_backward reads
+// it). gx, gw1 and gb1 need qkvkeep and P, gw1 xkeep, gw2 okeep. Returns 0, or 1 when out of memory.
+int spfde_mha_backward(const float* gy, i64 gb, i64 gl, i64 B, i64 L, i64 E, i64 H, float scale, const int32_t* p1,
+                       const int32_t* c1, const float* v1, const int32_t* tp1, const int32_t* tc1, const int32_t* perm1,
+                       const i64* woff1, const int32_t* p2, const int32_t* c2, const float* v2, const int32_t* tp2,
+                       const int32_t* tc2, const int32_t* perm2, const i64* woff2, const float* xkeep,
+                       const float* qkvkeep, const float* P, const float* okeep, float* gx, i64 gxb, i64 gxl, float* gw1,
+                       int zero1, float* gb1, float* gw2, int zero2, float* gb2, int nthreads) {
+  const i64 E3 = 3 * E, nnz1 = p1[E3], nnz2 = p2[E];
+  if (B <= 0 || L <= 0) {
+    if (gw1 && zero1) std::memset(gw1, 0, sizeof(float) * size_t(E3 * E));
+    if (gw2 && zero2) std::memset(gw2, 0, sizeof(float) * size_t(E * E));
+    if (gb1) std::memset(gb1, 0, sizeof(float) * size_t(E3));
+    if (gb2) std::memset(gb2, 0, sizeof(float) * size_t(E));
+    return 0;
+  }
+  const i64 D = E / H, NB = (B + V - 1) / V, LV = L * V, LDV = L * D * V, pieces = (L + 7) / 8;
+  const int nt = nthreads > 0 ? nthreads : 1;
+  const bool through = gx || gw1 || gb1;  // the gradient goes back through the core
+  const std::vector<i64> cuts1 = gw1 ? row_chunks(p1, E3, nthreads) : std::vector<i64>{0};
+  const std::vector<i64> cuts2 = gw2 ? row_chunks(p2, E, nthreads) : std::vector<i64>{0};
+  const i64 ch1 = i64(cuts1.size()) - 1, ch2 = i64(cuts2.size()) - 1;
+  Scratch gu(NB * E * LV, 1, false), du(NB * E3 * LV, through ? 1 : 0, false), go(E * LV, through ? nt : 0, false),
+      hs(7 * LDV + L * L * V, through ? nt : 0, false), xg(E * LV, gx ? nt : 0, false), cw1(nnz1, gx ? 1 : 0, false),
+      cw2(nnz2, through ? 1 : 0, false), acc1(nnz1 * V, gw1 ? 1 : 0, false), acc2(nnz2 * V, gw2 ? 1 : 0, false),
+      sums1(nnz1, gw1 ? 1 : 0, false), sums2(nnz2, gw2 ? 1 : 0, false);
+  if (!gu.p || (through && (!du.p || !go.p || !hs.p || !cw2.p)) || (gx && (!xg.p || !cw1.p)) ||
+      (gw1 && (!acc1.p || !sums1.p)) || (gw2 && (!acc2.p || !sums2.p)))
+    return 1;
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int me = omp_get_thread_num();
+    if (gx) {
+#pragma omp for schedule(static) nowait
+      for (i64 j = 0; j < nnz1; ++j) cw1.p[j] = v1[perm1[j]];
+    }
+    if (through) {
+#pragma omp for schedule(static)
+      for (i64 j = 0; j < nnz2; ++j) cw2.p[j] = v2[perm2[j]];
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (i64 nb = 0; nb < NB; ++nb) {
+      const int nv = int(B - nb * V < V ? B - nb * V : V);
+      float* G = gu.p + nb * E * LV;
+      unit_pack(gy + nb * V * gb, gb, gl, L, E, nv, G);
+      if (!through) continue;
+      float* GO = go.at(me);
+      float* DQ = du.p + nb * E3 * LV;
+      const float* Q = qkvkeep + nb * E3 * LV;
+      float* q = hs.at(me);
+      float *k = q + LDV, *v = k + LDV, *g = v + LDV, *dq = g + LDV, *dk = dq + LDV, *dv = dk + LDV, *ds = dv + LDV;
+      unit_spmm(G, L, tp2, tc2, cw2.p, E, nullptr, V, GO);  // out_proj's input gradient
+      for (i64 h = 0; h < H; ++h) {
+        head_in(Q, L, D, h * D, q);
+        head_in(Q, L, D, E + h * D, k);
+        head_in(Q, L, D, 2 * E + h * D, v);
+        head_in(GO, L, D, h * D, g);
+        att_backward_unit(q, k, v, g, P + (nb * H + h) * L * L * V, L, D, scale, dq, dk, dv, ds);
+        head_out(dq, L, D, h * D, DQ);
+        head_out(dk, L, D, E + h * D, DQ);
+        head_out(dv, L, D, 2 * E + h * D, DQ);
+      }
+      if (gx) {
+        unit_spmm(DQ, L, tp1, tc1, cw1.p, E, nullptr, V, xg.at(me));  // in_proj's input gradient
+        unit_unpack(xg.at(me), L, E, gx + nb * V * gxb, gxb, gxl, nv, nullptr);
+      }
+    }
+    // the implicit barrier above: every unit's gradients are in unit layout
+#pragma omp for schedule(dynamic, 1) nowait
+    for (i64 c = 0; c < ch1 + ch2; ++c)
+      for (i64 u = 0; u < NB; ++u)
+        for (i64 p = 0; p < pieces; ++p) {
+          if (c < ch1)
+            unit_wgrad(xkeep, E, du.p, E3, NB, L, u, p, p1, c1, cuts1[c], cuts1[c + 1], acc1.p, sums1.p, gw1, woff1,
+                       zero1 != 0);
+          else
+            unit_wgrad(okeep, E, gu.p, E, NB, L, u, p, p2, c2, cuts2[c - ch1], cuts2[c - ch1 + 1], acc2.p, sums2.p,
+                       gw2, woff2, zero2 != 0);
+        }
+    const i64 g1 = gb1 ? (E3 + V - 1) / V : 0, g2 = gb2 ? (E + V - 1) / V : 0;
+#pragma omp for schedule(static) nowait
+    for (i64 j = 0; j < g1 + g2; ++j) {
+      if (j < g1)
+        unit_bias_grad(du.p, E3, NB, L, j * V, (j + 1) * V < E3 ? (j + 1) * V : E3, gb1);
+      else
+        unit_bias_grad(gu.p, E, NB, L, (j - g1) * V, (j - g1 + 1) * V < E ? (j - g1 + 1) * V : E, gb2);
     }
   }
   return 0;
