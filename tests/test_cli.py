@@ -173,6 +173,27 @@ def test_reproduce_grids_and_resume(tmp_path):
     assert r.returncode == 1 and "update30" in r.stderr and "Traceback" not in r.stderr  # ours beside the paper's
 
 
+def test_reproduce_treats_a_damaged_summary_as_unfinished(tmp_path):
+    """A summary.json that does not read (torn, binary, a list) or lacks a field: the table is still
+    written (the run's cell shows what is there) and the run is counted as not finished, so the
+    sweep resumes it (which writes the summary again), instead of a traceback in the table code."""
+    runs = [run_dir(tmp_path, "cpu", ov) for _, _, ov in grid("tableA2", "cpu", 1)]
+    good = {"final_test_acc": 0.8, "train_flops": 2e12, "flops_saving": 0.9, "wall_s": 10.0}
+    for run, text in zip(runs, ['{"final_test_acc": 0.8, "train_fl', "[1]", json.dumps(good),
+                                json.dumps({"final_test_acc": 0.7})], strict=True):
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text(text)
+    r = cli("reproduce", "tableA2", "--seeds", "1", "--out", str(tmp_path), "--dry-run")
+    assert r.returncode == 0 and "2 already finished, 2 to go" in r.stdout, r.stdout + r.stderr
+    assert str(runs[0]) in r.stdout and str(runs[1]) in r.stdout and str(runs[2]) not in r.stdout
+    rows = {row["run_id"]: row for row in json.loads(
+        write_table("tableA2", "cpu", 1, tmp_path).with_name("table.json").read_text())}
+    ids = [spec.run_id for spec, _, _ in grid("tableA2", "cpu", 1)]
+    assert [rows[i]["n"] for i in ids] == [0, 0, 1, 1]
+    assert rows[ids[2]]["train_flops"] == 2e12 and rows[ids[3]]["train_flops"] is None
+    assert abs(rows[ids[3]]["acc_mean"] - 70.0) < 1e-9
+
+
 # --------------------------------------------------------------------------------------------
 # small things a newcomer meets first
 

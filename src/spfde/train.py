@@ -649,7 +649,13 @@ def _resume(out: Path, cfg_path: Path, quiet: bool, allow_config_change: bool) -
     if trainer.is_main and (out / "checkpoints").is_dir():
         for stale in (out / "checkpoints").glob(".*.tmp"):  # temp files of a write that was killed
             os.unlink(stale)
-    if trainer.start_epoch >= cfg.train.epochs and (out / "summary.json").exists():
-        return json.loads((out / "summary.json").read_text())
+    if trainer.start_epoch >= cfg.train.epochs:
+        from spfde.report.runs import finished_summary
+
+        summary = finished_summary(out)
+        if summary is not None:
+            return summary
+        if (out / "summary.json").exists():  # damaged: run() writes it again from the checkpoint restored
+            trainer._log(f"{str(out / 'summary.json')!r} is damaged; writing it again from the last checkpoint")
     with memory_errors(at_start=False):
         return trainer.run()

@@ -100,6 +100,22 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return obj
 
 
+def finished_summary(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's ``summary.json`` when it is intact (a JSON object whose number fields are numbers or
+    null), else None: missing (the run has not finished) or damaged (torn, edited, another tool's
+    file). The one test of "this run is finished" for the commands that skip or reuse a finished run
+    (``spfde train --resume``, ``spfde reproduce``): a damaged summary counts as not finished, so
+    resuming the run writes it again from the last checkpoint instead of failing on it."""
+    path = Path(run_dir) / "summary.json"
+    try:
+        summary = _read_json(path)
+        if summary is not None:
+            _check_numbers(summary, SUMMARY_NUMBERS, repr(str(path)))
+    except SpfdeError:
+        return None
+    return summary
+
+
 def _read_yaml(path: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
