@@ -173,6 +173,15 @@ def test_reproduce_grids_and_resume(tmp_path):
     assert r.returncode == 1 and "update30" in r.stderr and "Traceback" not in r.stderr  # ours beside the paper's
 
 
+@pytest.mark.parametrize("jobs", ["0", "-2"])
+def test_reproduce_refuses_jobs_below_one_instead_of_waiting_forever(tmp_path, jobs):
+    """--jobs 0 started no run and polled an empty list forever (dry run or not)."""
+    for dry in ([], ["--dry-run"]):
+        r = cli("reproduce", "tableA2", "--seeds", "1", "--jobs", jobs, "--out", str(tmp_path), *dry, timeout=60)
+        assert r.returncode == 1 and f"error: --jobs must be at least 1, got {jobs}" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and not (tmp_path / "runs-cpu").exists()
+
+
 def test_reproduce_treats_a_damaged_summary_as_unfinished(tmp_path):
     """A summary.json that does not read (torn, binary, a list) or lacks a field: the table is still
     written (the run's cell shows what is there) and the run is counted as not finished, so the

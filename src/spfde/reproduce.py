@@ -254,6 +254,8 @@ def _run_one(run: Path, overrides: list[str], threads: int) -> subprocess.Popen:
 def reproduce(name: str, preset: str = "cpu", seeds: int = 3, jobs: int = 1, out: Path = Path("runs/reproduce"),
               dry_run: bool = False, overrides: list[str] | None = None, only: str | None = None) -> Path | None:
     """Train the runs of table ``name`` not finished yet (``only``: a regex on row ids), then write the table."""
+    if jobs < 1:  # no slot would ever start a run: the loop below would wait forever
+        raise SpfdeError(f"--jobs must be at least 1, got {jobs}")
     extra = list(overrides or [])
     runs = [(spec, seed, ov + extra) for spec, seed, ov in grid(name, preset, seeds)]
     if only is not None:
@@ -276,7 +278,7 @@ def reproduce(name: str, preset: str = "cpu", seeds: int = 3, jobs: int = 1, out
         for run, (spec, seed, ov) in todo.items():
             print(f"  {spec.run_id} seed {seed} -> {run}: {' '.join(ov)}")
         return None
-    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
     running: list[tuple[Path, str, subprocess.Popen, float]] = []
     failed = []
     queue = list(todo.items())
