@@ -291,6 +291,29 @@ def test_cifar_errors(tmp_path):
         load_datasets(DataConfig(name="cifar10", root=str(folder)))
 
 
+@pytest.mark.parametrize("labels, message", [
+    ([1, "x"], "must hold integer class indices, found 'x'"),
+    ([1, 2.5], "must hold integer class indices, found 2.5"),  # a cast would make it class 2 in silence
+    (np.ones((2, 2), np.int64), r"must be a list of integer class indices, got an array of shape \(2, 2\)"),
+    (5, "must be a list of integer class indices, got one value"),
+    ([True, False], "must hold integer class indices, found True"),
+], ids=["text", "fraction", "table", "scalar", "bools"])
+def test_cifar_labels_that_are_not_class_indices_are_one_error(tmp_path, labels, message):
+    write_cifar(tmp_path, "cifar10", {f"data_batch_{i}": 2 for i in range(1, 6)} | {"test_batch": 2})
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    batch = pickle.loads(path.read_bytes())
+    batch[b"labels"] = labels
+    path.write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(SpfdeError, match=f"data_batch_2' is not a CIFAR batch: 'labels' {message}"):
+        load_datasets(DataConfig(name="cifar10", root=str(tmp_path)))
+    # whole numbers stored as floats are the same classes; numpy scalars (a converted archive) too
+    for good in ([3.0, 7.0], [np.int64(3), 7], [np.float32(3.0), np.uint8(7)], np.array([3, 7], np.int32)):
+        batch[b"labels"] = good
+        path.write_bytes(pickle.dumps(batch, protocol=2))
+        train, _, _ = load_datasets(DataConfig(name="cifar10", root=str(tmp_path)))
+        assert train.labels[2:4].tolist() == [3, 7] and train.labels.dtype == torch.int64
+
+
 class _Evil:
     def __init__(self, path: str) -> None:
         self.path = path
