@@ -182,6 +182,25 @@ def test_fashion_mnist_missing_says_how_to_get_it(monkeypatch, tmp_path):
         load_datasets(DataConfig(name="fashion_mnist"))
 
 
+def test_spfde_data_reads_the_files_it_reports_present(tmp_path):
+    """`spfde data fashion_mnist` said "fashion_mnist: DIR" for a folder whose four files exist but
+    one is cut short (an interrupted copy); the first `spfde train` then failed on it."""
+    from helpers import run_main
+
+    folder = tmp_path / "fm"
+    write_fmnist(folder)
+    code, out, err = run_main("data", "fashion_mnist", "--root", str(folder))
+    assert code == 0 and out.strip() == f"fashion_mnist: {folder}", err
+    images = folder / dsmod.FASHION_MNIST_FILES["test_images"]
+    images.write_bytes(images.read_bytes()[:-40])
+    code, out, err = run_main("data", "fashion_mnist", "--root", str(folder))
+    assert code == 1 and not out and "Traceback" not in err, (out, err)
+    assert err.startswith(f"error: {str(images)!r} is a broken gzip file") and len(err.splitlines()) == 1, err
+    images.write_bytes(gzip.compress(idx_bytes(np.zeros((5, 28, 28), np.uint8))))  # 5 images, 6 labels
+    with pytest.raises(SpfdeError, match="do not fit together: test images"):
+        ensure_fashion_mnist(str(folder), allow_apt=False, allow_download=False)
+
+
 def test_fashion_mnist_download_falls_back_to_second_mirror(monkeypatch, tmp_path):
     """The download path with a fake urlopen (no network): the first mirror fails, the second
     serves the files; they land in $SPFDE_DATA/fashion-mnist and load."""
