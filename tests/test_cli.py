@@ -330,6 +330,8 @@ def test_the_model_is_checked_on_one_image_before_training(tmp_path):
                        (nn.Sequential(nn.Flatten(), nn.Linear(63, 10)), "forward failed on one digits image")):
         with pytest.raises(SpfdeError, match=got):
             check_model_output(model, x, 10, "digits")
+    with pytest.raises(SpfdeError, match=r"the model \(Flatten\) has no parameters, so there is nothing to train"):
+        check_model_output(nn.Flatten(), x, 64, "digits")  # a traceback from torch.optim.SGD before
     lazy = nn.Sequential(nn.Flatten(), nn.LazyLinear(10)).train()
     check_model_output(lazy, x, 10, "digits")
     assert lazy[1].weight.shape == (10, 64) and lazy.training
@@ -342,5 +344,15 @@ def test_the_model_is_checked_on_one_image_before_training(tmp_path):
     sets = [f"--set={kv}" for kv in ("data.name=synthetic", "data.synthetic_size=64", "data.image_size=8",
                                      "train.epochs=1", "train.threads=1", "logging.progress=false",
                                      "model.name=lazy_models:net", "sparsity.target=0.5", "freezing.target=0")]
+    (tmp_path / "lazy_models.py").write_text((tmp_path / "lazy_models.py").read_text() + (
+        "\nclass Plain(nn.Module):\n"
+        "    def __init__(self, num_classes, in_channels):\n"
+        "        super().__init__()\n"
+        "        self.layers = [nn.Linear(in_channels * 64, num_classes)]  # a plain list: not registered\n\n"
+        "    def forward(self, x):\n"
+        "        return self.layers[0](x.flatten(1))\n"))
+    r = cli("train", "-c", str(tmp_path / "base.yaml"), "--out", str(tmp_path / "plain"), *sets,
+            "--set=model.name=lazy_models:Plain", "--set=sparsity.target=0", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "Plain) has no parameters" in r.stderr, r.stderr
     r = cli("train", "-c", str(tmp_path / "base.yaml"), "--out", str(tmp_path / "run"), *sets, cwd=tmp_path)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr

@@ -82,7 +82,11 @@ def check_model_output(model: nn.Module, example: torch.Tensor, num_classes: int
     """One forward of one training image (eval mode, no gradient: nothing in the model changes)
     before anything else uses the model: it gives lazy modules (``LazyLinear``...) their shapes, and
     the built-in trainer's loss needs logits ``(N, num_classes)``, which is checked here instead of
-    failing as an IndexError inside the loss."""
+    failing as an IndexError inside the loss. A model without any parameter is refused first:
+    nothing of it could train (torch's optimizer would stop on it with a traceback)."""
+    if next(model.parameters(), None) is None:
+        raise SpfdeError(f"the model ({type(model).__name__}) has no parameters, so there is nothing to train; "
+                         "it must register its layers as nn.Module attributes (nn.ModuleList for a list)")
     was = model.training
     model.eval()
     try:
