@@ -173,6 +173,36 @@ def test_reproduce_grids_and_resume(tmp_path):
     assert r.returncode == 1 and "update30" in r.stderr and "Traceback" not in r.stderr  # ours beside the paper's
 
 
+@pytest.mark.parametrize("jobs", ["0", "-2"])
+def test_reproduce_refuses_jobs_below_one_instead_of_waiting_forever(tmp_path, jobs):
+    """--jobs 0 started no run and polled an empty list forever (dry run or not)."""
+    for dry in ([], ["--dry-run"]):
+        r = cli("reproduce", "tableA2", "--seeds", "1", "--jobs", jobs, "--out", str(tmp_path), *dry, timeout=60)
+        assert r.returncode == 1 and f"error: --jobs must be at least 1, got {jobs}" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and not (tmp_path / "runs-cpu").exists()
+
+
+def test_reproduce_treats_a_damaged_summary_as_unfinished(tmp_path):
+    """A summary.json that does not read (torn, binary, a list) or lacks a field: the table is still
+    written (the run's cell shows what is there) and the run is counted as not finished, so the
+    sweep resumes it (which writes the summary again), instead of a traceback in the table code."""
+    runs = [run_dir(tmp_path, "cpu", ov) for _, _, ov in grid("tableA2", "cpu", 1)]
+    good = {"final_test_acc": 0.8, "train_flops": 2e12, "flops_saving": 0.9, "wall_s": 10.0}
+    for run, text in zip(runs, ['{"final_test_acc": 0.8, "train_fl', "[1]", json.dumps(good),
+                                json.dumps({"final_test_acc": 0.7})], strict=True):
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text(text)
+    r = cli("reproduce", "tableA2", "--seeds", "1", "--out", str(tmp_path), "--dry-run")
+    assert r.returncode == 0 and "2 already finished, 2 to go" in r.stdout, r.stdout + r.stderr
+    assert str(runs[0]) in r.stdout and str(runs[1]) in r.stdout and str(runs[2]) not in r.stdout
+    rows = {row["run_id"]: row for row in json.loads(
+        write_table("tableA2", "cpu", 1, tmp_path).with_name("table.json").read_text())}
+    ids = [spec.run_id for spec, _, _ in grid("tableA2", "cpu", 1)]
+    assert [rows[i]["n"] for i in ids] == [0, 0, 1, 1]
+    assert rows[ids[2]]["train_flops"] == 2e12 and rows[ids[3]]["train_flops"] is None
+    assert abs(rows[ids[3]]["acc_mean"] - 70.0) < 1e-9
+
+
 # --------------------------------------------------------------------------------------------
 # small things a newcomer meets first
 
@@ -300,6 +330,8 @@ def test_the_model_is_checked_on_one_image_before_training(tmp_path):
                        (nn.Sequential(nn.Flatten(), nn.Linear(63, 10)), "forward failed on one digits image")):
         with pytest.raises(SpfdeError, match=got):
             check_model_output(model, x, 10, "digits")
+    with pytest.raises(SpfdeError, match=r"the model \(Flatten\) has no parameters, so there is nothing to train"):
+        check_model_output(nn.Flatten(), x, 64, "digits")  # a traceback from torch.optim.SGD before
     lazy = nn.Sequential(nn.Flatten(), nn.LazyLinear(10)).train()
     check_model_output(lazy, x, 10, "digits")
     assert lazy[1].weight.shape == (10, 64) and lazy.training
@@ -312,5 +344,15 @@ def test_the_model_is_checked_on_one_image_before_training(tmp_path):
     sets = [f"--set={kv}" for kv in ("data.name=synthetic", "data.synthetic_size=64", "data.image_size=8",
                                      "train.epochs=1", "train.threads=1", "logging.progress=false",
                                      "model.name=lazy_models:net", "sparsity.target=0.5", "freezing.target=0")]
+    (tmp_path / "lazy_models.py").write_text((tmp_path / "lazy_models.py").read_text() + (
+        "\nclass Plain(nn.Module):\n"
+        "    def __init__(self, num_classes, in_channels):\n"
+        "        super().__init__()\n"
+        "        self.layers = [nn.Linear(in_channels * 64, num_classes)]  # a plain list: not registered\n\n"
+        "    def forward(self, x):\n"
+        "        return self.layers[0](x.flatten(1))\n"))
+    r = cli("train", "-c", str(tmp_path / "base.yaml"), "--out", str(tmp_path / "plain"), *sets,
+            "--set=model.name=lazy_models:Plain", "--set=sparsity.target=0", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "Plain) has no parameters" in r.stderr, r.stderr
     r = cli("train", "-c", str(tmp_path / "base.yaml"), "--out", str(tmp_path / "run"), *sets, cwd=tmp_path)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr

@@ -182,6 +182,25 @@ def test_fashion_mnist_missing_says_how_to_get_it(monkeypatch, tmp_path):
         load_datasets(DataConfig(name="fashion_mnist"))
 
 
+def test_spfde_data_reads_the_files_it_reports_present(tmp_path):
+    """`spfde data fashion_mnist` said "fashion_mnist: DIR" for a folder whose four files exist but
+    one is cut short (an interrupted copy); the first `spfde train` then failed on it."""
+    from helpers import run_main
+
+    folder = tmp_path / "fm"
+    write_fmnist(folder)
+    code, out, err = run_main("data", "fashion_mnist", "--root", str(folder))
+    assert code == 0 and out.strip() == f"fashion_mnist: {folder}", err
+    images = folder / dsmod.FASHION_MNIST_FILES["test_images"]
+    images.write_bytes(images.read_bytes()[:-40])
+    code, out, err = run_main("data", "fashion_mnist", "--root", str(folder))
+    assert code == 1 and not out and "Traceback" not in err, (out, err)
+    assert err.startswith(f"error: {str(images)!r} is a broken gzip file") and len(err.splitlines()) == 1, err
+    images.write_bytes(gzip.compress(idx_bytes(np.zeros((5, 28, 28), np.uint8))))  # 5 images, 6 labels
+    with pytest.raises(SpfdeError, match="do not fit together: test images"):
+        ensure_fashion_mnist(str(folder), allow_apt=False, allow_download=False)
+
+
 def test_fashion_mnist_download_falls_back_to_second_mirror(monkeypatch, tmp_path):
     """The download path with a fake urlopen (no network): the first mirror fails, the second
     serves the files; they land in $SPFDE_DATA/fashion-mnist and load."""
@@ -289,6 +308,29 @@ def test_cifar_errors(tmp_path):
     (folder / "data_batch_5").unlink()
     with pytest.raises(SpfdeError, match="lacks 'data_batch_5'"):
         load_datasets(DataConfig(name="cifar10", root=str(folder)))
+
+
+@pytest.mark.parametrize("labels, message", [
+    ([1, "x"], "must hold integer class indices, found 'x'"),
+    ([1, 2.5], "must hold integer class indices, found 2.5"),  # a cast would make it class 2 in silence
+    (np.ones((2, 2), np.int64), r"must be a list of integer class indices, got an array of shape \(2, 2\)"),
+    (5, "must be a list of integer class indices, got one value"),
+    ([True, False], "must hold integer class indices, found True"),
+], ids=["text", "fraction", "table", "scalar", "bools"])
+def test_cifar_labels_that_are_not_class_indices_are_one_error(tmp_path, labels, message):
+    write_cifar(tmp_path, "cifar10", {f"data_batch_{i}": 2 for i in range(1, 6)} | {"test_batch": 2})
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    batch = pickle.loads(path.read_bytes())
+    batch[b"labels"] = labels
+    path.write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(SpfdeError, match=f"data_batch_2' is not a CIFAR batch: 'labels' {message}"):
+        load_datasets(DataConfig(name="cifar10", root=str(tmp_path)))
+    # whole numbers stored as floats are the same classes; numpy scalars (a converted archive) too
+    for good in ([3.0, 7.0], [np.int64(3), 7], [np.float32(3.0), np.uint8(7)], np.array([3, 7], np.int32)):
+        batch[b"labels"] = good
+        path.write_bytes(pickle.dumps(batch, protocol=2))
+        train, _, _ = load_datasets(DataConfig(name="cifar10", root=str(tmp_path)))
+        assert train.labels[2:4].tolist() == [3, 7] and train.labels.dtype == torch.int64
 
 
 class _Evil:

@@ -173,6 +173,23 @@ def test_report_errors_name_the_directory(tmp_path):
     assert report_main([str(tmp_path / "missing_dir")]) == 1
 
 
+@pytest.mark.parametrize("name", ["metrics.jsonl", "summary.json", "config.yaml"])
+def test_report_and_compare_name_a_run_file_that_is_not_text(tmp_path, capsys, name):
+    """A run file overwritten with binary bytes (another file's, a disk fault) is one error naming
+    it, as a damaged JSON line is, not a UnicodeDecodeError traceback."""
+    run = make_fake_run(tmp_path, "run")
+    (run / name).write_bytes(b'{"epoch": 0, "x": "\x80\xff"}\n')
+    want = rf"cannot read '.*{name}': it is not UTF-8 text \(byte 0x80 at offset 19\); is the file damaged\?"
+    with pytest.raises(SpfdeError, match=want):
+        write_report([run])
+    assert report_main([str(run)]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+    if name == "summary.json":  # compare skips the run with that line, like any unfinished one
+        notes: list[str] = []
+        with pytest.raises(SpfdeError, match=want):
+            compare_runs([run], notes=notes)
+
+
 def test_compare_groups_seeds_mean_std(tmp_path, capsys):
     accs = [0.5, 0.6, 0.8]
     seeds = [make_fake_run(tmp_path, f"mest_s{i}", seed=i, final_acc=acc, full=False)

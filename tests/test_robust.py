@@ -518,6 +518,26 @@ def test_a_subset_larger_than_the_training_split_is_a_config_error(tmp_path, mon
     assert code == 0 and json.loads(out)["train_flops"] > 0, err
 
 
+@pytest.mark.parametrize("damage", [b'{"final_test_acc": 0.5, "wall', b"[1, 2]", b'{"wall_s": "\x80"}',
+                                    b'{"final_test_acc": "high"}'], ids=["torn", "list", "binary", "text"])
+def test_resume_of_a_finished_run_rewrites_a_damaged_summary(tmp_path, damage):
+    """A finished run whose summary.json is damaged: `--resume` writes it again from the last
+    checkpoint (every field of it is there) instead of a JSONDecodeError/AttributeError traceback."""
+    run = tmp_path / "run"
+    cfg = tiny_cfg(*SPFDE, "train.epochs=2", "sparsity.search_end=1", "freezing.target=0.05")
+    summary = train(cfg, run, quiet=True)
+    (run / "summary.json").write_bytes(damage)
+    code, _, err = run_main("train", "--resume", str(run))
+    assert code == 0 and "Traceback" not in err, err
+    again = json.loads((run / "summary.json").read_text())
+    mutable = {"threads"}  # the only field a resume may set otherwise (README, "Threads")
+    assert {k: v for k, v in again.items() if k not in mutable} == {
+        k: v for k, v in summary.items() if k not in mutable}
+    # an intact summary is returned as it is, without training anything again
+    (run / "summary.json").write_text(json.dumps({**summary, "final_test_acc": 0.125}))
+    assert resume(run, quiet=True)["final_test_acc"] == 0.125
+
+
 def test_resume_of_a_folder_that_is_not_a_run_exits_2(tmp_path):
     (tmp_path / "folder").mkdir()
     for target in (tmp_path / "folder", tmp_path / "missing"):

@@ -69,7 +69,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the model registry")
 
-    p = sub.add_parser("data", help="make sure a dataset is present (Fashion-MNIST: apt or download)")
+    p = sub.add_parser("data", help="make sure a dataset is present and reads (Fashion-MNIST: apt or download)")
     p.add_argument("name", choices=["fashion_mnist"], help="the dataset")
     p.add_argument("--root", default=None, metavar="DIR", help="folder to look in / download to")
 

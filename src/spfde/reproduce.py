@@ -28,9 +28,9 @@ within each Δτ interval.
 Runs are shared between tables: each distinct (settings, seed) pair lives once in
 ``OUT/runs-PRESET/<hash>_seed<k>`` (its overrides beside it in ``<hash>_seed<k>.json``), so the
 MEST baseline that Table 2, A1, A8 and A11 all need is trained once. A run whose ``summary.json``
-exists is skipped, so an interrupted sweep resumes where it stopped (a half-finished run is
-resumed from its checkpoint). The table is written to ``OUT/NAME-PRESET/table.md`` (and
-``table.json``).
+exists (and is intact) is skipped, so an interrupted sweep resumes where it stopped (a half-finished
+run, or a finished one whose ``summary.json`` is damaged, is resumed from its checkpoint). The
+table is written to ``OUT/NAME-PRESET/table.md`` (and ``table.json``).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from typing import Any
 
 from spfde.config import load_config
 from spfde.errors import SpfdeError
+from spfde.report.runs import finished_summary
 
 
 @dataclass
@@ -253,6 +254,8 @@ def _run_one(run: Path, overrides: list[str], threads: int) -> subprocess.Popen:
 def reproduce(name: str, preset: str = "cpu", seeds: int = 3, jobs: int = 1, out: Path = Path("runs/reproduce"),
               dry_run: bool = False, overrides: list[str] | None = None, only: str | None = None) -> Path | None:
     """Train the runs of table ``name`` not finished yet (``only``: a regex on row ids), then write the table."""
+    if jobs < 1:  # no slot would ever start a run: the loop below would wait forever
+        raise SpfdeError(f"--jobs must be at least 1, got {jobs}")
     extra = list(overrides or [])
     runs = [(spec, seed, ov + extra) for spec, seed, ov in grid(name, preset, seeds)]
     if only is not None:
@@ -267,7 +270,7 @@ def reproduce(name: str, preset: str = "cpu", seeds: int = 3, jobs: int = 1, out
     todo: dict[Path, tuple[RunSpec, int, list[str]]] = {}
     for spec, seed, ov in runs:
         run = run_dir(out, preset, ov)
-        if not (run / "summary.json").exists():
+        if finished_summary(run) is None:
             todo.setdefault(run, (spec, seed, ov))  # two cells of one table may be the same run
     distinct = len({run_dir(out, preset, ov) for _, _, ov in runs})
     print(f"{name} ({preset}): {distinct} distinct runs, {distinct - len(todo)} already finished, {len(todo)} to go")
@@ -275,7 +278,7 @@ def reproduce(name: str, preset: str = "cpu", seeds: int = 3, jobs: int = 1, out
         for run, (spec, seed, ov) in todo.items():
             print(f"  {spec.run_id} seed {seed} -> {run}: {' '.join(ov)}")
         return None
-    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
     running: list[tuple[Path, str, subprocess.Popen, float]] = []
     failed = []
     queue = list(todo.items())
@@ -301,15 +304,23 @@ def reproduce(name: str, preset: str = "cpu", seeds: int = 3, jobs: int = 1, out
     return path
 
 
+def _mean(values: Any) -> float | None:
+    """The mean of the values that are there (a summary written before a field existed lacks it)."""
+    import statistics
+
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
 def collect(name: str, preset: str, seeds: int, out: Path, extra: list[str] | None = None) -> list[dict[str, Any]]:
     import statistics
 
     rows = []
     by_spec: dict[str, list[dict[str, Any]]] = {}
     for spec, _seed, ov in grid(name, preset, seeds):
-        p = run_dir(out, preset, ov + list(extra or [])) / "summary.json"
-        if p.exists():
-            by_spec.setdefault(spec.run_id, []).append(json.loads(p.read_text()))
+        summary = finished_summary(run_dir(out, preset, ov + list(extra or [])))
+        if summary is not None:
+            by_spec.setdefault(spec.run_id, []).append(summary)
     for spec in TABLES[name]():
         sums = by_spec.get(spec.run_id, [])
         accs = [100 * s["final_test_acc"] for s in sums if s.get("final_test_acc") is not None]
@@ -317,9 +328,9 @@ def collect(name: str, preset: str, seeds: int, out: Path, extra: list[str] | No
             "label": spec.label, "column": spec.column, "run_id": spec.run_id, "n": len(accs),
             "acc_mean": statistics.fmean(accs) if accs else None,
             "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0 if accs else None,
-            "train_flops": statistics.fmean(s["train_flops"] for s in sums) if sums else None,
-            "flops_saving": statistics.fmean(s["flops_saving"] for s in sums) if sums else None,
-            "wall_s": statistics.fmean(s["wall_s"] for s in sums) if sums else None,
+            "train_flops": _mean(s.get("train_flops") for s in sums),
+            "flops_saving": _mean(s.get("flops_saving") for s in sums),
+            "wall_s": _mean(s.get("wall_s") for s in sums),
             "paper_acc": spec.paper,
             "paper_speedup": spec.paper_speedup,
         })

@@ -82,7 +82,11 @@ def check_model_output(model: nn.Module, example: torch.Tensor, num_classes: int
     """One forward of one training image (eval mode, no gradient: nothing in the model changes)
     before anything else uses the model: it gives lazy modules (``LazyLinear``...) their shapes, and
     the built-in trainer's loss needs logits ``(N, num_classes)``, which is checked here instead of
-    failing as an IndexError inside the loss."""
+    failing as an IndexError inside the loss. A model without any parameter is refused first:
+    nothing of it could train (torch's optimizer would stop on it with a traceback)."""
+    if next(model.parameters(), None) is None:
+        raise SpfdeError(f"the model ({type(model).__name__}) has no parameters, so there is nothing to train; "
+                         "it must register its layers as nn.Module attributes (nn.ModuleList for a list)")
     was = model.training
     model.eval()
     try:
@@ -649,7 +653,13 @@ def _resume(out: Path, cfg_path: Path, quiet: bool, allow_config_change: bool) -
     if trainer.is_main and (out / "checkpoints").is_dir():
         for stale in (out / "checkpoints").glob(".*.tmp"):  # temp files of a write that was killed
             os.unlink(stale)
-    if trainer.start_epoch >= cfg.train.epochs and (out / "summary.json").exists():
-        return json.loads((out / "summary.json").read_text())
+    if trainer.start_epoch >= cfg.train.epochs:
+        from spfde.report.runs import finished_summary
+
+        summary = finished_summary(out)
+        if summary is not None:
+            return summary
+        if (out / "summary.json").exists():  # damaged: run() writes it again from the checkpoint restored
+            trainer._log(f"{str(out / 'summary.json')!r} is damaged; writing it again from the last checkpoint")
     with memory_errors(at_start=False):
         return trainer.run()

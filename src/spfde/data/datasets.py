@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import numbers
 import os
 import pickle
 import struct
@@ -513,13 +514,39 @@ def find_cifar_folder(name: str, root: str | os.PathLike | None = None) -> Path:
                      f"{spec['url']} and set data.root to the extracted '{spec['folder']}' folder or its parent")
 
 
+def _integer_labels(raw: Any, what: str) -> np.ndarray:
+    """A 1-D array of integer class indices as ``int64``; anything else (text, fractions such as 2.5
+    that a cast would truncate to 2 without a word, a table, one number) is one error naming ``what``."""
+    try:
+        labels = np.asarray(raw)
+    except ValueError:  # a ragged list
+        labels = np.asarray(raw, dtype=object)
+    if labels.ndim != 1:
+        got = "one value" if labels.ndim == 0 else f"an array of shape {labels.shape}"
+        raise SpfdeError(f"{what} must be a list of integer class indices, got {got}; re-extract the official "
+                         "archive")
+
+    def whole(v: Any) -> bool:  # Python or numpy numbers (a list of np.int64 from a converted archive)
+        if isinstance(v, (bool, np.bool_)):
+            return False
+        return isinstance(v, numbers.Integral) or (isinstance(v, numbers.Real) and float(v).is_integer())
+
+    if labels.dtype.kind not in "iu":
+        values = list(raw) if isinstance(raw, (list, tuple)) else labels.tolist()  # [1, "x"]: "x", not "1"
+        bad = next((v for v in values if not whole(v)), None)
+        if bad is not None:  # whole numbers stored as floats (3.0) are the same classes
+            raise SpfdeError(f"{what} must hold integer class indices, found {bad!r}; re-extract the official "
+                             "archive")
+    return labels.astype(np.int64)
+
+
 def _cifar_part(path: Path, label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
     d = _unpickle(path)
     if "data" not in d or label_key not in d:
         raise SpfdeError(f"{str(path)!r} is not a CIFAR batch: it lacks the 'data' or '{label_key}' entry "
                          f"(keys: {', '.join(sorted(map(str, d))[:6])})")
     data = np.asarray(d["data"])
-    labels = np.asarray(d[label_key], dtype=np.int64)
+    labels = _integer_labels(d[label_key], f"{str(path)!r} is not a CIFAR batch: '{label_key}'")
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
         raise SpfdeError(f"{str(path)!r} is not a CIFAR batch: 'data' is {data.dtype} {data.shape}, "
                          f"expected uint8 (N, 3072) with N = {labels.shape[0]} labels")

@@ -24,6 +24,7 @@ from spfde.data.datasets import (
     FASHION_MNIST_FILES,
     FASHION_MNIST_SYSTEM_DIR,
     find_fashion_mnist,
+    load_fashion_mnist,
     parse_idx,
 )
 from spfde.errors import SpfdeError
@@ -83,16 +84,18 @@ def _download(dest: Path, timeout: float = 60.0) -> Path:
 
 
 def ensure_fashion_mnist(root: str | None = None, allow_apt: bool = True, allow_download: bool = True) -> Path:
-    """A folder with the four Fashion-MNIST idx ``.gz`` files, fetching them if needed."""
+    """A folder with the four Fashion-MNIST idx ``.gz`` files, fetching them if needed. The files are
+    read the way a run reads them (:func:`~spfde.data.datasets.load_fashion_mnist`) before the folder
+    is returned: a folder whose files are all there but one is truncated or damaged (an interrupted
+    copy) is an error naming that file, not a "present" that the first run then refutes."""
     found = find_fashion_mnist(root)
-    if found is not None:
-        return found
-    if allow_apt and root is None:  # the Debian package installs into its own folder, not into root
+    if found is None and allow_apt and root is None:  # the Debian package installs into its own folder
         found = _try_apt()
-        if found is not None:
-            return found
-    if allow_download:
-        return _download(Path(root) if root is not None else default_download_dir())
+    if found is None and allow_download:
+        found = _download(Path(root) if root is not None else default_download_dir())
+    if found is not None:
+        load_fashion_mnist(found)
+        return found
     raise SpfdeError(
         f"Fashion-MNIST not found; install the Debian package {FASHION_MNIST_APT} "
         f"(files in {FASHION_MNIST_SYSTEM_DIR}), or put train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "

@@ -58,12 +58,21 @@ def _check_numbers(obj: dict[str, Any], keys: tuple[str, ...], where: str) -> No
             raise SpfdeError(f"{where}: field {k!r} is {v!r}, expected a number or null; is the file damaged?")
 
 
+def _read_text(path: Path) -> str:
+    """A run file's text; unreadable or not UTF-8 (bytes of another file, a disk fault) is one
+    :class:`SpfdeError` naming the file, as a damaged JSON or YAML file is."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpfdeError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise SpfdeError(f"cannot read {str(path)!r}: it is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                         f"offset {e.start}); is the file damaged?") from None
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     rows = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise SpfdeError(f"cannot read {str(path)!r}: {e.strerror}") from None
+    lines = _read_text(path).splitlines()
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -81,21 +90,39 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 def _read_json(path: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
+    text = _read_text(path)
     try:
-        obj = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
         raise SpfdeError(f"cannot read {str(path)!r}: {e}") from None
     if not isinstance(obj, dict):
         raise SpfdeError(f"{str(path)!r} must hold a JSON object")
     return obj
 
 
+def finished_summary(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's ``summary.json`` when it is intact (a JSON object whose number fields are numbers or
+    null), else None: missing (the run has not finished) or damaged (torn, edited, another tool's
+    file). The one test of "this run is finished" for the commands that skip or reuse a finished run
+    (``spfde train --resume``, ``spfde reproduce``): a damaged summary counts as not finished, so
+    resuming the run writes it again from the last checkpoint instead of failing on it."""
+    path = Path(run_dir) / "summary.json"
+    try:
+        summary = _read_json(path)
+        if summary is not None:
+            _check_numbers(summary, SUMMARY_NUMBERS, repr(str(path)))
+    except SpfdeError:
+        return None
+    return summary
+
+
 def _read_yaml(path: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
+    text = _read_text(path)
     try:
-        obj = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
+        obj = yaml.safe_load(text)
+    except yaml.YAMLError as e:
         raise SpfdeError(f"cannot read {str(path)!r}: {e}") from None
     return obj if isinstance(obj, dict) else None
 
