@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spfde.sparsity.kernels import common, native
-from spfde.sparsity.kernels.common import first_order_only
+from spfde.sparsity.kernels.common import first_order_only, weight_grad_buffer
 from spfde.sparsity.kernels.linear import (
     LinearPlan,
     _fx_tracing,
@@ -286,15 +286,8 @@ class FusedSelfAttentionFunction(torch.autograd.Function):
         gl, gb = (gy.stride(1), gy.stride(0)) if batch_first else (gy.stride(0), gy.stride(1))
         gx = torch.empty((tokens, samples, e), dtype=torch.float32) if need_x else None
 
-        def weight_grad(need: bool, w: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
-            if not need:
-                return None, False
-            row_major = w.stride() == (w.shape[1], 1)
-            g = torch.empty_strided(w.shape, w.stride())
-            return (g if row_major else g.zero_()), row_major  # the kernel zeroes a row-major one itself
-
-        gw1, zero1 = weight_grad(need_w1, w1)
-        gw2, zero2 = weight_grad(need_w2, w2)
+        gw1, zero1 = weight_grad_buffer(need_w1, w1)
+        gw2, zero2 = weight_grad_buffer(need_w2, w2)
         gb1 = torch.empty(3 * e, dtype=torch.float32) if need_b1 else None
         gb2 = torch.empty(e, dtype=torch.float32) if need_b2 else None
         p1, p2 = plan1.ptrs, plan2.ptrs

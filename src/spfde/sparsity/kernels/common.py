@@ -65,6 +65,16 @@ def first_order_only(backward: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def weight_grad_buffer(need: bool, w: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+    """The dense ``.grad`` buffer a native fused backward writes a weight's gradient into, and whether
+    the kernel zeroes it itself (it does for a row-major one; any other layout is zeroed here)."""
+    if not need:
+        return None, False
+    row_major = w.stride() == (w.shape[1], 1)
+    g = torch.empty_strided(w.shape, w.stride())
+    return (g if row_major else g.zero_()), row_major
+
+
 def is_dense_storage(t: torch.Tensor) -> bool:
     """True when ``t``'s elements fill its storage span exactly once (contiguous, channels_last, ...)."""
     if t.numel() == 0:
