@@ -154,9 +154,9 @@ def test_writes_merge_with_what_is_on_disk(tmp_path):
     a, b = calibration.Calibration(path), calibration.Calibration(path)
     assert a.get("k1") is None  # a has read the (missing) file before b writes
     b.put("k2", "dense", 0.9)
-    a.put("k1", "sparse", 1.5)
-    assert calibration.Calibration(path).get("k2") == ("dense", 0.9)
-    assert calibration.Calibration(path).get("k1") == ("sparse", 1.5)
+    a.put("k1", "sparse", 1.5, 2, 0.003, 0.002)
+    assert calibration.Calibration(path).get("k2")[:3] == ("dense", 0.9, 1)
+    assert calibration.Calibration(path).get("k1") == ("sparse", 1.5, 2, 0.003, 0.002)
     assert not [p for p in tmp_path.iterdir() if p.name != "calib.json"]  # no temporary file left behind
 
 
@@ -203,3 +203,56 @@ def test_off_shares_one_timing_between_layers_of_the_same_key_within_a_run(race)
     exe2 = SparseExecution(model2, engine2, "auto", "off")
     model2(torch.randn(64, 256)).sum().backward()
     assert race.calls == 6 and set(exe2.choices().values()) == {"dense"}  # a new run: timed afresh
+
+
+class _Stalled(_Race):
+    """The first timing's sparse repetitions stalled (another process took a core): 50x slower."""
+
+    def __call__(self, dense, sparse) -> tuple[float, float]:
+        self.calls += 1
+        return (1.0, 50.0) if self.calls == 1 else (1.0, 0.5)
+
+
+def test_a_disturbed_first_timing_is_overturned_by_the_confirming_one(monkeypatch, tmp_path):
+    """A decision timed once is provisional: the call is timed again after the next epoch start and
+    decided on the best times of both, so one disturbed timing decides neither the run nor the file."""
+    fake = _Stalled()
+    monkeypatch.setattr(execution, "race", fake)
+    path, x = tmp_path / "calib.json", torch.randn(64, 512)
+    model, exe = _linear_exe(path)
+    model(x).sum().backward()
+    assert fake.calls == 1 and exe.choices() == {"0": "dense"}  # the stalled timing decides, for now
+    model(x).sum().backward()
+    assert fake.calls == 1  # not re-timed within the epoch
+    exe.start_epoch()
+    model(x).sum().backward()
+    assert fake.calls == 2 and exe.choices() == {"0": "sparse"} and exe.speedups() == {"0": 2.0}
+    exe.start_epoch()
+    model(x).sum().backward()
+    assert fake.calls == 2  # confirmed: final while the nonzero count holds
+    (entry,) = json.loads(path.read_text())["decisions"].values()
+    assert entry == {"choice": "sparse", "speedup": 2.0, "timings": 2, "dense_s": 1.0, "sparse_s": 0.5}
+    model, exe = _linear_exe(path)  # a later run reads the confirmed decision and times nothing
+    model(x).sum().backward()
+    exe.start_epoch()
+    model(x).sum().backward()
+    assert fake.calls == 2 and exe.choices() == {"0": "sparse"}
+
+
+def test_a_provisional_decision_is_confirmed_after_a_resume_and_in_a_later_run(race, tmp_path):
+    path, x = tmp_path / "calib.json", torch.randn(64, 512)
+    model, exe = _linear_exe(path)
+    model(x).sum().backward()
+    state = exe.state_dict()
+    assert race.calls == 1 and state["layers"]["0"]["provisional"]
+    model, exe = _linear_exe(tmp_path / "other.json")  # the resumed run: no stored decision to read
+    exe.load_state_dict(state)
+    exe.start_epoch()
+    model(x).sum().backward()
+    assert race.calls == 2 and exe.choices() == {"0": "sparse"}  # timed again, as uninterrupted
+    model, exe = _linear_exe(path)  # a later run on the first file: its one timing is used, then confirmed
+    model(x).sum().backward()
+    assert race.calls == 2
+    exe.start_epoch()
+    model(x).sum().backward()
+    assert race.calls == 3 and json.loads(path.read_text())["decisions"].popitem()[1]["timings"] == 2

@@ -15,6 +15,11 @@ location gives one warning line and keeps the decisions in memory for the run. N
 ``off`` keeps a store in memory only, for the run: a later run times afresh, but within one run
 layers with the same key (the same shape, density and call: the four blocks of a ViT, the layers
 of a ResNet stage) share one timing, as they do under a file.
+
+Each entry also keeps the two kernels' best times and how many timings they pool (``timings``): a
+decision timed once is provisional and is timed a second time in a later epoch
+(:mod:`.execution`, ``CONFIRM_TIMINGS``), so a first timing that load on the machine disturbed
+does not hold for the whole run, nor for every later run that reads the file.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import os
 import platform
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -33,8 +38,27 @@ from spfde.sparsity.kernels import native
 from spfde.sparsity.kernels.common import warn_once
 
 FILE_NAME = "calibration.json"
-#: bumped when the key's fields or the timing rule change, so old decisions are not reused
-FORMAT = 2
+#: bumped when the key's fields or the timing rule change, so old decisions are not reused (3: best
+#: times pooled over a confirming second timing, instead of one timing's medians)
+FORMAT = 3
+
+
+class Decision(NamedTuple):
+    """One stored decision: ``choice`` (``dense`` | ``sparse``), ``speedup`` (dense time / sparse time),
+    the best ``dense_s`` and ``sparse_s`` seconds it was decided on, and how many ``timings`` they pool."""
+
+    choice: str
+    speedup: float | None
+    timings: int = 1
+    dense_s: float | None = None
+    sparse_s: float | None = None
+
+
+def _decision(v: dict[str, Any]) -> Decision:
+    def num(name: str) -> float | None:
+        return None if v.get(name) is None else float(v[name])
+
+    return Decision(str(v["choice"]), num("speedup"), int(v.get("timings", 1)), num("dense_s"), num("sparse_s"))
 
 
 def resolve(setting: str) -> Path | None:
@@ -69,24 +93,23 @@ def key(fields: dict[str, Any]) -> str:
 
 
 class Calibration:
-    """Decisions ``{key: (choice, speedup)}`` loaded lazily from ``path`` and written back on each new
-    one; ``path=None``: in memory only, for this run (``sparsity.kernels_calibration: off``)."""
+    """Decisions ``{key: Decision}`` loaded lazily from ``path`` and written back on each new one;
+    ``path=None``: in memory only, for this run (``sparsity.kernels_calibration: off``)."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self._entries: dict[str, tuple[str, float | None]] | None = None
+        self._entries: dict[str, Decision] | None = None
         self._writable = path is not None
         self._warned = False
 
-    def _read(self) -> dict[str, tuple[str, float | None]]:
+    def _read(self) -> dict[str, Decision]:
         if self.path is None:
             return {}
         try:
             data = json.loads(self.path.read_text())
             if data.get("format") != FORMAT:  # another version's keys: start afresh, overwrite on write
                 return {}
-            return {str(k): (str(v["choice"]), None if v.get("speedup") is None else float(v["speedup"]))
-                    for k, v in data["decisions"].items() if v["choice"] in ("dense", "sparse")}
+            return {str(k): _decision(v) for k, v in data["decisions"].items() if v["choice"] in ("dense", "sparse")}
         except (FileNotFoundError, NotADirectoryError):  # nothing stored yet (an unwritable folder warns on write)
             return {}
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:  # corrupt: one line, never fatal
@@ -97,22 +120,23 @@ class Calibration:
                       "starting with no stored decisions")
             return {}
 
-    def get(self, k: str) -> tuple[str, float | None] | None:
+    def get(self, k: str) -> Decision | None:
         if self._entries is None:
             self._entries = self._read()
         return self._entries.get(k)
 
-    def put(self, k: str, choice: str, speedup: float | None) -> None:
+    def put(self, k: str, choice: str, speedup: float | None, timings: int = 1, dense_s: float | None = None,
+            sparse_s: float | None = None) -> None:
         """Record a decision and write the file: what is on disk now, plus this decision."""
         if self._entries is None:
             self._entries = self._read()
-        self._entries[k] = (choice, speedup)
+        entry = Decision(choice, speedup, timings, dense_s, sparse_s)
+        self._entries[k] = entry
         if not self._writable or self.path is None:
             return
-        merged = {**self._read(), k: (choice, speedup)}
+        merged = {**self._read(), k: entry}
         self._entries.update(merged)
-        doc = {"format": FORMAT, "decisions": {key_: {"choice": c, "speedup": s} for key_, (c, s) in
-                                               sorted(merged.items())}}
+        doc = {"format": FORMAT, "decisions": {key_: d._asdict() for key_, d in sorted(merged.items())}}
         tmp = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
