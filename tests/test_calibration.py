@@ -170,10 +170,10 @@ def test_a_density_step_is_not_retimed_when_the_earlier_timing_decides_it(monkey
     timed: list[tuple[str, int]] = []  # (layer, nonzeros) of every timed training-batch call
     orig = execution._Layer.measure
 
-    def measure(self, key, x, args, kwargs):
+    def measure(self, key, x, args, kwargs, unit=None):
         if key[3][0] == 16:
             timed.append((self.name, self.plan.nnz))
-        return orig(self, key, x, args, kwargs)
+        return orig(self, key, x, args, kwargs, unit)
 
     monkeypatch.setattr(execution._Layer, "measure", measure)
     choices, _, _ = _train("off", epochs=4)

@@ -484,8 +484,9 @@ def test_vit_mlp_is_one_fused_call_only_when_both_linears_run_sparse(native_spy,
     """The ViT's MLP (``mlp_act``) under ``sparse`` kernels: one ``spfde_mlp_*`` call pair per block,
     the model's output and gradients those of the unfused model bit for bit (which matches its
     masked dense twin: the GELU test above); a hook on fc2, a RigL dense-gradient step, or fc2
-    not masked run the Linears one by one; under ``auto`` an undecided fc2 runs unfused once,
-    which decides it, and a fc2 decided dense never fuses."""
+    not masked run the Linears one by one; under ``auto`` the pair is timed as one (the fused call
+    against the dense pair) and fuses from its first call, fc2 taking fc1's decision, and a pair
+    decided dense runs dense."""
     from spfde.models.vit import vit_tiny
 
     torch.manual_seed(0)
@@ -524,20 +525,24 @@ def test_vit_mlp_is_one_fused_call_only_when_both_linears_run_sparse(native_spy,
     monkeypatch.setattr(native, "load", lambda build=True, quiet=False: native_spy)
     exe.remove()
 
-    # auto: fc2's decision comes from its own (unfused) call; one decided dense keeps the block unfused
+    # auto: the pair is timed as one (fused against dense) and fc2 takes fc1's decision
     torch.manual_seed(0)
     model = vit_tiny(num_classes=10, in_channels=1)
     exe = SparseExecution(model, _engine(model, layers, density=0.2), "auto", "off")
     monkeypatch.setattr(execution, "TINY_MACS", 0)
-    monkeypatch.setattr(execution, "race", _fake_race(2.0, 1.0, []))  # sparse wins
+    raced = _spy_race(native_spy, 2.0, 1.0)  # sparse wins
+    monkeypatch.setattr(execution, "race", raced)
     run()
-    assert "spfde_mlp_forward" not in native_spy.calls  # the first call decides fc1 and fc2 one by one
-    assert native_spy.calls.count("spfde_linear_forward") == 8
-    slow = exe.layers["layers.2.mlp.fc2"]
-    slow.decisions = dict.fromkeys(slow.decisions, "dense")  # as if its timing had said dense
+    assert native_spy.calls.count("spfde_mlp_forward") == 4  # fused from the first call
+    assert "spfde_linear_forward" not in native_spy.calls
+    # one timing for the four blocks (one key in the run's store): the fused call against the dense pair
+    assert raced.ran == [([], ["spfde_mlp_forward", "spfde_mlp_backward"])]
+    assert exe.choices() == dict.fromkeys(layers, "sparse") and len(exe.speedups()) == 8
+    slow = exe.layers["layers.2.mlp.fc1"]
+    slow.decisions = dict.fromkeys(slow.decisions, "dense")  # as if the pair's timing had said dense
     run()
-    assert native_spy.calls.count("spfde_mlp_forward") == 3  # the blocks whose fc2 is sparse fuse
-    assert exe.choices()["layers.2.mlp.fc2"] == "dense" and exe.layers["layers.2.mlp.fc1"].used == "sparse"
+    assert native_spy.calls.count("spfde_mlp_forward") == 3  # the other blocks fuse
+    assert exe.choices()["layers.2.mlp.fc2"] == "dense" and exe.layers["layers.2.mlp.fc2"].used == "dense"
 
 
 @needs_native
@@ -874,15 +879,21 @@ def test_fused_self_attention_only_where_it_is_the_same_function(native_spy, mon
     model.eval()
     assert fused_after(model)
     exe.remove()
-    # auto: out_proj's first call decides it; decided dense, the block stays three steps
+    # auto: the block is timed as one (the fused call against the dense steps) and fuses from its first
+    # call, out_proj taking in_proj's decision; decided dense, both projections run dense
     model = _SelfAttention()
     monkeypatch.setattr(execution, "TINY_MACS", 0)
-    monkeypatch.setattr(execution, "race", _fake_race(2.0, 1.0, []))
+    raced = _spy_race(native_spy, 2.0, 1.0)
+    monkeypatch.setattr(execution, "race", raced)
     exe = SparseExecution(model, _engine(model, ATTN_LAYERS), "auto", "off")
-    assert not fused_after(model) and fused_after(model)
-    layer = exe.layers["attn.out_proj"]
+    assert fused_after(model) and fused_after(model)
+    assert len(raced.ran) == 1 and raced.ran[0][1] == ["spfde_mha_forward", "spfde_mha_backward"]
+    assert "spfde_mha_forward" not in raced.ran[0][0] and "spfde_linear_forward" not in raced.ran[0][0]
+    assert exe.choices() == {"attn.in_proj_weight": "sparse", "attn.out_proj": "sparse"}
+    layer = exe.layers["attn.in_proj_weight"]
     layer.decisions = dict.fromkeys(layer.decisions, "dense")
-    assert not fused_after(model)
+    assert not fused_after(model) and not [c for c in native_spy.calls if c.startswith("spfde_linear")]
+    assert exe.choices() == {"attn.in_proj_weight": "dense", "attn.out_proj": "dense"}
 
 
 @needs_native
@@ -1040,6 +1051,22 @@ def test_plan_rebuilt_only_when_the_mask_changes():
     _close(y, F.linear(x, lin[0].weight * new, lin[0].bias))
     (gw,) = torch.autograd.grad(y.sum(), [lin[0].weight])
     assert torch.all(gw[~new] == 0) and torch.any(gw[new] != 0)
+
+
+def _spy_race(spy, dense_s: float, sparse_s: float):
+    """A fake timing that runs each side once and keeps the native calls each made (``.ran``)."""
+    def race(dense, sparse):
+        saved = list(spy.calls)
+        ran = []
+        for fn in (dense, sparse):
+            spy.calls.clear()
+            fn()
+            ran.append(list(spy.calls))
+        spy.calls[:] = saved
+        race.ran.append(tuple(ran))
+        return dense_s, sparse_s
+    race.ran = []
+    return race
 
 
 def _fake_race(dense_s: float, sparse_s: float, calls: list):

@@ -42,13 +42,14 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from spfde.sparsity.kernels import common, native
-from spfde.sparsity.kernels.common import first_order_only, weight_grad_buffer
+from spfde.sparsity.kernels.common import Unit, first_order_only, weight_grad_buffer
 from spfde.sparsity.kernels.linear import (
     LinearPlan,
     _fx_tracing,
@@ -180,13 +181,14 @@ def attention_core(module: nn.MultiheadAttention, qkv: torch.Tensor) -> torch.Te
 
 
 def self_attention(module: nn.MultiheadAttention, x: torch.Tensor,
-                   project: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, None]:
+                   project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   out_proj: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, None]:
     """The module's self-attention of ``x`` (from :func:`mha_input_issue`), its packed projection by ``project``
-    (default: the dense ``F.linear``)."""
+    (default: the dense ``F.linear``), its output projection by ``out_proj`` (default: the module's)."""
     if not module.batch_first:
         x = x.transpose(0, 1)
     qkv = (project or (lambda t: F.linear(t, module.in_proj_weight, module.in_proj_bias)))(x)
-    out = module.out_proj(attention_core(module, qkv).transpose(0, 1))  # (L, B, E), contiguous
+    out = (out_proj or module.out_proj)(attention_core(module, qkv).transpose(0, 1))  # (L, B, E), contiguous
     return (out.transpose(0, 1) if module.batch_first else out), None
 
 
@@ -215,13 +217,9 @@ def fused_bytes(samples: int, tokens: int, dim: int, heads: int) -> int:
     return 4 * units * 16 * tokens * (11 * dim + heads * tokens)
 
 
-def fused_plan(module: nn.MultiheadAttention, x: torch.Tensor) -> LinearPlan | None:
-    """``out_proj``'s plan when this call (whose ``in_proj`` runs sparse) can run as one fused native
-    call, None otherwise: ``out_proj`` masked and decided sparse for this call already (the fused
-    call never forms its input, so an undecided one runs the three steps once, which times and
-    decides it), unhooked (the fused call never calls it), the core native (CPU fp32, at most
-    ``NATIVE_MAX_LEN`` tokens, no dropout in training), no FX tracing, no one-off pass, and the
-    call's buffers within ``common.FUSED_MAX_BYTES``."""
+def _fusable_out_proj(module: nn.MultiheadAttention, x: torch.Tensor) -> tuple[Any, tuple] | None:
+    """``(out_proj's layer, its decision key)`` when this call of ``module`` could run as one fused
+    native call, whatever ``out_proj`` decides: see :func:`fused_plan`."""
     layer = installed_layer(module.out_proj)
     if layer is None or _hooked(module.out_proj) or _fx_tracing() or module.embed_dim % module.num_heads:
         return None
@@ -235,11 +233,35 @@ def fused_plan(module: nn.MultiheadAttention, x: torch.Tensor) -> LinearPlan | N
     rec = torch.is_grad_enabled()
     through = rec and (x.requires_grad or any(p.requires_grad for p in (module.in_proj_weight, module.in_proj_bias)
                                               if p is not None))
-    key = layer.key_for((tokens, samples, module.embed_dim), through)  # out_proj's call: (L, B, E)
-    if not layer.decided_sparse(key, x):
+    return layer, layer.key_for((tokens, samples, module.embed_dim), through)  # out_proj's call: (L, B, E)
+
+
+def fused_plan(module: nn.MultiheadAttention, x: torch.Tensor) -> LinearPlan | None:
+    """``out_proj``'s plan when this call (whose ``in_proj`` runs sparse) can run as one fused native
+    call, None otherwise: ``out_proj`` masked and decided sparse for this call already (by the
+    block's timing as one, :func:`attention_unit`, or else by its own call's: an undecided one runs
+    the three steps once, which decides it), unhooked (the fused call never calls it), the core
+    native (CPU fp32, at most ``NATIVE_MAX_LEN`` tokens, no dropout in training), no FX tracing, no
+    one-off pass, and the call's buffers within ``common.FUSED_MAX_BYTES``."""
+    found = _fusable_out_proj(module, x)
+    if found is None or not found[0].decided_sparse(found[1], x):
         return None
-    layer.record_sparse()
-    return layer.plan
+    found[0].record_sparse()
+    return found[0].plan
+
+
+def attention_unit(module: nn.MultiheadAttention, x: torch.Tensor) -> Unit | None:
+    """The block as one :class:`~.common.Unit` for ``auto``'s timing of this call (its ``in_proj`` runs
+    sparse by that decision): the fused call against the dense three steps; None where it could not fuse."""
+    found = _fusable_out_proj(module, x)
+    first = installed_layer(module)
+    if found is None or first is None or not found[0].can_fuse(x):
+        return None
+    layer, key = found
+    w2, b2 = module.out_proj.weight, module.out_proj.bias
+    return Unit("attention", layer, key,
+                dense=lambda t: self_attention(module, t, out_proj=lambda u: F.linear(u, w2, b2))[0],
+                sparse=lambda t: fused_self_attention(module, t, first.plan, layer.plan))
 
 
 class FusedSelfAttentionFunction(torch.autograd.Function):

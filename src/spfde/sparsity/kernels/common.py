@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +27,24 @@ _WARNED: dict = {}
 #: allocate at most this many bytes of packed buffers; a larger call runs its layers one by one,
 #: which work in bounded groups of tiles
 FUSED_MAX_BYTES = 1 << 28
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Two masked layers that run as one fused native call when both run sparse (a transformer
+    MLP's ``fc1`` and ``fc2``, :mod:`.mlp`; a self-attention block's ``in_proj`` and ``out_proj``,
+    :mod:`.attention`). ``auto`` times such a pair as one: ``sparse`` (the fused call) against
+    ``dense`` (the pair's dense path), the gradients of both weights in both, and the first
+    layer's decision is also the ``partner``'s for ``partner_key``. Why: the fused call is what
+    training runs; each layer timed alone times an unfused call with its layout transposes, which
+    put the ViT preset's layers on dense in a slow phase of a shared host where the fused calls
+    still win (docs/kernels.md)."""
+
+    name: str                               # "mlp" | "attention": part of the calibration key
+    partner: Any                            # the second layer's ``execution._Layer``
+    partner_key: tuple                      # the second layer's decision key for this call
+    dense: Callable[[torch.Tensor], Any]    # the pair on dense kernels, from the first layer's input
+    sparse: Callable[[torch.Tensor], Any]   # the fused call
 
 
 def warn_once(message: str) -> None:

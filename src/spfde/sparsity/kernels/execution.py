@@ -92,12 +92,13 @@ from spfde.errors import ConfigError
 from spfde.sparsity.kernels import calibration, native
 from spfde.sparsity.kernels.attention import (
     SHORT_MAX_LEN,
+    attention_unit,
     mha_input_issue,
     self_attention,
     sparse_mha,
     unsupported_mha,
 )
-from spfde.sparsity.kernels.common import warn_once
+from spfde.sparsity.kernels.common import Unit, warn_once
 from spfde.sparsity.kernels.conv import conv_input_issue, make_conv_plan, sparse_conv2d, unsupported_conv
 from spfde.sparsity.kernels.linear import (
     EPILOGUE_KWARG,
@@ -318,7 +319,9 @@ class _Layer:
                 _out_proj_runs_dense(self.module, why)
             return dense(self.dense(*args, **kwargs))
         key = self.call_key(x)
-        choice = self.choose(key, x, args, kwargs)
+        # a block whose out_proj can fuse with this in_proj is timed and decided as one (common.Unit)
+        unit = attention_unit(self.module, x) if self.kind == "mha" and not key[2] else None
+        choice = self.choose(key, x, args, kwargs, unit)
         self._record(choice)
         if choice == "dense":
             return dense(self.dense_call(x, args, kwargs))
@@ -350,10 +353,11 @@ class _Layer:
         return (grad and x_grad, w_grad, w_grad and self.exe.dense_weight_grad, shape)
 
     # ------------------------------------------------------------------ fused calls (kernels/mlp.py)
-    def sparse_key(self, x: torch.Tensor) -> Key | None:
+    def sparse_key(self, x: torch.Tensor, unit: Unit | None = None) -> Key | None:
         """The key of a training call of this Linear on ``x`` that runs sparse by the layer's choice
-        (timed now when not decided yet, as a call would be); None when the call would run dense for
-        any reason (the module's own call then runs, records and explains it). Not recorded."""
+        (timed now when not decided yet, as a call would be; as one with ``unit``'s partner when
+        given); None when the call would run dense for any reason (the module's own call then runs,
+        records and explains it). Not recorded."""
         if self.kind != "linear" or _traced() or self.exe.in_one_off or self.exe.in_probe:
             return None
         if linear_input_issue(self.module.weight, x) is not None or self.sync() is None:
@@ -361,20 +365,35 @@ class _Layer:
         if self.exe.engine.weight_issue(self.param, self.weight) is not None:
             return None
         key = self.call_key(x)
-        return key if self.choose(key, x, (x,), {}) == "sparse" else None
+        return key if self.choose(key, x, (x,), {}, unit) == "sparse" else None
 
-    def decided_sparse(self, key: Key, like: torch.Tensor) -> bool:
-        """Whether a call with ``key`` (on an input of ``like``'s dtype and device) runs sparse by a
-        decision already made: for a Linear whose input a fused kernel never forms, so nothing can
-        be timed (an undecided call runs the Linears one by one, which decides it)."""
+    def can_fuse(self, like: torch.Tensor) -> bool:
+        """Whether this Linear can run sparse inside a fused call on an input of ``like``'s dtype and
+        device (its plan is current: a partner's decision adopted after this is kept)."""
         if self.kind != "linear" or self.sync() is None or self.exe.in_one_off or self.exe.in_probe:
             return False
         w = self.module.weight
         if linear_input_issue(w, like.new_empty((1, w.shape[1]))) is not None:
             return False
-        if self.exe.engine.weight_issue(self.param, self.weight) is not None:
+        return self.exe.engine.weight_issue(self.param, self.weight) is None
+
+    def decided_sparse(self, key: Key, like: torch.Tensor) -> bool:
+        """Whether a call with ``key`` (on an input of ``like``'s dtype and device) runs sparse by a
+        decision already made: for a Linear whose input a fused kernel never forms, so nothing can
+        be timed (its :class:`~.common.Unit` partner's timing decides it, else an undecided call
+        runs the Linears one by one, which decides it)."""
+        if not self.can_fuse(like):
             return False
         return self.exe.mode == "sparse" or self.decisions.get(key) == "sparse"
+
+    def adopt(self, key: Key, choice: str, speedup: float | None) -> None:
+        """The decision of the :class:`~.common.Unit` this layer is the partner of, for ``key``."""
+        self.decisions[key] = choice
+        if speedup is not None:
+            self.speedups[key] = speedup
+        self.provisional.pop(key, None)  # the unit's first layer confirms it
+        self.recheck.pop(key, None)
+        self._note_primary(key)
 
     def record_sparse(self) -> None:
         """A fused call ran this layer sparse."""
@@ -388,14 +407,21 @@ class _Layer:
             return x.shape[0] * oh * ow * w.numel()
         return x.numel() * w.shape[0]
 
-    def choose(self, key: Key, x: torch.Tensor, args: tuple, kwargs: dict) -> str:
+    def choose(self, key: Key, x: torch.Tensor, args: tuple, kwargs: dict, unit: Unit | None = None) -> str:
+        """``dense`` | ``sparse`` for a call; with ``unit``, for the fused pair, whose partner adopts it."""
+        choice = self._choose(key, x, args, kwargs, unit)
+        if unit is not None and self.decisions.get(key) == choice and not (self.exe.in_one_off or self.exe.in_probe):
+            unit.partner.adopt(unit.partner_key, choice, self.speedups.get(key))
+        return choice
+
+    def _choose(self, key: Key, x: torch.Tensor, args: tuple, kwargs: dict, unit: Unit | None) -> str:
         if self.exe.mode == "sparse":
             return "dense" if self.kind == "conv" and native.load() is None else "sparse"
         choice = self.decisions.get(key)
         if choice is not None:
             if key not in self.recheck or self.exe.in_one_off or self.exe.in_probe:
                 return choice
-            choice, speedup = self.measure(key, x, args, kwargs)  # a provisional decision's second timing
+            choice, speedup = self.measure(key, x, args, kwargs, unit)  # a provisional decision's second timing
             self.decisions[key] = choice
             if speedup is not None:
                 self.speedups[key] = speedup
@@ -413,14 +439,19 @@ class _Layer:
         elif (predicted := self.predict(key)) is not None:
             choice = predicted
         else:
-            choice, speedup = self.measure(key, x, args, kwargs)
+            choice, speedup = self.measure(key, x, args, kwargs, unit)
             if speedup is not None:
                 self.speedups[key] = speedup
         self.decisions[key] = choice
+        self._note_primary(key)
+        return choice
+
+    def _note_primary(self, key: Key) -> None:
+        """The layer's main call (reported by :meth:`choice`): its first decided call, or its first
+        decided call with autograd on."""
         grad = torch.is_grad_enabled()
         if self.primary is None or (grad and not self._primary_grad):
             self.primary, self._primary_grad = key, grad
-        return choice
 
     def one_off_choice(self, key: Key, x: torch.Tensor) -> str | None:
         """An untimed choice for a call of a one-off pass (:meth:`SparseExecution.one_off`), not
@@ -461,20 +492,21 @@ class _Layer:
                 return "sparse"
         return None
 
-    def measure(self, key: Key, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[str, float | None]:
+    def measure(self, key: Key, x: torch.Tensor, args: tuple, kwargs: dict,
+                unit: Unit | None = None) -> tuple[str, float | None]:
         """(choice, dense/sparse speedup) for a call: the calibration store's, else timed and stored.
 
         A decision pooling fewer than :data:`CONFIRM_TIMINGS` timings is provisional (timed again
         after the next epoch start); that timing decides on the best times of both."""
         store = self.exe.calibration
-        ckey = self.calibration_key(key, x) if store is not None else ""
+        ckey = self.calibration_key(key, x, unit) if store is not None else ""
         hit = store.get(ckey) if store is not None else None
         earlier = self.recheck.pop(key, None)
         if hit is not None and (earlier is None or hit.timings >= CONFIRM_TIMINGS):
             if hit.timings < CONFIRM_TIMINGS and hit.dense_s is not None and hit.sparse_s is not None:
                 self.provisional[key] = (hit.dense_s, hit.sparse_s, hit.timings)
             return hit.choice, hit.speedup
-        td, ts = self.time(key, x, args, kwargs)
+        td, ts = self.time(key, x, args, kwargs, unit)
         timings = 1
         stored = (hit.dense_s, hit.sparse_s, hit.timings) if hit is not None else None
         for before in (earlier, stored):  # the best times of every timing of this call so far
@@ -493,9 +525,10 @@ class _Layer:
         calls of at most ``TIME_WHOLE_MACS`` are timed whole)."""
         return self.kind != "mha" and x.shape[0] > TIME_MAX_BATCH and self.macs(x) > TIME_WHOLE_MACS
 
-    def calibration_key(self, key: Key, x: torch.Tensor) -> str:
+    def calibration_key(self, key: Key, x: torch.Tensor, unit: Unit | None = None) -> str:
         """Everything that sets the two kernels' costs for this call (:mod:`.calibration` adds the
-        thread count, torch version and CPU model); the nonzero count enters as density to 1%."""
+        thread count, torch version and CPU model); the nonzero count enters as density to 1%. A
+        :class:`~.common.Unit`'s timing is keyed by the pair: its name, the partner's weight and density."""
         m, w = self.module, self.weight
         fields: dict[str, Any] = {
             "kind": self.kind, "weight": w.shape, "weight_stride": w.stride(), "dtype": str(w.dtype),
@@ -506,6 +539,10 @@ class _Layer:
             "density": round(100 * self.plan.nnz / max(w.numel(), 1)), "version": spfde_version,
             # every sparse path runs the native library when it loads (status() loads it): its build
             "native": Path(str(native.status()["path"])).name}
+        if unit is not None:
+            w2 = unit.partner.weight
+            fields.update(unit=unit.name, partner_weight=w2.shape,
+                          partner_density=round(100 * unit.partner.plan.nnz / max(w2.numel(), 1)))
         if self.kind == "conv":
             fields.update(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
         elif self.kind == "mha":
@@ -515,10 +552,12 @@ class _Layer:
                           attention_path=SHORT_MAX_LEN)
         return calibration.key(fields)
 
-    def time(self, key: Key, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[float, float]:
-        """(dense, sparse) best seconds of this call's work on a detached copy of its input."""
+    def time(self, key: Key, x: torch.Tensor, args: tuple, kwargs: dict,
+             unit: Unit | None = None) -> tuple[float, float]:
+        """(dense, sparse) best seconds of this call's work on a detached copy of its input (of the
+        fused pair's and the pair's dense path with ``unit``, both weights' gradients in both)."""
         need_x, need_w, dense_w, _ = key
-        w = self.weight
+        weights = [self.weight] + ([unit.partner.weight] if unit is not None else [])
         if self.sliced(x):
             part = x[:TIME_MAX_BATCH]
             args, kwargs = tuple(_swap(a, x, part) for a in args), {k: _swap(v, x, part) for k, v in kwargs.items()}
@@ -531,7 +570,7 @@ class _Layer:
                     out = fn(xx)
                     out = out[0] if isinstance(out, tuple) else out
                     if need_x or need_w:  # autograd.grad: nothing accumulates into .grad
-                        inputs = [t for t, need in ((xx, need_x), (w, need_w)) if need]
+                        inputs = ([xx] if need_x else []) + ([t for t in weights if t.requires_grad] if need_w else [])
                         torch.autograd.grad(out, inputs, torch.ones_like(out))
             return go
 
@@ -543,6 +582,8 @@ class _Layer:
         # graphs are its own, not part of an enclosing non-reentrant torch.utils.checkpoint region (whose
         # hooks would pack them and recompute at unpack)
         with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(_same, _same):
+            if unit is not None:
+                return race(run(unit.dense), run(unit.sparse))
             return race(run(dense), run(lambda xx: self.sparse(xx, dense_w)))
 
     # ------------------------------------------------------------------ reporting and state

@@ -19,10 +19,10 @@ Paper
 When it is fused
     ``act`` is exactly ``nn.GELU()`` (erf form); both Linears have spfde's forward installed and
     no hooks (nor any global module hooks; the fused call never calls the modules), nothing is
-    FX tracing, the native library loaded; fc1's call runs sparse by its own decision (``auto``
-    times it as its own call would, at its first use) and fc2's call by a decision already made
-    (fc2's input is never formed, so an undecided fc2 runs the Linears one by one once, which
-    decides it); no RigL dense-gradient step, no one-off pass (the activation cache's fill, the
+    FX tracing, the native library loaded; the pair runs sparse by ``auto``'s decision for it
+    (timed as one at fc1's first use: this fused call against ``fc2(gelu(fc1(x)))`` on dense
+    kernels, both weights' gradients in both, fc2 taking fc1's decision, :class:`~.common.Unit`);
+    no RigL dense-gradient step, no one-off pass (the activation cache's fill, the
     memory model's probe); the call's packed buffers within ``common.FUSED_MAX_BYTES``.
 Results
     Bit-identical to the two sparse Linear calls, forward and every gradient, for any thread
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from spfde.sparsity.kernels import common, native
-from spfde.sparsity.kernels.common import first_order_only, weight_grad_buffer
+from spfde.sparsity.kernels.common import Unit, first_order_only, weight_grad_buffer
 from spfde.sparsity.kernels.linear import (
     LinearPlan,
     _check,
@@ -140,14 +140,17 @@ def mlp_act(fc1: nn.Module, act: nn.Module, fc2: nn.Module, x: torch.Tensor) -> 
             and not _hooked(fc1) and not _hooked(act) and not _hooked(fc2) and not _fx_tracing()
             and native.load(quiet=True) is not None and fc2.in_features == fc1.out_features
             and not l1.exe.dense_weight_grad):
-        key1 = l1.sparse_key(x)
-        if key1 is not None:
-            rec = torch.is_grad_enabled()
-            through = rec and (x.requires_grad or any(p.requires_grad for p in fc1.parameters()))
-            key2 = l2.key_for((*key1[3][:-1], fc1.out_features), through)
-            rows = x.numel() // max(fc1.in_features, 1)
-            if l2.decided_sparse(key2, x) and fused_bytes(rows, fc1, fc2) <= common.FUSED_MAX_BYTES:
-                l1.record_sparse()
-                l2.record_sparse()
-                return sparse_mlp(x, fc1, fc2, l1.plan, l2.plan)
+        rec = torch.is_grad_enabled()
+        through = rec and (x.requires_grad or any(p.requires_grad for p in fc1.parameters()))
+        key2 = l2.key_for((*x.shape[:-1], fc1.out_features), through)
+        rows = x.numel() // max(fc1.in_features, 1)
+        unit = None  # auto times the pair as one where it can fuse (common.Unit)
+        if fused_bytes(rows, fc1, fc2) <= common.FUSED_MAX_BYTES and l2.can_fuse(x):
+            unit = Unit("mlp", l2, key2, dense=lambda t: l2.dense(act(l1.dense(t))),
+                        sparse=lambda t: sparse_mlp(t, fc1, fc2, l1.plan, l2.plan))
+        key1 = l1.sparse_key(x, unit)
+        if key1 is not None and unit is not None and l2.decided_sparse(key2, x):
+            l1.record_sparse()
+            l2.record_sparse()
+            return sparse_mlp(x, fc1, fc2, l1.plan, l2.plan)
     return fc2(linear_act(fc1, act, x))
