@@ -2,7 +2,7 @@
 batch and on the whole batch, repeated in one process (issue 13, docs/kernels.md).
 
 ``auto`` decides per layer from ``_Layer.time`` (dense vs sparse forward + backward, interleaved
-repetitions, medians). A large batch is timed on its first ``TIME_MAX_BATCH`` samples unless the
+repetitions, best times). A large batch is timed on its first ``TIME_MAX_BATCH`` samples unless the
 whole call is at most ``TIME_WHOLE_MACS`` multiply-adds. This bench trains one epoch of a real
 ``Trainer`` (the ViT preset's model and data at MEST 90%, or ResNet-20), captures each masked
 layer's real training input, then runs that exact timing many times, alternating the two rules
