@@ -320,7 +320,7 @@ class _Layer:
             return dense(self.dense(*args, **kwargs))
         key = self.call_key(x)
         # a block whose out_proj can fuse with this in_proj is timed and decided as one (common.Unit)
-        unit = attention_unit(self.module, x) if self.kind == "mha" and not key[2] else None
+        unit = attention_unit(self.module, x) if self.kind == "mha" and not key[2] and self.deciding(key) else None
         choice = self.choose(key, x, args, kwargs, unit)
         self._record(choice)
         if choice == "dense":
@@ -385,6 +385,11 @@ class _Layer:
         if not self.can_fuse(like):
             return False
         return self.exe.mode == "sparse" or self.decisions.get(key) == "sparse"
+
+    def deciding(self, key: Key) -> bool:
+        """Whether a call with ``key`` may be timed now (undecided, or due for its confirming timing):
+        only then does a caller build the :class:`~.common.Unit` that its timing needs."""
+        return self.exe.mode == "auto" and (key not in self.decisions or key in self.recheck)
 
     def adopt(self, key: Key, choice: str, speedup: float | None) -> None:
         """The decision of the :class:`~.common.Unit` this layer is the partner of, for ``key``."""

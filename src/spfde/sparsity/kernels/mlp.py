@@ -144,12 +144,13 @@ def mlp_act(fc1: nn.Module, act: nn.Module, fc2: nn.Module, x: torch.Tensor) -> 
         through = rec and (x.requires_grad or any(p.requires_grad for p in fc1.parameters()))
         key2 = l2.key_for((*x.shape[:-1], fc1.out_features), through)
         rows = x.numel() // max(fc1.in_features, 1)
+        fusable = fused_bytes(rows, fc1, fc2) <= common.FUSED_MAX_BYTES
         unit = None  # auto times the pair as one where it can fuse (common.Unit)
-        if fused_bytes(rows, fc1, fc2) <= common.FUSED_MAX_BYTES and l2.can_fuse(x):
+        if fusable and l1.deciding(l1.call_key(x)) and l2.can_fuse(x):
             unit = Unit("mlp", l2, key2, dense=lambda t: l2.dense(act(l1.dense(t))),
                         sparse=lambda t: sparse_mlp(t, fc1, fc2, l1.plan, l2.plan))
         key1 = l1.sparse_key(x, unit)
-        if key1 is not None and unit is not None and l2.decided_sparse(key2, x):
+        if key1 is not None and fusable and l2.decided_sparse(key2, x):
             l1.record_sparse()
             l2.record_sparse()
             return sparse_mlp(x, fc1, fc2, l1.plan, l2.plan)
