@@ -250,12 +250,12 @@ def fused_plan(module: nn.MultiheadAttention, x: torch.Tensor) -> LinearPlan | N
     return found[0].plan
 
 
-def attention_unit(module: nn.MultiheadAttention, x: torch.Tensor) -> Unit | None:
-    """The block as one :class:`~.common.Unit` for ``auto``'s timing of this call (its ``in_proj`` runs
-    sparse by that decision): the fused call against the dense three steps; None where it could not fuse."""
+def attention_unit(module: nn.MultiheadAttention, x: torch.Tensor, first: Any) -> Unit | None:
+    """The block as one :class:`~.common.Unit` for ``auto``'s timing of this call by ``first`` (the
+    ``in_proj`` layer, which runs sparse by that decision): the fused call against the dense three
+    steps; None where it could not fuse."""
     found = _fusable_out_proj(module, x)
-    first = installed_layer(module)
-    if found is None or first is None or not found[0].can_fuse(x):
+    if found is None or not found[0].can_fuse(x):
         return None
     layer, key = found
     w2, b2 = module.out_proj.weight, module.out_proj.bias

@@ -320,7 +320,8 @@ class _Layer:
             return dense(self.dense(*args, **kwargs))
         key = self.call_key(x)
         # a block whose out_proj can fuse with this in_proj is timed and decided as one (common.Unit)
-        unit = attention_unit(self.module, x) if self.kind == "mha" and not key[2] and self.deciding(key) else None
+        deciding = self.kind == "mha" and not key[2] and self.deciding(key)
+        unit = attention_unit(self.module, x, self) if deciding else None
         choice = self.choose(key, x, args, kwargs, unit)
         self._record(choice)
         if choice == "dense":
