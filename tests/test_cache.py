@@ -32,6 +32,7 @@ from spfde.freezing.cache import (
     served_samples,
     static_reasons,
 )
+from spfde.sparsity.kernels import native
 from spfde.train import Trainer
 from spfde.utils import state_dict_sha256
 
@@ -292,6 +293,27 @@ def test_fingerprint_exact_and_batch_independent():
     changed = (fingerprint(y) != fp).any(1)
     assert changed.tolist() == [i == 3 for i in range(33)]
     assert not (fingerprint(x.flip(3)) == fp).all(1).any()            # a flip changes every sample
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.uint8])
+def test_native_fingerprint_is_the_pytorch_sums(monkeypatch, dtype):
+    """The native library's sums (when it built) are the pure-PyTorch path's, bit for bit: fingerprints
+    taken with and without it may be compared (odd byte counts, a sliced batch, channels_last)."""
+    if native.load(quiet=True) is None:
+        pytest.skip("native library not built")
+    x = (torch.randint(0, 256, (17, 3, 5, 5), dtype=torch.uint8) if dtype == torch.uint8
+         else torch.randn(17, 3, 5, 5).to(dtype) * 1e3)
+    x[0] = x[1]  # equal samples, equal fingerprints
+    views = [x, x[3:11], x.contiguous(memory_format=torch.channels_last), x[:, 1:]]
+    calls = []
+    real = cache_mod._native
+    monkeypatch.setattr(cache_mod, "_native", lambda: calls.append(1) or real())
+    got = [fingerprint(v) for v in views]
+    assert len(calls) == len(views)  # the native path ran
+    monkeypatch.setattr(cache_mod, "_native", lambda: None)
+    for v, fp in zip(views, got, strict=True):
+        assert torch.equal(fp, fingerprint(v)) and torch.equal(fp, fingerprint(v, budget_bytes=1))
+    assert torch.equal(got[0][0], got[0][1]) and not torch.equal(got[0][1], got[0][2])
 
 
 @pytest.mark.parametrize("words", [True, False])

@@ -105,6 +105,12 @@ def _fp_weights(length: int, device: torch.device) -> torch.Tensor:
 _MAX_WORDS = 1 << 24
 
 
+def _native() -> Any:
+    from spfde.sparsity.kernels import native  # lazily: the kernels package imports much more
+
+    return native.load(quiet=True)
+
+
 def fingerprint(x: torch.Tensor, budget_bytes: int = 1 << 25) -> torch.Tensor:
     """``(b, 2)`` int64 fingerprints of a batch's samples, exact and independent of the batch.
 
@@ -113,8 +119,9 @@ def fingerprint(x: torch.Tensor, budget_bytes: int = 1 << 25) -> torch.Tensor:
     arithmetic: no rounding, no overflow, no dependence on summation order, so the same sample
     gives the same fingerprint in any batch and any changed byte changes it (up to chance, about
     2^-48). Why words, not bytes: half the elements to widen and multiply, about 18x faster on a
-    ViT-preset batch (0.19 against 3.4 ms), which every step the activation cache serves pays. Rows are
-    processed in chunks of at most ``budget_bytes`` of temporaries.
+    ViT-preset batch (0.19 against 3.4 ms), which every step the activation cache serves pays. On CPU
+    the native library (when it built) forms the same sums without temporaries, about ten times
+    faster again; otherwise rows are processed in chunks of at most ``budget_bytes`` of temporaries.
     """
     b = int(x.shape[0])
     raw = x.detach().reshape(b, -1).contiguous().view(torch.uint8)
@@ -126,6 +133,11 @@ def fingerprint(x: torch.Tensor, budget_bytes: int = 1 << 25) -> torch.Tensor:
     if length == 0:
         return out
     w = _fp_weights(length, x.device)
+    lib = _native() if x.device.type == "cpu" and words.dtype == torch.int16 else None
+    if lib is not None:  # the same integer sums without the int64 temporaries (sparse_conv.cpp)
+        lib.spfde_fingerprint(words.data_ptr(), b, length, words.stride(0), w.data_ptr(), out.data_ptr(),
+                              torch.get_num_threads())
+        return out
     step = max(1, budget_bytes // (8 * length))
     for s in range(0, b, step):
         wide = words[s:s + step].to(torch.int64)

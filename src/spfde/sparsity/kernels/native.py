@@ -35,7 +35,7 @@ from spfde.sparsity.kernels.common import warn_once
 
 SOURCE = Path(__file__).with_name("sparse_conv.cpp")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17")
-ABI_VERSION = 9
+ABI_VERSION = 10
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"lib": None, "tried": False, "error": None, "path": None, "warned": False}
@@ -61,6 +61,7 @@ _SIGNATURES = {
     "spfde_attention_forward": [_ptr] + [_c_i64] * 6 + [ctypes.c_float, _ptr, _c_i64, _c_i64, _ptr, _c_int],
     "spfde_attention_backward": [_ptr] + [_c_i64] * 6 + [ctypes.c_float, _ptr, _c_i64, _c_i64, _ptr, _ptr, _c_i64,
                                                          _c_i64, _c_int],
+    "spfde_fingerprint": [_ptr] + [_c_i64] * 3 + [_ptr, _ptr, _c_int],
 }
 
 
