@@ -1176,6 +1176,50 @@ def test_auto_one_off_pass_decides_untimed_and_records_nothing(monkeypatch):
 
 
 @needs_native
+def test_auto_one_off_pass_runs_the_fused_calls_untimed(native_spy, monkeypatch):
+    """A one-off pass (the activation cache's fill of frozen blocks: forward only, no grad) runs a ViT
+    block's MLP and attention as the fused native calls where the pairs' training calls run sparse,
+    by the untimed one-off choice, bit for bit the unfused result; it times and records nothing.
+    The memory model's probe (``probe=True``) still runs the calls one by one."""
+    from spfde.models.vit import vit_tiny
+
+    torch.manual_seed(0)
+    model = vit_tiny(num_classes=10, in_channels=1)
+    layers = {}
+    for i in range(4):
+        layers.update({f"layers.{i}.mlp.fc1": f"layers.{i}.mlp.fc1.weight",
+                       f"layers.{i}.mlp.fc2": f"layers.{i}.mlp.fc2.weight",
+                       f"layers.{i}.attn.in_proj_weight": f"layers.{i}.attn.in_proj_weight",
+                       f"layers.{i}.attn.out_proj": f"layers.{i}.attn.out_proj.weight"})
+    exe = SparseExecution(model, _engine(model, layers, density=0.2), "auto", "off")
+    monkeypatch.setattr(execution, "TINY_MACS", 0)
+    raced = _spy_race(native_spy, 2.0, 1.0)  # sparse wins
+    monkeypatch.setattr(execution, "race", raced)
+    x = torch.randn(6, 1, 28, 28)
+    model(x).sum().backward()  # the training calls: the pairs timed as one, sparse
+    timed, decided = len(raced.ran), {n: dict(lay.decisions) for n, lay in exe.layers.items()}
+    assert exe.choices() == dict.fromkeys(layers, "sparse")
+
+    def pass_(probe: bool = False) -> torch.Tensor:
+        native_spy.calls.clear()
+        with exe.one_off(probe=probe), torch.no_grad():
+            return model(x)
+
+    out = pass_()
+    assert native_spy.calls.count("spfde_mlp_forward") == 4 and native_spy.calls.count("spfde_mha_forward") == 4
+    assert "spfde_linear_forward" not in native_spy.calls
+    assert len(raced.ran) == timed and {n: lay.decisions for n, lay in exe.layers.items()} == decided
+    assert exe.one_off_choices  # memoised for the pass
+    pass_(probe=True)
+    assert "spfde_mlp_forward" not in native_spy.calls and "spfde_mha_forward" not in native_spy.calls
+    monkeypatch.setattr(kernel_common, "FUSED_MAX_BYTES", -1)  # nothing fuses: the calls one by one
+    ref = pass_()
+    assert "spfde_mlp_forward" not in native_spy.calls and "spfde_linear_forward" in native_spy.calls
+    assert torch.equal(out, ref)
+    assert len(raced.ran) == timed
+
+
+@needs_native
 def test_vit_training_with_fused_mlps_is_bit_identical_to_the_linears_one_by_one(monkeypatch, tmp_path):
     """A MEST ViT run with its MLP blocks fused (Prune&Grow, freezing, the activation cache and
     sieving included) ends with the weights and masks of the same run with every MLP as two sparse

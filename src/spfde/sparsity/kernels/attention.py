@@ -242,7 +242,7 @@ def fused_plan(module: nn.MultiheadAttention, x: torch.Tensor) -> LinearPlan | N
     block's timing as one, :func:`attention_unit`, or else by its own call's: an undecided one runs
     the three steps once, which decides it), unhooked (the fused call never calls it), the core
     native (CPU fp32, at most ``NATIVE_MAX_LEN`` tokens, no dropout in training), no FX tracing, no
-    one-off pass, and the call's buffers within ``common.FUSED_MAX_BYTES``."""
+    memory-model probe, and the call's buffers within ``common.FUSED_MAX_BYTES``."""
     found = _fusable_out_proj(module, x)
     if found is None or not found[0].decided_sparse(found[1], x):
         return None

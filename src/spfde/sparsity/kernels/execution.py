@@ -120,7 +120,7 @@ CONFIRM_TIMINGS = 2
 #: distinct call keys (input shape, gradient needs) timed per layer; later ones reuse the first
 MAX_KEYS = 8
 #: timing budget per layer and key, and the bounds on interleaved repetitions per variant
-TIME_BUDGET_S = 0.03
+TIME_BUDGET_S = 0.015
 MIN_REPS, MAX_REPS = 3, 9
 #: a call is timed on at most this many samples (both kernels scale linearly in the batch beyond it)
 TIME_MAX_BATCH = 64
@@ -359,7 +359,7 @@ class _Layer:
         (timed now when not decided yet, as a call would be; as one with ``unit``'s partner when
         given); None when the call would run dense for any reason (the module's own call then runs,
         records and explains it). Not recorded."""
-        if self.kind != "linear" or _traced() or self.exe.in_one_off or self.exe.in_probe:
+        if self.kind != "linear" or _traced() or self.exe.in_probe:
             return None
         if linear_input_issue(self.module.weight, x) is not None or self.sync() is None:
             return None
@@ -371,7 +371,7 @@ class _Layer:
     def can_fuse(self, like: torch.Tensor) -> bool:
         """Whether this Linear can run sparse inside a fused call on an input of ``like``'s dtype and
         device (its plan is current: a partner's decision adopted after this is kept)."""
-        if self.kind != "linear" or self.sync() is None or self.exe.in_one_off or self.exe.in_probe:
+        if self.kind != "linear" or self.sync() is None or self.exe.in_probe:
             return False
         w = self.module.weight
         if linear_input_issue(w, like.new_empty((1, w.shape[1]))) is not None:
@@ -385,12 +385,18 @@ class _Layer:
         runs the Linears one by one, which decides it)."""
         if not self.can_fuse(like):
             return False
-        return self.exe.mode == "sparse" or self.decisions.get(key) == "sparse"
+        if self.exe.mode == "sparse" or self.decisions.get(key) == "sparse":
+            return True
+        # a one-off pass (the activation cache's fill) fuses by the untimed choice it would make for
+        # the call alone: the fused forward is the separate calls' bit for bit
+        return (self.exe.in_one_off and key not in self.decisions
+                and self.one_off_choice(key, like.new_empty(key[3])) == "sparse")
 
     def deciding(self, key: Key) -> bool:
         """Whether a call with ``key`` may be timed now (undecided, or due for its confirming timing):
         only then does a caller build the :class:`~.common.Unit` that its timing needs."""
-        return self.exe.mode == "auto" and (key not in self.decisions or key in self.recheck)
+        return self.exe.mode == "auto" and not self.exe.in_one_off and (key not in self.decisions
+                                                                         or key in self.recheck)
 
     def adopt(self, key: Key, choice: str, speedup: float | None) -> None:
         """The decision of the :class:`~.common.Unit` this layer is the partner of, for ``key``."""
@@ -462,16 +468,23 @@ class _Layer:
     def one_off_choice(self, key: Key, x: torch.Tensor) -> str | None:
         """An untimed choice for a call of a one-off pass (:meth:`SparseExecution.one_off`), not
         recorded: the stored decision when there is one, else the one this layer's timings of the
-        same input shape predict (a frozen layer's forward from its forward + backward); None: none."""
+        same input shape predict (a frozen layer's forward from its forward + backward); None: none.
+        Memoised for the pass, as a fill calls it per chunk: nothing it reads changes inside one (a
+        None is not kept: that call is timed, which makes it a decision)."""
+        memo = (self.name, key, tuple(x.stride()))
+        if memo in self.exe.one_off_choices:
+            return self.exe.one_off_choices[memo]
         store = self.exe.calibration
         hit = store.get(self.calibration_key(key, x)) if store is not None else None
         if hit is not None:
-            return hit.choice
-        nnz = max(self.plan.nnz, 1)
-        same_shape = [s * n / nnz for k, (s, n) in self._timings() if k[3] == key[3]]
-        if not same_shape:
-            return None
-        return "sparse" if same_shape[-1] * (1.0 - MARGIN) >= 1.0 else "dense"
+            choice: str | None = hit.choice
+        else:
+            nnz = max(self.plan.nnz, 1)
+            same_shape = [s * n / nnz for k, (s, n) in self._timings() if k[3] == key[3]]
+            choice = ("sparse" if same_shape[-1] * (1.0 - MARGIN) >= 1.0 else "dense") if same_shape else None
+        if choice is not None:
+            self.exe.one_off_choices[memo] = choice
+        return choice
 
     def _timings(self) -> list[tuple[Key, tuple[float, int]]]:
         """Every speedup this layer timed, earlier counts first: ``(key, (speedup, nonzeros then))``."""
@@ -697,6 +710,8 @@ class SparseExecution:
         self.unsupported: dict[str, str] = {}
         self.in_one_off = False
         self.in_probe = False
+        #: _Layer.one_off_choice's memo, valid for one one-off pass (cleared when the outermost starts)
+        self.one_off_choices: dict[tuple, str | None] = {}
         self.counting = False  # start_epoch was called: choices() knows which layers made training calls
         self.warned: set[str] = set()  # the reasons said under ``sparse`` (warn_sparse)
         #: plain self-attention modules whose projection is not masked: spfde's attention path too
@@ -747,6 +762,8 @@ class SparseExecution:
         nothing predicts takes the layer's main decision (else dense), is never timed, and leaves no
         decision behind (a probe's shapes would take up the layer's keys and its checkpoint)."""
         was = self.in_one_off, self.in_probe
+        if not self.in_one_off:
+            self.one_off_choices = {}
         self.in_one_off, self.in_probe = True, probe or self.in_probe
         try:
             yield

@@ -22,8 +22,9 @@ When it is fused
     FX tracing, the native library loaded; the pair runs sparse by ``auto``'s decision for it
     (timed as one at fc1's first use: this fused call against ``fc2(gelu(fc1(x)))`` on dense
     kernels, both weights' gradients in both, fc2 taking fc1's decision, :class:`~.common.Unit`);
-    no RigL dense-gradient step, no one-off pass (the activation cache's fill, the
-    memory model's probe); the call's packed buffers within ``common.FUSED_MAX_BYTES``.
+    no RigL dense-gradient step, not the memory model's probe (the activation cache's fill, a
+    one-off pass, fuses by the layers' untimed choices); the call's packed buffers within
+    ``common.FUSED_MAX_BYTES``.
 Results
     Bit-identical to the two sparse Linear calls, forward and every gradient, for any thread
     count (the kernels form the same sums in the same order; ``tests/test_kernels.py``), so a
