@@ -1389,6 +1389,93 @@ def test_mest_run_with_sparse_kernels_matches_dense_kernels(tmp_path):
     assert again["weights_sha256"] == state_dict_sha256(runs["sparse"]["model"])
 
 
+@needs_native
+def test_trainer_skips_the_masking_the_kernels_made_redundant_bit_identically(monkeypatch, tmp_path):
+    """The built-in trainer's MEST run with sparse kernels skips the per-step gradient masking of the
+    gradients the kernels wrote masked, and the weight masking after its SGD steps (SparseEngine
+    module doc): the run ends bit-identical to the same run that multiplies every step."""
+    from spfde.sparsity import engine as engine_mod
+    from spfde.train import train
+
+    muls = []
+    real_mul = torch._foreach_mul_
+    monkeypatch.setattr(torch, "_foreach_mul_", lambda ts, ms: muls.append(len(ts)) or real_mul(ts, ms))
+    cfg = load_config(None, [*DIGITS, "sparsity.kernels=sparse"])
+    skipped = train(cfg, tmp_path / "skip", quiet=True)
+    n_skip = len(muls)
+    muls.clear()
+    monkeypatch.setattr(engine_mod.SparseEngine, "note_masked_grad", lambda *a: None)
+    monkeypatch.setattr(engine_mod, "ZERO_KEEPING_OPTIMIZERS", ())
+    full = train(cfg, tmp_path / "full", quiet=True)
+    assert skipped["weights_sha256"] == full["weights_sha256"]
+    assert n_skip < len(muls) / 2  # most steps multiplied nothing
+    a = torch.load(tmp_path / "skip" / "checkpoints" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=False)
+    for n, m in a["controller"]["sparsity"]["masks"].items():
+        assert torch.equal(m, b["controller"]["sparsity"]["masks"][n])
+        assert not a["model"][n][~m].any()  # pruned weights exactly zero
+
+
+def test_engine_masks_what_it_cannot_prove_zero():
+    """A noted kernel gradient that was modified in place, or is not the weight's ``.grad`` any more, is
+    masked; the weights are re-masked after a step unless before_step saw them clean, the optimizer
+    is a zero-keeping one with a masked state, and the engine was told the optimizer is its own."""
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 8, bias=False)
+    engine = _engine(nn.Sequential(lin), {"0": "0.weight"}, density=0.5)
+    mask, pruned = engine.masks["0.weight"], ~engine.masks["0.weight"]
+    muls = []
+    real_mul = torch._foreach_mul_
+
+    def step(grad: torch.Tensor, note: torch.Tensor | None, opt: torch.optim.Optimizer, touch=None) -> None:
+        lin.weight.grad = grad
+        if note is not None:
+            engine.note_masked_grad("0.weight", mask, note)
+        if touch is not None:
+            touch()
+        muls.clear()
+        torch._foreach_mul_ = lambda ts, ms: muls.append(len(ts)) or real_mul(ts, ms)
+        try:
+            engine.before_step()
+            opt.step()
+            engine.after_step(opt)
+        finally:
+            torch._foreach_mul_ = real_mul
+
+    sgd = torch.optim.SGD(lin.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    masked = torch.randn(8, 8) * mask
+    step(masked.clone(), None, sgd)
+    assert muls == [1, 1]  # nothing noted, the optimizer not declared: both masked
+    g = masked.clone()
+    step(g, g, sgd)
+    assert muls == [1]  # the noted gradient skipped; the weights still re-masked (not declared)
+    engine.optimizer_keeps_zeros = True
+    g = masked.clone()
+    step(g, g, sgd)
+    assert muls == []  # both skipped: pruned weights stay exactly zero
+    assert not lin.weight.detach()[pruned].any()
+    g = masked.clone()
+    step(g, g, sgd, touch=lambda: g.add_(1.0))  # written after the kernel: masked
+    assert muls == [1] and not lin.weight.grad[pruned].any()
+    g = masked.clone()
+    step(torch.ones(8, 8), g, sgd)  # another tensor than the one the kernel wrote: masked
+    assert muls == [1] and not lin.weight.detach()[pruned].any()
+    g = masked.clone()
+    def edit() -> None:
+        with torch.no_grad():
+            lin.weight.add_(pruned.float())  # an in-place edit (a write through .data is invisible: doc)
+
+    step(g, g, sgd, touch=edit)  # a weight edited since it was masked: re-masked
+    assert muls == [1] and not lin.weight.detach()[pruned].any()
+    g = masked.clone()
+    step(g, g, torch.optim.RMSprop(lin.parameters(), lr=0.1))  # not a known zero-keeping step
+    assert muls == [1]
+    engine._state_dirty = True  # an update whose optimizer state is not masked yet
+    g = masked.clone()
+    step(g, g, sgd)
+    assert muls == [1] and not engine._state_dirty
+
+
 def _own_loop_with_accumulation_and_clipping(kernels: str, clip_first: bool) -> nn.Module:
     """Two micro-batches per AdamW step, gradient clipping, zero_grad(set_to_none=False), MEST updates."""
     torch.manual_seed(0)

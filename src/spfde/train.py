@@ -249,6 +249,9 @@ class Trainer:
         with config_caused():  # every input of the controller here comes from the config
             self.ctl = SpFDE(self.model, self.optimizer, cfg, train_size=len(self.train_set),
                              example_input=example, snip_batch=snip, rank=self.rank, world_size=self.world_size)
+        # this trainer steps its own SGD and loads its state only through the controller (optimizer_loaded),
+        # so pruned weights stay exactly zero through a step without re-masking (SparseEngine module doc)
+        self.ctl.sparsity.optimizer_keeps_zeros = True
         # the module that runs forward: a DDP wrapper under torchrun, re-wrapped when freezing changes
         self.ddp = dist_utils.wrap_ddp(self.model, device_ids=[local_rank] if self.device.type == "cuda" else None)
         self.train_loader = make_train_loader(cfg.data, self.train_set, self.ctl.sampler, self.device,

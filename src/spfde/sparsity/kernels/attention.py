@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spfde.sparsity.kernels import common, native
-from spfde.sparsity.kernels.common import Unit, first_order_only, weight_grad_buffer
+from spfde.sparsity.kernels.common import Unit, first_order_only, note_masked_grad, weight_grad_buffer
 from spfde.sparsity.kernels.linear import (
     LinearPlan,
     _fx_tracing,
@@ -320,6 +320,8 @@ class FusedSelfAttentionFunction(torch.autograd.Function):
             _ptr(xk), _ptr(qk), _ptr(pk), _ptr(ok), _ptr(gx), gx.stride(1) if gx is not None else 0,
             gx.stride(0) if gx is not None else 0, _ptr(gw1), int(zero1), _ptr(gb1), _ptr(gw2), int(zero2), _ptr(gb2),
             torch.get_num_threads()))
+        note_masked_grad(plan1, gw1)
+        note_masked_grad(plan2, gw2)
         if gx is not None and batch_first:
             gx = gx.transpose(0, 1)
         return gx, gw1, gb1, gw2, gb2, None, None, None, None

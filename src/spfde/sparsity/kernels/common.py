@@ -84,6 +84,15 @@ def first_order_only(backward: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def note_masked_grad(plan: Any, grad: torch.Tensor | None) -> None:
+    """A sparse backward wrote ``grad``, a weight gradient zero at every position its plan's mask prunes:
+    tell the plan's owner (``plan.note``, set by SparseExecution: the sparsity engine's
+    :meth:`~spfde.sparsity.engine.SparseEngine.note_masked_grad`), so the per-step masking can skip it."""
+    note = getattr(plan, "note", None)
+    if note is not None and grad is not None:
+        note(grad)
+
+
 def weight_grad_buffer(need: bool, w: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
     """The dense ``.grad`` buffer a native fused backward writes a weight's gradient into, and whether
     the kernel zeroes it itself (it does for a row-major one; any other layout is zeroed here)."""

@@ -14,7 +14,13 @@ import torch
 from torch import nn
 
 from spfde.sparsity.kernels import native
-from spfde.sparsity.kernels.common import NonzeroIndex, first_order_only, index_counts, is_dense_storage
+from spfde.sparsity.kernels.common import (
+    NonzeroIndex,
+    first_order_only,
+    index_counts,
+    is_dense_storage,
+    note_masked_grad,
+)
 
 
 def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
@@ -75,6 +81,8 @@ class ConvPlan:
         self.colptr = index_counts(key, self.in_channels * sh * sw)
         self.cidx = order.to(torch.int32).contiguous()
         self.coc, self.cky, self.ckx = (t[order].contiguous() for t in (oc, ky, kx))
+        #: called with each weight gradient a sparse backward writes (common.note_masked_grad)
+        self.note = None
 
     @property
     def nnz(self) -> int:
@@ -146,6 +154,7 @@ class SparseConv2dFunction(torch.autograd.Function):
                 [False, True, False])[1]
         elif sparse_w:
             gweight = plan.index.scatter(gvals, weight)
+            note_masked_grad(plan, gweight)
         gbias = gy.sum((0, 2, 3)) if need_b else None
         return gx, gweight, gbias, None, None
 

@@ -76,6 +76,7 @@ Expected effect
 
 from __future__ import annotations
 
+import functools
 import time
 import types
 from collections.abc import Iterator
@@ -243,6 +244,9 @@ class _Layer:
             return self.plan
         self.plan = make_conv_plan(self.module, mask) if self.kind == "conv" else LinearPlan(mask, w)
         self._mask = mask
+        note = getattr(self.exe.engine, "note_masked_grad", None)
+        if note is not None:  # the engine's per-step masking skips the gradients the kernels wrote masked
+            self.plan.note = functools.partial(note, self.param, mask)
         if self.pending is not None:  # choices from a checkpoint
             saved, self.pending = self.pending, None
             self._restore(saved)

@@ -35,7 +35,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from spfde.sparsity.kernels import native
-from spfde.sparsity.kernels.common import NonzeroIndex, first_order_only, index_counts, is_dense_storage
+from spfde.sparsity.kernels.common import (
+    NonzeroIndex,
+    first_order_only,
+    index_counts,
+    is_dense_storage,
+    note_masked_grad,
+)
 
 _quiet = [False]
 
@@ -74,6 +80,8 @@ class LinearPlan:
         # the native calls' index arguments, as addresses once (the tensors live as long as the plan)
         self.ptrs = {k: getattr(self, k).data_ptr() for k in ("crow", "col", "tcrow", "tcol", "perm32")}
         self.ptrs["offsets"] = self.index.offsets.data_ptr()
+        #: called with each weight gradient a sparse backward writes (common.note_masked_grad)
+        self.note: Any = None
 
     @property
     def nnz(self) -> int:
@@ -166,6 +174,7 @@ class SparseLinearFunction(torch.autograd.Function):
         elif need_w:
             gvals = torch.sparse.sampled_addmm(plan.matrix(vals), g2.t(), x2, beta=0.0).values()
             gw = plan.index.scatter(gvals, weight)
+            note_masked_grad(plan, gw)
         if need_b:
             gb = g2.sum(0)
         return gx, gw, gb, None, None, None, None
@@ -200,6 +209,8 @@ class SparseLinearFunction(torch.autograd.Function):
                 _ptr(x2), x2.stride(0) if x2 is not None else 0, g2.data_ptr(), g2.stride(0), n, in_f, out_f,
                 p["crow"], p["col"], vals.data_ptr(), p["tcrow"], p["tcol"], p["perm32"], _ptr(gx), in_f, _ptr(gw),
                 p["offsets"], int(zero_rows), _ptr(gb), torch.get_num_threads(), _ptr(xkept), _ptr(dk)))
+            if sparse_w:
+                note_masked_grad(plan, gw)
         if dense_w:
             gw = g2.t() @ xs
         if need_b and gb is None:

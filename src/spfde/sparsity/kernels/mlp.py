@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from spfde.sparsity.kernels import common, native
-from spfde.sparsity.kernels.common import Unit, first_order_only, weight_grad_buffer
+from spfde.sparsity.kernels.common import Unit, first_order_only, note_masked_grad, weight_grad_buffer
 from spfde.sparsity.kernels.linear import (
     LinearPlan,
     _check,
@@ -106,6 +106,8 @@ class SparseMlpFunction(torch.autograd.Function):
             p2["crow"], p2["col"], v2.data_ptr(), p2["tcrow"], p2["tcol"], p2["perm32"], p2["offsets"],
             _ptr(xk), _ptr(hk), _ptr(dk), _ptr(gx), in_f, _ptr(gw1), int(zero1), _ptr(gb1), _ptr(gw2), int(zero2),
             _ptr(gb2), torch.get_num_threads()))
+        note_masked_grad(plan1, gw1)
+        note_masked_grad(plan2, gw2)
         return (gx.view(ctx.x_shape) if gx is not None else None), gw1, gb1, gw2, gb2, None, None, None
 
 
