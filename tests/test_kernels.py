@@ -3,6 +3,7 @@ fallbacks, determinism, state replay and the failed-build path."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -480,6 +481,15 @@ def test_native_sparse_mlp_gradients_for_every_mix_of_what_needs_one():
 
 
 @needs_native
+def _no_prenorm_fusion(monkeypatch) -> None:
+    """The ViT's pre-norms outside the fused calls (bit-identity tests of the fusions themselves)."""
+    from spfde.sparsity.kernels import linear as linear_mod
+    from spfde.sparsity.kernels import mlp as mlp_mod
+
+    for mod in (linear_mod, mlp_mod, attention, execution):
+        monkeypatch.setattr(mod, "norm_fusable", lambda *a: False)
+
+
 def test_vit_mlp_is_one_fused_call_only_when_both_linears_run_sparse(native_spy, monkeypatch):
     """The ViT's MLP (``mlp_act``) under ``sparse`` kernels: one ``spfde_mlp_*`` call pair per block,
     the model's output and gradients those of the unfused model bit for bit (which matches its
@@ -487,6 +497,7 @@ def test_vit_mlp_is_one_fused_call_only_when_both_linears_run_sparse(native_spy,
     not masked run the Linears one by one; under ``auto`` the pair is timed as one (the fused call
     against the dense pair) and fuses from its first call, fc2 taking fc1's decision, and a pair
     decided dense runs dense."""
+    _no_prenorm_fusion(monkeypatch)
     from spfde.models.vit import vit_tiny
 
     torch.manual_seed(0)
@@ -897,11 +908,112 @@ def test_fused_self_attention_only_where_it_is_the_same_function(native_spy, mon
     assert exe.choices() == {"attn.in_proj_weight": "dense", "attn.out_proj": "dense"}
 
 
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [5, 17, 100, 2176])
+def test_prenorm_inside_the_fused_kernels_is_the_layer_norm_before_them(rows):
+    """A pre-norm run inside the fused MLP and attention kernels (forward where they pack the input,
+    backward where they write its gradient) gives the layer norm's result before the fused call
+    within float rounding, every gradient included (the norm's scale and shift too); its forward
+    without grad is the forward with grad bit for bit, and every result is bit-identical for one
+    and two threads."""
+    from spfde.sparsity.kernels.mlp import sparse_mlp
+
+    torch.manual_seed(rows)
+    fc1, fc2, ln = nn.Linear(64, 128), nn.Linear(128, 64), nn.LayerNorm(64, eps=1e-6)
+    mha = nn.MultiheadAttention(64, 4, batch_first=True)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-0.5, 0.5)
+    plans = []
+    for w in (fc1.weight, fc2.weight, mha.in_proj_weight, mha.out_proj.weight):
+        m = _mask(w.shape, 0.15, seed=len(plans))
+        with torch.no_grad():
+            w.mul_(m)
+        plans.append(LinearPlan(m, w))
+    calls = {"mlp": (lambda t, n=None: sparse_mlp(t, fc1, fc2, plans[0], plans[1], n), (rows, 64),
+                     [fc1.weight, fc1.bias, fc2.weight, fc2.bias]),
+             "attention": (lambda t, n=None: attention.fused_self_attention(mha, t, plans[2], plans[3], n),
+                           (max(rows // 17, 1), 17, 64),
+                           [mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias])}
+    for name, (call, shape, weights) in calls.items():
+        x = (torch.randn(shape) * 3 + 1).requires_grad_()
+        params = [x, ln.weight, ln.bias, *weights]
+        g = torch.randn(shape)
+        runs = []
+        for threads in (1, 2):
+            with _threads(threads):
+                out = call(x, ln)
+                runs.append((out, torch.autograd.grad(out, params, g)))
+        (out, grads), (out2, grads2) = runs
+        assert torch.equal(out, out2) and all(torch.equal(a, b) for a, b in zip(grads, grads2, strict=True))
+        ref = call(ln(x))
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        for a, b in zip(grads, torch.autograd.grad(ref, params, g), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+        with torch.no_grad():
+            assert torch.equal(call(x, ln), out), name
+
+
+@needs_native
+def test_vit_prenorms_run_inside_the_fused_calls_unless_hooked(monkeypatch):
+    """Under sparse kernels the ViT's pre-norms run inside its fused attention and MLP calls; a hook
+    on a norm (or on the sublayer) keeps that norm a module call; the model's output and gradients
+    match the model with every norm called as a module within float rounding."""
+    from spfde.models.vit import vit_tiny
+    from spfde.sparsity.kernels import mlp as mlp_mod
+
+    torch.manual_seed(0)
+    model = vit_tiny(num_classes=10, in_channels=1)
+    layers = {}
+    for i in range(4):
+        for m, p in ((f"layers.{i}.mlp.fc1", "weight"), (f"layers.{i}.mlp.fc2", "weight"),
+                     (f"layers.{i}.attn.in_proj_weight", None), (f"layers.{i}.attn.out_proj", "weight")):
+            layers[m] = f"{m}.{p}" if p else m
+    SparseExecution(model, _engine(model, layers, density=0.2), mode="sparse")
+    seen = []
+    for cls in (mlp_mod.SparseMlpFunction, attention.FusedSelfAttentionFunction):
+        real = cls.apply
+        monkeypatch.setattr(cls, "apply", lambda *a, _r=real, _c=cls: seen.append((_c.__name__, a[-1] is not None
+                                                                                    and not isinstance(a[-1], tuple)))
+                            or _r(*a))
+    x = torch.randn(6, 1, 28, 28)
+    params = list(model.parameters())
+
+    def run():
+        seen.clear()
+        out = model(x)
+        return out, _grads(out, params)
+
+    out, grads = run()
+    assert len(seen) == 8 and all(normed for _, normed in seen)
+    handle = model.layers[2].norm2.register_forward_hook(lambda *_: None)
+    run()
+    assert sorted(seen).count(("SparseMlpFunction", False)) == 1 and len(seen) == 8
+    handle.remove()
+    _no_prenorm_fusion(monkeypatch)
+    ref, ref_grads = run()
+    assert len(seen) == 8 and not any(normed for _, normed in seen)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 @needs_native
 def test_vit_training_with_fused_attention_matches_the_three_steps(monkeypatch, tmp_path):
     """A MEST ViT run with its attention blocks fused ends with the masks of the same run with the
     blocks as three steps and weights within float rounding of it; a second fused run is
     bit-identical."""
+    _no_prenorm_fusion(monkeypatch)
     from spfde.train import Trainer
 
     cfg = load_config(None, ["data.name=fashion_mnist", "data.subset=256", "data.test_subset=64",
@@ -1181,6 +1293,7 @@ def test_auto_one_off_pass_runs_the_fused_calls_untimed(native_spy, monkeypatch)
     block's MLP and attention as the fused native calls where the pairs' training calls run sparse,
     by the untimed one-off choice, bit for bit the unfused result; it times and records nothing.
     The memory model's probe (``probe=True``) still runs the calls one by one."""
+    _no_prenorm_fusion(monkeypatch)
     from spfde.models.vit import vit_tiny
 
     torch.manual_seed(0)
@@ -1224,6 +1337,7 @@ def test_vit_training_with_fused_mlps_is_bit_identical_to_the_linears_one_by_one
     """A MEST ViT run with its MLP blocks fused (Prune&Grow, freezing, the activation cache and
     sieving included) ends with the weights and masks of the same run with every MLP as two sparse
     Linear calls, bit for bit."""
+    _no_prenorm_fusion(monkeypatch)
     from spfde.sparsity.kernels import mlp as mlp_mod
     from spfde.train import Trainer
 

@@ -33,7 +33,8 @@ from torch import nn
 
 from spfde.models.common import BlockModel, scale_channels
 from spfde.models.registry import register_model
-from spfde.sparsity.kernels.mlp import mlp_act
+from spfde.sparsity.kernels.attention import prenorm_attention
+from spfde.sparsity.kernels.mlp import mlp_act, prenorm_mlp
 
 
 class PatchEmbed(nn.Conv2d):
@@ -100,12 +101,13 @@ class EncoderBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(x)
+        # the pre-norms go with their sublayers: where those run as one fused sparse call, the norm runs
+        # inside it (prenorm_attention, prenorm_mlp); otherwise this is x + attn(norm1(x)), then the MLP
         if isinstance(self.attn, nn.MultiheadAttention):
-            x = x + self.attn(h, h, h, need_weights=False)[0]
+            x = x + prenorm_attention(self.norm1, self.attn, x)
         else:
-            x = x + self.attn(h)
-        return x + self.mlp(self.norm2(x))
+            x = x + self.attn(self.norm1(x))
+        return x + prenorm_mlp(self.norm2, self.mlp, x)
 
 
 class VisionTransformer(BlockModel):

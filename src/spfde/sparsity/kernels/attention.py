@@ -51,12 +51,14 @@ from torch import nn
 from spfde.sparsity.kernels import common, native
 from spfde.sparsity.kernels.common import Unit, first_order_only, note_masked_grad, weight_grad_buffer
 from spfde.sparsity.kernels.linear import (
+    PROLOGUE_KWARG,
     LinearPlan,
     _fx_tracing,
     _hooked,
     _ptr,
     installed_layer,
     linear_input_issue,
+    norm_fusable,
     sparse_linear,
 )
 
@@ -271,9 +273,11 @@ class FusedSelfAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
                 b2: torch.Tensor | None, plan1: LinearPlan, plan2: LinearPlan, module: nn.MultiheadAttention,
-                keep: tuple[bool, bool, bool]) -> torch.Tensor:
+                keep: tuple[bool, bool, bool], lnw: torch.Tensor | None = None, lnb: torch.Tensor | None = None,
+                eps: float | None = None) -> torch.Tensor:
         # keep: (x for in_proj's weight gradient, q/k/v and the probabilities for any gradient through
-        # the core, the core's output for out_proj's weight gradient): the caller knows whether autograd records
+        # the core, the core's output for out_proj's weight gradient): the caller knows whether autograd records.
+        # eps None: no pre-norm; else in_proj's input is the layer norm of x (prenorm_attention)
         lib = native.load(quiet=True)
         x = _unit_columns(x)
         tokens, samples, xl, xb = _seq_batch(module, x)
@@ -288,25 +292,37 @@ class FusedSelfAttentionFunction(torch.autograd.Function):
         qk = torch.empty(floats(3 * e), dtype=torch.float32) if keep[1] else None
         pk = torch.empty((samples + 15) // 16 * h * tokens * tokens * 16, dtype=torch.float32) if keep[1] else None
         ok = torch.empty(floats(e), dtype=torch.float32) if keep[2] else None
+        ln = eps is not None
+        stats = torch.empty((2, samples * tokens), dtype=torch.float32) if ln else None  # mean, rstd per (b, l)
+        lw = lnw.detach().contiguous() if lnw is not None else None
+        lb = lnb.detach().contiguous() if lnb is not None else None
         p1, p2 = plan1.ptrs, plan2.ptrs
         _check(lib.spfde_mha_forward(
             x.data_ptr(), samples, tokens, e, h, xb, xl, scale, p1["crow"], p1["col"], v1.data_ptr(), _ptr(b1d),
             p2["crow"], p2["col"], v2.data_ptr(), _ptr(b2d), out.data_ptr(), out.stride(1), out.stride(0),
-            torch.get_num_threads(), _ptr(xk), _ptr(qk), _ptr(pk), _ptr(ok)))
+            torch.get_num_threads(), _ptr(xk), _ptr(qk), _ptr(pk), _ptr(ok), int(ln), _ptr(lw), _ptr(lb),
+            float(eps or 0.0), _ptr(stats[0]) if ln else None, _ptr(stats[1]) if ln else None))
         ctx.plans, ctx.lib, ctx.geometry = (plan1, plan2), lib, (samples, tokens, e, h, scale, module.batch_first)
-        ctx.save_for_backward(xk, qk, pk, ok, v1, v2, w1, w2)
+        ctx.ln, ctx.x_strides = ln, (xb, xl)
+        ctx.save_for_backward(xk, qk, pk, ok, v1, v2, w1, w2, *((x, stats, lnw) if ln else ()))
         return out.transpose(0, 1) if module.batch_first else out
 
     @staticmethod
     @first_order_only
     def backward(ctx, gy: torch.Tensor):
         plan1, plan2 = ctx.plans
-        xk, qk, pk, ok, v1, v2, w1, w2 = ctx.saved_tensors
+        xk, qk, pk, ok, v1, v2, w1, w2, *normed = ctx.saved_tensors
         samples, tokens, e, h, scale, batch_first = ctx.geometry
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        need_lnw, need_lnb = ctx.needs_input_grad[9:11] if ctx.ln else (False, False)
         gy = _unit_columns(gy.float())
         gl, gb = (gy.stride(1), gy.stride(0)) if batch_first else (gy.stride(0), gy.stride(1))
-        gx = torch.empty((tokens, samples, e), dtype=torch.float32) if need_x else None
+        # the gradient at in_proj's input: x's own, or, with the pre-norm, through it (the kernel)
+        gx = torch.empty((tokens, samples, e), dtype=torch.float32) if need_x or need_lnw or need_lnb else None
+        x, stats, lnw = normed if ctx.ln else (None, None, None)
+        glnw = torch.empty(e, dtype=torch.float32) if need_lnw else None
+        glnb = torch.empty(e, dtype=torch.float32) if need_lnb else None
+        lw = lnw.detach().contiguous() if lnw is not None else None
 
         gw1, zero1 = weight_grad_buffer(need_w1, w1)
         gw2, zero2 = weight_grad_buffer(need_w2, w2)
@@ -319,19 +335,47 @@ class FusedSelfAttentionFunction(torch.autograd.Function):
             p2["crow"], p2["col"], v2.data_ptr(), p2["tcrow"], p2["tcol"], p2["perm32"], p2["offsets"],
             _ptr(xk), _ptr(qk), _ptr(pk), _ptr(ok), _ptr(gx), gx.stride(1) if gx is not None else 0,
             gx.stride(0) if gx is not None else 0, _ptr(gw1), int(zero1), _ptr(gb1), _ptr(gw2), int(zero2), _ptr(gb2),
-            torch.get_num_threads()))
+            torch.get_num_threads(), int(ctx.ln), _ptr(x), *(ctx.x_strides if ctx.ln else (0, 0)), _ptr(lw),
+            _ptr(stats[0]) if ctx.ln else None, _ptr(stats[1]) if ctx.ln else None, _ptr(glnw), _ptr(glnb)))
         note_masked_grad(plan1, gw1)
         note_masked_grad(plan2, gw2)
+        if gx is not None and not need_x:
+            gx = None
         if gx is not None and batch_first:
             gx = gx.transpose(0, 1)
-        return gx, gw1, gb1, gw2, gb2, None, None, None, None
+        return gx, gw1, gb1, gw2, gb2, None, None, None, None, glnw, glnb, None
 
 
-def fused_self_attention(module: nn.MultiheadAttention, x: torch.Tensor, plan1: LinearPlan, plan2: LinearPlan
-                         ) -> torch.Tensor:
-    """The module's self-attention output for ``x`` as one fused call (:func:`fused_plan` said it can)."""
+def fused_self_attention(module: nn.MultiheadAttention, x: torch.Tensor, plan1: LinearPlan, plan2: LinearPlan,
+                         norm: nn.LayerNorm | None = None) -> torch.Tensor:
+    """The module's self-attention output for ``x`` as one fused call (:func:`fused_plan` said it can);
+    with ``norm`` (:func:`~.linear.norm_fusable`), the self-attention of ``norm(x)``, the norm in the kernel."""
     rec = torch.is_grad_enabled()
     w1, b1, w2, b2 = module.in_proj_weight, module.in_proj_bias, module.out_proj.weight, module.out_proj.bias
-    through = x.requires_grad or w1.requires_grad or (b1 is not None and b1.requires_grad)
+    ln = () if norm is None else (norm.weight, norm.bias, float(norm.eps))
+    through = (x.requires_grad or w1.requires_grad or (b1 is not None and b1.requires_grad)
+               or any(t is not None and t.requires_grad for t in ln[:2]))
     keep = (rec and w1.requires_grad, rec and through, rec and w2.requires_grad)
-    return FusedSelfAttentionFunction.apply(x, w1, b1, w2, b2, plan1, plan2, module, keep)
+    return FusedSelfAttentionFunction.apply(x, w1, b1, w2, b2, plan1, plan2, module, keep, *ln)
+
+
+def fused_prenorm_call(module: nn.MultiheadAttention, x: torch.Tensor, plan: LinearPlan, norm: nn.LayerNorm
+                       ) -> torch.Tensor | None:
+    """The block's output for ``norm(x)`` as one fused call with the norm inside, where :func:`fused_plan`
+    allows (the caller, ``in_proj``'s layer, decided the call sparse); None otherwise."""
+    out_plan = fused_plan(module, x)
+    return None if out_plan is None else fused_self_attention(module, x, plan, out_plan, norm)
+
+
+def prenorm_attention(norm: nn.Module, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``attn(h, h, h, need_weights=False)[0]`` with ``h = norm(x)``, a pre-norm block's self-attention
+    (spfde's ViT calls it). Where SparseExecution runs ``attn`` as one fused native call, the norm
+    runs inside it, on the rows the kernel packs anyway, forward and backward
+    (:meth:`~.execution._Layer.__call__` takes it as ``PROLOGUE_KWARG``); an attention module with
+    hooks, or any other module, gets ``norm(x)``, so its hooks see what they always saw."""
+    forward = getattr(vars(attn).get("forward"), "__func__", None)
+    if (isinstance(attn, nn.MultiheadAttention) and getattr(forward, "spfde_forward", False)
+            and not _hooked(attn) and norm_fusable(norm, x)):
+        return attn(x, x, x, need_weights=False, **{PROLOGUE_KWARG: norm})[0]
+    h = norm(x)
+    return attn(h, h, h, need_weights=False)[0]

@@ -94,6 +94,7 @@ from spfde.sparsity.kernels import calibration, native
 from spfde.sparsity.kernels.attention import (
     SHORT_MAX_LEN,
     attention_unit,
+    fused_prenorm_call,
     mha_input_issue,
     self_attention,
     sparse_mha,
@@ -103,8 +104,10 @@ from spfde.sparsity.kernels.common import Unit, warn_once
 from spfde.sparsity.kernels.conv import conv_input_issue, make_conv_plan, sparse_conv2d, unsupported_conv
 from spfde.sparsity.kernels.linear import (
     EPILOGUE_KWARG,
+    PROLOGUE_KWARG,
     LinearPlan,
     linear_input_issue,
+    norm_fusable,
     sparse_linear,
     unsupported_linear,
 )
@@ -306,6 +309,14 @@ class _Layer:
         gelu = kwargs.pop(EPILOGUE_KWARG, None) == "gelu"
         if gelu and self.kind != "linear":
             return F.gelu(self(*args, **kwargs))
+        # prenorm_attention's call: the block's pre-norm, inside the fused kernel where the call runs
+        # there (decided, not being timed), else applied here and the call runs as usual
+        norm = kwargs.pop(PROLOGUE_KWARG, None)
+        if norm is not None:
+            out = self._prenorm_fused(norm, args, kwargs)
+            if out is not None:
+                return out
+            args = _prenormed(norm, args)
 
         def dense(out: Any) -> Any:
             return F.gelu(out) if gelu else out
@@ -331,6 +342,25 @@ class _Layer:
         if choice == "dense":
             return dense(self.dense_call(x, args, kwargs))
         return self.sparse(x, key[2], gelu)
+
+    def _prenorm_fused(self, norm: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """The attention call's output with ``norm`` run inside the fused block kernel, or None where
+        the call does not run that kernel by a decision already made (the caller then normalises)."""
+        if self.kind != "mha" or _traced() or self.exe.in_probe:
+            return None
+        x, why = self._input(args, kwargs)
+        if x is None or not norm_fusable(norm, x) or self.sync() is None:
+            return None
+        if self.exe.engine.weight_issue(self.param, self.weight) is not None:
+            return None
+        key = self.call_key(x)
+        if key[2] or self.deciding(key) or self.choose(key, x, args, kwargs) != "sparse":
+            return None
+        out = fused_prenorm_call(self.module, x, self.plan, norm)
+        if out is None:
+            return None
+        self._record("sparse")
+        return out, None
 
     def _record(self, ran: str, fell_back: bool = False) -> None:
         # what training ran: a call with autograd on outside a one-off pass (the memory model's probe,
@@ -637,6 +667,9 @@ class _Attention:
         self.module = module
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        norm = kwargs.pop(PROLOGUE_KWARG, None)
+        if norm is not None:  # prenorm_attention's call: the pre-norm only fuses into a sparse block
+            args = _prenormed(norm, args)
         if _traced():
             return type(self.module).forward(self.module, *args, **kwargs)
         x, why = mha_input_issue(self.module, args, kwargs)
@@ -644,6 +677,12 @@ class _Attention:
             _out_proj_runs_dense(self.module, why)
             return type(self.module).forward(self.module, *args, **kwargs)
         return self_attention(self.module, x)
+
+
+def _prenormed(norm: nn.Module, args: tuple) -> tuple:
+    """prenorm_attention's ``(x, x, x)`` as ``(h, h, h)``, ``h = norm(x)``: the call without the fusion."""
+    h = norm(args[0])
+    return (h, h, h, *args[3:])
 
 
 def _same(t: torch.Tensor) -> torch.Tensor:

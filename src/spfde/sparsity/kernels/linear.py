@@ -268,6 +268,9 @@ def _fused_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 #: the keyword :func:`linear_act` passes to a Linear whose forward SparseExecution installed
 EPILOGUE_KWARG = "spfde_epilogue"
+#: the keyword :func:`~.attention.prenorm_attention` passes (the block's pre-norm) to an attention
+#: module whose forward SparseExecution installed
+PROLOGUE_KWARG = "spfde_prologue"
 
 
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
@@ -283,6 +286,16 @@ def _hooked(m: nn.Module, forward_pre: bool = True) -> bool:
            m._forward_pre_hooks if forward_pre else
            [h for h in m._forward_pre_hooks if h in getattr(m, "_forward_pre_hooks_with_kwargs", {})])
     return any(own) or any(getattr(glob, name, None) for name in _GLOBAL_HOOKS)
+
+
+def norm_fusable(norm: nn.Module | None, x: torch.Tensor) -> bool:
+    """Whether ``norm`` (a transformer block's pre-norm) can run inside a fused MLP or attention kernel
+    on ``x``: a plain ``nn.LayerNorm`` over the last dimension alone, fp32 on CPU like the rest of the
+    call, without hooks (the fused call never calls it)."""
+    return (type(norm) is nn.LayerNorm and type(norm).forward is nn.LayerNorm.forward
+            and len(norm.normalized_shape) == 1 and norm.normalized_shape[0] == x.shape[-1]
+            and "forward" not in vars(norm) and not _hooked(norm)
+            and all(t is None or (t.dtype == torch.float32 and t.is_cpu) for t in (norm.weight, norm.bias)))
 
 
 def installed_layer(m: nn.Module) -> Any:

@@ -50,20 +50,24 @@ from spfde.sparsity.kernels.linear import (
     _rows,
     installed_layer,
     linear_act,
+    norm_fusable,
     sparse_linear,
 )
 
 
 class SparseMlpFunction(torch.autograd.Function):
-    """``fc2(gelu(fc1(x)))`` with both weights masked, through ``spfde_mlp_forward`` / ``_backward``."""
+    """``fc2(gelu(fc1(x)))`` with both weights masked, through ``spfde_mlp_forward`` / ``_backward``;
+    with ``norm`` (a plain ``nn.LayerNorm`` over the features), ``fc2(gelu(fc1(norm(x))))``, the norm
+    applied where the kernel packs x (:func:`norm_mlp`)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-                b2: torch.Tensor | None, plan1: LinearPlan, plan2: LinearPlan, keep: tuple[bool, bool, bool]
+                b2: torch.Tensor | None, plan1: LinearPlan, plan2: LinearPlan, keep: tuple[bool, bool, bool],
+                lnw: torch.Tensor | None = None, lnb: torch.Tensor | None = None, eps: float | None = None
                 ) -> torch.Tensor:
         # keep: (x's packed tiles for fc1's weight gradient, the packed hidden activation for fc2's,
         # the GELU derivative for any gradient through fc1): decided by the caller, which knows
-        # whether autograd records this call
+        # whether autograd records this call. eps None: no norm
         lib = native.load(quiet=True)
         hidden, in_f = plan1.shape
         out_f = plan2.shape[0]
@@ -75,56 +79,76 @@ class SparseMlpFunction(torch.autograd.Function):
         y = torch.empty((n, out_f), dtype=torch.float32)
         xk, hk, dk = (torch.empty(lib.spfde_linear_packed_floats(n, f), dtype=torch.float32) if k else None
                       for k, f in zip(keep, (in_f, hidden, hidden), strict=True))
+        ln = eps is not None
+        stats = torch.empty((2, n), dtype=torch.float32) if ln else None  # each row's mean and rstd
+        lw = lnw.detach().contiguous() if lnw is not None else None
+        lb = lnb.detach().contiguous() if lnb is not None else None
         p1, p2 = plan1.ptrs, plan2.ptrs
         _check(lib.spfde_mlp_forward(x2.data_ptr(), n, in_f, x2.stride(0), hidden, out_f, p1["crow"], p1["col"],
                                      v1.data_ptr(), _ptr(b1d), p2["crow"], p2["col"], v2.data_ptr(), _ptr(b2d),
-                                     y.data_ptr(), y.stride(0), torch.get_num_threads(), _ptr(xk), _ptr(hk), _ptr(dk)))
-        ctx.plans, ctx.x_shape, ctx.lib = (plan1, plan2), x.shape, lib
-        ctx.save_for_backward(xk, hk, dk, v1, v2, w1, w2)
+                                     y.data_ptr(), y.stride(0), torch.get_num_threads(), _ptr(xk), _ptr(hk), _ptr(dk),
+                                     int(ln), _ptr(lw), _ptr(lb), float(eps or 0.0),
+                                     _ptr(stats[0]) if ln else None, _ptr(stats[1]) if ln else None))
+        ctx.plans, ctx.x_shape, ctx.lib, ctx.ln = (plan1, plan2), x.shape, lib, ln
+        ctx.save_for_backward(xk, hk, dk, v1, v2, w1, w2, *((x2, stats, lnw, lnb) if ln else ()))
         return y.view(*x.shape[:-1], out_f)
 
     @staticmethod
     @first_order_only
     def backward(ctx, gy: torch.Tensor):
         plan1, plan2 = ctx.plans
-        xk, hk, dk, v1, v2, w1, w2 = ctx.saved_tensors
+        xk, hk, dk, v1, v2, w1, w2, *normed = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        need_lnw, need_lnb = ctx.needs_input_grad[8:10] if ctx.ln else (False, False)
         hidden, in_f = plan1.shape
         out_f = plan2.shape[0]
         g2 = _rows(gy, out_f)
         n = g2.shape[0]
-        gx = torch.empty((n, in_f), dtype=torch.float32) if need_x else None
+        # the gradient at fc1's input: x's own, or, with the norm, the norm's output's
+        need_h = need_x or need_lnw or need_lnb
+        gx = torch.empty((n, in_f), dtype=torch.float32) if need_h else None
 
         gw1, zero1 = weight_grad_buffer(need_w1, w1)
         gw2, zero2 = weight_grad_buffer(need_w2, w2)
         gb1 = torch.empty(hidden, dtype=torch.float32) if need_b1 else None
         gb2 = torch.empty(out_f, dtype=torch.float32) if need_b2 else None
+        x2, stats, lnw, _ = normed if ctx.ln else (None, None, None, None)
+        glnw = torch.empty(in_f, dtype=torch.float32) if need_lnw else None
+        glnb = torch.empty(in_f, dtype=torch.float32) if need_lnb else None
+        lw = lnw.detach().contiguous() if lnw is not None else None
         p1, p2 = plan1.ptrs, plan2.ptrs
         _check(ctx.lib.spfde_mlp_backward(
             g2.data_ptr(), g2.stride(0), n, in_f, hidden, out_f,
             p1["crow"], p1["col"], v1.data_ptr(), p1["tcrow"], p1["tcol"], p1["perm32"], p1["offsets"],
             p2["crow"], p2["col"], v2.data_ptr(), p2["tcrow"], p2["tcol"], p2["perm32"], p2["offsets"],
             _ptr(xk), _ptr(hk), _ptr(dk), _ptr(gx), in_f, _ptr(gw1), int(zero1), _ptr(gb1), _ptr(gw2), int(zero2),
-            _ptr(gb2), torch.get_num_threads()))
+            _ptr(gb2), torch.get_num_threads(), int(ctx.ln), _ptr(x2), x2.stride(0) if x2 is not None else 0,
+            _ptr(lw), _ptr(stats[0]) if ctx.ln else None, _ptr(stats[1]) if ctx.ln else None, _ptr(glnw),
+            _ptr(glnb)))
         note_masked_grad(plan1, gw1)
         note_masked_grad(plan2, gw2)
-        return (gx.view(ctx.x_shape) if gx is not None else None), gw1, gb1, gw2, gb2, None, None, None
+        gx = gx.view(ctx.x_shape) if gx is not None and need_x else None
+        return gx, gw1, gb1, gw2, gb2, None, None, None, glnw, glnb, None
 
 
-def sparse_mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, plan1: LinearPlan, plan2: LinearPlan
-               ) -> torch.Tensor:
-    """``fc2(F.gelu(fc1(x)))`` with both weights masked by their plans, fused (native library needed).
+def sparse_mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, plan1: LinearPlan, plan2: LinearPlan,
+               norm: nn.LayerNorm | None = None) -> torch.Tensor:
+    """``fc2(F.gelu(fc1(x)))`` with both weights masked by their plans, fused (native library needed);
+    with ``norm`` (:func:`~.linear.norm_fusable`), ``fc2(F.gelu(fc1(norm(x))))`` with the norm in the kernel.
 
-    Always the two sparse Linear calls' result, bit for bit: where fc1's GELU epilogue is
-    ``F.gelu`` after its kernel (a call whose only gradient through fc1 is its bias's:
+    Without ``norm``, always the two sparse Linear calls' result, bit for bit: where fc1's GELU
+    epilogue is ``F.gelu`` after its kernel (a call whose only gradient through fc1 is its bias's:
     :func:`~spfde.sparsity.kernels.linear._fused_gelu`), it is those two calls."""
     rec = torch.is_grad_enabled()
     w1, b1, w2, b2 = fc1.weight, fc1.bias, fc2.weight, fc2.bias
-    if _fused_gelu(x, w1, b1, False, rec and w1.requires_grad) == 0:
-        return sparse_linear(sparse_linear(x, w1, b1, plan1, gelu=True), w2, b2, plan2)
-    through_fc1 = x.requires_grad or w1.requires_grad or (b1 is not None and b1.requires_grad)
+    ln = () if norm is None else (norm.weight, norm.bias, float(norm.eps))
+    through_norm = any(t is not None and t.requires_grad for t in ln[:2])
+    if _fused_gelu(x, w1, b1, False, rec and w1.requires_grad) == 0 and not through_norm:
+        h = norm(x) if norm is not None else x
+        return sparse_linear(sparse_linear(h, w1, b1, plan1, gelu=True), w2, b2, plan2)
+    through_fc1 = x.requires_grad or w1.requires_grad or (b1 is not None and b1.requires_grad) or through_norm
     keep = (rec and w1.requires_grad, rec and w2.requires_grad, rec and through_fc1)
-    return SparseMlpFunction.apply(x, w1, b1, w2, b2, plan1, plan2, keep)
+    return SparseMlpFunction.apply(x, w1, b1, w2, b2, plan1, plan2, keep, *ln)
 
 
 def fused_bytes(rows: int, fc1: nn.Linear, fc2: nn.Linear) -> int:
@@ -135,26 +159,46 @@ def fused_bytes(rows: int, fc1: nn.Linear, fc2: nn.Linear) -> int:
     return 4 * int(floats)
 
 
-def mlp_act(fc1: nn.Module, act: nn.Module, fc2: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def mlp_act(fc1: nn.Module, act: nn.Module, fc2: nn.Module, x: torch.Tensor, norm: nn.Module | None = None
+            ) -> torch.Tensor:
     """``fc2(act(fc1(x)))``, a transformer MLP, for a model's own forward: fused into one native call
-    when both Linears run sparse (module card), otherwise exactly ``fc2(linear_act(fc1, act, x))``."""
+    when both Linears run sparse (module card), otherwise exactly ``fc2(linear_act(fc1, act, x))``.
+    ``norm``: ``fc2(act(fc1(norm(x))))``, the norm inside the fused call where it can run there
+    (:func:`~.linear.norm_fusable`; not while the pair is being timed, which times it on ``norm(x)``)."""
     l1, l2 = installed_layer(fc1), installed_layer(fc2)
     if (l1 is not None and l2 is not None and type(act) is nn.GELU and act.approximate == "none"
             and not _hooked(fc1) and not _hooked(act) and not _hooked(fc2) and not _fx_tracing()
             and native.load(quiet=True) is not None and fc2.in_features == fc1.out_features
             and not l1.exe.dense_weight_grad):
         rec = torch.is_grad_enabled()
-        through = rec and (x.requires_grad or any(p.requires_grad for p in fc1.parameters()))
+        deciding = l1.deciding(l1.call_key(x))
+        if norm is not None and (deciding or not norm_fusable(norm, x)):
+            x, norm = norm(x), None
+        params = [*fc1.parameters(), *(norm.parameters() if norm is not None else ())]
+        through = rec and (x.requires_grad or any(p.requires_grad for p in params))
         key2 = l2.key_for((*x.shape[:-1], fc1.out_features), through)
         rows = x.numel() // max(fc1.in_features, 1)
         fusable = fused_bytes(rows, fc1, fc2) <= common.FUSED_MAX_BYTES
         unit = None  # auto times the pair as one where it can fuse (common.Unit)
-        if fusable and l1.deciding(l1.call_key(x)) and l2.can_fuse(x):
+        if fusable and deciding and l2.can_fuse(x):
             unit = Unit("mlp", l2, key2, dense=lambda t: l2.dense(act(l1.dense(t))),
                         sparse=lambda t: sparse_mlp(t, fc1, fc2, l1.plan, l2.plan))
         key1 = l1.sparse_key(x, unit)
         if key1 is not None and fusable and l2.decided_sparse(key2, x):
             l1.record_sparse()
             l2.record_sparse()
-            return sparse_mlp(x, fc1, fc2, l1.plan, l2.plan)
+            return sparse_mlp(x, fc1, fc2, l1.plan, l2.plan, norm)
+    if norm is not None:
+        x = norm(x)
     return fc2(linear_act(fc1, act, x))
+
+
+def prenorm_mlp(norm: nn.Module, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``mlp(norm(x))`` in a pre-norm transformer block whose ``mlp`` is spfde's ViT ``Mlp`` (``fc1``,
+    ``act``, ``fc2``, forward :func:`mlp_act`): where the MLP runs as one fused native call, the norm
+    runs inside it, on the rows the kernel packs anyway (its forward about 55 us a call on the ViT
+    preset, a tenth of the fused MLP's; the backward is PyTorch's on the kernel's statistics). An MLP
+    with hooks is called as a module, ``mlp(norm(x))``, so its hooks see what they always saw."""
+    if _hooked(mlp) or not norm_fusable(norm, x) or not all(hasattr(mlp, a) for a in ("fc1", "act", "fc2")):
+        return mlp(norm(x))
+    return mlp_act(mlp.fc1, mlp.act, mlp.fc2, x, norm)

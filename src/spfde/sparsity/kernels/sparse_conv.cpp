@@ -23,6 +23,7 @@
 // ever sums into memory another thread writes, and every sum runs in the same order whatever the
 // thread count, so results are bit-identical for any number of threads.
 
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -391,7 +392,7 @@ struct Scratch {
 
 extern "C" {
 
-int spfde_abi_version() { return 10; }
+int spfde_abi_version() { return 12; }
 int spfde_vector_width() { return V; }
 
 // y = conv2d(x, W, bias) for the nonzeros of W in CSR order (row = output channel): rowptr[OC + 1]
@@ -798,6 +799,98 @@ void spmm_packed(const float* P, const Tiles& tl, i64 t, const int32_t* ptr, con
   }
 }
 
+// Layer normalisation of one V-vector group of rows (lanes = rows; feature c of the group at p + c * fs,
+// c < C), in place, with scale g and shift b (each NULL: 1, 0): a transformer block's pre-norm,
+// applied where a fused kernel has just packed its input (ln_tile; per token in spfde_mha_forward). The statistics are
+// V-wide over rows, two passes over data in cache; the mean and 1/sqrt(var + eps) of each real row
+// (lane < nr) go to mean / rstd at lane * ms for the backward. Lanes past nr stay zero, as the pack
+// left them.
+void ln_vectors(float* p, i64 C, i64 fs, const float* g, const float* b, float eps, int nr, float* mean, float* rstd,
+                i64 ms) {
+  const float inv = 1.0f / float(C);
+  vf s{};
+  for (i64 c = 0; c < C; ++c) s += ld(p + c * fs);
+  const vf m = s * inv;
+  vf q{};
+  for (i64 c = 0; c < C; ++c) {
+    const vf d = ld(p + c * fs) - m;
+    q += d * d;
+  }
+  const vf var = q * inv;
+  vf r;
+  for (int l = 0; l < V; ++l) r[l] = 1.0f / std::sqrt(var[l] + eps);
+  for (i64 c = 0; c < C; ++c) {
+    vf v = (ld(p + c * fs) - m) * r;
+    if (g) v = v * splat(g[c]);
+    if (b) v = v + splat(b[c]);
+    st(p + c * fs, v);
+  }
+  if (nr < V)
+    for (i64 c = 0; c < C; ++c)
+      for (int l = nr; l < V; ++l) p[c * fs + l] = 0.0f;
+  for (int l = 0; l < nr; ++l) {
+    mean[l * ms] = m[l];
+    rstd[l * ms] = r[l];
+  }
+}
+
+// ln_vectors over the rows of packed tile t (P [I][width], rows innermost; row n's statistics at n)
+void ln_tile(float* P, i64 I, const Tiles& tl, i64 t, const float* g, const float* b, float eps, float* mean,
+             float* rstd) {
+  for (i64 c = 0; c < tl.vectors(t); ++c) {
+    const i64 n0 = (t * tl.vecs + c) * V;
+    ln_vectors(P + c * V, I, tl.width(), g, b, eps, int(tl.N - n0 < V ? tl.N - n0 : V), mean + n0, rstd + n0, 1);
+  }
+}
+
+// The layer norm's backward for rows [r0, r1) of the gradient g (row stride gs) at its output, in
+// place: g becomes the gradient at its input x (row stride xs), from the forward's mean / rstd and
+// scale w (NULL: 1): dx = rstd (g w - mean(g w) - xh mean(g w xh)), xh = (x - mean) rstd. The scale's
+// and shift's gradients over these rows are added to pw / pb (I floats each; NULL: not needed), which
+// the caller zeroes and sums over its row blocks in a fixed order.
+void ln_backward_rows(float* g, i64 gs, const float* x, i64 xs, i64 I, i64 r0, i64 r1, const float* w,
+                      const float* mean, const float* rstd, float* pw, float* pb) {
+  const float inv = 1.0f / float(I);
+  const i64 Iv = I / V * V;  // whole vectors, then a scalar tail
+  for (i64 r = r0; r < r1; ++r) {
+    float* gr = g + r * gs;
+    const float* xr = x + r * xs;
+    const float m = mean[r], rs = rstd[r];
+    const vf vm = splat(m), vr = splat(rs);
+    vf a1{}, a2{};
+    for (i64 k = 0; k < Iv; k += V) {
+      const vf xh = (ld(xr + k) - vm) * vr, gk = ld(gr + k), gw = w ? gk * ld(w + k) : gk;
+      a1 += gw;
+      a2 += gw * xh;
+      if (pw) st(pw + k, ld(pw + k) + gk * xh);
+      if (pb) st(pb + k, ld(pb + k) + gk);
+    }
+    float c1 = 0.0f, c2 = 0.0f;
+    for (int l = 0; l < V; ++l) {  // lane sums in a fixed order
+      c1 += a1[l];
+      c2 += a2[l];
+    }
+    for (i64 k = Iv; k < I; ++k) {
+      const float xh = (xr[k] - m) * rs, gw = gr[k] * (w ? w[k] : 1.0f);
+      c1 += gw;
+      c2 += gw * xh;
+      if (pw) pw[k] += gr[k] * xh;
+      if (pb) pb[k] += gr[k];
+    }
+    c1 *= inv;
+    c2 *= inv;
+    const vf v1 = splat(c1), v2 = splat(c2);
+    for (i64 k = 0; k < Iv; k += V) {
+      const vf xh = (ld(xr + k) - vm) * vr, gk = ld(gr + k), gw = w ? gk * ld(w + k) : gk;
+      st(gr + k, vr * (gw - v1 - xh * v2));
+    }
+    for (i64 k = Iv; k < I; ++k) {
+      const float xh = (xr[k] - m) * rs, gw = gr[k] * (w ? w[k] : 1.0f);
+      gr[k] = rs * (gw - c1 - xh * c2);
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -975,10 +1068,13 @@ extern "C" {
 // (O, Hd) in CSR order (rowptr, col, vals; bias NULL: none). xkeep: x's packed tiles (for fc1's
 // weight gradient; spfde_linear_packed_floats(N, I)), hkeep: the packed hidden activation (fc2's
 // weight gradient; (N, Hd)), dkeep: the GELU's derivative (any gradient through fc1; (N, Hd));
-// each NULL: not kept. Returns 0, or 1 when out of memory.
+// each NULL: not kept. ln: fc1's input is the layer norm of x (ln_tile: scale lnw, shift lnb, each
+// NULL: none; eps), whose per-row mean and rstd (N floats each) are written for the backward, and
+// xkeep holds the normalised rows. Returns 0, or 1 when out of memory.
 int spfde_mlp_forward(const float* x, i64 N, i64 I, i64 xs, i64 Hd, i64 O, const int32_t* p1, const int32_t* c1,
                       const float* v1, const float* b1, const int32_t* p2, const int32_t* c2, const float* v2,
-                      const float* b2, float* y, i64 ys, int nthreads, float* xkeep, float* hkeep, float* dkeep) {
+                      const float* b2, float* y, i64 ys, int nthreads, float* xkeep, float* hkeep, float* dkeep,
+                      int ln, const float* lnw, const float* lnb, float eps, float* mean, float* rstd) {
   if (N <= 0) return 0;
   const Tiles tl = make_tiles(N);
   const i64 W = tl.width(), fi = (I + V - 1) / V, fo = (O + V - 1) / V, T = tl.count;
@@ -994,6 +1090,7 @@ int spfde_mlp_forward(const float* x, i64 N, i64 I, i64 xs, i64 Hd, i64 O, const
       float* P = xkeep ? xkeep + t * I * W : xp.at(me);
       float* Hp = hkeep ? hkeep + t * Hd * W : hp.at(me);
       for (i64 f = 0; f < fi; ++f) pack_linear(x, xs, I, tl, P, t, f);
+      if (ln) ln_tile(P, I, tl, t, lnw, lnb, eps, mean, rstd);
       spmm_packed(P, tl, t, p1, c1, v1, Hd, b1, true, Hp, dkeep ? dkeep + t * Hd * W : nullptr, nullptr);
       for (i64 g = 0; g < fo; ++g) spmm_unit(Hp, tl, t, p2, c2, v2, O, g, b2, y, ys, b);
     }
@@ -1006,20 +1103,26 @@ int spfde_mlp_forward(const float* x, i64 N, i64 I, i64 xs, i64 Hd, i64 O, const
 // (Hd, I) and gw2 (O, Hd) at the storage offsets woff1 / woff2 (zero1 / zero2: row-major, zeroed
 // here, else the caller zeroed them); the bias gradients gb1 (Hd), gb2 (O). Each output NULL:
 // skipped. fc1 / fc2 as in the forward plus their transposed structure (colptr, rowidx, perm: as
-// spfde_linear_backward reads it). gx, gw1 and gb1 need dkeep, gw1 xkeep, gw2 hkeep. Returns 0, or
-// 1 when out of memory.
+// spfde_linear_backward reads it). gx, gw1 and gb1 need dkeep, gw1 xkeep, gw2 hkeep. ln (the forward
+// normalised x): gx is the gradient at x through the norm (ln_backward_rows, each tile's rows once
+// they are written: x (row stride xs), its scale lnw (NULL: none), the forward's mean / rstd), and
+// glnw / glnb (NULL: not needed; they need gx) receive the scale's and shift's gradients, summed
+// over the tiles in order. Returns 0, or 1 when out of memory.
 int spfde_mlp_backward(const float* gy, i64 gs, i64 N, i64 I, i64 Hd, i64 O, const int32_t* p1, const int32_t* c1,
                        const float* v1, const int32_t* tp1, const int32_t* tc1, const int32_t* perm1, const i64* woff1,
                        const int32_t* p2, const int32_t* c2, const float* v2, const int32_t* tp2, const int32_t* tc2,
                        const int32_t* perm2, const i64* woff2, const float* xkeep, const float* hkeep,
                        const float* dkeep, float* gx, i64 gxs, float* gw1, int zero1, float* gb1, float* gw2, int zero2,
-                       float* gb2, int nthreads) {
+                       float* gb2, int nthreads, int ln, const float* x, i64 xs, const float* lnw, const float* mean,
+                       const float* rstd, float* glnw, float* glnb) {
   const i64 nnz1 = p1[Hd], nnz2 = p2[O];
   if (N <= 0) {
     if (gw1 && zero1) std::memset(gw1, 0, sizeof(float) * size_t(Hd * I));
     if (gw2 && zero2) std::memset(gw2, 0, sizeof(float) * size_t(O * Hd));
     if (gb1) std::memset(gb1, 0, sizeof(float) * size_t(Hd));
     if (gb2) std::memset(gb2, 0, sizeof(float) * size_t(O));
+    if (glnw) std::memset(glnw, 0, sizeof(float) * size_t(I));
+    if (glnb) std::memset(glnb, 0, sizeof(float) * size_t(I));
     return 0;
   }
   const Tiles tl = make_tiles(N);
@@ -1032,9 +1135,10 @@ int spfde_mlp_backward(const float* gy, i64 gs, i64 N, i64 I, i64 Hd, i64 O, con
   Scratch gp(T * O * W, 1, false), ghp(T * Hd * W, gh ? 1 : 0, false), buf(V * W, gx ? nt : 0, false),
       cw1(nnz1, gx ? 1 : 0, false), cw2(nnz2, gh ? 1 : 0, false), acc1(T > 1 ? nnz1 * V : 0, gw1 ? 1 : 0, false),
       acc2(T > 1 ? nnz2 * V : 0, gw2 ? 1 : 0, false), sums1(nnz1, gw1 ? 1 : 0, false),
-      sums2(nnz2, gw2 ? 1 : 0, false), bacc1(Hd * V, gb1 ? 1 : 0, true), bacc2(O * V, gb2 ? 1 : 0, true);
+      sums2(nnz2, gw2 ? 1 : 0, false), bacc1(Hd * V, gb1 ? 1 : 0, true), bacc2(O * V, gb2 ? 1 : 0, true),
+      lnp(T * 2 * I, ln && gx && (glnw || glnb) ? 1 : 0, false);  // per tile: the norm's scale, shift sums
   if (!gp.p || (gh && (!ghp.p || !cw2.p)) || (gx && (!buf.p || !cw1.p)) || (gw1 && (!acc1.p || !sums1.p)) ||
-      (gw2 && (!acc2.p || !sums2.p)) || (gb1 && !bacc1.p) || (gb2 && !bacc2.p))
+      (gw2 && (!acc2.p || !sums2.p)) || (gb1 && !bacc1.p) || (gb2 && !bacc2.p) || (ln && gx && (glnw || glnb) && !lnp.p))
     return 1;
   auto G = [&](i64 t) { return gp.p + t * O * W; };
   auto GH = [&](i64 t) { return ghp.p + t * Hd * W; };
@@ -1054,8 +1158,16 @@ int spfde_mlp_backward(const float* gy, i64 gs, i64 N, i64 I, i64 Hd, i64 O, con
       for (i64 f = 0; f < fo; ++f) pack_grad(gy, gs, O, tl, G(t), t, f, nullptr);
       if (!gh) continue;
       spmm_packed(G(t), tl, t, tp2, tc2, cw2.p, Hd, nullptr, false, GH(t), nullptr, dkeep + t * Hd * W);
-      if (gx)
+      if (gx) {
         for (i64 g = 0; g < fi; ++g) spmm_unit(GH(t), tl, t, tp1, tc1, cw1.p, I, g, nullptr, gx, gxs, b);
+        if (ln) {  // the tile's rows of gx are complete: through the norm
+          const i64 r0 = t * tl.width(), r1 = r0 + tl.width() < N ? r0 + tl.width() : N;
+          float* part = lnp.p ? lnp.p + t * 2 * I : nullptr;
+          if (part) std::memset(part, 0, sizeof(float) * size_t(2 * I));
+          ln_backward_rows(gx, gxs, x, xs, I, r0, r1, lnw, mean, rstd, glnw ? part : nullptr,
+                           glnb ? part + I : nullptr);
+        }
+      }
     }
     // the implicit barrier above: every tile's gradients are packed
 #pragma omp for schedule(dynamic, 1) nowait
@@ -1075,6 +1187,16 @@ int spfde_mlp_backward(const float* gy, i64 gs, i64 N, i64 I, i64 Hd, i64 O, con
       for (i64 t = 0; t < T; ++t)
         bias_grad_tile(first ? GH(t) : G(t), tl, t, gg * V, gg * V + V < M ? gg * V + V : M, first ? bacc1.p : bacc2.p,
                        first ? gb1 : gb2);
+    }
+    if (ln && gx && (glnw || glnb)) {  // the norm's scale and shift: the tiles' sums in tile order
+#pragma omp for schedule(static) nowait
+      for (i64 k = 0; k < 2 * I; ++k) {
+        float* out = k < I ? glnw : glnb;
+        if (!out) continue;
+        float a = 0.0f;
+        for (i64 t = 0; t < T; ++t) a += lnp.p[t * 2 * I + k];
+        out[k < I ? k : k - I] = a;
+      }
     }
   }
   return 0;
@@ -1413,11 +1535,15 @@ i64 spfde_mha_unit_floats(i64 B, i64 L, i64 C) { return (B + V - 1) / V * C * L 
 // in CSR order (bias NULL: none). Kept for the backward (NULL: not kept): xkeep (unit-layout x, for
 // in_proj's weight gradient), qkvkeep (unit-layout q/k/v) and P (the probabilities, as
 // spfde_attention_forward keeps them) for any gradient through the core, okeep (the core's output,
-// for out_proj's weight gradient). Returns 0, or 1 when out of memory.
+// for out_proj's weight gradient). ln: in_proj's input is the layer norm of x over its E features
+// (ln_vectors per token of each unit: scale lnw, shift lnb, each NULL: none; eps), whose mean and
+// rstd of sample b, token l go to mean / rstd at b * L + l, and xkeep holds the normalised x.
+// Returns 0, or 1 when out of memory.
 int spfde_mha_forward(const float* x, i64 B, i64 L, i64 E, i64 H, i64 xb, i64 xl, float scale, const int32_t* p1,
                       const int32_t* c1, const float* v1, const float* b1, const int32_t* p2, const int32_t* c2,
                       const float* v2, const float* b2, float* y, i64 yb, i64 yl, int nthreads, float* xkeep,
-                      float* qkvkeep, float* P, float* okeep) {
+                      float* qkvkeep, float* P, float* okeep, int ln, const float* lnw, const float* lnb, float eps,
+                      float* mean, float* rstd) {
   if (B <= 0 || L <= 0) return 0;
   const i64 D = E / H, NB = (B + V - 1) / V, LV = L * V, LDV = L * D * V;
   const int nt = nthreads > 0 ? nthreads : 1;
@@ -1436,6 +1562,9 @@ int spfde_mha_forward(const float* x, i64 B, i64 L, i64 E, i64 H, i64 xb, i64 xl
       float* Q = qkvkeep ? qkvkeep + nb * 3 * E * LV : qs.at(me);
       float* O = okeep ? okeep + nb * E * LV : os.at(me);
       unit_pack(x + nb * V * xb, xb, xl, L, E, nv, X);
+      if (ln)
+        for (i64 l = 0; l < L; ++l)
+          ln_vectors(X + l * V, E, LV, lnw, lnb, eps, nv, mean + nb * V * L + l, rstd + nb * V * L + l, L);
       unit_spmm(X, L, p1, c1, v1, 3 * E, b1, nv, Q);
       for (i64 h = 0; h < H; ++h) {
         head_in(Q, L, D, h * D, q);
@@ -1462,13 +1591,17 @@ int spfde_mha_backward(const float* gy, i64 gb, i64 gl, i64 B, i64 L, i64 E, i64
                        const i64* woff1, const int32_t* p2, const int32_t* c2, const float* v2, const int32_t* tp2,
                        const int32_t* tc2, const int32_t* perm2, const i64* woff2, const float* xkeep,
                        const float* qkvkeep, const float* P, const float* okeep, float* gx, i64 gxb, i64 gxl, float* gw1,
-                       int zero1, float* gb1, float* gw2, int zero2, float* gb2, int nthreads) {
+                       int zero1, float* gb1, float* gw2, int zero2, float* gb2, int nthreads, int ln, const float* x,
+                       i64 xb, i64 xl, const float* lnw, const float* mean, const float* rstd, float* glnw,
+                       float* glnb) {
   const i64 E3 = 3 * E, nnz1 = p1[E3], nnz2 = p2[E];
   if (B <= 0 || L <= 0) {
     if (gw1 && zero1) std::memset(gw1, 0, sizeof(float) * size_t(E3 * E));
     if (gw2 && zero2) std::memset(gw2, 0, sizeof(float) * size_t(E * E));
     if (gb1) std::memset(gb1, 0, sizeof(float) * size_t(E3));
     if (gb2) std::memset(gb2, 0, sizeof(float) * size_t(E));
+    if (glnw) std::memset(glnw, 0, sizeof(float) * size_t(E));
+    if (glnb) std::memset(glnb, 0, sizeof(float) * size_t(E));
     return 0;
   }
   const i64 D = E / H, NB = (B + V - 1) / V, LV = L * V, LDV = L * D * V, pieces = (L + 7) / 8;
@@ -1480,9 +1613,10 @@ int spfde_mha_backward(const float* gy, i64 gb, i64 gl, i64 B, i64 L, i64 E, i64
   Scratch gu(NB * E * LV, 1, false), du(NB * E3 * LV, through ? 1 : 0, false), go(E * LV, through ? nt : 0, false),
       hs(7 * LDV + L * L * V, through ? nt : 0, false), xg(E * LV, gx ? nt : 0, false), cw1(nnz1, gx ? 1 : 0, false),
       cw2(nnz2, through ? 1 : 0, false), acc1(nnz1 * V, gw1 ? 1 : 0, false), acc2(nnz2 * V, gw2 ? 1 : 0, false),
-      sums1(nnz1, gw1 ? 1 : 0, false), sums2(nnz2, gw2 ? 1 : 0, false);
+      sums1(nnz1, gw1 ? 1 : 0, false), sums2(nnz2, gw2 ? 1 : 0, false),
+      lnp(NB * 2 * E, ln && gx && (glnw || glnb) ? 1 : 0, false);  // per unit: the norm's scale, shift sums
   if (!gu.p || (through && (!du.p || !go.p || !hs.p || !cw2.p)) || (gx && (!xg.p || !cw1.p)) ||
-      (gw1 && (!acc1.p || !sums1.p)) || (gw2 && (!acc2.p || !sums2.p)))
+      (gw1 && (!acc1.p || !sums1.p)) || (gw2 && (!acc2.p || !sums2.p)) || (ln && gx && (glnw || glnb) && !lnp.p))
     return 1;
 #pragma omp parallel num_threads(nthreads)
   {
@@ -1520,6 +1654,15 @@ int spfde_mha_backward(const float* gy, i64 gb, i64 gl, i64 B, i64 L, i64 E, i64
       if (gx) {
         unit_spmm(DQ, L, tp1, tc1, cw1.p, E, nullptr, V, xg.at(me));  // in_proj's input gradient
         unit_unpack(xg.at(me), L, E, gx + nb * V * gxb, gxb, gxl, nv, nullptr);
+        if (ln) {  // the unit's rows of gx are complete: through the norm, sample by sample
+          float* part = lnp.p ? lnp.p + nb * 2 * E : nullptr;
+          if (part) std::memset(part, 0, sizeof(float) * size_t(2 * E));
+          for (int j = 0; j < nv; ++j) {
+            const i64 b = nb * V + j;
+            ln_backward_rows(gx + b * gxb, gxl, x + b * xb, xl, E, 0, L, lnw, mean + b * L, rstd + b * L,
+                             glnw ? part : nullptr, glnb ? part + E : nullptr);
+          }
+        }
       }
     }
     // the implicit barrier above: every unit's gradients are in unit layout
@@ -1541,6 +1684,16 @@ int spfde_mha_backward(const float* gy, i64 gb, i64 gl, i64 B, i64 L, i64 E, i64
         unit_bias_grad(du.p, E3, NB, L, j * V, (j + 1) * V < E3 ? (j + 1) * V : E3, gb1);
       else
         unit_bias_grad(gu.p, E, NB, L, (j - g1) * V, (j - g1 + 1) * V < E ? (j - g1 + 1) * V : E, gb2);
+    }
+    if (ln && gx && (glnw || glnb)) {  // the norm's scale and shift: the units' sums in unit order
+#pragma omp for schedule(static) nowait
+      for (i64 c = 0; c < 2 * E; ++c) {
+        float* out = c < E ? glnw : glnb;
+        if (!out) continue;
+        float a = 0.0f;
+        for (i64 u = 0; u < NB; ++u) a += lnp.p[u * 2 * E + c];
+        out[c < E ? c : c - E] = a;
+      }
     }
   }
   return 0;
