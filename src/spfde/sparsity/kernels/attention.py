@@ -19,7 +19,9 @@ way (:func:`fused_plan`, :class:`FusedSelfAttentionFunction`; docs/kernels.md "T
 every activation of a 16-sample unit stays in one layout from the packed input to the output, so
 none of the eight transposes between the steps is made, and the block is one autograd node. Its
 output and input gradient are the three steps' bit for bit, its weight and bias gradients within
-float rounding of them (another order of the sums over rows).
+float rounding of them (another order of the sums over rows). :func:`prenorm_attention` (a pre-norm
+block's self-attention of ``norm(x)``) runs a plain ``nn.LayerNorm`` inside the fused call too
+(docs/kernels.md, "Pre-norms inside the fused calls"), within float rounding of PyTorch's.
 
 Why (issue 13): on CPU, PyTorch's flash attention kernel spends most of a short sequence's time
 on set-up and zero-filling: forward + backward for ViT-tiny's 128 samples x 4 heads x 17 tokens x

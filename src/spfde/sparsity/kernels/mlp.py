@@ -14,6 +14,10 @@ What it does
     no barrier, and there is one autograd node and one Python call for the pair instead of two.
     Otherwise it is exactly ``fc2(linear_act(fc1, act, x))``: fc1's GELU epilogue when fc1 alone
     runs sparse (:func:`~spfde.sparsity.kernels.linear.linear_act`), module calls included.
+    :func:`prenorm_mlp` (a pre-norm block's ``mlp(norm(x))``) runs a plain ``nn.LayerNorm`` inside the
+    fused call too: normalising each packed tile, keeping each row's statistics, and applying the
+    norm's backward to each tile's input-gradient rows (docs/kernels.md, "Pre-norms inside the
+    fused calls").
 Paper
     None: an execution detail of the sparse kernels (issue 13), not an algorithm of the paper.
 When it is fused
@@ -28,7 +32,9 @@ When it is fused
 Results
     Bit-identical to the two sparse Linear calls, forward and every gradient, for any thread
     count (the kernels form the same sums in the same order; ``tests/test_kernels.py``), so a
-    run's weights do not depend on whether a call fused.
+    run's weights do not depend on whether a call fused. With the pre-norm inside: within float
+    rounding of PyTorch's LayerNorm before the two calls (about 1e-7 relative), bit-identical
+    for any thread count.
 Expected effect
     ``bench/step_breakdown.py`` (``unfused MLP`` row) and docs/benchmarks.md.
 """

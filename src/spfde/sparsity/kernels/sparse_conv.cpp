@@ -891,6 +891,20 @@ void ln_backward_rows(float* g, i64 gs, const float* x, i64 xs, i64 I, i64 r0, i
   }
 }
 
+// The norm's scale and shift gradients (gw, gb; each NULL: not needed) from per-block partial sums
+// (parts [blocks][2 I]: the scale's, then the shift's), summed in block order whatever the thread
+// count. A work-shared loop: call it from every thread of a parallel region.
+void ln_param_grads(const float* parts, i64 blocks, i64 I, float* gw, float* gb) {
+#pragma omp for schedule(static) nowait
+  for (i64 k = 0; k < 2 * I; ++k) {
+    float* out = k < I ? gw : gb;
+    if (!out) continue;
+    float a = 0.0f;
+    for (i64 t = 0; t < blocks; ++t) a += parts[t * 2 * I + k];
+    out[k < I ? k : k - I] = a;
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -1188,16 +1202,7 @@ int spfde_mlp_backward(const float* gy, i64 gs, i64 N, i64 I, i64 Hd, i64 O, con
         bias_grad_tile(first ? GH(t) : G(t), tl, t, gg * V, gg * V + V < M ? gg * V + V : M, first ? bacc1.p : bacc2.p,
                        first ? gb1 : gb2);
     }
-    if (ln && gx && (glnw || glnb)) {  // the norm's scale and shift: the tiles' sums in tile order
-#pragma omp for schedule(static) nowait
-      for (i64 k = 0; k < 2 * I; ++k) {
-        float* out = k < I ? glnw : glnb;
-        if (!out) continue;
-        float a = 0.0f;
-        for (i64 t = 0; t < T; ++t) a += lnp.p[t * 2 * I + k];
-        out[k < I ? k : k - I] = a;
-      }
-    }
+    if (ln && gx && (glnw || glnb)) ln_param_grads(lnp.p, T, I, glnw, glnb);
   }
   return 0;
 }
@@ -1685,16 +1690,7 @@ int spfde_mha_backward(const float* gy, i64 gb, i64 gl, i64 B, i64 L, i64 E, i64
       else
         unit_bias_grad(gu.p, E, NB, L, (j - g1) * V, (j - g1 + 1) * V < E ? (j - g1 + 1) * V : E, gb2);
     }
-    if (ln && gx && (glnw || glnb)) {  // the norm's scale and shift: the units' sums in unit order
-#pragma omp for schedule(static) nowait
-      for (i64 c = 0; c < 2 * E; ++c) {
-        float* out = c < E ? glnw : glnb;
-        if (!out) continue;
-        float a = 0.0f;
-        for (i64 u = 0; u < NB; ++u) a += lnp.p[u * 2 * E + c];
-        out[c < E ? c : c - E] = a;
-      }
-    }
+    if (ln && gx && (glnw || glnb)) ln_param_grads(lnp.p, NB, E, glnw, glnb);
   }
   return 0;
 }
