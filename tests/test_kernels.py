@@ -919,8 +919,8 @@ def _threads(n: int):
 
 
 @needs_native
-@pytest.mark.parametrize("rows", [5, 17, 100, 2176])
-def test_prenorm_inside_the_fused_kernels_is_the_layer_norm_before_them(rows):
+@pytest.mark.parametrize(("rows", "affine"), [(5, True), (17, True), (100, True), (2176, True), (17, False)])
+def test_prenorm_inside_the_fused_kernels_is_the_layer_norm_before_them(rows, affine):
     """A pre-norm run inside the fused MLP and attention kernels (forward where they pack the input,
     backward where they write its gradient) gives the layer norm's result before the fused call
     within float rounding, every gradient included (the norm's scale and shift too); its forward
@@ -929,11 +929,12 @@ def test_prenorm_inside_the_fused_kernels_is_the_layer_norm_before_them(rows):
     from spfde.sparsity.kernels.mlp import sparse_mlp
 
     torch.manual_seed(rows)
-    fc1, fc2, ln = nn.Linear(64, 128), nn.Linear(128, 64), nn.LayerNorm(64, eps=1e-6)
+    fc1, fc2, ln = nn.Linear(64, 128), nn.Linear(128, 64), nn.LayerNorm(64, eps=1e-6, elementwise_affine=affine)
     mha = nn.MultiheadAttention(64, 4, batch_first=True)
-    with torch.no_grad():
-        ln.weight.uniform_(0.5, 1.5)
-        ln.bias.uniform_(-0.5, 0.5)
+    if affine:
+        with torch.no_grad():
+            ln.weight.uniform_(0.5, 1.5)
+            ln.bias.uniform_(-0.5, 0.5)
     plans = []
     for w in (fc1.weight, fc2.weight, mha.in_proj_weight, mha.out_proj.weight):
         m = _mask(w.shape, 0.15, seed=len(plans))
@@ -947,7 +948,7 @@ def test_prenorm_inside_the_fused_kernels_is_the_layer_norm_before_them(rows):
                            [mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias])}
     for name, (call, shape, weights) in calls.items():
         x = (torch.randn(shape) * 3 + 1).requires_grad_()
-        params = [x, ln.weight, ln.bias, *weights]
+        params = [x, *((ln.weight, ln.bias) if affine else ()), *weights]
         g = torch.randn(shape)
         runs = []
         for threads in (1, 2):

@@ -38,8 +38,8 @@ Where the multiplications are known to change nothing, they are skipped (the sam
   those positions (momentum, weight decay, Adam's moments and AdamW's decay keep a zero, of either
   sign, as it is). A write through ``param.data`` between steps is invisible to this check, as to
   :meth:`weight_issue` (call :meth:`apply_masks` after one). Why: the two multiplications took
-  0.3 ms of a 14 ms ViT-preset SpFDE step
-  (16 small tensors; 2% of the run), work a dense run does not do.
+  0.3 ms of a 14 ms ViT-preset SpFDE step (16 small tensors; 2% of the run), work a dense run does
+  not do.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ from spfde.sparsity.kernels.linear import (
 class SparseMlpFunction(torch.autograd.Function):
     """``fc2(gelu(fc1(x)))`` with both weights masked, through ``spfde_mlp_forward`` / ``_backward``;
     with ``norm`` (a plain ``nn.LayerNorm`` over the features), ``fc2(gelu(fc1(norm(x))))``, the norm
-    applied where the kernel packs x (:func:`norm_mlp`)."""
+    applied where the kernel packs x (:func:`prenorm_mlp`)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
@@ -96,7 +96,7 @@ class SparseMlpFunction(torch.autograd.Function):
                                      int(ln), _ptr(lw), _ptr(lb), float(eps or 0.0),
                                      _ptr(stats[0]) if ln else None, _ptr(stats[1]) if ln else None))
         ctx.plans, ctx.x_shape, ctx.lib, ctx.ln = (plan1, plan2), x.shape, lib, ln
-        ctx.save_for_backward(xk, hk, dk, v1, v2, w1, w2, *((x2, stats, lnw, lnb) if ln else ()))
+        ctx.save_for_backward(xk, hk, dk, v1, v2, w1, w2, *((x2, stats, lnw) if ln else ()))
         return y.view(*x.shape[:-1], out_f)
 
     @staticmethod
@@ -118,7 +118,7 @@ class SparseMlpFunction(torch.autograd.Function):
         gw2, zero2 = weight_grad_buffer(need_w2, w2)
         gb1 = torch.empty(hidden, dtype=torch.float32) if need_b1 else None
         gb2 = torch.empty(out_f, dtype=torch.float32) if need_b2 else None
-        x2, stats, lnw, _ = normed if ctx.ln else (None, None, None, None)
+        x2, stats, lnw = normed if ctx.ln else (None, None, None)
         glnw = torch.empty(in_f, dtype=torch.float32) if need_lnw else None
         glnb = torch.empty(in_f, dtype=torch.float32) if need_lnb else None
         lw = lnw.detach().contiguous() if lnw is not None else None
