@@ -60,7 +60,6 @@ from spfde.sparsity.kernels.linear import (
     _ptr,
     installed_layer,
     linear_input_issue,
-    norm_fusable,
     sparse_linear,
 )
 
@@ -373,11 +372,11 @@ def prenorm_attention(norm: nn.Module, attn: nn.Module, x: torch.Tensor) -> torc
     """``attn(h, h, h, need_weights=False)[0]`` with ``h = norm(x)``, a pre-norm block's self-attention
     (spfde's ViT calls it). Where SparseExecution runs ``attn`` as one fused native call, the norm
     runs inside it, on the rows the kernel packs anyway, forward and backward
-    (:meth:`~.execution._Layer.__call__` takes it as ``PROLOGUE_KWARG``); an attention module with
+    (:meth:`~.execution._Layer.__call__` takes it as ``PROLOGUE_KWARG`` and decides, normalising
+    first where the norm cannot run there: :func:`~.linear.norm_fusable`); an attention module with
     hooks, or any other module, gets ``norm(x)``, so its hooks see what they always saw."""
     forward = getattr(vars(attn).get("forward"), "__func__", None)
-    if (isinstance(attn, nn.MultiheadAttention) and getattr(forward, "spfde_forward", False)
-            and not _hooked(attn) and norm_fusable(norm, x)):
+    if isinstance(attn, nn.MultiheadAttention) and getattr(forward, "spfde_forward", False) and not _hooked(attn):
         return attn(x, x, x, need_weights=False, **{PROLOGUE_KWARG: norm})[0]
     h = norm(x)
     return attn(h, h, h, need_weights=False)[0]

@@ -348,7 +348,7 @@ class _Layer:
         the call does not run that kernel by a decision already made (the caller then normalises)."""
         if self.kind != "mha" or _traced() or self.exe.in_probe:
             return None
-        x, why = self._input(args, kwargs)
+        x, _ = self._input(args, kwargs)
         if x is None or not norm_fusable(norm, x) or self.sync() is None:
             return None
         if self.exe.engine.weight_issue(self.param, self.weight) is not None:
