@@ -820,7 +820,8 @@ def test_fused_self_attention_is_the_three_steps(samples, batch_first, native_sp
     call: output and input gradient bit for bit those of the projection, core and out_proj one by
     one (the same sums), the weight and bias gradients within float rounding of them (summed over
     the rows in another order) and of the masked dense module; bit-identical on 1, 2 and 3
-    threads; the output keeps the module's own strides."""
+    threads; the output is a contiguous tensor of the module's shape (PyTorch's own is a transposed
+    view), so that a consumer flattening its rows (the fused MLP after it) reads it in place."""
     torch.manual_seed(samples)
     model = _SelfAttention(batch_first=batch_first)
     exe = SparseExecution(model, _engine(model, ATTN_LAYERS, density=0.2), "sparse")
@@ -839,7 +840,7 @@ def test_fused_self_attention_is_the_three_steps(samples, batch_first, native_sp
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other, strict=True))
     fused, steps = runs[0], _attention_runs(model, x, False, monkeypatch)
     assert "spfde_mha_forward" not in native_spy.calls[-4:]
-    assert torch.equal(fused[0], steps[0]) and fused[0].stride() == steps[0].stride()
+    assert torch.equal(fused[0], steps[0]) and fused[0].shape == steps[0].shape and fused[0].is_contiguous()
     assert torch.equal(fused[1], steps[1])
     for a, b in zip(fused[2:], steps[2:], strict=True):
         _close(a, b)
@@ -966,6 +967,51 @@ def test_prenorm_inside_the_fused_kernels_is_the_layer_norm_before_them(rows, af
 
 
 @needs_native
+@pytest.mark.parametrize(("rows", "normed"), [(5, True), (17, False), (100, True), (2176, True)])
+def test_residual_inside_the_fused_kernels_is_the_add_after_them(rows, normed):
+    """A pre-norm block's residual added inside the fused MLP and attention kernels (forward where they
+    write each output row, backward where they write the input's gradient) is ``x +`` the fused call
+    bit for bit: output and every gradient, with and without the pre-norm, for one and two threads,
+    without grad, and with an input that needs no gradient."""
+    from spfde.sparsity.kernels.mlp import sparse_mlp
+
+    torch.manual_seed(rows)
+    fc1, fc2, ln = nn.Linear(64, 128), nn.Linear(128, 64), nn.LayerNorm(64, eps=1e-6)
+    mha = nn.MultiheadAttention(64, 4, batch_first=True)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-0.5, 0.5)
+    plans = []
+    for w in (fc1.weight, fc2.weight, mha.in_proj_weight, mha.out_proj.weight):
+        m = _mask(w.shape, 0.15, seed=len(plans))
+        with torch.no_grad():
+            w.mul_(m)
+        plans.append(LinearPlan(m, w))
+    norm = ln if normed else None
+    calls = {"mlp": (lambda t, r: sparse_mlp(t, fc1, fc2, plans[0], plans[1], norm, r), (rows, 64),
+                     [fc1.weight, fc1.bias, fc2.weight, fc2.bias]),
+             "attention": (lambda t, r: attention.fused_self_attention(mha, t, plans[2], plans[3], norm, r),
+                           (max(rows // 17, 1), 17, 64),
+                           [mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias])}
+    for name, (call, shape, weights) in calls.items():
+        x = (torch.randn(shape) * 3 + 1).requires_grad_()
+        g = torch.randn(shape)
+        for x_grad in (True, False):
+            xi = x if x_grad else x.detach()
+            params = [*([xi] if x_grad else []), *((ln.weight, ln.bias) if normed else ()), *weights]
+            for threads in (1, 2):
+                with _threads(threads):
+                    out = call(xi, True)
+                    ref = xi + call(xi, False)
+                    assert torch.equal(out, ref), (name, threads)
+                    for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g),
+                                    strict=True):
+                        assert torch.equal(a, b), (name, threads, x_grad)
+                    with torch.no_grad():
+                        assert torch.equal(call(xi, True), out), name
+
+
+@needs_native
 def test_vit_prenorms_run_inside_the_fused_calls_unless_hooked(monkeypatch):
     """Under sparse kernels the ViT's pre-norms run inside its fused attention and MLP calls; a hook
     on a norm (or on the sublayer) keeps that norm a module call; the model's output and gradients
@@ -981,22 +1027,23 @@ def test_vit_prenorms_run_inside_the_fused_calls_unless_hooked(monkeypatch):
                      (f"layers.{i}.attn.in_proj_weight", None), (f"layers.{i}.attn.out_proj", "weight")):
             layers[m] = f"{m}.{p}" if p else m
     SparseExecution(model, _engine(model, layers, density=0.2), mode="sparse")
-    seen = []
+    seen, residuals = [], []
     for cls in (mlp_mod.SparseMlpFunction, attention.FusedSelfAttentionFunction):
         real = cls.apply
-        monkeypatch.setattr(cls, "apply", lambda *a, _r=real, _c=cls: seen.append((_c.__name__, a[-1] is not None
-                                                                                    and not isinstance(a[-1], tuple)))
-                            or _r(*a))
+        # a[-2]: the norm's eps (None: no norm inside), a[-1]: the residual's add inside
+        monkeypatch.setattr(cls, "apply", lambda *a, _r=real, _c=cls: seen.append((_c.__name__, a[-2] is not None))
+                            or residuals.append(a[-1]) or _r(*a))
     x = torch.randn(6, 1, 28, 28)
     params = list(model.parameters())
 
     def run():
         seen.clear()
+        residuals.clear()
         out = model(x)
         return out, _grads(out, params)
 
     out, grads = run()
-    assert len(seen) == 8 and all(normed for _, normed in seen)
+    assert len(seen) == 8 and all(normed for _, normed in seen) and residuals == [True] * 8
     handle = model.layers[2].norm2.register_forward_hook(lambda *_: None)
     run()
     assert sorted(seen).count(("SparseMlpFunction", False)) == 1 and len(seen) == 8

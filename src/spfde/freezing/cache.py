@@ -25,7 +25,8 @@ Exactness: rows are computed in batches of the run's batch size (a short chunk i
 repeats of its first sample), because a sample's output can differ in the last bit between batch
 sizes (measured on CPU: batch 1 against 128). Batches of another size (the short last batch) run
 the prefix for real. A run with the cache ends with the same weights as without it, bit for bit on
-CPU (a test); probes and fills run under a forked RNG, so no random stream moves.
+CPU (a test); probes and fills run under a forked RNG, so no random stream moves, and without
+autograd (the probe's checks compare values, which recording does not change).
 Filling: with an input provider (``cache.inputs = fn(indices) -> batch``, which the built-in
 trainer's loaders give) every sample's rows are computed at the freeze, the removed ones too, so
 the epoch after a freeze is served whole and the FLOPs plan is exact; without one, rows are stored
@@ -564,7 +565,8 @@ class ActivationCache:
                 rng_after[name] = _rng_state(x.device)
             return hook
 
-        with _isolated(self.net, x.device):
+        # without autograd, as the fill: (1)-(4) compare values, which recording would not change
+        with _isolated(self.net, x.device), torch.no_grad():
             rng0 = _rng_state(x.device)
             handles = [self._module(n).register_forward_hook(recorder(n)) for n in tops]
             try:
@@ -601,20 +603,19 @@ class ActivationCache:
                                "frozen block's output other than through the next block (or the forward does not "
                                "call the frozen modules)")
             del y, y_stub
-            with torch.no_grad():
-                # (3) a row does not depend on its position or batch mates at this batch size
-                if b > 1:
-                    perm = mix_permutation(b)
-                    z_mixed = self._prefix(probe.in_layout.gather(x, perm.to(x.device)), module)
-                    if not torch.equal(z_mixed, z[perm.to(z.device)]):
-                        raise NotExact("a sample's frozen-prefix output depends on its batch mates or position")
-                # (4) extending the old rows through the new blocks gives the real rows
-                extend_ok = False
-                if old is not None and old.module in outs:
-                    prev = _Store(old.k, old.module, old.layout, old.placeholders, old.in_layout, b,
-                                  old.layout.empty(b).copy_(outs[old.module][0]), torch.ones(b, dtype=torch.bool),
-                                  torch.zeros(b, 2, dtype=torch.int64))
-                    extend_ok = torch.equal(self._extend(prev, torch.arange(b, device=z.device), module, nan=True), z)
+            # (3) a row does not depend on its position or batch mates at this batch size
+            if b > 1:
+                perm = mix_permutation(b)
+                z_mixed = self._prefix(probe.in_layout.gather(x, perm.to(x.device)), module)
+                if not torch.equal(z_mixed, z[perm.to(z.device)]):
+                    raise NotExact("a sample's frozen-prefix output depends on its batch mates or position")
+            # (4) extending the old rows through the new blocks gives the real rows
+            extend_ok = False
+            if old is not None and old.module in outs:
+                prev = _Store(old.k, old.module, old.layout, old.placeholders, old.in_layout, b,
+                              old.layout.empty(b).copy_(outs[old.module][0]), torch.ones(b, dtype=torch.bool),
+                              torch.zeros(b, 2, dtype=torch.int64))
+                extend_ok = torch.equal(self._extend(prev, torch.arange(b, device=z.device), module, nan=True), z)
         return module, layouts, extend_ok
 
     # ------------------------------------------------------------------ running the prefix

@@ -101,13 +101,14 @@ class EncoderBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the pre-norms go with their sublayers: where those run as one fused sparse call, the norm runs
-        # inside it (prenorm_attention, prenorm_mlp); otherwise this is x + attn(norm1(x)), then the MLP
+        # the pre-norms and residuals go with their sublayers: where those run as one fused sparse call,
+        # the norm and the add run inside it (prenorm_attention, prenorm_mlp); otherwise this is
+        # x + attn(norm1(x)), then x + mlp(norm2(x))
         if isinstance(self.attn, nn.MultiheadAttention):
-            x = x + prenorm_attention(self.norm1, self.attn, x)
+            x = prenorm_attention(self.norm1, self.attn, x, residual=True)
         else:
             x = x + self.attn(self.norm1(x))
-        return x + prenorm_mlp(self.norm2, self.mlp, x)
+        return prenorm_mlp(self.norm2, self.mlp, x, residual=True)
 
 
 class VisionTransformer(BlockModel):

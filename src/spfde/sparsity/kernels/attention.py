@@ -54,6 +54,7 @@ from spfde.sparsity.kernels import common, native
 from spfde.sparsity.kernels.common import Unit, first_order_only, note_masked_grad, weight_grad_buffer
 from spfde.sparsity.kernels.linear import (
     PROLOGUE_KWARG,
+    RESIDUAL_KWARG,
     LinearPlan,
     _fx_tracing,
     _hooked,
@@ -214,6 +215,11 @@ def _seq_batch(module: nn.MultiheadAttention, x: torch.Tensor) -> tuple[int, int
     return x.shape[0], x.shape[1], x.stride(0), x.stride(1)
 
 
+def _strides(t: torch.Tensor, batch_first: bool) -> tuple[int, int]:
+    """(sample stride, token stride) of a ``(B, L, E)`` (``batch_first``) or ``(L, B, E)`` tensor."""
+    return (t.stride(0), t.stride(1)) if batch_first else (t.stride(1), t.stride(0))
+
+
 def fused_bytes(samples: int, tokens: int, dim: int, heads: int) -> int:
     """The buffers a fused block call of this shape allocates at most (forward keeps and backward)."""
     units = (samples + 15) // 16
@@ -275,10 +281,11 @@ class FusedSelfAttentionFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
                 b2: torch.Tensor | None, plan1: LinearPlan, plan2: LinearPlan, module: nn.MultiheadAttention,
                 keep: tuple[bool, bool, bool], lnw: torch.Tensor | None = None, lnb: torch.Tensor | None = None,
-                eps: float | None = None) -> torch.Tensor:
+                eps: float | None = None, residual: bool = False) -> torch.Tensor:
         # keep: (x for in_proj's weight gradient, q/k/v and the probabilities for any gradient through
         # the core, the core's output for out_proj's weight gradient): the caller knows whether autograd records.
-        # eps None: no pre-norm; else in_proj's input is the layer norm of x (prenorm_attention)
+        # eps None: no pre-norm; else in_proj's input is the layer norm of x (prenorm_attention);
+        # residual: the output is x + the block's, the add where the kernel writes each output row
         lib = native.load(quiet=True)
         x = _unit_columns(x)
         tokens, samples, xl, xb = _seq_batch(module, x)
@@ -287,7 +294,9 @@ class FusedSelfAttentionFunction(torch.autograd.Function):
         v1, v2 = plan1.index.gather(w1.detach()), plan2.index.gather(w2.detach())
         b1d = b1.detach().contiguous() if b1 is not None else None
         b2d = b2.detach().contiguous() if b2 is not None else None
-        out = torch.empty((tokens, samples, e), dtype=torch.float32)  # (L, B, E): as self_attention returns it
+        # in the module's own layout: a consumer that flattens the rows (the MLP after it) reads it in place
+        out = torch.empty((samples, tokens, e) if module.batch_first else (tokens, samples, e), dtype=torch.float32)
+        ob, ol = _strides(out, module.batch_first)
         floats = lambda c: lib.spfde_mha_unit_floats(samples, tokens, c)  # noqa: E731
         xk = torch.empty(floats(e), dtype=torch.float32) if keep[0] else None
         qk = torch.empty(floats(3 * e), dtype=torch.float32) if keep[1] else None
@@ -300,13 +309,13 @@ class FusedSelfAttentionFunction(torch.autograd.Function):
         p1, p2 = plan1.ptrs, plan2.ptrs
         _check(lib.spfde_mha_forward(
             x.data_ptr(), samples, tokens, e, h, xb, xl, scale, p1["crow"], p1["col"], v1.data_ptr(), _ptr(b1d),
-            p2["crow"], p2["col"], v2.data_ptr(), _ptr(b2d), out.data_ptr(), out.stride(1), out.stride(0),
+            p2["crow"], p2["col"], v2.data_ptr(), _ptr(b2d), out.data_ptr(), ob, ol,
             torch.get_num_threads(), _ptr(xk), _ptr(qk), _ptr(pk), _ptr(ok), int(ln), _ptr(lw), _ptr(lb),
-            float(eps or 0.0), _ptr(stats[0]) if ln else None, _ptr(stats[1]) if ln else None))
+            float(eps or 0.0), _ptr(stats[0]) if ln else None, _ptr(stats[1]) if ln else None, int(residual)))
         ctx.plans, ctx.lib, ctx.geometry = (plan1, plan2), lib, (samples, tokens, e, h, scale, module.batch_first)
-        ctx.ln, ctx.x_strides = ln, (xb, xl)
+        ctx.ln, ctx.x_strides, ctx.residual = ln, (xb, xl), residual
         ctx.save_for_backward(xk, qk, pk, ok, v1, v2, w1, w2, *((x, stats, lnw) if ln else ()))
-        return out.transpose(0, 1) if module.batch_first else out
+        return out
 
     @staticmethod
     @first_order_only
@@ -319,7 +328,9 @@ class FusedSelfAttentionFunction(torch.autograd.Function):
         gy = _unit_columns(gy.float())
         gl, gb = (gy.stride(1), gy.stride(0)) if batch_first else (gy.stride(0), gy.stride(1))
         # the gradient at in_proj's input: x's own, or, with the pre-norm, through it (the kernel)
-        gx = torch.empty((tokens, samples, e), dtype=torch.float32) if need_x or need_lnw or need_lnb else None
+        gx = (torch.empty((samples, tokens, e) if batch_first else (tokens, samples, e), dtype=torch.float32)
+              if need_x or need_lnw or need_lnb else None)
+        gxb, gxl = _strides(gx, batch_first) if gx is not None else (0, 0)
         x, stats, lnw = normed if ctx.ln else (None, None, None)
         glnw = torch.empty(e, dtype=torch.float32) if need_lnw else None
         glnb = torch.empty(e, dtype=torch.float32) if need_lnb else None
@@ -334,49 +345,54 @@ class FusedSelfAttentionFunction(torch.autograd.Function):
             gy.data_ptr(), gb, gl, samples, tokens, e, h, scale,
             p1["crow"], p1["col"], v1.data_ptr(), p1["tcrow"], p1["tcol"], p1["perm32"], p1["offsets"],
             p2["crow"], p2["col"], v2.data_ptr(), p2["tcrow"], p2["tcol"], p2["perm32"], p2["offsets"],
-            _ptr(xk), _ptr(qk), _ptr(pk), _ptr(ok), _ptr(gx), gx.stride(1) if gx is not None else 0,
-            gx.stride(0) if gx is not None else 0, _ptr(gw1), int(zero1), _ptr(gb1), _ptr(gw2), int(zero2), _ptr(gb2),
+            _ptr(xk), _ptr(qk), _ptr(pk), _ptr(ok), _ptr(gx), gxb, gxl, _ptr(gw1), int(zero1), _ptr(gb1), _ptr(gw2),
+            int(zero2), _ptr(gb2),
             torch.get_num_threads(), int(ctx.ln), _ptr(x), *(ctx.x_strides if ctx.ln else (0, 0)), _ptr(lw),
-            _ptr(stats[0]) if ctx.ln else None, _ptr(stats[1]) if ctx.ln else None, _ptr(glnw), _ptr(glnb)))
+            _ptr(stats[0]) if ctx.ln else None, _ptr(stats[1]) if ctx.ln else None, _ptr(glnw), _ptr(glnb),
+            int(ctx.residual and need_x)))
         note_masked_grad(plan1, gw1)
         note_masked_grad(plan2, gw2)
         if gx is not None and not need_x:
             gx = None
-        if gx is not None and batch_first:
-            gx = gx.transpose(0, 1)
-        return gx, gw1, gb1, gw2, gb2, None, None, None, None, glnw, glnb, None
+        return gx, gw1, gb1, gw2, gb2, None, None, None, None, glnw, glnb, None, None
 
 
 def fused_self_attention(module: nn.MultiheadAttention, x: torch.Tensor, plan1: LinearPlan, plan2: LinearPlan,
-                         norm: nn.LayerNorm | None = None) -> torch.Tensor:
+                         norm: nn.LayerNorm | None = None, residual: bool = False) -> torch.Tensor:
     """The module's self-attention output for ``x`` as one fused call (:func:`fused_plan` said it can);
-    with ``norm`` (:func:`~.linear.norm_fusable`), the self-attention of ``norm(x)``, the norm in the kernel."""
+    with ``norm`` (:func:`~.linear.norm_fusable`), the self-attention of ``norm(x)``, the norm in the kernel;
+    ``residual``: ``x +`` that, the add in the kernel (bit for bit the add after it)."""
     rec = torch.is_grad_enabled()
     w1, b1, w2, b2 = module.in_proj_weight, module.in_proj_bias, module.out_proj.weight, module.out_proj.bias
     ln = () if norm is None else (norm.weight, norm.bias, float(norm.eps))
     through = (x.requires_grad or w1.requires_grad or (b1 is not None and b1.requires_grad)
                or any(t is not None and t.requires_grad for t in ln[:2]))
     keep = (rec and w1.requires_grad, rec and through, rec and w2.requires_grad)
-    return FusedSelfAttentionFunction.apply(x, w1, b1, w2, b2, plan1, plan2, module, keep, *ln)
+    return FusedSelfAttentionFunction.apply(x, w1, b1, w2, b2, plan1, plan2, module, keep,
+                                            *(ln or (None, None, None)), residual)
 
 
-def fused_prenorm_call(module: nn.MultiheadAttention, x: torch.Tensor, plan: LinearPlan, norm: nn.LayerNorm
-                       ) -> torch.Tensor | None:
-    """The block's output for ``norm(x)`` as one fused call with the norm inside, where :func:`fused_plan`
-    allows (the caller, ``in_proj``'s layer, decided the call sparse); None otherwise."""
+def fused_prenorm_call(module: nn.MultiheadAttention, x: torch.Tensor, plan: LinearPlan, norm: nn.LayerNorm,
+                       residual: bool = False) -> torch.Tensor | None:
+    """The block's output for ``norm(x)`` (``residual``: ``x +`` it) as one fused call with the norm
+    inside, where :func:`fused_plan` allows (the caller, ``in_proj``'s layer, decided the call sparse);
+    None otherwise."""
     out_plan = fused_plan(module, x)
-    return None if out_plan is None else fused_self_attention(module, x, plan, out_plan, norm)
+    return None if out_plan is None else fused_self_attention(module, x, plan, out_plan, norm, residual)
 
 
-def prenorm_attention(norm: nn.Module, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def prenorm_attention(norm: nn.Module, attn: nn.Module, x: torch.Tensor, residual: bool = False) -> torch.Tensor:
     """``attn(h, h, h, need_weights=False)[0]`` with ``h = norm(x)``, a pre-norm block's self-attention
-    (spfde's ViT calls it). Where SparseExecution runs ``attn`` as one fused native call, the norm
-    runs inside it, on the rows the kernel packs anyway, forward and backward
-    (:meth:`~.execution._Layer.__call__` takes it as ``PROLOGUE_KWARG`` and decides, normalising
-    first where the norm cannot run there: :func:`~.linear.norm_fusable`); an attention module with
-    hooks, or any other module, gets ``norm(x)``, so its hooks see what they always saw."""
+    (spfde's ViT calls it); ``residual``: ``x +`` it, the block's residual. Where SparseExecution runs
+    ``attn`` as one fused native call, the norm runs inside it, on the rows the kernel packs anyway,
+    forward and backward, and so does the residual's add, where the kernel writes each output row
+    (:meth:`~.execution._Layer.__call__` takes them as ``PROLOGUE_KWARG`` and ``RESIDUAL_KWARG`` and
+    decides, normalising first where the norm cannot run there: :func:`~.linear.norm_fusable`); an
+    attention module with hooks, or any other module, gets ``norm(x)``, so its hooks see what they
+    always saw."""
     forward = getattr(vars(attn).get("forward"), "__func__", None)
     if isinstance(attn, nn.MultiheadAttention) and getattr(forward, "spfde_forward", False) and not _hooked(attn):
-        return attn(x, x, x, need_weights=False, **{PROLOGUE_KWARG: norm})[0]
+        return attn(x, x, x, need_weights=False, **{PROLOGUE_KWARG: norm, RESIDUAL_KWARG: residual})[0]
     h = norm(x)
-    return attn(h, h, h, need_weights=False)[0]
+    out = attn(h, h, h, need_weights=False)[0]
+    return x + out if residual else out

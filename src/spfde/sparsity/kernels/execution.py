@@ -105,6 +105,7 @@ from spfde.sparsity.kernels.conv import conv_input_issue, make_conv_plan, sparse
 from spfde.sparsity.kernels.linear import (
     EPILOGUE_KWARG,
     PROLOGUE_KWARG,
+    RESIDUAL_KWARG,
     LinearPlan,
     linear_input_issue,
     norm_fusable,
@@ -309,15 +310,19 @@ class _Layer:
         gelu = kwargs.pop(EPILOGUE_KWARG, None) == "gelu"
         if gelu and self.kind != "linear":
             return F.gelu(self(*args, **kwargs))
-        # prenorm_attention's call: the block's pre-norm, inside the fused kernel where the call runs
-        # there (decided, not being timed), else applied here and the call runs as usual
+        # prenorm_attention's call: the block's pre-norm (and residual), inside the fused kernel where
+        # the call runs there (decided, not being timed), else applied here and the call runs as usual
         norm = kwargs.pop(PROLOGUE_KWARG, None)
+        residual = kwargs.pop(RESIDUAL_KWARG, False)
+        x0 = args[0] if residual else None
         if norm is not None:
-            out = self._prenorm_fused(norm, args, kwargs)
+            out = self._prenorm_fused(norm, args, kwargs, residual)
             if out is not None:
                 return out
             args = _prenormed(norm, args)
+        return _with_residual(x0, self._call(args, kwargs, gelu))
 
+    def _call(self, args: tuple, kwargs: dict, gelu: bool) -> Any:
         def dense(out: Any) -> Any:
             return F.gelu(out) if gelu else out
 
@@ -343,9 +348,10 @@ class _Layer:
             return dense(self.dense_call(x, args, kwargs))
         return self.sparse(x, key[2], gelu)
 
-    def _prenorm_fused(self, norm: nn.Module, args: tuple, kwargs: dict) -> Any:
-        """The attention call's output with ``norm`` run inside the fused block kernel, or None where
-        the call does not run that kernel by a decision already made (the caller then normalises)."""
+    def _prenorm_fused(self, norm: nn.Module, args: tuple, kwargs: dict, residual: bool = False) -> Any:
+        """The attention call's output with ``norm`` (and ``residual``'s add) run inside the fused block
+        kernel, or None where the call does not run that kernel by a decision already made (the caller
+        then normalises)."""
         if self.kind != "mha" or _traced() or self.exe.in_probe:
             return None
         x, _ = self._input(args, kwargs)
@@ -356,7 +362,7 @@ class _Layer:
         key = self.call_key(x)
         if key[2] or self.deciding(key) or self.choose(key, x, args, kwargs) != "sparse":
             return None
-        out = fused_prenorm_call(self.module, x, self.plan, norm)
+        out = fused_prenorm_call(self.module, x, self.plan, norm, residual)
         if out is None:
             return None
         self._record("sparse")
@@ -668,8 +674,12 @@ class _Attention:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         norm = kwargs.pop(PROLOGUE_KWARG, None)
+        x0 = args[0] if kwargs.pop(RESIDUAL_KWARG, False) else None
         if norm is not None:  # prenorm_attention's call: the pre-norm only fuses into a sparse block
             args = _prenormed(norm, args)
+        return _with_residual(x0, self._call(args, kwargs))
+
+    def _call(self, args: tuple, kwargs: dict) -> Any:
         if _traced():
             return type(self.module).forward(self.module, *args, **kwargs)
         x, why = mha_input_issue(self.module, args, kwargs)
@@ -677,6 +687,11 @@ class _Attention:
             _out_proj_runs_dense(self.module, why)
             return type(self.module).forward(self.module, *args, **kwargs)
         return self_attention(self.module, x)
+
+
+def _with_residual(x: torch.Tensor | None, out: tuple) -> tuple:
+    """An attention call's ``(output, weights)`` with ``x`` added to the output (None: as it is)."""
+    return out if x is None else (x + out[0], *out[1:])
 
 
 def _prenormed(norm: nn.Module, args: tuple) -> tuple:

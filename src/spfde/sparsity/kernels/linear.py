@@ -271,6 +271,8 @@ EPILOGUE_KWARG = "spfde_epilogue"
 #: the keyword :func:`~.attention.prenorm_attention` passes (the block's pre-norm) to an attention
 #: module whose forward SparseExecution installed
 PROLOGUE_KWARG = "spfde_prologue"
+#: the keyword it passes with it: whether the call returns ``x +`` the attention (the block's residual)
+RESIDUAL_KWARG = "spfde_residual"
 
 
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",

@@ -17,7 +17,8 @@ What it does
     :func:`prenorm_mlp` (a pre-norm block's ``mlp(norm(x))``) runs a plain ``nn.LayerNorm`` inside the
     fused call too: normalising each packed tile, keeping each row's statistics, and applying the
     norm's backward to each tile's input-gradient rows (docs/kernels.md, "Pre-norms inside the
-    fused calls").
+    fused calls"), and with ``residual`` returns ``x + mlp(norm(x))``, the block's residual added where
+    the kernel writes each output row (and ``y``'s gradient where it writes ``x``'s).
 Paper
     None: an execution detail of the sparse kernels (issue 13), not an algorithm of the paper.
 When it is fused
@@ -64,13 +65,13 @@ from spfde.sparsity.kernels.linear import (
 class SparseMlpFunction(torch.autograd.Function):
     """``fc2(gelu(fc1(x)))`` with both weights masked, through ``spfde_mlp_forward`` / ``_backward``;
     with ``norm`` (a plain ``nn.LayerNorm`` over the features), ``fc2(gelu(fc1(norm(x))))``, the norm
-    applied where the kernel packs x (:func:`prenorm_mlp`)."""
+    applied where the kernel packs x (:func:`prenorm_mlp`); ``residual``: ``x +`` that (``out == in``)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
                 b2: torch.Tensor | None, plan1: LinearPlan, plan2: LinearPlan, keep: tuple[bool, bool, bool],
-                lnw: torch.Tensor | None = None, lnb: torch.Tensor | None = None, eps: float | None = None
-                ) -> torch.Tensor:
+                lnw: torch.Tensor | None = None, lnb: torch.Tensor | None = None, eps: float | None = None,
+                residual: bool = False) -> torch.Tensor:
         # keep: (x's packed tiles for fc1's weight gradient, the packed hidden activation for fc2's,
         # the GELU derivative for any gradient through fc1): decided by the caller, which knows
         # whether autograd records this call. eps None: no norm
@@ -94,8 +95,9 @@ class SparseMlpFunction(torch.autograd.Function):
                                      v1.data_ptr(), _ptr(b1d), p2["crow"], p2["col"], v2.data_ptr(), _ptr(b2d),
                                      y.data_ptr(), y.stride(0), torch.get_num_threads(), _ptr(xk), _ptr(hk), _ptr(dk),
                                      int(ln), _ptr(lw), _ptr(lb), float(eps or 0.0),
-                                     _ptr(stats[0]) if ln else None, _ptr(stats[1]) if ln else None))
-        ctx.plans, ctx.x_shape, ctx.lib, ctx.ln = (plan1, plan2), x.shape, lib, ln
+                                     _ptr(stats[0]) if ln else None, _ptr(stats[1]) if ln else None,
+                                     int(residual)))
+        ctx.plans, ctx.x_shape, ctx.lib, ctx.ln, ctx.residual = (plan1, plan2), x.shape, lib, ln, residual
         ctx.save_for_backward(xk, hk, dk, v1, v2, w1, w2, *((x2, stats, lnw) if ln else ()))
         return y.view(*x.shape[:-1], out_f)
 
@@ -130,31 +132,36 @@ class SparseMlpFunction(torch.autograd.Function):
             _ptr(xk), _ptr(hk), _ptr(dk), _ptr(gx), in_f, _ptr(gw1), int(zero1), _ptr(gb1), _ptr(gw2), int(zero2),
             _ptr(gb2), torch.get_num_threads(), int(ctx.ln), _ptr(x2), x2.stride(0) if x2 is not None else 0,
             _ptr(lw), _ptr(stats[0]) if ctx.ln else None, _ptr(stats[1]) if ctx.ln else None, _ptr(glnw),
-            _ptr(glnb)))
+            _ptr(glnb), int(ctx.residual and need_x)))
         note_masked_grad(plan1, gw1)
         note_masked_grad(plan2, gw2)
         gx = gx.view(ctx.x_shape) if gx is not None and need_x else None
-        return gx, gw1, gb1, gw2, gb2, None, None, None, glnw, glnb, None
+        return gx, gw1, gb1, gw2, gb2, None, None, None, glnw, glnb, None, None
 
 
 def sparse_mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, plan1: LinearPlan, plan2: LinearPlan,
-               norm: nn.LayerNorm | None = None) -> torch.Tensor:
+               norm: nn.LayerNorm | None = None, residual: bool = False) -> torch.Tensor:
     """``fc2(F.gelu(fc1(x)))`` with both weights masked by their plans, fused (native library needed);
-    with ``norm`` (:func:`~.linear.norm_fusable`), ``fc2(F.gelu(fc1(norm(x))))`` with the norm in the kernel.
+    with ``norm`` (:func:`~.linear.norm_fusable`), ``fc2(F.gelu(fc1(norm(x))))`` with the norm in the kernel;
+    ``residual``: ``x +`` that, the add in the kernel (bit for bit the add after it).
 
     Without ``norm``, always the two sparse Linear calls' result, bit for bit: where fc1's GELU
     epilogue is ``F.gelu`` after its kernel (a call whose only gradient through fc1 is its bias's:
     :func:`~spfde.sparsity.kernels.linear._fused_gelu`), it is those two calls."""
+    if residual and fc2.out_features != fc1.in_features:
+        raise ValueError(f"a residual MLP needs fc2's {fc2.out_features} outputs to match fc1's {fc1.in_features} "
+                         "inputs")
     rec = torch.is_grad_enabled()
     w1, b1, w2, b2 = fc1.weight, fc1.bias, fc2.weight, fc2.bias
     ln = () if norm is None else (norm.weight, norm.bias, float(norm.eps))
     through_norm = any(t is not None and t.requires_grad for t in ln[:2])
     if _fused_gelu(x, w1, b1, False, rec and w1.requires_grad) == 0 and not through_norm:
         h = norm(x) if norm is not None else x
-        return sparse_linear(sparse_linear(h, w1, b1, plan1, gelu=True), w2, b2, plan2)
+        out = sparse_linear(sparse_linear(h, w1, b1, plan1, gelu=True), w2, b2, plan2)
+        return x + out if residual else out
     through_fc1 = x.requires_grad or w1.requires_grad or (b1 is not None and b1.requires_grad) or through_norm
     keep = (rec and w1.requires_grad, rec and w2.requires_grad, rec and through_fc1)
-    return SparseMlpFunction.apply(x, w1, b1, w2, b2, plan1, plan2, keep, *ln)
+    return SparseMlpFunction.apply(x, w1, b1, w2, b2, plan1, plan2, keep, *(ln or (None, None, None)), residual)
 
 
 def fused_bytes(rows: int, fc1: nn.Linear, fc2: nn.Linear) -> int:
@@ -165,12 +172,15 @@ def fused_bytes(rows: int, fc1: nn.Linear, fc2: nn.Linear) -> int:
     return 4 * int(floats)
 
 
-def mlp_act(fc1: nn.Module, act: nn.Module, fc2: nn.Module, x: torch.Tensor, norm: nn.Module | None = None
-            ) -> torch.Tensor:
+def mlp_act(fc1: nn.Module, act: nn.Module, fc2: nn.Module, x: torch.Tensor, norm: nn.Module | None = None,
+            residual: bool = False) -> torch.Tensor:
     """``fc2(act(fc1(x)))``, a transformer MLP, for a model's own forward: fused into one native call
     when both Linears run sparse (module card), otherwise exactly ``fc2(linear_act(fc1, act, x))``.
     ``norm``: ``fc2(act(fc1(norm(x))))``, the norm inside the fused call where it can run there
-    (:func:`~.linear.norm_fusable`; not while the pair is being timed, which times it on ``norm(x)``)."""
+    (:func:`~.linear.norm_fusable`; not while the pair is being timed, which times it on ``norm(x)``).
+    ``residual``: ``x +`` the result (``x`` the input before ``norm``), added inside the fused call
+    where the kernel's input is ``x`` itself, bit for bit the add after it."""
+    x0 = x
     l1, l2 = installed_layer(fc1), installed_layer(fc2)
     if (l1 is not None and l2 is not None and type(act) is nn.GELU and act.approximate == "none"
             and not _hooked(fc1) and not _hooked(act) and not _hooked(fc2) and not _fx_tracing()
@@ -193,19 +203,23 @@ def mlp_act(fc1: nn.Module, act: nn.Module, fc2: nn.Module, x: torch.Tensor, nor
         if key1 is not None and fusable and l2.decided_sparse(key2, x):
             l1.record_sparse()
             l2.record_sparse()
-            return sparse_mlp(x, fc1, fc2, l1.plan, l2.plan, norm)
-    if norm is not None:
-        x = norm(x)
-    return fc2(linear_act(fc1, act, x))
+            if x is x0:  # the kernel's input is the residual's: the add runs there
+                return sparse_mlp(x, fc1, fc2, l1.plan, l2.plan, norm, residual)
+            out = sparse_mlp(x, fc1, fc2, l1.plan, l2.plan, norm)
+            return x0 + out if residual else out
+    out = fc2(linear_act(fc1, act, norm(x) if norm is not None else x))
+    return x0 + out if residual else out
 
 
-def prenorm_mlp(norm: nn.Module, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``mlp(norm(x))`` in a pre-norm transformer block whose ``mlp`` is spfde's ViT ``Mlp`` (``fc1``,
+def prenorm_mlp(norm: nn.Module, mlp: nn.Module, x: torch.Tensor, residual: bool = False) -> torch.Tensor:
+    """``mlp(norm(x))`` (``residual``: ``x + mlp(norm(x))``, the add inside the fused call too, where
+    the norm runs there) in a pre-norm transformer block whose ``mlp`` is spfde's ViT ``Mlp`` (``fc1``,
     ``act``, ``fc2``, forward :func:`mlp_act`): where the MLP runs as one fused native call and the
     norm can run inside it (:func:`mlp_act` decides), it does, forward and backward, on the rows the
     kernel packs and writes anyway (PyTorch's LayerNorm costs about 55 us forward and 80 us backward a
     call on the ViT preset, a tenth of the fused MLP's). An MLP with hooks is called as a module,
     ``mlp(norm(x))``, so its hooks see what they always saw."""
     if _hooked(mlp) or not all(hasattr(mlp, a) for a in ("fc1", "act", "fc2")):
-        return mlp(norm(x))
-    return mlp_act(mlp.fc1, mlp.act, mlp.fc2, x, norm)
+        out = mlp(norm(x))
+        return x + out if residual else out
+    return mlp_act(mlp.fc1, mlp.act, mlp.fc2, x, norm, residual)

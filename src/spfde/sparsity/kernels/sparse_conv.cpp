@@ -53,6 +53,14 @@ constexpr int R = 4;
 static inline vf ld(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 static inline void st(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 // A broadcast, not vf{} + a: the add is an extra instruction per nonzero in the inner loops.
+// v as a value the compiler must have rounded: no multiply-add contracts across it (a residual's add
+// after a product is then the separate add PyTorch's would be, bit for bit).
+template <class T>
+static inline T rounded(T v) {
+  asm("" : "+m"(v));
+  return v;
+}
+
 static inline vf splat(float a) { return vf{a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a}; }
 static_assert(V == 16, "splat lists V lanes");
 
@@ -196,21 +204,29 @@ static inline void transpose16(__m512 r[16]) {
 }
 #endif
 
-// dst row j (j < nd), lane i (i < nl) = src row i, column j, + (addv ? addv[i] : adds).
+// dst row j (j < nd), lane i (i < nl) = src row i, column j, + (addv ? addv[i] : adds), then
+// + res row j, lane i (row stride rs) when res is not NULL (a residual: y + x is x + y bit for bit).
 // Source rows i >= ni and columns j >= nj read as zero.
 static inline void tile(const float* __restrict src, i64 ss, int ni, int nj, float* __restrict dst, i64 ds, int nd,
-                        int nl, const float* addv, float adds) {
+                        int nl, const float* addv, float adds, const float* res = nullptr, i64 rs = 0) {
 #if defined(__AVX512F__)
   const __mmask16 in_mask = __mmask16((1u << nj) - 1u), out_mask = __mmask16((1u << nl) - 1u);
   __m512 r[16];
   for (int i = 0; i < 16; ++i) r[i] = i < ni ? _mm512_maskz_loadu_ps(in_mask, src + i * ss) : _mm512_setzero_ps();
   transpose16(r);
   const __m512 a = addv ? _mm512_maskz_loadu_ps(out_mask, addv) : _mm512_set1_ps(adds);
-  for (int j = 0; j < nd; ++j) _mm512_mask_storeu_ps(dst + j * ds, out_mask, _mm512_add_ps(r[j], a));
+  if (res)
+    for (int j = 0; j < nd; ++j)
+      _mm512_mask_storeu_ps(dst + j * ds, out_mask,
+                            _mm512_add_ps(_mm512_add_ps(r[j], a), _mm512_maskz_loadu_ps(out_mask, res + j * rs)));
+  else
+    for (int j = 0; j < nd; ++j) _mm512_mask_storeu_ps(dst + j * ds, out_mask, _mm512_add_ps(r[j], a));
 #else
   for (int j = 0; j < nd; ++j)
-    for (int i = 0; i < nl; ++i)
-      dst[j * ds + i] = (i < ni && j < nj ? src[i * ss + j] : 0.0f) + (addv ? addv[i] : adds);
+    for (int i = 0; i < nl; ++i) {
+      const float v = (i < ni && j < nj ? src[i * ss + j] : 0.0f) + (addv ? addv[i] : adds);
+      dst[j * ds + i] = res ? v + res[j * rs + i] : v;
+    }
 #endif
 }
 
@@ -392,7 +408,7 @@ struct Scratch {
 
 extern "C" {
 
-int spfde_abi_version() { return 12; }
+int spfde_abi_version() { return 13; }
 int spfde_vector_width() { return V; }
 
 // y = conv2d(x, W, bias) for the nonzeros of W in CSR order (row = output channel): rowptr[OC + 1]
@@ -634,9 +650,10 @@ const SpmmFn spmm_fns[8] = {spmm_row<1>, spmm_row<2>, spmm_row<3>, spmm_row<4>,
 // w * P[idx][n] (+ bias[m]), P the packed tile; buf is a per-thread [V][width] scratch. gelu: out
 // is gelu of that sum instead, and dkeep (NULL: not kept) receives gelu' of it, feature-major
 // ([M][width], the tile's block), the layout in which the backward packs the output gradient.
+// res (NULL: none; row stride rs, the layout of out): a residual added to each output (tile()).
 void spmm_unit(const float* P, const Tiles& tl, i64 t, const int32_t* ptr, const int32_t* idx, const float* w,
                i64 M, i64 g, const float* bias, float* out, i64 os, float* buf, bool gelu = false,
-               float* dkeep = nullptr) {
+               float* dkeep = nullptr, const float* res = nullptr, i64 rs = 0) {
   const i64 W = tl.width(), nv = tl.vectors(t), m0 = g * V;
   const int nr = int(M - m0 < V ? M - m0 : V);
   const float* src = P;
@@ -673,7 +690,8 @@ void spmm_unit(const float* P, const Tiles& tl, i64 t, const int32_t* ptr, const
   for (i64 c = 0; c < nv; ++c) {
     const i64 n0 = (t * tl.vecs + c) * V;
     const int nd = int(tl.N - n0 < V ? tl.N - n0 : V);
-    tile(buf + c * V, W, nr, V, out + n0 * os + m0, os, nd, nr, bias ? bias + m0 : nullptr, 0.0f);
+    tile(buf + c * V, W, nr, V, out + n0 * os + m0, os, nd, nr, bias ? bias + m0 : nullptr, 0.0f,
+         res ? res + n0 * rs + m0 : nullptr, rs);
   }
 }
 
@@ -849,7 +867,8 @@ void ln_tile(float* P, i64 I, const Tiles& tl, i64 t, const float* g, const floa
 // and shift's gradients over these rows are added to pw / pb (I floats each; NULL: not needed), which
 // the caller zeroes and sums over its row blocks in a fixed order.
 void ln_backward_rows(float* g, i64 gs, const float* x, i64 xs, i64 I, i64 r0, i64 r1, const float* w,
-                      const float* mean, const float* rstd, float* pw, float* pb) {
+                      const float* mean, const float* rstd, float* pw, float* pb, const float* res = nullptr,
+                      i64 rss = 0) {
   const float inv = 1.0f / float(I);
   const i64 Iv = I / V * V;  // whole vectors, then a scalar tail
   for (i64 r = r0; r < r1; ++r) {
@@ -880,13 +899,15 @@ void ln_backward_rows(float* g, i64 gs, const float* x, i64 xs, i64 I, i64 r0, i
     c1 *= inv;
     c2 *= inv;
     const vf v1 = splat(c1), v2 = splat(c2);
+    const float* rr = res ? res + r * rss : nullptr;
     for (i64 k = 0; k < Iv; k += V) {
       const vf xh = (ld(xr + k) - vm) * vr, gk = ld(gr + k), gw = w ? gk * ld(w + k) : gk;
-      st(gr + k, vr * (gw - v1 - xh * v2));
+      const vf gi = vr * (gw - v1 - xh * v2);
+      st(gr + k, rr ? rounded(gi) + ld(rr + k) : gi);
     }
     for (i64 k = Iv; k < I; ++k) {
-      const float xh = (xr[k] - m) * rs, gw = gr[k] * (w ? w[k] : 1.0f);
-      gr[k] = rs * (gw - c1 - xh * c2);
+      const float xh = (xr[k] - m) * rs, gw = gr[k] * (w ? w[k] : 1.0f), gi = rs * (gw - c1 - xh * c2);
+      gr[k] = rr ? rounded(gi) + rr[k] : gi;
     }
   }
 }
@@ -1084,11 +1105,12 @@ extern "C" {
 // weight gradient; (N, Hd)), dkeep: the GELU's derivative (any gradient through fc1; (N, Hd));
 // each NULL: not kept. ln: fc1's input is the layer norm of x (ln_tile: scale lnw, shift lnb, each
 // NULL: none; eps), whose per-row mean and rstd (N floats each) are written for the backward, and
-// xkeep holds the normalised rows. Returns 0, or 1 when out of memory.
+// xkeep holds the normalised rows. res: y is x + that (a pre-norm block's residual; O == I: each
+// output row gets x's row added as it is written, tile()). Returns 0, or 1 when out of memory.
 int spfde_mlp_forward(const float* x, i64 N, i64 I, i64 xs, i64 Hd, i64 O, const int32_t* p1, const int32_t* c1,
                       const float* v1, const float* b1, const int32_t* p2, const int32_t* c2, const float* v2,
                       const float* b2, float* y, i64 ys, int nthreads, float* xkeep, float* hkeep, float* dkeep,
-                      int ln, const float* lnw, const float* lnb, float eps, float* mean, float* rstd) {
+                      int ln, const float* lnw, const float* lnb, float eps, float* mean, float* rstd, int res) {
   if (N <= 0) return 0;
   const Tiles tl = make_tiles(N);
   const i64 W = tl.width(), fi = (I + V - 1) / V, fo = (O + V - 1) / V, T = tl.count;
@@ -1106,7 +1128,8 @@ int spfde_mlp_forward(const float* x, i64 N, i64 I, i64 xs, i64 Hd, i64 O, const
       for (i64 f = 0; f < fi; ++f) pack_linear(x, xs, I, tl, P, t, f);
       if (ln) ln_tile(P, I, tl, t, lnw, lnb, eps, mean, rstd);
       spmm_packed(P, tl, t, p1, c1, v1, Hd, b1, true, Hp, dkeep ? dkeep + t * Hd * W : nullptr, nullptr);
-      for (i64 g = 0; g < fo; ++g) spmm_unit(Hp, tl, t, p2, c2, v2, O, g, b2, y, ys, b);
+      for (i64 g = 0; g < fo; ++g)
+        spmm_unit(Hp, tl, t, p2, c2, v2, O, g, b2, y, ys, b, false, nullptr, res ? x : nullptr, xs);
     }
   }
   return 0;
@@ -1121,14 +1144,15 @@ int spfde_mlp_forward(const float* x, i64 N, i64 I, i64 xs, i64 Hd, i64 O, const
 // normalised x): gx is the gradient at x through the norm (ln_backward_rows, each tile's rows once
 // they are written: x (row stride xs), its scale lnw (NULL: none), the forward's mean / rstd), and
 // glnw / glnb (NULL: not needed; they need gx) receive the scale's and shift's gradients, summed
-// over the tiles in order. Returns 0, or 1 when out of memory.
+// over the tiles in order. res (the forward's residual): gy is added to each finished row of gx
+// (after the norm's backward): the gradient at x of x + the MLP. Returns 0, or 1 when out of memory.
 int spfde_mlp_backward(const float* gy, i64 gs, i64 N, i64 I, i64 Hd, i64 O, const int32_t* p1, const int32_t* c1,
                        const float* v1, const int32_t* tp1, const int32_t* tc1, const int32_t* perm1, const i64* woff1,
                        const int32_t* p2, const int32_t* c2, const float* v2, const int32_t* tp2, const int32_t* tc2,
                        const int32_t* perm2, const i64* woff2, const float* xkeep, const float* hkeep,
                        const float* dkeep, float* gx, i64 gxs, float* gw1, int zero1, float* gb1, float* gw2, int zero2,
                        float* gb2, int nthreads, int ln, const float* x, i64 xs, const float* lnw, const float* mean,
-                       const float* rstd, float* glnw, float* glnb) {
+                       const float* rstd, float* glnw, float* glnb, int res) {
   const i64 nnz1 = p1[Hd], nnz2 = p2[O];
   if (N <= 0) {
     if (gw1 && zero1) std::memset(gw1, 0, sizeof(float) * size_t(Hd * I));
@@ -1173,13 +1197,15 @@ int spfde_mlp_backward(const float* gy, i64 gs, i64 N, i64 I, i64 Hd, i64 O, con
       if (!gh) continue;
       spmm_packed(G(t), tl, t, tp2, tc2, cw2.p, Hd, nullptr, false, GH(t), nullptr, dkeep + t * Hd * W);
       if (gx) {
-        for (i64 g = 0; g < fi; ++g) spmm_unit(GH(t), tl, t, tp1, tc1, cw1.p, I, g, nullptr, gx, gxs, b);
+        const float* rg = res && !ln ? gy : nullptr;  // with the norm: added after its backward
+        for (i64 g = 0; g < fi; ++g)
+          spmm_unit(GH(t), tl, t, tp1, tc1, cw1.p, I, g, nullptr, gx, gxs, b, false, nullptr, rg, gs);
         if (ln) {  // the tile's rows of gx are complete: through the norm
           const i64 r0 = t * tl.width(), r1 = r0 + tl.width() < N ? r0 + tl.width() : N;
           float* part = lnp.p ? lnp.p + t * 2 * I : nullptr;
           if (part) std::memset(part, 0, sizeof(float) * size_t(2 * I));
           ln_backward_rows(gx, gxs, x, xs, I, r0, r1, lnw, mean, rstd, glnw ? part : nullptr,
-                           glnb ? part + I : nullptr);
+                           glnb ? part + I : nullptr, res ? gy : nullptr, gs);
         }
       }
     }
@@ -1455,12 +1481,15 @@ void unit_pack(const float* a, i64 sb, i64 sl, i64 L, i64 C, int nv, float* U) {
     }
 }
 
-// U [C][L][V] back into a unit's rows of a (B, L, C) activation, + bias[c] when bias is not NULL.
-void unit_unpack(const float* U, i64 L, i64 C, float* a, i64 sb, i64 sl, int nv, const float* bias) {
+// U [C][L][V] back into a unit's rows of a (B, L, C) activation, + bias[c] when bias is not NULL,
+// then + the unit's rows of res (strides rb, rl; NULL: none), a residual.
+void unit_unpack(const float* U, i64 L, i64 C, float* a, i64 sb, i64 sl, int nv, const float* bias,
+                 const float* res = nullptr, i64 rb = 0, i64 rl = 0) {
   for (i64 l = 0; l < L; ++l)
     for (i64 c = 0; c < C; c += V) {
       const int nd = int(C - c < V ? C - c : V);
-      tile(U + (c * L + l) * V, L * V, nd, nv, a + l * sl + c, sb, nv, nd, bias ? bias + c : nullptr, 0.0f);
+      tile(U + (c * L + l) * V, L * V, nd, nv, a + l * sl + c, sb, nv, nd, bias ? bias + c : nullptr, 0.0f,
+           res ? res + l * rl + c : nullptr, rb);
     }
 }
 
@@ -1543,12 +1572,12 @@ i64 spfde_mha_unit_floats(i64 B, i64 L, i64 C) { return (B + V - 1) / V * C * L 
 // for out_proj's weight gradient). ln: in_proj's input is the layer norm of x over its E features
 // (ln_vectors per token of each unit: scale lnw, shift lnb, each NULL: none; eps), whose mean and
 // rstd of sample b, token l go to mean / rstd at b * L + l, and xkeep holds the normalised x.
-// Returns 0, or 1 when out of memory.
+// res: y is x + that (a pre-norm block's residual). Returns 0, or 1 when out of memory.
 int spfde_mha_forward(const float* x, i64 B, i64 L, i64 E, i64 H, i64 xb, i64 xl, float scale, const int32_t* p1,
                       const int32_t* c1, const float* v1, const float* b1, const int32_t* p2, const int32_t* c2,
                       const float* v2, const float* b2, float* y, i64 yb, i64 yl, int nthreads, float* xkeep,
                       float* qkvkeep, float* P, float* okeep, int ln, const float* lnw, const float* lnb, float eps,
-                      float* mean, float* rstd) {
+                      float* mean, float* rstd, int res) {
   if (B <= 0 || L <= 0) return 0;
   const i64 D = E / H, NB = (B + V - 1) / V, LV = L * V, LDV = L * D * V;
   const int nt = nthreads > 0 ? nthreads : 1;
@@ -1579,7 +1608,7 @@ int spfde_mha_forward(const float* x, i64 B, i64 L, i64 E, i64 H, i64 xb, i64 xl
         head_out(ob, L, D, h * D, O);
       }
       unit_spmm(O, L, p2, c2, v2, E, nullptr, V, ys.at(me));
-      unit_unpack(ys.at(me), L, E, y + nb * V * yb, yb, yl, nv, b2);
+      unit_unpack(ys.at(me), L, E, y + nb * V * yb, yb, yl, nv, b2, res ? x + nb * V * xb : nullptr, xb, xl);
     }
   }
   return 0;
@@ -1590,7 +1619,8 @@ int spfde_mha_forward(const float* x, i64 B, i64 L, i64 E, i64 H, i64 xb, i64 xl
 // storage offsets woff1 / woff2 (zero1 / zero2: row-major, zeroed here, else the caller zeroed
 // them), the bias gradients gb1 (3E) and gb2 (E); each output NULL: skipped. The projections as in
 // the forward plus their transposed structure (colptr, rowidx, perm; as spfde_linear_backward reads
-// it). gx, gw1 and gb1 need qkvkeep and P, gw1 xkeep, gw2 okeep. Returns 0, or 1 when out of memory.
+// it). gx, gw1 and gb1 need qkvkeep and P, gw1 xkeep, gw2 okeep. ln as in the forward; res (the
+// forward's residual): gy is added to gx (after the norm's backward). Returns 0, or 1 when out of memory.
 int spfde_mha_backward(const float* gy, i64 gb, i64 gl, i64 B, i64 L, i64 E, i64 H, float scale, const int32_t* p1,
                        const int32_t* c1, const float* v1, const int32_t* tp1, const int32_t* tc1, const int32_t* perm1,
                        const i64* woff1, const int32_t* p2, const int32_t* c2, const float* v2, const int32_t* tp2,
@@ -1598,7 +1628,7 @@ int spfde_mha_backward(const float* gy, i64 gb, i64 gl, i64 B, i64 L, i64 E, i64
                        const float* qkvkeep, const float* P, const float* okeep, float* gx, i64 gxb, i64 gxl, float* gw1,
                        int zero1, float* gb1, float* gw2, int zero2, float* gb2, int nthreads, int ln, const float* x,
                        i64 xb, i64 xl, const float* lnw, const float* mean, const float* rstd, float* glnw,
-                       float* glnb) {
+                       float* glnb, int res) {
   const i64 E3 = 3 * E, nnz1 = p1[E3], nnz2 = p2[E];
   if (B <= 0 || L <= 0) {
     if (gw1 && zero1) std::memset(gw1, 0, sizeof(float) * size_t(E3 * E));
@@ -1658,14 +1688,15 @@ int spfde_mha_backward(const float* gy, i64 gb, i64 gl, i64 B, i64 L, i64 E, i64
       }
       if (gx) {
         unit_spmm(DQ, L, tp1, tc1, cw1.p, E, nullptr, V, xg.at(me));  // in_proj's input gradient
-        unit_unpack(xg.at(me), L, E, gx + nb * V * gxb, gxb, gxl, nv, nullptr);
+        unit_unpack(xg.at(me), L, E, gx + nb * V * gxb, gxb, gxl, nv, nullptr,
+                    res && !ln ? gy + nb * V * gb : nullptr, gb, gl);
         if (ln) {  // the unit's rows of gx are complete: through the norm, sample by sample
           float* part = lnp.p ? lnp.p + nb * 2 * E : nullptr;
           if (part) std::memset(part, 0, sizeof(float) * size_t(2 * E));
           for (int j = 0; j < nv; ++j) {
             const i64 b = nb * V + j;
             ln_backward_rows(gx + b * gxb, gxl, x + b * xb, xl, E, 0, L, lnw, mean + b * L, rstd + b * L,
-                             glnw ? part : nullptr, glnb ? part + E : nullptr);
+                             glnw ? part : nullptr, glnb ? part + E : nullptr, res ? gy + b * gb : nullptr, gl);
           }
         }
       }
