@@ -1057,6 +1057,37 @@ def test_vit_prenorms_run_inside_the_fused_calls_unless_hooked(monkeypatch):
 
 
 @needs_native
+def test_prenorms_fuse_behind_a_cached_boundary_under_auto(monkeypatch):
+    """A pre-norm block whose input needs no gradient (the first block behind the activation cache's
+    boundary) is decided under the key of its calls on ``norm(x)``, which do need one: under ``auto``,
+    once its attention and MLP were timed, both norms and residuals run inside the fused calls."""
+    from spfde.models.vit import vit_tiny
+    from spfde.sparsity.kernels import mlp as mlp_mod
+
+    torch.manual_seed(0)
+    model = vit_tiny(num_classes=10, in_channels=1)
+    layers = {}
+    for m, p in (("layers.0.mlp.fc1", "weight"), ("layers.0.mlp.fc2", "weight"),
+                 ("layers.0.attn.in_proj_weight", None), ("layers.0.attn.out_proj", "weight")):
+        layers[m] = f"{m}.{p}" if p else m
+    SparseExecution(model, _engine(model, layers, density=0.2), "auto", "off")
+    monkeypatch.setattr(execution, "TINY_MACS", 0)
+    monkeypatch.setattr(execution, "race", _fake_race(2.0, 1.0, []))  # sparse wins every timing
+    seen = []
+    for cls in (mlp_mod.SparseMlpFunction, attention.FusedSelfAttentionFunction):
+        real = cls.apply
+        monkeypatch.setattr(cls, "apply", lambda *a, _r=real, _c=cls: seen.append((_c.__name__, a[-2] is not None,
+                                                                                    a[-1])) or _r(*a))
+    block = model.layers[0]
+    x = torch.randn(6, 17, 64)  # a cached boundary's rows: no gradient
+    for _ in range(3):  # the first calls time (and confirm) the pairs on norm(x)
+        seen.clear()
+        block(x).sum().backward()
+    assert sorted(seen) == [("FusedSelfAttentionFunction", True, True), ("SparseMlpFunction", True, True)]
+    assert block.norm1.weight.grad is not None and block.norm2.weight.grad is not None
+
+
+@needs_native
 def test_vit_training_with_fused_attention_matches_the_three_steps(monkeypatch, tmp_path):
     """A MEST ViT run with its attention blocks fused ends with the masks of the same run with the
     blocks as three steps and weights within float rounding of it; a second fused run is

@@ -61,6 +61,7 @@ from spfde.sparsity.kernels.linear import (
     _ptr,
     installed_layer,
     linear_input_issue,
+    normed_requires_grad,
     sparse_linear,
 )
 
@@ -226,9 +227,11 @@ def fused_bytes(samples: int, tokens: int, dim: int, heads: int) -> int:
     return 4 * units * 16 * tokens * (11 * dim + heads * tokens)
 
 
-def _fusable_out_proj(module: nn.MultiheadAttention, x: torch.Tensor) -> tuple[Any, tuple] | None:
+def _fusable_out_proj(module: nn.MultiheadAttention, x: torch.Tensor, x_grad: bool | None = None
+                      ) -> tuple[Any, tuple] | None:
     """``(out_proj's layer, its decision key)`` when this call of ``module`` could run as one fused
-    native call, whatever ``out_proj`` decides: see :func:`fused_plan`."""
+    native call, whatever ``out_proj`` decides: see :func:`fused_plan` (``x_grad``: whether the input
+    needs a gradient, when not ``x``'s own)."""
     layer = installed_layer(module.out_proj)
     if layer is None or _hooked(module.out_proj) or _fx_tracing() or module.embed_dim % module.num_heads:
         return None
@@ -240,19 +243,21 @@ def _fusable_out_proj(module: nn.MultiheadAttention, x: torch.Tensor) -> tuple[A
     if fused_bytes(samples, tokens, module.embed_dim, module.num_heads) > common.FUSED_MAX_BYTES:
         return None
     rec = torch.is_grad_enabled()
-    through = rec and (x.requires_grad or any(p.requires_grad for p in (module.in_proj_weight, module.in_proj_bias)
-                                              if p is not None))
+    x_grad = x.requires_grad if x_grad is None else x_grad
+    through = rec and (x_grad or any(p.requires_grad for p in (module.in_proj_weight, module.in_proj_bias)
+                                     if p is not None))
     return layer, layer.key_for((tokens, samples, module.embed_dim), through)  # out_proj's call: (L, B, E)
 
 
-def fused_plan(module: nn.MultiheadAttention, x: torch.Tensor) -> LinearPlan | None:
+def fused_plan(module: nn.MultiheadAttention, x: torch.Tensor, x_grad: bool | None = None) -> LinearPlan | None:
     """``out_proj``'s plan when this call (whose ``in_proj`` runs sparse) can run as one fused native
     call, None otherwise: ``out_proj`` masked and decided sparse for this call already (by the
     block's timing as one, :func:`attention_unit`, or else by its own call's: an undecided one runs
     the three steps once, which decides it), unhooked (the fused call never calls it), the core
     native (CPU fp32, at most ``NATIVE_MAX_LEN`` tokens, no dropout in training), no FX tracing, no
-    memory-model probe, and the call's buffers within ``common.FUSED_MAX_BYTES``."""
-    found = _fusable_out_proj(module, x)
+    memory-model probe, and the call's buffers within ``common.FUSED_MAX_BYTES`` (``x_grad``: as for
+    :func:`_fusable_out_proj`)."""
+    found = _fusable_out_proj(module, x, x_grad)
     if found is None or not found[0].decided_sparse(found[1], x):
         return None
     found[0].record_sparse()
@@ -377,7 +382,7 @@ def fused_prenorm_call(module: nn.MultiheadAttention, x: torch.Tensor, plan: Lin
     """The block's output for ``norm(x)`` (``residual``: ``x +`` it) as one fused call with the norm
     inside, where :func:`fused_plan` allows (the caller, ``in_proj``'s layer, decided the call sparse);
     None otherwise."""
-    out_plan = fused_plan(module, x)
+    out_plan = fused_plan(module, x, normed_requires_grad(norm, x))
     return None if out_plan is None else fused_self_attention(module, x, plan, out_plan, norm, residual)
 
 

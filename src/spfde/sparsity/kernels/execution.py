@@ -108,7 +108,9 @@ from spfde.sparsity.kernels.linear import (
     RESIDUAL_KWARG,
     LinearPlan,
     linear_input_issue,
+    linear_type_issue,
     norm_fusable,
+    normed_requires_grad,
     sparse_linear,
     unsupported_linear,
 )
@@ -359,7 +361,7 @@ class _Layer:
             return None
         if self.exe.engine.weight_issue(self.param, self.weight) is not None:
             return None
-        key = self.call_key(x)
+        key = self.key_for(tuple(x.shape), normed_requires_grad(norm, x))  # the call on norm(x), as timed
         if key[2] or self.deciding(key) or self.choose(key, x, args, kwargs) != "sparse":
             return None
         out = fused_prenorm_call(self.module, x, self.plan, norm, residual)
@@ -394,18 +396,19 @@ class _Layer:
         return (grad and x_grad, w_grad, w_grad and self.exe.dense_weight_grad, shape)
 
     # ------------------------------------------------------------------ fused calls (kernels/mlp.py)
-    def sparse_key(self, x: torch.Tensor, unit: Unit | None = None) -> Key | None:
+    def sparse_key(self, x: torch.Tensor, unit: Unit | None = None, x_grad: bool | None = None) -> Key | None:
         """The key of a training call of this Linear on ``x`` that runs sparse by the layer's choice
         (timed now when not decided yet, as a call would be; as one with ``unit``'s partner when
         given); None when the call would run dense for any reason (the module's own call then runs,
-        records and explains it). Not recorded."""
+        records and explains it). Not recorded. ``x_grad``: whether the call's input needs a gradient,
+        when not ``x``'s own (a pre-norm inside the call: :func:`~.linear.normed_requires_grad`)."""
         if self.kind != "linear" or _traced() or self.exe.in_probe:
             return None
         if linear_input_issue(self.module.weight, x) is not None or self.sync() is None:
             return None
         if self.exe.engine.weight_issue(self.param, self.weight) is not None:
             return None
-        key = self.call_key(x)
+        key = self.key_for(tuple(x.shape), x.requires_grad if x_grad is None else x_grad)
         return key if self.choose(key, x, (x,), {}, unit) == "sparse" else None
 
     def can_fuse(self, like: torch.Tensor) -> bool:
@@ -413,8 +416,7 @@ class _Layer:
         device (its plan is current: a partner's decision adopted after this is kept)."""
         if self.kind != "linear" or self.sync() is None or self.exe.in_probe:
             return False
-        w = self.module.weight
-        if linear_input_issue(w, like.new_empty((1, w.shape[1]))) is not None:
+        if linear_type_issue(self.module.weight, like.dtype, like.device) is not None:
             return False
         return self.exe.engine.weight_issue(self.param, self.weight) is None
 

@@ -224,12 +224,18 @@ def linear_input_issue(weight: torch.Tensor, x: torch.Tensor) -> str | None:
     PyTorch's own error reports)."""
     if x.numel() == 0 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         return ""
-    if not (x.is_cpu and weight.is_cpu):
-        return f"input on {x.device.type}, weight on {weight.device.type} (the sparse kernels are CPU only)"
+    return linear_type_issue(weight, x.dtype, x.device)
+
+
+def linear_type_issue(weight: torch.Tensor, dtype: torch.dtype, device: torch.device) -> str | None:
+    """:func:`linear_input_issue`'s part that an input's dtype and device decide (a fused call asks it
+    for a Linear whose input it forms itself)."""
+    if not (device.type == "cpu" and weight.is_cpu):
+        return f"input on {device.type}, weight on {weight.device.type} (the sparse kernels are CPU only)"
     if torch.is_autocast_enabled("cpu"):
         return "CPU autocast is on (the sparse kernels are fp32 only)"
-    if x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return f"input {x.dtype}, weight {weight.dtype} (the sparse kernels are fp32 only)"
+    if dtype != torch.float32 or weight.dtype != torch.float32:
+        return f"input {dtype}, weight {weight.dtype} (the sparse kernels are fp32 only)"
     if not (weight.is_contiguous() or is_dense_storage(weight)):
         return "the weight does not fill its storage (a strided view)"
     return None
@@ -300,18 +306,34 @@ def norm_fusable(norm: nn.Module | None, x: torch.Tensor) -> bool:
             and all(t is None or (t.dtype == torch.float32 and t.is_cpu) for t in (norm.weight, norm.bias)))
 
 
+def normed_requires_grad(norm: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``norm(x)`` requires grad (``norm`` a plain ``nn.LayerNorm``): a call with the norm inside
+    is decided under the key of the call on ``norm(x)``, the call ``auto`` timed. Behind a cached
+    boundary ``x`` needs no gradient, the norm's scale and shift still do."""
+    return x.requires_grad or any(p is not None and p.requires_grad for p in (norm.weight, norm.bias))
+
+
 def installed_layer(m: nn.Module) -> Any:
     """The sparse-execution layer installed on ``m`` (``SparseExecution``'s ``_Layer``), None if none."""
     forward = getattr(vars(m).get("forward"), "__func__", None)
     return m.__dict__.get("_spfde_kernel") if getattr(forward, "spfde_forward", False) else None
 
 
-def _fx_tracing() -> bool:
+try:  # torch's is_fx_tracing logs a deprecation warning: the flag it returns, read as the newer call does
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as _is_fx_symbolic_tracing
+except ImportError:  # older torch
     try:
-        from torch.fx._symbolic_trace import is_fx_tracing
-    except ImportError:  # older torch
+        from torch.fx._symbolic_trace import is_fx_tracing as _is_fx_symbolic_tracing
+    except ImportError:
+        _is_fx_symbolic_tracing = None
+
+
+def _fx_tracing() -> bool:
+    """FX symbolic tracing or compiling (``torch.export`` traces with the same flag): a fused call
+    would be recorded as the module's."""
+    if _is_fx_symbolic_tracing is None:
         return False
-    return bool(is_fx_tracing())
+    return bool(_is_fx_symbolic_tracing() or torch.compiler.is_compiling())
 
 
 def linear_act(linear: nn.Module, act: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,8 @@ Expected effect
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -58,6 +60,7 @@ from spfde.sparsity.kernels.linear import (
     installed_layer,
     linear_act,
     norm_fusable,
+    normed_requires_grad,
     sparse_linear,
 )
 
@@ -166,10 +169,13 @@ def sparse_mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, plan1: LinearPla
 
 def fused_bytes(rows: int, fc1: nn.Linear, fc2: nn.Linear) -> int:
     """The packed buffers a fused call of ``rows`` rows allocates at most (forward keeps + backward)."""
+    return _fused_bytes(rows, fc1.in_features, fc1.out_features, fc2.out_features)
+
+
+@functools.lru_cache(maxsize=64)
+def _fused_bytes(rows: int, in_f: int, hidden: int, out_f: int) -> int:
     lib = native.load(quiet=True)
-    floats = sum(lib.spfde_linear_packed_floats(rows, f) for f in
-                 (fc1.in_features, fc1.out_features, fc1.out_features, fc1.out_features, fc2.out_features))
-    return 4 * int(floats)
+    return 4 * int(sum(lib.spfde_linear_packed_floats(rows, f) for f in (in_f, hidden, hidden, hidden, out_f)))
 
 
 def mlp_act(fc1: nn.Module, act: nn.Module, fc2: nn.Module, x: torch.Tensor, norm: nn.Module | None = None,
@@ -187,11 +193,16 @@ def mlp_act(fc1: nn.Module, act: nn.Module, fc2: nn.Module, x: torch.Tensor, nor
             and native.load(quiet=True) is not None and fc2.in_features == fc1.out_features
             and not l1.exe.dense_weight_grad):
         rec = torch.is_grad_enabled()
-        deciding = l1.deciding(l1.call_key(x))
-        if norm is not None and (deciding or not norm_fusable(norm, x)):
+        if norm is not None and not norm_fusable(norm, x):
             x, norm = norm(x), None
-        params = [*fc1.parameters(), *(norm.parameters() if norm is not None else ())]
-        through = rec and (x.requires_grad or any(p.requires_grad for p in params))
+        # the key of fc1's call on norm(x), also where the norm runs inside (behind a cached boundary x
+        # needs no gradient, the norm's output does)
+        x_grad = normed_requires_grad(norm, x) if norm is not None else x.requires_grad
+        deciding = l1.deciding(l1.key_for(tuple(x.shape), x_grad))
+        if norm is not None and deciding:
+            x, norm = norm(x), None
+        params = (fc1.weight, fc1.bias, *((norm.weight, norm.bias) if norm is not None else ()))
+        through = rec and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
         key2 = l2.key_for((*x.shape[:-1], fc1.out_features), through)
         rows = x.numel() // max(fc1.in_features, 1)
         fusable = fused_bytes(rows, fc1, fc2) <= common.FUSED_MAX_BYTES
@@ -199,7 +210,7 @@ def mlp_act(fc1: nn.Module, act: nn.Module, fc2: nn.Module, x: torch.Tensor, nor
         if fusable and deciding and l2.can_fuse(x):
             unit = Unit("mlp", l2, key2, dense=lambda t: l2.dense(act(l1.dense(t))),
                         sparse=lambda t: sparse_mlp(t, fc1, fc2, l1.plan, l2.plan))
-        key1 = l1.sparse_key(x, unit)
+        key1 = l1.sparse_key(x, unit, x_grad)
         if key1 is not None and fusable and l2.decided_sparse(key2, x):
             l1.record_sparse()
             l2.record_sparse()
