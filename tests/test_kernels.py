@@ -919,20 +919,16 @@ def _threads(n: int):
         torch.set_num_threads(before)
 
 
-@needs_native
-@pytest.mark.parametrize(("rows", "affine"), [(5, True), (17, True), (100, True), (2176, True), (17, False)])
-def test_prenorm_inside_the_fused_kernels_is_the_layer_norm_before_them(rows, affine):
-    """A pre-norm run inside the fused MLP and attention kernels (forward where they pack the input,
-    backward where they write its gradient) gives the layer norm's result before the fused call
-    within float rounding, every gradient included (the norm's scale and shift too); its forward
-    without grad is the forward with grad bit for bit, and every result is bit-identical for one
-    and two threads."""
+def _fused_calls(rows: int, ln: nn.LayerNorm) -> dict:
+    """The fused MLP and attention block at the ViT preset's sizes, both weights 15% dense (seeded by
+    ``rows``; ``ln``'s scale and shift, if any, drawn away from 1 and 0): ``{name: (call(x, norm=None,
+    residual=False), input shape for about ``rows`` rows, the weights)}``."""
     from spfde.sparsity.kernels.mlp import sparse_mlp
 
     torch.manual_seed(rows)
-    fc1, fc2, ln = nn.Linear(64, 128), nn.Linear(128, 64), nn.LayerNorm(64, eps=1e-6, elementwise_affine=affine)
+    fc1, fc2 = nn.Linear(64, 128), nn.Linear(128, 64)
     mha = nn.MultiheadAttention(64, 4, batch_first=True)
-    if affine:
+    if ln.elementwise_affine:
         with torch.no_grad():
             ln.weight.uniform_(0.5, 1.5)
             ln.bias.uniform_(-0.5, 0.5)
@@ -942,12 +938,23 @@ def test_prenorm_inside_the_fused_kernels_is_the_layer_norm_before_them(rows, af
         with torch.no_grad():
             w.mul_(m)
         plans.append(LinearPlan(m, w))
-    calls = {"mlp": (lambda t, n=None: sparse_mlp(t, fc1, fc2, plans[0], plans[1], n), (rows, 64),
-                     [fc1.weight, fc1.bias, fc2.weight, fc2.bias]),
-             "attention": (lambda t, n=None: attention.fused_self_attention(mha, t, plans[2], plans[3], n),
-                           (max(rows // 17, 1), 17, 64),
-                           [mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias])}
-    for name, (call, shape, weights) in calls.items():
+    return {"mlp": (lambda t, n=None, r=False: sparse_mlp(t, fc1, fc2, plans[0], plans[1], n, r), (rows, 64),
+                    [fc1.weight, fc1.bias, fc2.weight, fc2.bias]),
+            "attention": (lambda t, n=None, r=False: attention.fused_self_attention(mha, t, plans[2], plans[3], n, r),
+                          (max(rows // 17, 1), 17, 64),
+                          [mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias])}
+
+
+@needs_native
+@pytest.mark.parametrize(("rows", "affine"), [(5, True), (17, True), (100, True), (2176, True), (17, False)])
+def test_prenorm_inside_the_fused_kernels_is_the_layer_norm_before_them(rows, affine):
+    """A pre-norm run inside the fused MLP and attention kernels (forward where they pack the input,
+    backward where they write its gradient) gives the layer norm's result before the fused call
+    within float rounding, every gradient included (the norm's scale and shift too); its forward
+    without grad is the forward with grad bit for bit, and every result is bit-identical for one
+    and two threads."""
+    ln = nn.LayerNorm(64, eps=1e-6, elementwise_affine=affine)
+    for name, (call, shape, weights) in _fused_calls(rows, ln).items():
         x = (torch.randn(shape) * 3 + 1).requires_grad_()
         params = [x, *((ln.weight, ln.bias) if affine else ()), *weights]
         g = torch.randn(shape)
@@ -973,27 +980,12 @@ def test_residual_inside_the_fused_kernels_is_the_add_after_them(rows, normed):
     write each output row, backward where they write the input's gradient) is ``x +`` the fused call
     bit for bit: output and every gradient, with and without the pre-norm, for one and two threads,
     without grad, and with an input that needs no gradient."""
-    from spfde.sparsity.kernels.mlp import sparse_mlp
-
-    torch.manual_seed(rows)
-    fc1, fc2, ln = nn.Linear(64, 128), nn.Linear(128, 64), nn.LayerNorm(64, eps=1e-6)
-    mha = nn.MultiheadAttention(64, 4, batch_first=True)
-    with torch.no_grad():
-        ln.weight.uniform_(0.5, 1.5)
-        ln.bias.uniform_(-0.5, 0.5)
-    plans = []
-    for w in (fc1.weight, fc2.weight, mha.in_proj_weight, mha.out_proj.weight):
-        m = _mask(w.shape, 0.15, seed=len(plans))
-        with torch.no_grad():
-            w.mul_(m)
-        plans.append(LinearPlan(m, w))
+    ln = nn.LayerNorm(64, eps=1e-6)
     norm = ln if normed else None
-    calls = {"mlp": (lambda t, r: sparse_mlp(t, fc1, fc2, plans[0], plans[1], norm, r), (rows, 64),
-                     [fc1.weight, fc1.bias, fc2.weight, fc2.bias]),
-             "attention": (lambda t, r: attention.fused_self_attention(mha, t, plans[2], plans[3], norm, r),
-                           (max(rows // 17, 1), 17, 64),
-                           [mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias])}
-    for name, (call, shape, weights) in calls.items():
+    for name, (fused, shape, weights) in _fused_calls(rows, ln).items():
+        def call(t, r, f=fused):
+            return f(t, norm, r)
+
         x = (torch.randn(shape) * 3 + 1).requires_grad_()
         g = torch.randn(shape)
         for x_grad in (True, False):
