@@ -221,6 +221,13 @@ def _strides(t: torch.Tensor, batch_first: bool) -> tuple[int, int]:
     return (t.stride(0), t.stride(1)) if batch_first else (t.stride(1), t.stride(0))
 
 
+def _block_buffer(samples: int, tokens: int, dim: int, batch_first: bool) -> tuple[torch.Tensor, int, int]:
+    """An uninitialised activation of the module's own layout, contiguous (a consumer that flattens
+    its rows, the MLP after the block, reads it in place), and its sample and token strides."""
+    t = torch.empty((samples, tokens, dim) if batch_first else (tokens, samples, dim), dtype=torch.float32)
+    return (t, *_strides(t, batch_first))
+
+
 def fused_bytes(samples: int, tokens: int, dim: int, heads: int) -> int:
     """The buffers a fused block call of this shape allocates at most (forward keeps and backward)."""
     units = (samples + 15) // 16
@@ -299,9 +306,7 @@ class FusedSelfAttentionFunction(torch.autograd.Function):
         v1, v2 = plan1.index.gather(w1.detach()), plan2.index.gather(w2.detach())
         b1d = b1.detach().contiguous() if b1 is not None else None
         b2d = b2.detach().contiguous() if b2 is not None else None
-        # in the module's own layout: a consumer that flattens the rows (the MLP after it) reads it in place
-        out = torch.empty((samples, tokens, e) if module.batch_first else (tokens, samples, e), dtype=torch.float32)
-        ob, ol = _strides(out, module.batch_first)
+        out, ob, ol = _block_buffer(samples, tokens, e, module.batch_first)
         floats = lambda c: lib.spfde_mha_unit_floats(samples, tokens, c)  # noqa: E731
         xk = torch.empty(floats(e), dtype=torch.float32) if keep[0] else None
         qk = torch.empty(floats(3 * e), dtype=torch.float32) if keep[1] else None
@@ -331,11 +336,10 @@ class FusedSelfAttentionFunction(torch.autograd.Function):
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         need_lnw, need_lnb = ctx.needs_input_grad[9:11] if ctx.ln else (False, False)
         gy = _unit_columns(gy.float())
-        gl, gb = (gy.stride(1), gy.stride(0)) if batch_first else (gy.stride(0), gy.stride(1))
+        gb, gl = _strides(gy, batch_first)
         # the gradient at in_proj's input: x's own, or, with the pre-norm, through it (the kernel)
-        gx = (torch.empty((samples, tokens, e) if batch_first else (tokens, samples, e), dtype=torch.float32)
-              if need_x or need_lnw or need_lnb else None)
-        gxb, gxl = _strides(gx, batch_first) if gx is not None else (0, 0)
+        need_gx = need_x or need_lnw or need_lnb
+        gx, gxb, gxl = _block_buffer(samples, tokens, e, batch_first) if need_gx else (None, 0, 0)
         x, stats, lnw = normed if ctx.ln else (None, None, None)
         glnw = torch.empty(e, dtype=torch.float32) if need_lnw else None
         glnb = torch.empty(e, dtype=torch.float32) if need_lnb else None
