@@ -201,8 +201,7 @@ def mlp_act(fc1: nn.Module, act: nn.Module, fc2: nn.Module, x: torch.Tensor, nor
         deciding = l1.deciding(l1.key_for(tuple(x.shape), x_grad))
         if norm is not None and deciding:
             x, norm = norm(x), None
-        params = (fc1.weight, fc1.bias, *((norm.weight, norm.bias) if norm is not None else ()))
-        through = rec and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
+        through = rec and (x_grad or any(p is not None and p.requires_grad for p in (fc1.weight, fc1.bias)))
         key2 = l2.key_for((*x.shape[:-1], fc1.out_features), through)
         rows = x.numel() // max(fc1.in_features, 1)
         fusable = fused_bytes(rows, fc1, fc2) <= common.FUSED_MAX_BYTES
