@@ -43,6 +43,7 @@ relative of ``torch.exp``, so outputs match the matmul core within float toleran
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -51,17 +52,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from spfde.sparsity.kernels import common, native
-from spfde.sparsity.kernels.common import Unit, first_order_only, note_masked_grad, weight_grad_buffer
+from spfde.sparsity.kernels.common import (
+    Unit,
+    carve,
+    carved,
+    first_order_only,
+    note_masked_grad,
+    weight_grad_buffer,
+)
 from spfde.sparsity.kernels.linear import (
     PROLOGUE_KWARG,
     RESIDUAL_KWARG,
     LinearPlan,
+    _affine,
     _fx_tracing,
     _hooked,
     _ptr,
     installed_layer,
     linear_input_issue,
     normed_requires_grad,
+    param,
     sparse_linear,
 )
 
@@ -228,6 +238,18 @@ def _block_buffer(samples: int, tokens: int, dim: int, batch_first: bool) -> tup
     return (t, *_strides(t, batch_first))
 
 
+@functools.lru_cache(maxsize=64)
+def _kept_floats(lib: ctypes.CDLL, samples: int, tokens: int, dim: int, heads: int, keep: tuple[bool, bool, bool],
+                 ln: bool) -> tuple[int, tuple[int | None, ...]]:
+    """:func:`~.common.carve` of the fused forward's kept arrays: unit-layout x, q/k/v, probabilities,
+    core output (by ``keep``), the norm's mean and rstd (``ln``)."""
+    floats = lambda c: lib.spfde_mha_unit_floats(samples, tokens, c)  # noqa: E731
+    probs = (samples + 15) // 16 * heads * tokens * tokens * 16
+    stats = samples * tokens if ln else 0
+    return carve((floats(dim) if keep[0] else 0, floats(3 * dim) if keep[1] else 0, probs if keep[1] else 0,
+                  floats(dim) if keep[2] else 0, stats, stats))
+
+
 def fused_bytes(samples: int, tokens: int, dim: int, heads: int) -> int:
     """The buffers a fused block call of this shape allocates at most (forward keeps and backward)."""
     units = (samples + 15) // 16
@@ -239,8 +261,9 @@ def _fusable_out_proj(module: nn.MultiheadAttention, x: torch.Tensor, x_grad: bo
     """``(out_proj's layer, its decision key)`` when this call of ``module`` could run as one fused
     native call, whatever ``out_proj`` decides: see :func:`fused_plan` (``x_grad``: whether the input
     needs a gradient, when not ``x``'s own)."""
-    layer = installed_layer(module.out_proj)
-    if layer is None or _hooked(module.out_proj) or _fx_tracing() or module.embed_dim % module.num_heads:
+    out_proj = module._modules["out_proj"]
+    layer = installed_layer(out_proj)
+    if layer is None or _hooked(out_proj) or _fx_tracing() or module.embed_dim % module.num_heads:
         return None
     lib = native.load(quiet=True)
     tokens, samples = _seq_batch(module, x)[:2]
@@ -251,9 +274,12 @@ def _fusable_out_proj(module: nn.MultiheadAttention, x: torch.Tensor, x_grad: bo
         return None
     rec = torch.is_grad_enabled()
     x_grad = x.requires_grad if x_grad is None else x_grad
-    through = rec and (x_grad or any(p.requires_grad for p in (module.in_proj_weight, module.in_proj_bias)
-                                     if p is not None))
+    through = rec and (x_grad or _needs_grad(param(module, "in_proj_weight"), param(module, "in_proj_bias")))
     return layer, layer.key_for((tokens, samples, module.embed_dim), through)  # out_proj's call: (L, B, E)
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def fused_plan(module: nn.MultiheadAttention, x: torch.Tensor, x_grad: bool | None = None) -> LinearPlan | None:
@@ -303,35 +329,34 @@ class FusedSelfAttentionFunction(torch.autograd.Function):
         tokens, samples, xl, xb = _seq_batch(module, x)
         e, h = module.embed_dim, module.num_heads
         scale = (e // h) ** -0.5
-        v1, v2 = plan1.index.gather(w1.detach()), plan2.index.gather(w2.detach())
         b1d = b1.detach().contiguous() if b1 is not None else None
         b2d = b2.detach().contiguous() if b2 is not None else None
         out, ob, ol = _block_buffer(samples, tokens, e, module.batch_first)
-        floats = lambda c: lib.spfde_mha_unit_floats(samples, tokens, c)  # noqa: E731
-        xk = torch.empty(floats(e), dtype=torch.float32) if keep[0] else None
-        qk = torch.empty(floats(3 * e), dtype=torch.float32) if keep[1] else None
-        pk = torch.empty((samples + 15) // 16 * h * tokens * tokens * 16, dtype=torch.float32) if keep[1] else None
-        ok = torch.empty(floats(e), dtype=torch.float32) if keep[2] else None
         ln = eps is not None
-        stats = torch.empty((2, samples * tokens), dtype=torch.float32) if ln else None  # mean, rstd per (b, l)
+        # the kept unit-layout x, q/k/v, probabilities and core output, the norm's mean and rstd per
+        # (sample, token): one buffer (common.carve)
+        total, offsets = _kept_floats(lib, samples, tokens, e, h, keep, ln)
+        kept = torch.empty(total, dtype=torch.float32) if total else None
+        xk, qk, pk, ok, mean, rstd = carved(kept, offsets)
         lw = lnw.detach().contiguous() if lnw is not None else None
         lb = lnb.detach().contiguous() if lnb is not None else None
         p1, p2 = plan1.ptrs, plan2.ptrs
         _check(lib.spfde_mha_forward(
-            x.data_ptr(), samples, tokens, e, h, xb, xl, scale, p1["crow"], p1["col"], v1.data_ptr(), _ptr(b1d),
-            p2["crow"], p2["col"], v2.data_ptr(), _ptr(b2d), out.data_ptr(), ob, ol,
-            torch.get_num_threads(), _ptr(xk), _ptr(qk), _ptr(pk), _ptr(ok), int(ln), _ptr(lw), _ptr(lb),
-            float(eps or 0.0), _ptr(stats[0]) if ln else None, _ptr(stats[1]) if ln else None, int(residual)))
+            x.data_ptr(), samples, tokens, e, h, xb, xl, scale, p1["crow"], p1["col"], w1.data_ptr(), p1["offsets"],
+            _ptr(b1d), p2["crow"], p2["col"], w2.data_ptr(), p2["offsets"], _ptr(b2d), out.data_ptr(), ob, ol,
+            torch.get_num_threads(), xk, qk, pk, ok, int(ln), _ptr(lw), _ptr(lb), float(eps or 0.0), mean, rstd,
+            int(residual)))
         ctx.plans, ctx.lib, ctx.geometry = (plan1, plan2), lib, (samples, tokens, e, h, scale, module.batch_first)
-        ctx.ln, ctx.x_strides, ctx.residual = ln, (xb, xl), residual
-        ctx.save_for_backward(xk, qk, pk, ok, v1, v2, w1, w2, *((x, stats, lnw) if ln else ()))
+        ctx.ln, ctx.x_strides, ctx.residual, ctx.offsets = ln, (xb, xl), residual, offsets
+        ctx.save_for_backward(kept, w1, w2, *((x, lnw) if ln else ()))
         return out
 
     @staticmethod
     @first_order_only
     def backward(ctx, gy: torch.Tensor):
         plan1, plan2 = ctx.plans
-        xk, qk, pk, ok, v1, v2, w1, w2, *normed = ctx.saved_tensors
+        kept, w1, w2, *normed = ctx.saved_tensors
+        xk, qk, pk, ok, mean, rstd = carved(kept, ctx.offsets)
         samples, tokens, e, h, scale, batch_first = ctx.geometry
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         need_lnw, need_lnb = ctx.needs_input_grad[9:11] if ctx.ln else (False, False)
@@ -340,7 +365,7 @@ class FusedSelfAttentionFunction(torch.autograd.Function):
         # the gradient at in_proj's input: x's own, or, with the pre-norm, through it (the kernel)
         need_gx = need_x or need_lnw or need_lnb
         gx, gxb, gxl = _block_buffer(samples, tokens, e, batch_first) if need_gx else (None, 0, 0)
-        x, stats, lnw = normed if ctx.ln else (None, None, None)
+        x, lnw = normed if ctx.ln else (None, None)
         glnw = torch.empty(e, dtype=torch.float32) if need_lnw else None
         glnb = torch.empty(e, dtype=torch.float32) if need_lnb else None
         lw = lnw.detach().contiguous() if lnw is not None else None
@@ -352,13 +377,11 @@ class FusedSelfAttentionFunction(torch.autograd.Function):
         p1, p2 = plan1.ptrs, plan2.ptrs
         _check(ctx.lib.spfde_mha_backward(
             gy.data_ptr(), gb, gl, samples, tokens, e, h, scale,
-            p1["crow"], p1["col"], v1.data_ptr(), p1["tcrow"], p1["tcol"], p1["perm32"], p1["offsets"],
-            p2["crow"], p2["col"], v2.data_ptr(), p2["tcrow"], p2["tcol"], p2["perm32"], p2["offsets"],
-            _ptr(xk), _ptr(qk), _ptr(pk), _ptr(ok), _ptr(gx), gxb, gxl, _ptr(gw1), int(zero1), _ptr(gb1), _ptr(gw2),
-            int(zero2), _ptr(gb2),
-            torch.get_num_threads(), int(ctx.ln), _ptr(x), *(ctx.x_strides if ctx.ln else (0, 0)), _ptr(lw),
-            _ptr(stats[0]) if ctx.ln else None, _ptr(stats[1]) if ctx.ln else None, _ptr(glnw), _ptr(glnb),
-            int(ctx.residual and need_x)))
+            p1["crow"], p1["col"], w1.data_ptr(), p1["tcrow"], p1["tcol"], p1["perm32"], p1["offsets"],
+            p2["crow"], p2["col"], w2.data_ptr(), p2["tcrow"], p2["tcol"], p2["perm32"], p2["offsets"],
+            xk, qk, pk, ok, _ptr(gx), gxb, gxl, _ptr(gw1), int(zero1), _ptr(gb1), _ptr(gw2), int(zero2), _ptr(gb2),
+            torch.get_num_threads(), int(ctx.ln), _ptr(x), *(ctx.x_strides if ctx.ln else (0, 0)), _ptr(lw), mean,
+            rstd, _ptr(glnw), _ptr(glnb), int(ctx.residual and need_x)))
         note_masked_grad(plan1, gw1)
         note_masked_grad(plan2, gw2)
         if gx is not None and not need_x:
@@ -372,8 +395,10 @@ def fused_self_attention(module: nn.MultiheadAttention, x: torch.Tensor, plan1: 
     with ``norm`` (:func:`~.linear.norm_fusable`), the self-attention of ``norm(x)``, the norm in the kernel;
     ``residual``: ``x +`` that, the add in the kernel (bit for bit the add after it)."""
     rec = torch.is_grad_enabled()
-    w1, b1, w2, b2 = module.in_proj_weight, module.in_proj_bias, module.out_proj.weight, module.out_proj.bias
-    ln = () if norm is None else (norm.weight, norm.bias, float(norm.eps))
+    out_proj = module._modules["out_proj"]
+    w1, b1 = param(module, "in_proj_weight"), param(module, "in_proj_bias")
+    w2, b2 = param(out_proj, "weight"), param(out_proj, "bias")
+    ln = () if norm is None else (*_affine(norm), float(norm.eps))
     through = (x.requires_grad or w1.requires_grad or (b1 is not None and b1.requires_grad)
                or any(t is not None and t.requires_grad for t in ln[:2]))
     keep = (rec and w1.requires_grad, rec and through, rec and w2.requires_grad)

@@ -47,6 +47,26 @@ class Unit:
     sparse: Callable[[torch.Tensor], Any]   # the fused call
 
 
+@functools.lru_cache(maxsize=256)
+def carve(sizes: tuple[int, ...]) -> tuple[int, tuple[int | None, ...]]:
+    """One fp32 buffer for several scratch arrays a native call keeps for its backward: ``(total floats,
+    each array's offset in floats)`` for arrays of ``sizes`` floats (0: absent, offset None), each
+    starting on a 64-byte line. Why: a fused call's forward kept five arrays, each a ``torch.empty``
+    of about 2 us; one allocation carved by address costs one (:func:`carved`)."""
+    offsets: list[int | None] = []
+    total = 0
+    for n in sizes:
+        offsets.append(total if n else None)
+        total += (int(n) + 15) // 16 * 16
+    return total, tuple(offsets)
+
+
+def carved(buf: torch.Tensor | None, offsets: tuple[int | None, ...]) -> list[int | None]:
+    """The addresses of :func:`carve`'s arrays in ``buf`` (fp32), None for an absent one."""
+    base = buf.data_ptr() if buf is not None else 0
+    return [None if o is None else base + 4 * o for o in offsets]
+
+
 def warn_once(message: str) -> None:
     """One warning line (no source line under it), shown once per message and process."""
     warnings.warn_explicit(message, KernelWarning, "spfde.sparsity.kernels", 0, registry=_WARNED,

@@ -111,6 +111,7 @@ from spfde.sparsity.kernels.linear import (
     linear_type_issue,
     norm_fusable,
     normed_requires_grad,
+    param,
     sparse_linear,
     unsupported_linear,
 )
@@ -217,6 +218,7 @@ class _Layer:
 
     def __init__(self, exe: SparseExecution, name: str, param: str, module: nn.Module, kind: str) -> None:
         self.exe, self.name, self.param, self.module, self.kind = exe, name, param, module, kind
+        self._weight_name = "in_proj_weight" if kind == "mha" else "weight"
         self.plan: Any = None
         self._mask: torch.Tensor | None = None
         self.basis_nnz: int | None = None  # the nonzero count the decisions were timed at
@@ -237,7 +239,7 @@ class _Layer:
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.module.in_proj_weight if self.kind == "mha" else self.module.weight
+        return param(self.module, self._weight_name)  # on every call: a replaced parameter is seen at once
 
     # ------------------------------------------------------------------ index structures
     def sync(self) -> Any:
@@ -287,7 +289,7 @@ class _Layer:
         x = args[0] if args else kwargs.get("input")
         if not torch.is_tensor(x):
             return None, ""
-        why = conv_input_issue(self.module, x) if self.kind == "conv" else linear_input_issue(self.module.weight, x)
+        why = conv_input_issue(self.module, x) if self.kind == "conv" else linear_input_issue(self.weight, x)
         return (x, None) if why is None else (None, why)
 
     def dense(self, *args: Any, **kwargs: Any) -> Any:
@@ -391,9 +393,10 @@ class _Layer:
 
     def key_for(self, shape: tuple[int, ...], x_grad: bool) -> Key:
         """The decision key of a call on an input of ``shape`` (needing a gradient when ``x_grad``)."""
-        grad = torch.is_grad_enabled()
-        w_grad = grad and self.weight.requires_grad
-        return (grad and x_grad, w_grad, w_grad and self.exe.dense_weight_grad, shape)
+        if not torch.is_grad_enabled():
+            return (False, False, False, shape)
+        w_grad = self.weight.requires_grad
+        return (x_grad, w_grad, w_grad and self.exe.dense_weight_grad, shape)
 
     # ------------------------------------------------------------------ fused calls (kernels/mlp.py)
     def sparse_key(self, x: torch.Tensor, unit: Unit | None = None, x_grad: bool | None = None) -> Key | None:
@@ -404,7 +407,7 @@ class _Layer:
         when not ``x``'s own (a pre-norm inside the call: :func:`~.linear.normed_requires_grad`)."""
         if self.kind != "linear" or _traced() or self.exe.in_probe:
             return None
-        if linear_input_issue(self.module.weight, x) is not None or self.sync() is None:
+        if linear_input_issue(self.weight, x) is not None or self.sync() is None:
             return None
         if self.exe.engine.weight_issue(self.param, self.weight) is not None:
             return None
@@ -416,7 +419,7 @@ class _Layer:
         device (its plan is current: a partner's decision adopted after this is kept)."""
         if self.kind != "linear" or self.sync() is None or self.exe.in_probe:
             return False
-        if linear_type_issue(self.module.weight, like.dtype, like.device) is not None:
+        if linear_type_issue(self.weight, like.dtype, like.device) is not None:
             return False
         return self.exe.engine.weight_issue(self.param, self.weight) is None
 

@@ -289,28 +289,50 @@ def _hooked(m: nn.Module, forward_pre: bool = True) -> bool:
     """Whether ``m`` has hooks that the fused path would bypass or show another output or gradient
     to (forward, backward; forward pre-hooks unless ``forward_pre`` is False, when only those that
     see keyword arguments count), or any module has global ones."""
-    glob = nn.modules.module
-    own = (m._forward_hooks, m._backward_hooks, getattr(m, "_backward_pre_hooks", None),
-           m._forward_pre_hooks if forward_pre else
-           [h for h in m._forward_pre_hooks if h in getattr(m, "_forward_pre_hooks_with_kwargs", {})])
-    return any(own) or any(getattr(glob, name, None) for name in _GLOBAL_HOOKS)
+    # asked several times per fused call: plain truth tests, no generators (a few us a call otherwise)
+    if m._forward_hooks or m._backward_hooks or getattr(m, "_backward_pre_hooks", None):
+        return True
+    pre = m._forward_pre_hooks
+    if pre and (forward_pre or any(h in getattr(m, "_forward_pre_hooks_with_kwargs", {}) for h in pre)):
+        return True
+    glob = vars(nn.modules.module)
+    return bool(glob.get(_GLOBAL_HOOKS[0]) or glob.get(_GLOBAL_HOOKS[1]) or glob.get(_GLOBAL_HOOKS[2])
+                or glob.get(_GLOBAL_HOOKS[3]))
 
 
 def norm_fusable(norm: nn.Module | None, x: torch.Tensor) -> bool:
     """Whether ``norm`` (a transformer block's pre-norm) can run inside a fused MLP or attention kernel
     on ``x``: a plain ``nn.LayerNorm`` over the last dimension alone, fp32 on CPU like the rest of the
     call, without hooks (the fused call never calls it)."""
-    return (type(norm) is nn.LayerNorm and type(norm).forward is nn.LayerNorm.forward
-            and len(norm.normalized_shape) == 1 and norm.normalized_shape[0] == x.shape[-1]
-            and "forward" not in vars(norm) and not _hooked(norm)
-            and all(t is None or (t.dtype == torch.float32 and t.is_cpu) for t in (norm.weight, norm.bias)))
+    if type(norm) is not nn.LayerNorm or "forward" in vars(norm) or norm.normalized_shape != (x.shape[-1],):
+        return False  # (nn.LayerNorm keeps normalized_shape a tuple)
+    for t in _affine(norm):
+        if t is not None and (t.dtype != torch.float32 or not t.is_cpu):
+            return False
+    return not _hooked(norm)
+
+
+def _affine(norm: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A plain ``nn.LayerNorm``'s scale and shift (None without them)."""
+    return param(norm, "weight"), param(norm, "bias")
+
+
+def param(m: nn.Module, name: str) -> Any:
+    """``getattr(m, name)`` for a parameter: the registered one where there is one (where
+    ``nn.Module.__getattr__`` looks first, without its slow path: the fused calls read several per
+    call), else the attribute (a parametrization or ``weight_norm`` computes it; None if absent)."""
+    p = m._parameters.get(name)
+    return p if p is not None else getattr(m, name, None)
 
 
 def normed_requires_grad(norm: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``norm(x)`` requires grad (``norm`` a plain ``nn.LayerNorm``): a call with the norm inside
     is decided under the key of the call on ``norm(x)``, the call ``auto`` timed. Behind a cached
     boundary ``x`` needs no gradient, the norm's scale and shift still do."""
-    return x.requires_grad or any(p is not None and p.requires_grad for p in (norm.weight, norm.bias))
+    if x.requires_grad:
+        return True
+    w, b = _affine(norm)
+    return (w is not None and w.requires_grad) or (b is not None and b.requires_grad)
 
 
 def installed_layer(m: nn.Module) -> Any:

@@ -43,14 +43,23 @@ Expected effect
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from torch import nn
 
 from spfde.sparsity.kernels import common, native
-from spfde.sparsity.kernels.common import Unit, first_order_only, note_masked_grad, weight_grad_buffer
+from spfde.sparsity.kernels.common import (
+    Unit,
+    carve,
+    carved,
+    first_order_only,
+    note_masked_grad,
+    weight_grad_buffer,
+)
 from spfde.sparsity.kernels.linear import (
     LinearPlan,
+    _affine,
     _check,
     _fused_gelu,
     _fx_tracing,
@@ -83,32 +92,35 @@ class SparseMlpFunction(torch.autograd.Function):
         out_f = plan2.shape[0]
         x2 = _rows(x, in_f)
         n = x2.shape[0]
-        v1, v2 = plan1.index.gather(w1.detach()), plan2.index.gather(w2.detach())
         b1d = b1.detach().contiguous() if b1 is not None else None
         b2d = b2.detach().contiguous() if b2 is not None else None
         y = torch.empty((n, out_f), dtype=torch.float32)
-        xk, hk, dk = (torch.empty(lib.spfde_linear_packed_floats(n, f), dtype=torch.float32) if k else None
-                      for k, f in zip(keep, (in_f, hidden, hidden), strict=True))
         ln = eps is not None
-        stats = torch.empty((2, n), dtype=torch.float32) if ln else None  # each row's mean and rstd
+        # x's packed tiles, the packed hidden activation, the GELU derivative, each row's mean and rstd:
+        # one buffer (common.carve)
+        total, offsets = _kept_floats(lib, n, in_f, hidden, keep, ln)
+        kept = torch.empty(total, dtype=torch.float32) if total else None
+        xk, hk, dk, mean, rstd = carved(kept, offsets)
         lw = lnw.detach().contiguous() if lnw is not None else None
         lb = lnb.detach().contiguous() if lnb is not None else None
         p1, p2 = plan1.ptrs, plan2.ptrs
+        # the weights' values at the nonzeros are gathered inside the call (from the dense weights)
         _check(lib.spfde_mlp_forward(x2.data_ptr(), n, in_f, x2.stride(0), hidden, out_f, p1["crow"], p1["col"],
-                                     v1.data_ptr(), _ptr(b1d), p2["crow"], p2["col"], v2.data_ptr(), _ptr(b2d),
-                                     y.data_ptr(), y.stride(0), torch.get_num_threads(), _ptr(xk), _ptr(hk), _ptr(dk),
-                                     int(ln), _ptr(lw), _ptr(lb), float(eps or 0.0),
-                                     _ptr(stats[0]) if ln else None, _ptr(stats[1]) if ln else None,
+                                     w1.data_ptr(), p1["offsets"], _ptr(b1d), p2["crow"], p2["col"], w2.data_ptr(),
+                                     p2["offsets"], _ptr(b2d), y.data_ptr(), y.stride(0), torch.get_num_threads(),
+                                     xk, hk, dk, int(ln), _ptr(lw), _ptr(lb), float(eps or 0.0), mean, rstd,
                                      int(residual)))
         ctx.plans, ctx.x_shape, ctx.lib, ctx.ln, ctx.residual = (plan1, plan2), x.shape, lib, ln, residual
-        ctx.save_for_backward(xk, hk, dk, v1, v2, w1, w2, *((x2, stats, lnw) if ln else ()))
+        ctx.offsets = offsets
+        ctx.save_for_backward(kept, w1, w2, *((x2, lnw) if ln else ()))
         return y.view(*x.shape[:-1], out_f)
 
     @staticmethod
     @first_order_only
     def backward(ctx, gy: torch.Tensor):
         plan1, plan2 = ctx.plans
-        xk, hk, dk, v1, v2, w1, w2, *normed = ctx.saved_tensors
+        kept, w1, w2, *normed = ctx.saved_tensors
+        xk, hk, dk, mean, rstd = carved(kept, ctx.offsets)
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         need_lnw, need_lnb = ctx.needs_input_grad[8:10] if ctx.ln else (False, False)
         hidden, in_f = plan1.shape
@@ -123,19 +135,18 @@ class SparseMlpFunction(torch.autograd.Function):
         gw2, zero2 = weight_grad_buffer(need_w2, w2)
         gb1 = torch.empty(hidden, dtype=torch.float32) if need_b1 else None
         gb2 = torch.empty(out_f, dtype=torch.float32) if need_b2 else None
-        x2, stats, lnw = normed if ctx.ln else (None, None, None)
+        x2, lnw = normed if ctx.ln else (None, None)
         glnw = torch.empty(in_f, dtype=torch.float32) if need_lnw else None
         glnb = torch.empty(in_f, dtype=torch.float32) if need_lnb else None
         lw = lnw.detach().contiguous() if lnw is not None else None
         p1, p2 = plan1.ptrs, plan2.ptrs
         _check(ctx.lib.spfde_mlp_backward(
             g2.data_ptr(), g2.stride(0), n, in_f, hidden, out_f,
-            p1["crow"], p1["col"], v1.data_ptr(), p1["tcrow"], p1["tcol"], p1["perm32"], p1["offsets"],
-            p2["crow"], p2["col"], v2.data_ptr(), p2["tcrow"], p2["tcol"], p2["perm32"], p2["offsets"],
-            _ptr(xk), _ptr(hk), _ptr(dk), _ptr(gx), in_f, _ptr(gw1), int(zero1), _ptr(gb1), _ptr(gw2), int(zero2),
-            _ptr(gb2), torch.get_num_threads(), int(ctx.ln), _ptr(x2), x2.stride(0) if x2 is not None else 0,
-            _ptr(lw), _ptr(stats[0]) if ctx.ln else None, _ptr(stats[1]) if ctx.ln else None, _ptr(glnw),
-            _ptr(glnb), int(ctx.residual and need_x)))
+            p1["crow"], p1["col"], w1.data_ptr(), p1["tcrow"], p1["tcol"], p1["perm32"], p1["offsets"],
+            p2["crow"], p2["col"], w2.data_ptr(), p2["tcrow"], p2["tcol"], p2["perm32"], p2["offsets"],
+            xk, hk, dk, _ptr(gx), in_f, _ptr(gw1), int(zero1), _ptr(gb1), _ptr(gw2), int(zero2), _ptr(gb2),
+            torch.get_num_threads(), int(ctx.ln), _ptr(x2), x2.stride(0) if x2 is not None else 0, _ptr(lw), mean,
+            rstd, _ptr(glnw), _ptr(glnb), int(ctx.residual and need_x)))
         note_masked_grad(plan1, gw1)
         note_masked_grad(plan2, gw2)
         gx = gx.view(ctx.x_shape) if gx is not None and need_x else None
@@ -156,7 +167,7 @@ def sparse_mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, plan1: LinearPla
                          "inputs")
     rec = torch.is_grad_enabled()
     w1, b1, w2, b2 = fc1.weight, fc1.bias, fc2.weight, fc2.bias
-    ln = () if norm is None else (norm.weight, norm.bias, float(norm.eps))
+    ln = () if norm is None else (*_affine(norm), float(norm.eps))
     through_norm = any(t is not None and t.requires_grad for t in ln[:2])
     if _fused_gelu(x, w1, b1, False, rec and w1.requires_grad) == 0 and not through_norm:
         h = norm(x) if norm is not None else x
@@ -165,6 +176,16 @@ def sparse_mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, plan1: LinearPla
     through_fc1 = x.requires_grad or w1.requires_grad or (b1 is not None and b1.requires_grad) or through_norm
     keep = (rec and w1.requires_grad, rec and w2.requires_grad, rec and through_fc1)
     return SparseMlpFunction.apply(x, w1, b1, w2, b2, plan1, plan2, keep, *(ln or (None, None, None)), residual)
+
+
+@functools.lru_cache(maxsize=64)
+def _kept_floats(lib: Any, rows: int, in_f: int, hidden: int, keep: tuple[bool, bool, bool],
+                 ln: bool) -> tuple[int, tuple[int | None, ...]]:
+    """:func:`~.common.carve` of the fused forward's kept arrays: x's packed tiles, the packed hidden
+    activation, the GELU derivative (by ``keep``), each row's mean and rstd (``ln``)."""
+    packed = [lib.spfde_linear_packed_floats(rows, f) if k else 0
+              for k, f in zip(keep, (in_f, hidden, hidden), strict=True)]
+    return carve((*packed, rows if ln else 0, rows if ln else 0))
 
 
 def fused_bytes(rows: int, fc1: nn.Linear, fc2: nn.Linear) -> int:

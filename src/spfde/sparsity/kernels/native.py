@@ -35,7 +35,7 @@ from spfde.sparsity.kernels.common import warn_once
 
 SOURCE = Path(__file__).with_name("sparse_conv.cpp")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17")
-ABI_VERSION = 13
+ABI_VERSION = 14
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"lib": None, "tried": False, "error": None, "path": None, "warned": False}
@@ -52,12 +52,12 @@ _SIGNATURES = {
                                                                                 _c_int, _ptr, _ptr],
     "spfde_linear_packed_floats": [_c_i64, _c_i64],
     "spfde_mha_unit_floats": [_c_i64, _c_i64, _c_i64],
-    "spfde_mha_forward": [_ptr] + [_c_i64] * 6 + [ctypes.c_float] + [_ptr] * 9 + [_c_i64, _c_i64, _c_int] + [_ptr] * 4
+    "spfde_mha_forward": [_ptr] + [_c_i64] * 6 + [ctypes.c_float] + [_ptr] * 11 + [_c_i64, _c_i64, _c_int] + [_ptr] * 4
                          + [_c_int, _ptr, _ptr, ctypes.c_float, _ptr, _ptr, _c_int],
     "spfde_mha_backward": [_ptr] + [_c_i64] * 6 + [ctypes.c_float] + [_ptr] * 19 + [_c_i64, _c_i64, _ptr, _c_int, _ptr,
                                                                                   _ptr, _c_int, _ptr, _c_int]
                           + [_c_int, _ptr, _c_i64, _c_i64] + [_ptr] * 5 + [_c_int],
-    "spfde_mlp_forward": [_ptr] + [_c_i64] * 5 + [_ptr] * 9 + [_c_i64, _c_int] + [_ptr] * 3
+    "spfde_mlp_forward": [_ptr] + [_c_i64] * 5 + [_ptr] * 11 + [_c_i64, _c_int] + [_ptr] * 3
                          + [_c_int, _ptr, _ptr, ctypes.c_float, _ptr, _ptr, _c_int],
     "spfde_mlp_backward": [_ptr] + [_c_i64] * 5 + [_ptr] * 18 + [_c_i64, _ptr, _c_int, _ptr, _ptr, _c_int, _ptr,
                                                                    _c_int] + [_c_int, _ptr, _c_i64] + [_ptr] * 5

@@ -408,7 +408,7 @@ struct Scratch {
 
 extern "C" {
 
-int spfde_abi_version() { return 13; }
+int spfde_abi_version() { return 14; }
 int spfde_vector_width() { return V; }
 
 // y = conv2d(x, W, bias) for the nonzeros of W in CSR order (row = output channel): rowptr[OC + 1]
@@ -587,6 +587,17 @@ int spfde_conv2d_backward(const float* x, i64 xsN, i64 xsC, i64 xsH, i64 xsW, co
 // bit-identical for any thread count.
 
 namespace {
+
+// A fused call's two weights' values at their nonzeros, in CSR order (v[k] = w[woff[k]], woff the
+// storage offsets of the nonzeros), inside the call's parallel region (a barrier at the end): the
+// caller passes the dense weights, so it gathers nothing itself (two index_selects a call in Python).
+inline void gather_values(const float* w1, const i64* woff1, i64 n1, float* v1, const float* w2, const i64* woff2,
+                          i64 n2, float* v2) {
+#pragma omp for schedule(static) nowait
+  for (i64 k = 0; k < n1; ++k) v1[k] = w1[woff1[k]];
+#pragma omp for schedule(static)
+  for (i64 k = 0; k < n2; ++k) v2[k] = w2[woff2[k]];
+}
 
 struct Tiles {
   i64 N = 0, nvec = 0, count = 0, vecs = 0;  // rows, V-vectors, tiles, vectors per full tile
@@ -1100,7 +1111,8 @@ int spfde_linear_backward(const float* x, i64 xs, const float* gy, i64 gs, i64 N
 extern "C" {
 
 // y (N, O), row stride ys = fc2(gelu(fc1(x))) for x (N, I), row stride xs; fc1 (Hd, I) and fc2
-// (O, Hd) in CSR order (rowptr, col, vals; bias NULL: none). xkeep: x's packed tiles (for fc1's
+// (O, Hd) in CSR order (rowptr, col; bias NULL: none), their values read from the dense weights w1 /
+// w2 at the nonzeros' storage offsets woff1 / woff2 (gather_values). xkeep: x's packed tiles (for fc1's
 // weight gradient; spfde_linear_packed_floats(N, I)), hkeep: the packed hidden activation (fc2's
 // weight gradient; (N, Hd)), dkeep: the GELU's derivative (any gradient through fc1; (N, Hd));
 // each NULL: not kept. ln: fc1's input is the layer norm of x (ln_tile: scale lnw, shift lnb, each
@@ -1108,19 +1120,23 @@ extern "C" {
 // xkeep holds the normalised rows. res: y is x + that (a pre-norm block's residual; O == I: each
 // output row gets x's row added as it is written, tile()). Returns 0, or 1 when out of memory.
 int spfde_mlp_forward(const float* x, i64 N, i64 I, i64 xs, i64 Hd, i64 O, const int32_t* p1, const int32_t* c1,
-                      const float* v1, const float* b1, const int32_t* p2, const int32_t* c2, const float* v2,
-                      const float* b2, float* y, i64 ys, int nthreads, float* xkeep, float* hkeep, float* dkeep,
-                      int ln, const float* lnw, const float* lnb, float eps, float* mean, float* rstd, int res) {
+                      const float* w1, const i64* woff1, const float* b1, const int32_t* p2, const int32_t* c2,
+                      const float* w2, const i64* woff2, const float* b2, float* y, i64 ys, int nthreads,
+                      float* xkeep, float* hkeep, float* dkeep, int ln, const float* lnw, const float* lnb, float eps,
+                      float* mean, float* rstd, int res) {
   if (N <= 0) return 0;
   const Tiles tl = make_tiles(N);
   const i64 W = tl.width(), fi = (I + V - 1) / V, fo = (O + V - 1) / V, T = tl.count;
   const int nt = nthreads > 0 ? nthreads : 1;
-  Scratch xp(I * W, xkeep ? 0 : nt, false), hp(Hd * W, hkeep ? 0 : nt, false), buf(V * W, nt, false);
-  if ((!xkeep && !xp.p) || (!hkeep && !hp.p) || !buf.p) return 1;
+  Scratch xp(I * W, xkeep ? 0 : nt, false), hp(Hd * W, hkeep ? 0 : nt, false), buf(V * W, nt, false),
+      g1(p1[Hd], 1, false), g2(p2[O], 1, false);
+  if ((!xkeep && !xp.p) || (!hkeep && !hp.p) || !buf.p || !g1.p || !g2.p) return 1;
+  const float *v1 = g1.p, *v2 = g2.p;
 #pragma omp parallel num_threads(nthreads)
   {
     const int me = omp_get_thread_num();
     float* b = buf.at(me);
+    gather_values(w1, woff1, p1[Hd], g1.p, w2, woff2, p2[O], g2.p);
 #pragma omp for schedule(dynamic, 1)
     for (i64 t = 0; t < T; ++t) {
       float* P = xkeep ? xkeep + t * I * W : xp.at(me);
@@ -1147,8 +1163,8 @@ int spfde_mlp_forward(const float* x, i64 N, i64 I, i64 xs, i64 Hd, i64 O, const
 // over the tiles in order. res (the forward's residual): gy is added to each finished row of gx
 // (after the norm's backward): the gradient at x of x + the MLP. Returns 0, or 1 when out of memory.
 int spfde_mlp_backward(const float* gy, i64 gs, i64 N, i64 I, i64 Hd, i64 O, const int32_t* p1, const int32_t* c1,
-                       const float* v1, const int32_t* tp1, const int32_t* tc1, const int32_t* perm1, const i64* woff1,
-                       const int32_t* p2, const int32_t* c2, const float* v2, const int32_t* tp2, const int32_t* tc2,
+                       const float* w1, const int32_t* tp1, const int32_t* tc1, const int32_t* perm1, const i64* woff1,
+                       const int32_t* p2, const int32_t* c2, const float* w2, const int32_t* tp2, const int32_t* tc2,
                        const int32_t* perm2, const i64* woff2, const float* xkeep, const float* hkeep,
                        const float* dkeep, float* gx, i64 gxs, float* gw1, int zero1, float* gb1, float* gw2, int zero2,
                        float* gb2, int nthreads, int ln, const float* x, i64 xs, const float* lnw, const float* mean,
@@ -1185,11 +1201,11 @@ int spfde_mlp_backward(const float* gy, i64 gs, i64 N, i64 I, i64 Hd, i64 O, con
     float* b = gx ? buf.at(omp_get_thread_num()) : nullptr;
     if (gx) {
 #pragma omp for schedule(static) nowait
-      for (i64 j = 0; j < nnz1; ++j) cw1.p[j] = v1[perm1[j]];
+      for (i64 j = 0; j < nnz1; ++j) cw1.p[j] = w1[woff1[perm1[j]]];
     }
     if (gh) {
 #pragma omp for schedule(static)
-      for (i64 j = 0; j < nnz2; ++j) cw2.p[j] = v2[perm2[j]];
+      for (i64 j = 0; j < nnz2; ++j) cw2.p[j] = w2[woff2[perm2[j]]];
     }
 #pragma omp for schedule(dynamic, 1)
     for (i64 t = 0; t < T; ++t) {
@@ -1566,7 +1582,8 @@ i64 spfde_mha_unit_floats(i64 B, i64 L, i64 C) { return (B + V - 1) / V * C * L 
 
 // y (B, L, E; sample / token strides yb, yl) = out_proj(attention(in_proj(x))) for x (B, L, E;
 // strides xb, xl; unit column strides), H heads, scale 1/sqrt(E/H); in_proj (3E, E) and out_proj (E, E)
-// in CSR order (bias NULL: none). Kept for the backward (NULL: not kept): xkeep (unit-layout x, for
+// in CSR order (bias NULL: none), values from the dense weights w1 / w2 at woff1 / woff2 as in
+// spfde_mlp_forward. Kept for the backward (NULL: not kept): xkeep (unit-layout x, for
 // in_proj's weight gradient), qkvkeep (unit-layout q/k/v) and P (the probabilities, as
 // spfde_attention_forward keeps them) for any gradient through the core, okeep (the core's output,
 // for out_proj's weight gradient). ln: in_proj's input is the layer norm of x over its E features
@@ -1574,19 +1591,25 @@ i64 spfde_mha_unit_floats(i64 B, i64 L, i64 C) { return (B + V - 1) / V * C * L 
 // rstd of sample b, token l go to mean / rstd at b * L + l, and xkeep holds the normalised x.
 // res: y is x + that (a pre-norm block's residual). Returns 0, or 1 when out of memory.
 int spfde_mha_forward(const float* x, i64 B, i64 L, i64 E, i64 H, i64 xb, i64 xl, float scale, const int32_t* p1,
-                      const int32_t* c1, const float* v1, const float* b1, const int32_t* p2, const int32_t* c2,
-                      const float* v2, const float* b2, float* y, i64 yb, i64 yl, int nthreads, float* xkeep,
+                      const int32_t* c1, const float* w1, const i64* woff1, const float* b1, const int32_t* p2,
+                      const int32_t* c2, const float* w2, const i64* woff2, const float* b2, float* y, i64 yb, i64 yl,
+                      int nthreads, float* xkeep,
                       float* qkvkeep, float* P, float* okeep, int ln, const float* lnw, const float* lnb, float eps,
                       float* mean, float* rstd, int res) {
   if (B <= 0 || L <= 0) return 0;
   const i64 D = E / H, NB = (B + V - 1) / V, LV = L * V, LDV = L * D * V;
   const int nt = nthreads > 0 ? nthreads : 1;
   Scratch xs(E * LV, xkeep ? 0 : nt, false), qs(3 * E * LV, qkvkeep ? 0 : nt, false), os(E * LV, okeep ? 0 : nt, false),
-      ys(E * LV, nt, false), hs(4 * LDV, nt, false), pb(L * L * V, P ? 0 : nt, false);
-  if ((!xkeep && !xs.p) || (!qkvkeep && !qs.p) || (!okeep && !os.p) || !ys.p || !hs.p || (!P && !pb.p)) return 1;
+      ys(E * LV, nt, false), hs(4 * LDV, nt, false), pb(L * L * V, P ? 0 : nt, false), g1(p1[3 * E], 1, false),
+      g2(p2[E], 1, false);
+  if ((!xkeep && !xs.p) || (!qkvkeep && !qs.p) || (!okeep && !os.p) || !ys.p || !hs.p || (!P && !pb.p) || !g1.p ||
+      !g2.p)
+    return 1;
+  const float *v1 = g1.p, *v2 = g2.p;
 #pragma omp parallel num_threads(nthreads)
   {
     const int me = omp_get_thread_num();
+    gather_values(w1, woff1, p1[3 * E], g1.p, w2, woff2, p2[E], g2.p);
     float* q = hs.at(me);
     float *k = q + LDV, *v = k + LDV, *ob = v + LDV;
 #pragma omp for schedule(dynamic, 1)
@@ -1622,8 +1645,8 @@ int spfde_mha_forward(const float* x, i64 B, i64 L, i64 E, i64 H, i64 xb, i64 xl
 // it). gx, gw1 and gb1 need qkvkeep and P, gw1 xkeep, gw2 okeep. ln as in the forward; res (the
 // forward's residual): gy is added to gx (after the norm's backward). Returns 0, or 1 when out of memory.
 int spfde_mha_backward(const float* gy, i64 gb, i64 gl, i64 B, i64 L, i64 E, i64 H, float scale, const int32_t* p1,
-                       const int32_t* c1, const float* v1, const int32_t* tp1, const int32_t* tc1, const int32_t* perm1,
-                       const i64* woff1, const int32_t* p2, const int32_t* c2, const float* v2, const int32_t* tp2,
+                       const int32_t* c1, const float* w1, const int32_t* tp1, const int32_t* tc1, const int32_t* perm1,
+                       const i64* woff1, const int32_t* p2, const int32_t* c2, const float* w2, const int32_t* tp2,
                        const int32_t* tc2, const int32_t* perm2, const i64* woff2, const float* xkeep,
                        const float* qkvkeep, const float* P, const float* okeep, float* gx, i64 gxb, i64 gxl, float* gw1,
                        int zero1, float* gb1, float* gw2, int zero2, float* gb2, int nthreads, int ln, const float* x,
@@ -1658,11 +1681,11 @@ int spfde_mha_backward(const float* gy, i64 gb, i64 gl, i64 B, i64 L, i64 E, i64
     const int me = omp_get_thread_num();
     if (gx) {
 #pragma omp for schedule(static) nowait
-      for (i64 j = 0; j < nnz1; ++j) cw1.p[j] = v1[perm1[j]];
+      for (i64 j = 0; j < nnz1; ++j) cw1.p[j] = w1[woff1[perm1[j]]];
     }
     if (through) {
 #pragma omp for schedule(static)
-      for (i64 j = 0; j < nnz2; ++j) cw2.p[j] = v2[perm2[j]];
+      for (i64 j = 0; j < nnz2; ++j) cw2.p[j] = w2[woff2[perm2[j]]];
     }
 #pragma omp for schedule(dynamic, 1)
     for (i64 nb = 0; nb < NB; ++nb) {
