@@ -946,6 +946,48 @@ def _fused_calls(rows: int, ln: nn.LayerNorm) -> dict:
 
 
 @needs_native
+def test_fused_calls_gather_the_weights_values_at_each_call():
+    """The fused MLP and attention calls read the nonzero values from the dense weights inside the
+    native call, forward and backward: after an in-place change of the weights (same masks) the next
+    call's output and gradients are those of a fresh copy built with the new values."""
+    ln = nn.LayerNorm(64)
+    for name, (call, shape, weights) in _fused_calls(17, ln).items():
+        _, _, fresh_weights = fresh = _fused_calls(17, ln)[name]  # the same seed: same masks and values
+        x = torch.randn(shape)
+        before = call(x).detach()
+        for ws in (weights, fresh_weights):
+            with torch.no_grad():
+                for w in ws[::2]:  # the two weights (not the biases), scaled in place
+                    w.mul_(1.5)
+        outs = []
+        for c, ws in ((call, weights), (fresh[0], fresh_weights)):
+            xg = x.clone().requires_grad_()
+            y = c(xg)
+            y.backward(torch.ones_like(y))
+            outs.append([y.detach(), xg.grad, *(w.grad for w in ws)])
+        assert not torch.equal(before, outs[0][0]), name
+        for a, b in zip(*outs, strict=True):
+            assert torch.equal(a, b), name
+
+
+def test_carve_gives_disjoint_line_aligned_arrays():
+    """One buffer for a fused call's kept arrays: each present array starts on a 64-byte line (16
+    floats) after the end of the one before, an absent one (size 0) gets no address."""
+    sizes = (5, 0, 17, 16, 1)
+    total, offsets = kernel_common.carve(sizes)
+    assert offsets[1] is None
+    spans = [(o, o + n) for o, n in zip(offsets, sizes, strict=True) if n]
+    assert all(o % 16 == 0 for o, _ in spans)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert spans[-1][1] <= total
+    buf = torch.empty(total)
+    addrs = kernel_common.carved(buf, offsets)
+    assert addrs[1] is None
+    assert [a - buf.data_ptr() for a in addrs if a is not None] == [4 * o for o, _ in spans]
+    assert kernel_common.carved(None, kernel_common.carve((0, 0))[1]) == [None, None]
+
+
+@needs_native
 @pytest.mark.parametrize(("rows", "affine"), [(5, True), (17, True), (100, True), (2176, True), (17, False)])
 def test_prenorm_inside_the_fused_kernels_is_the_layer_norm_before_them(rows, affine):
     """A pre-norm run inside the fused MLP and attention kernels (forward where they pack the input,
