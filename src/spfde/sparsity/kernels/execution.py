@@ -70,8 +70,8 @@ Determinism
 Expected effect
     CPU fwd+bwd per layer on 2 threads (bench/kernels.py, idle machine): native Linear 1024x1024
     3.3x at 90%, conv 3x3 1.9-3.9x at 95% on ResNet-20/32 shapes. End to end (bench/end_to_end.py):
-    ResNet-20 SpFDE 90%+20%+20% at 0.48x dense wall-clock, MEST 90% alone 0.80x; the ViT preset at 0.445x
-    and 0.66x (docs/benchmarks.md).
+    ResNet-20 SpFDE 90%+20%+20% at 0.48x dense wall-clock, MEST 90% alone 0.80x; the ViT preset at 90/20/20
+    0.39x (the median of five runs, 0.37-0.40) and 0.58-0.63x (docs/benchmarks.md).
 """
 
 from __future__ import annotations
