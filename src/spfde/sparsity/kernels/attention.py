@@ -70,6 +70,7 @@ from spfde.sparsity.kernels.linear import (
     _ptr,
     installed_layer,
     linear_input_issue,
+    needs_grad,
     normed_requires_grad,
     param,
     sparse_linear,
@@ -274,12 +275,8 @@ def _fusable_out_proj(module: nn.MultiheadAttention, x: torch.Tensor, x_grad: bo
         return None
     rec = torch.is_grad_enabled()
     x_grad = x.requires_grad if x_grad is None else x_grad
-    through = rec and (x_grad or _needs_grad(param(module, "in_proj_weight"), param(module, "in_proj_bias")))
+    through = rec and (x_grad or needs_grad(param(module, "in_proj_weight"), param(module, "in_proj_bias")))
     return layer, layer.key_for((tokens, samples, module.embed_dim), through)  # out_proj's call: (L, B, E)
-
-
-def _needs_grad(*tensors: torch.Tensor | None) -> bool:
-    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def fused_plan(module: nn.MultiheadAttention, x: torch.Tensor, x_grad: bool | None = None) -> LinearPlan | None:
@@ -399,8 +396,7 @@ def fused_self_attention(module: nn.MultiheadAttention, x: torch.Tensor, plan1: 
     w1, b1 = param(module, "in_proj_weight"), param(module, "in_proj_bias")
     w2, b2 = param(out_proj, "weight"), param(out_proj, "bias")
     ln = () if norm is None else (*_affine(norm), float(norm.eps))
-    through = (x.requires_grad or w1.requires_grad or (b1 is not None and b1.requires_grad)
-               or any(t is not None and t.requires_grad for t in ln[:2]))
+    through = x.requires_grad or needs_grad(w1, b1, *ln[:2])
     keep = (rec and w1.requires_grad, rec and through, rec and w2.requires_grad)
     return FusedSelfAttentionFunction.apply(x, w1, b1, w2, b2, plan1, plan2, module, keep,
                                             *(ln or (None, None, None)), residual)

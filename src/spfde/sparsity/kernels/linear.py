@@ -329,10 +329,12 @@ def normed_requires_grad(norm: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``norm(x)`` requires grad (``norm`` a plain ``nn.LayerNorm``): a call with the norm inside
     is decided under the key of the call on ``norm(x)``, the call ``auto`` timed. Behind a cached
     boundary ``x`` needs no gradient, the norm's scale and shift still do."""
-    if x.requires_grad:
-        return True
-    w, b = _affine(norm)
-    return (w is not None and w.requires_grad) or (b is not None and b.requires_grad)
+    return x.requires_grad or needs_grad(*_affine(norm))
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether any of ``tensors`` (None: absent) requires grad."""
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def installed_layer(m: nn.Module) -> Any:

@@ -68,6 +68,7 @@ from spfde.sparsity.kernels.linear import (
     _rows,
     installed_layer,
     linear_act,
+    needs_grad,
     norm_fusable,
     normed_requires_grad,
     sparse_linear,
@@ -168,12 +169,12 @@ def sparse_mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, plan1: LinearPla
     rec = torch.is_grad_enabled()
     w1, b1, w2, b2 = fc1.weight, fc1.bias, fc2.weight, fc2.bias
     ln = () if norm is None else (*_affine(norm), float(norm.eps))
-    through_norm = any(t is not None and t.requires_grad for t in ln[:2])
+    through_norm = needs_grad(*ln[:2])
     if _fused_gelu(x, w1, b1, False, rec and w1.requires_grad) == 0 and not through_norm:
         h = norm(x) if norm is not None else x
         out = sparse_linear(sparse_linear(h, w1, b1, plan1, gelu=True), w2, b2, plan2)
         return x + out if residual else out
-    through_fc1 = x.requires_grad or w1.requires_grad or (b1 is not None and b1.requires_grad) or through_norm
+    through_fc1 = x.requires_grad or needs_grad(w1, b1) or through_norm
     keep = (rec and w1.requires_grad, rec and w2.requires_grad, rec and through_fc1)
     return SparseMlpFunction.apply(x, w1, b1, w2, b2, plan1, plan2, keep, *(ln or (None, None, None)), residual)
 
@@ -222,7 +223,7 @@ def mlp_act(fc1: nn.Module, act: nn.Module, fc2: nn.Module, x: torch.Tensor, nor
         deciding = l1.deciding(l1.key_for(tuple(x.shape), x_grad))
         if norm is not None and deciding:
             x, norm = norm(x), None
-        through = rec and (x_grad or any(p is not None and p.requires_grad for p in (fc1.weight, fc1.bias)))
+        through = rec and (x_grad or needs_grad(fc1.weight, fc1.bias))
         key2 = l2.key_for((*x.shape[:-1], fc1.out_features), through)
         rows = x.numel() // max(fc1.in_features, 1)
         fusable = fused_bytes(rows, fc1, fc2) <= common.FUSED_MAX_BYTES
